@@ -1,0 +1,24 @@
+"""Model families hf_collapse knows: one module per family, each registering its adapter."""
+
+from .base import (
+    ActivationSite,
+    ArchitectureAdapter,
+    Block,
+    adapter_for,
+    register_architecture,
+    supported_families,
+    unwrap_model,
+)
+
+# Importing a family module registers its adapter.
+from . import bert, dit, gpt2, llama, mobilenet_v2, resnet, swin, unet, vit  # noqa: E402,F401
+
+__all__ = [
+    "ActivationSite",
+    "ArchitectureAdapter",
+    "Block",
+    "adapter_for",
+    "register_architecture",
+    "supported_families",
+    "unwrap_model",
+]

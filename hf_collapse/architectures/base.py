@@ -1,0 +1,291 @@
+"""The adapter protocol: what hf_collapse needs to know about a model family, and the registry.
+
+An adapter describes one family of models (BERT, Swin, a diffusers UNet, ...):
+
+* its **blocks**: the residual units that can be collapsed, with their module paths, stage and index, and
+  whether removing one keeps every tensor shape (only those are removable);
+* the **tensors at each block's input and output** (``Block.input_path`` / ``Block.output_path``), for hooks;
+* its **activation sites**: activation module, the linear/conv that produces its input and the one that
+  consumes its output, and a preceding BatchNorm if any (used by TLC);
+* how **removing blocks** changes the modules and the config.
+
+Adding a family is one new module in this package that subclasses :class:`ArchitectureAdapter` and calls
+:func:`register_architecture`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ActivationSite",
+    "ArchitectureAdapter",
+    "Block",
+    "adapter_for",
+    "config_get",
+    "config_set",
+    "first_tensor",
+    "register_architecture",
+    "supported_families",
+    "unwrap_model",
+]
+
+
+@dataclass(frozen=True)
+class Block:
+    """A removable unit of a model, as found by :func:`hf_collapse.find_blocks`.
+
+    Attributes:
+        name: the block's path relative to the family's backbone (e.g. ``"encoder.layer.3"``); stable whether
+            the backbone sits under a task head or a peft wrapper. Accepted by ``remove_blocks``.
+        path: the block's module path in the model that was inspected (``model.get_submodule(block.path)``).
+        stage: the stage the block belongs to (0 for single-stage models).
+        index: the block's position inside its stage.
+        params: number of parameters removed with the block.
+        removable: whether removing the block keeps every tensor shape.
+        reason: why the block is not removable, when it is not.
+        input_path: module whose first input is the block's input (defaults to ``path``).
+        output_path: module whose output is the block's output (defaults to ``path``).
+        extra_paths: other modules removed together with the block (e.g. the UNet up-block resnet that
+            consumes a down-block resnet's skip connection).
+    """
+
+    name: str
+    path: str
+    stage: int
+    index: int
+    params: int
+    removable: bool = True
+    reason: str = ""
+    input_path: str = ""
+    output_path: str = ""
+    extra_paths: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.input_path:
+            object.__setattr__(self, "input_path", self.path)
+        if not self.output_path:
+            object.__setattr__(self, "output_path", self.path)
+
+
+@dataclass(frozen=True)
+class ActivationSite:
+    """A nonlinearity between two linear maps: what TLC measures, linearizes and fuses.
+
+    Paths are relative to the model that was inspected.
+
+    Attributes:
+        name: a short identifier (the activation's path).
+        block: name of the block that contains the site.
+        activation: path of the activation module (for diffusers ``GELU`` this module also holds ``producer``).
+        producer: path of the linear/conv whose output is the pre-activation.
+        consumer: path of the linear/conv that reads the activation's output.
+        norm: path of a BatchNorm between producer and activation, if any (its affine parameters give the
+            pre-activation statistics without data).
+        kind: ``"linear"``, ``"conv"`` or ``"conv1d"`` (GPT-2's transposed ``Conv1D``).
+        gated: whether the activation gates another branch (GEGLU, SwiGLU): such sites cannot be linearized
+            into a single linear map.
+    """
+
+    name: str
+    block: str
+    activation: str
+    producer: str
+    consumer: str
+    norm: str | None = None
+    kind: str = "linear"
+    gated: bool = False
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor in a module's inputs or outputs (a tensor, a tuple/list, a dict or a ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):  # ModelOutput is an OrderedDict
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def config_get(model: nn.Module, key: str, default: Any = None) -> Any:
+    """Read a config field of a transformers or diffusers model."""
+    config = model.config
+    if isinstance(config, dict):  # diffusers FrozenDict
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def config_set(model: nn.Module, **values: Any) -> None:
+    """Write config fields of a transformers or diffusers model (diffusers through ``register_to_config``)."""
+    if isinstance(model.config, dict):
+        model.register_to_config(**values)
+    else:
+        for key, value in values.items():
+            setattr(model.config, key, value)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip peft and DDP/accelerate wrappers, returning the transformers/diffusers model inside."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
+            model = model.get_base_model()
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+    return model
+
+
+class ArchitectureAdapter:
+    """Base class of the per-family adapters.
+
+    Subclasses set ``family`` and ``model_types`` (transformers ``config.model_type`` values) or
+    ``class_names`` (diffusers class names), and implement :meth:`blocks`, :meth:`remove` and
+    :meth:`activation_sites`. All paths an adapter returns are relative to the *backbone*
+    (``model.base_model`` for transformers task heads, the model itself for diffusers); the public API turns
+    them into paths of the model the user passed.
+    """
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = ()
+    description: str = ""
+
+    # -- discovery ------------------------------------------------------------------------------------
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The module whose structure the adapter describes (the model without its task head)."""
+        base = getattr(model, "base_model", None)
+        return base if isinstance(base, nn.Module) else model
+
+    def matches(self, model: nn.Module) -> bool:
+        if type(model).__name__ in self.class_names:
+            return True
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        return model_type is not None and model_type in self.model_types
+
+    # -- what subclasses describe ----------------------------------------------------------------------
+    def blocks(self, backbone: nn.Module) -> list[Block]:
+        raise NotImplementedError
+
+    def activation_sites(self, backbone: nn.Module) -> list[ActivationSite]:
+        raise NotImplementedError
+
+    def remove(self, backbone: nn.Module, blocks: list[Block], base_values: dict[str, Any]) -> None:
+        """Remove ``blocks`` from ``backbone`` in place and update its config.
+
+        Before changing a config field for the first time, store its original value in ``base_values``
+        (``base_values.setdefault(key, old)``): ``AutoCollapsedModel`` rebuilds the uncollapsed architecture
+        from it and replays the recorded edits.
+        """
+        raise NotImplementedError
+
+    def config_expresses(self, backbone: nn.Module, base_values: dict[str, Any], history: list[list[str]]) -> bool:
+        """Whether plain ``from_pretrained`` of the updated config rebuilds the collapsed model exactly.
+
+        ``base_values`` holds the original values of the config fields changed so far, ``history`` the block
+        names of each ``remove_blocks`` call so far, in order.
+        """
+        return True
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 1, seq_len: int = 128) -> dict[str, Any]:
+        """Inputs of the right shapes for one forward pass (for FLOPs and latency measurements)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} family={self.family!r}>"
+
+
+_REGISTRY: list[ArchitectureAdapter] = []
+
+
+def register_architecture(adapter: ArchitectureAdapter, *, override: bool = False) -> ArchitectureAdapter:
+    """Register an adapter for a new model family (or replace one with ``override=True``).
+
+    Example::
+
+        class MyNetAdapter(hf_collapse.ArchitectureAdapter):
+            family = "mynet"
+            model_types = ("mynet",)
+            def blocks(self, backbone): ...
+            def remove(self, backbone, blocks, base_values): ...
+
+        hf_collapse.register_architecture(MyNetAdapter())
+    """
+    if not isinstance(adapter, ArchitectureAdapter):
+        raise TypeError(
+            f"register_architecture expects an ArchitectureAdapter instance, got {type(adapter).__name__}"
+        )
+    if not adapter.family:
+        raise ValueError("an adapter needs a non-empty `family` name")
+    if not (adapter.model_types or adapter.class_names) and type(adapter).matches is ArchitectureAdapter.matches:
+        raise ValueError(
+            f"adapter {adapter.family!r} matches nothing: set `model_types`, `class_names` or override `matches`"
+        )
+    existing = [a for a in _REGISTRY if a.family == adapter.family]
+    if existing and not override:
+        raise ValueError(f"family {adapter.family!r} is already registered; pass override=True to replace it")
+    for old in existing:
+        _REGISTRY.remove(old)
+    # User adapters take precedence over the built-in ones.
+    _REGISTRY.insert(0, adapter)
+    return adapter
+
+
+def supported_families() -> list[str]:
+    return [a.family for a in _REGISTRY]
+
+
+def _describe(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return type(model).__name__ + (f" (model_type={model_type!r})" if model_type else "")
+
+
+def adapter_for(model: nn.Module) -> ArchitectureAdapter:
+    """The adapter of ``model``'s family, looking through task heads, peft and DDP wrappers.
+
+    Raises:
+        ValueError: when no registered adapter knows the model; the message lists the supported families.
+    """
+    inner = unwrap_model(model)
+    for adapter in _REGISTRY:
+        if adapter.matches(adapter.backbone(inner)) or adapter.matches(inner):
+            return adapter
+    raise ValueError(
+        f"hf_collapse does not know the architecture of {_describe(inner)}. Supported families: "
+        f"{', '.join(sorted(supported_families()))}. Describe a new family with a subclass of "
+        "hf_collapse.ArchitectureAdapter and hf_collapse.register_architecture(...)."
+    )
+
+
+def module_path(root: nn.Module, target: nn.Module) -> str:
+    """The path of ``target`` inside ``root`` ("" for the root itself)."""
+    for name, module in root.named_modules(remove_duplicate=False):
+        if module is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+
+
+def join_path(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else (prefix or path)
+
+
+def replace_children(parent: nn.Module, attr: str, keep: Iterable[int]) -> None:
+    """Rebuild the ModuleList / Sequential ``parent.<attr>`` with only the children at ``keep``."""
+    container = getattr(parent, attr)
+    kept = [container[i] for i in keep]
+    setattr(parent, attr, type(container)(*kept) if isinstance(container, nn.Sequential) else nn.ModuleList(kept))

@@ -1,0 +1,159 @@
+"""Reloading collapsed models exactly: :class:`AutoCollapsedModel`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .architectures.base import adapter_for
+from .surgery import RECORD_KEY, remove_blocks, validate_record
+
+__all__ = ["AutoCollapsedModel"]
+
+_WEIGHT_PREFIXES = ("model", "diffusion_pytorch_model")
+
+
+def _model_folder(name_or_path: str | os.PathLike, subfolder: str, revision: str | None, cache_dir, token) -> Path:
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token))
+    folder = folder / subfolder if subfolder else folder
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}: not a saved transformers / diffusers model folder")
+    return folder
+
+
+def _import_class(qualified: str) -> type:
+    library, _, name = qualified.partition(".")
+    if library not in ("transformers", "diffusers") or not name.isidentifier():
+        raise ValueError(
+            f"model class {qualified!r} is not a transformers or diffusers class: hf_collapse only rebuilds those"
+        )
+    module = __import__(library)
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise ValueError(f"{qualified!r} is not a model class of the installed {library}")
+    return cls
+
+
+def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name.split(".")[0].split("-")[0] in _WEIGHT_PREFIXES)
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder} (expected model.safetensors or shards)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def _tied_names(model: nn.Module) -> dict[str, set[str]]:
+    """For each parameter/buffer object, every name it is reachable by (tied weights share one object)."""
+    names: dict[int, set[str]] = {}
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(tensor), set()).add(name)
+    return {name: group for group in names.values() for name in group}
+
+
+def _build_base(cls: type, config_dict: dict[str, Any], base_values: dict[str, Any], folder: Path) -> nn.Module:
+    """The uncollapsed architecture: the saved config with the recorded original values put back."""
+    config_dict = {k: v for k, v in config_dict.items() if k != RECORD_KEY}
+    config_dict.update(base_values)
+    if cls.__module__.startswith("diffusers"):
+        return cls.from_config(config_dict)
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, RECORD_KEY):
+        delattr(config, RECORD_KEY)
+    for key, value in base_values.items():
+        setattr(config, key, value)
+    with no_init_weights():  # every weight is loaded from the checkpoint below
+        return cls(config)
+
+
+class AutoCollapsedModel:
+    """Loads any model saved by hf_collapse, re-applying the structural edits its config records.
+
+    Plain ``from_pretrained`` of transformers / diffusers already rebuilds a collapsed model whenever the config
+    can express the change (layer counts, per-stage depths); ``AutoCollapsedModel`` always does, including
+    removals the config cannot describe (MobileNetV2 blocks, a Swin block whose removal changes the shifted
+    window pattern). A folder without an ``hf_collapse`` record loads as plain ``from_pretrained`` would.
+
+    Example::
+
+        >>> model = hf_collapse.AutoCollapsedModel.from_pretrained("path/or/repo-id")
+    """
+
+    def __init__(self):
+        raise TypeError("use AutoCollapsedModel.from_pretrained(path_or_repo_id)")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        subfolder: str = "",
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        """Load a model folder or Hub repository saved with ``save_pretrained`` (collapsed or not).
+
+        Args:
+            pretrained_model_name_or_path: a local folder or a Hub repository id.
+            subfolder: the model's folder inside it (``"unet"`` in a diffusers pipeline).
+            revision, cache_dir, token: passed to ``huggingface_hub`` when downloading.
+            kwargs: passed to the plain ``from_pretrained`` for a folder without an ``hf_collapse`` record.
+
+        Raises:
+            ValueError: when the ``hf_collapse`` record is malformed, foreign, or does not match the weights.
+        """
+        folder = _model_folder(pretrained_model_name_or_path, subfolder, revision, cache_dir, token)
+        config_dict = json.loads((folder / "config.json").read_text())
+        declared = (
+            f"diffusers.{config_dict['_class_name']}" if "_class_name" in config_dict
+            else f"transformers.{(config_dict.get('architectures') or ['AutoModel'])[0]}"
+        )
+        record = config_dict.get(RECORD_KEY)
+        if record is None:
+            return _import_class(declared).from_pretrained(folder, **kwargs)
+
+        record = validate_record(record)
+        if record["model_class"] != declared:
+            raise ValueError(
+                f"the '{RECORD_KEY}' record was written for {record['model_class']}, but the config declares "
+                f"{declared}: the record is foreign to this model"
+            )
+        model = _build_base(_import_class(declared), config_dict, record["base_values"], folder)
+        family = adapter_for(model).family
+        if family != record["family"]:
+            validate_record(record, family=family)
+        for edit in record["edits"]:
+            try:
+                model = remove_blocks(model, edit["blocks"], inplace=True)
+            except ValueError as error:
+                raise ValueError(f"cannot replay the recorded edit {edit}: {error}") from error
+
+        state = _load_state_dict(folder)
+        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+        if dtype is not None:
+            model.to(dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        aliases = _tied_names(model)
+        untied = [name for name in missing if not (aliases.get(name, set()) - set(missing))]
+        if unexpected or untied:
+            raise ValueError(
+                f"the weights in {folder} do not match the recorded structure: "
+                f"missing {untied[:5]}, unexpected {unexpected[:5]}"
+            )
+        return model.eval()

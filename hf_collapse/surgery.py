@@ -1,0 +1,193 @@
+"""Structural surgery on Hugging Face models: find blocks, remove them, and record what was done.
+
+Every structural edit is recorded under the ``hf_collapse`` key of the model's config, so a saved model can be
+rebuilt exactly by :class:`hf_collapse.AutoCollapsedModel` even where the config alone cannot express the change.
+The record is a plain JSON mapping::
+
+    {
+      "format_version": 1,
+      "family": "swin",
+      "model_class": "transformers.SwinForImageClassification",
+      "base_values": {"depths": [2, 2]},            # config fields as they were before any edit
+      "edits": [{"op": "remove_blocks", "blocks": ["encoder.layers.0.blocks.0"]}],
+      "plain_reload_exact": false                   # whether plain from_pretrained rebuilds the same function
+    }
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+from torch import nn
+
+from .architectures.base import (
+    ArchitectureAdapter,
+    Block,
+    adapter_for,
+    config_get,
+    config_set,
+    join_path,
+    module_path,
+    unwrap_model,
+)
+
+__all__ = ["find_blocks", "remove_blocks", "collapse_record", "RECORD_KEY", "RECORD_FORMAT_VERSION"]
+
+RECORD_KEY = "hf_collapse"
+RECORD_FORMAT_VERSION = 1
+KNOWN_OPS = ("remove_blocks",)
+
+
+def _locate(model: nn.Module) -> tuple[ArchitectureAdapter, nn.Module, str]:
+    """The adapter, the backbone it describes, and the backbone's path inside ``model``."""
+    adapter = adapter_for(model)
+    backbone = adapter.backbone(unwrap_model(model))
+    return adapter, backbone, module_path(model, backbone)
+
+
+def _owner(model: nn.Module) -> nn.Module:
+    """The transformers / diffusers model that owns the config to record into (the task head if any)."""
+    inner = unwrap_model(model)
+    if getattr(inner, "config", None) is None:
+        raise ValueError(f"{type(inner).__name__} has no config: hf_collapse works on transformers / diffusers models")
+    return inner
+
+
+def find_blocks(model: nn.Module) -> list[Block]:
+    """The blocks of ``model`` in forward order, removable or not, with paths valid in ``model`` itself.
+
+    Works through task heads and peft wrappers. Example::
+
+        >>> blocks = hf_collapse.find_blocks(model)
+        >>> [b.name for b in blocks if b.removable][:2]
+        ['encoder.layer.0', 'encoder.layer.1']
+    """
+    adapter, backbone, prefix = _locate(model)
+    blocks = adapter.blocks(backbone)
+    return [
+        dataclasses.replace(
+            block,
+            path=join_path(prefix, block.path),
+            input_path=join_path(prefix, block.input_path),
+            output_path=join_path(prefix, block.output_path),
+            extra_paths=tuple(join_path(prefix, p) for p in block.extra_paths),
+        )
+        if prefix
+        else block
+        for block in blocks
+    ]
+
+
+def collapse_record(model: nn.Module) -> dict[str, Any] | None:
+    """The ``hf_collapse`` record of ``model``'s config, or ``None`` for a model that was never edited."""
+    record = config_get(_owner(model), RECORD_KEY)
+    return copy.deepcopy(record) if record is not None else None
+
+
+def model_class_name(model: nn.Module) -> str:
+    """``"transformers.BertModel"`` / ``"diffusers.UNet2DConditionModel"``: the importable public class."""
+    cls = type(unwrap_model(model))
+    library = cls.__module__.split(".")[0]
+    return f"{library}.{cls.__name__}"
+
+
+def _resolve(requested: Iterable[Block | str], blocks: Sequence[Block]) -> list[Block]:
+    by_name = {b.name: b for b in blocks}
+    by_name.update({b.path: b for b in blocks})
+    resolved: list[Block] = []
+    for item in requested:
+        key = item.name if isinstance(item, Block) else item
+        if not isinstance(key, str):
+            raise TypeError(f"blocks must be Block objects or block names, got {type(item).__name__}")
+        if key not in by_name:
+            known = [b.name for b in blocks]
+            shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
+            raise ValueError(f"unknown block {key!r}; this model's blocks are: {shown} (see hf_collapse.find_blocks)")
+        block = by_name[key]
+        if any(b.name == block.name for b in resolved):
+            raise ValueError(f"block {block.name!r} is listed more than once")
+        if not block.removable:
+            raise ValueError(f"block {block.name!r} is not removable: {block.reason}")
+        resolved.append(block)
+    return resolved
+
+
+def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], inplace: bool = False) -> nn.Module:
+    """Remove ``blocks`` from ``model``; each removed residual block becomes the identity.
+
+    Args:
+        model: a model of a supported family, possibly under a task head or a peft wrapper.
+        blocks: :class:`Block` objects from :func:`find_blocks`, or their names (or module paths).
+        inplace: edit ``model`` itself; by default a modified deep copy is returned and ``model`` is untouched.
+
+    Returns:
+        The collapsed model. Its config says what changed (layer counts, ``depths``, ...) where the config can
+        express it, and records the edit under ``config.hf_collapse`` in every case, so that
+        ``save_pretrained`` + ``AutoCollapsedModel.from_pretrained`` rebuild it exactly.
+
+    Raises:
+        ValueError: for an unknown name, a duplicate, a block that changes tensor shapes, an empty list, or a
+            request that would remove every removable block.
+
+    Example::
+
+        >>> smaller = hf_collapse.remove_blocks(model, ["encoder.layer.2", "encoder.layer.4"])
+        >>> smaller.save_pretrained("roberta-collapsed")
+    """
+    all_blocks = find_blocks(model)
+    chosen = _resolve(list(blocks), all_blocks)
+    if not chosen:
+        raise ValueError("no blocks given: pass Block objects from hf_collapse.find_blocks(model) or their names")
+    if len(chosen) >= len(all_blocks):
+        raise ValueError(f"cannot remove all {len(all_blocks)} blocks of the model: keep at least one")
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    adapter, backbone, _ = _locate(model)
+    owner = _owner(model)
+
+    record = collapse_record(model) or {
+        "format_version": RECORD_FORMAT_VERSION,
+        "family": adapter.family,
+        "model_class": model_class_name(model),
+        "base_values": {},
+        "edits": [],
+    }
+    names = [b.name for b in chosen]
+    local = {b.name: b for b in adapter.blocks(backbone)}
+    adapter.remove(backbone, [local[name] for name in names], record["base_values"])
+    record["edits"].append({"op": "remove_blocks", "blocks": names})
+    history = [edit["blocks"] for edit in record["edits"] if edit["op"] == "remove_blocks"]
+    record["plain_reload_exact"] = bool(adapter.config_expresses(backbone, record["base_values"], history))
+    config_set(owner, **{RECORD_KEY: record})
+    if owner.config is not getattr(backbone, "config", owner.config):
+        # A task head and its backbone usually share one config object; keep both in step if they do not.
+        config_set(backbone, **{RECORD_KEY: record})
+    return model
+
+
+def validate_record(record: Any, *, family: str | None = None) -> dict[str, Any]:
+    """Check an ``hf_collapse`` record read from a config; raise ``ValueError`` naming what is wrong."""
+    def fail(why: str):
+        raise ValueError(
+            f"the '{RECORD_KEY}' record in this config is malformed or foreign ({why}); it must be written by "
+            f"hf_collapse (format_version {RECORD_FORMAT_VERSION}). Remove the key to load the model as saved."
+        )
+
+    if not isinstance(record, dict):
+        fail(f"expected a mapping, got {type(record).__name__}")
+    if record.get("format_version") != RECORD_FORMAT_VERSION:
+        fail(f"format_version is {record.get('format_version')!r}")
+    for key, kind in (("family", str), ("model_class", str), ("base_values", dict), ("edits", list)):
+        if not isinstance(record.get(key), kind):
+            fail(f"'{key}' is missing or not a {kind.__name__}")
+    if family is not None and record["family"] != family:
+        fail(f"it was written for family {record['family']!r}, but the config describes a {family!r} model")
+    for edit in record["edits"]:
+        if not isinstance(edit, dict) or edit.get("op") not in KNOWN_OPS:
+            fail(f"unknown edit {edit!r}; known operations: {', '.join(KNOWN_OPS)}")
+        if not isinstance(edit.get("blocks"), list) or not all(isinstance(n, str) for n in edit["blocks"]):
+            fail(f"edit {edit!r} needs a list of block names")
+    return record

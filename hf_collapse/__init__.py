@@ -16,6 +16,7 @@ from .architectures import (
     adapter_for,
     register_architecture,
     supported_families,
+    unregister_architecture,
 )
 from .loading import AutoCollapsedModel
 from .surgery import collapse_record, find_blocks, remove_blocks
@@ -33,4 +34,5 @@ __all__ = [
     "register_architecture",
     "remove_blocks",
     "supported_families",
+    "unregister_architecture",
 ]

@@ -62,22 +62,63 @@ def _tied_names(model: nn.Module) -> dict[str, set[str]]:
     return {name: group for group in names.values() for name in group}
 
 
-def _build_base(cls: type, config_dict: dict[str, Any], base_values: dict[str, Any], folder: Path) -> nn.Module:
-    """The uncollapsed architecture: the saved config with the recorded original values put back."""
-    config_dict = {k: v for k, v in config_dict.items() if k != RECORD_KEY}
-    config_dict.update(base_values)
-    if cls.__module__.startswith("diffusers"):
-        return cls.from_config(config_dict)
+def _replay(model: nn.Module, edits: list[dict[str, Any]]) -> None:
+    for edit in edits:
+        try:
+            remove_blocks(model, edit["blocks"], inplace=True)
+        except ValueError as error:
+            raise ValueError(f"cannot replay the recorded edit {edit}: {error}") from error
+
+
+def _check_family(model: nn.Module, record: dict[str, Any]) -> None:
+    family = adapter_for(model).family
+    if family != record["family"]:
+        validate_record(record, family=family)
+
+
+def _load_transformers(cls: type, folder: Path, record: dict[str, Any], **kwargs: Any) -> nn.Module:
+    """Let transformers load the weights (key renaming, dtype, sharding, tied weights) into a model whose
+    ``__init__`` builds the uncollapsed architecture and replays the recorded edits."""
     from transformers import AutoConfig
-    from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(folder)
-    if hasattr(config, RECORD_KEY):
-        delattr(config, RECORD_KEY)
-    for key, value in base_values.items():
+    delattr(config, RECORD_KEY)
+    for key, value in record["base_values"].items():
         setattr(config, key, value)
-    with no_init_weights():  # every weight is loaded from the checkpoint below
-        return cls(config)
+
+    def __init__(self, config, *args, **init_kwargs):
+        cls.__init__(self, config, *args, **init_kwargs)
+        _check_family(self, record)
+        _replay(self, record["edits"])
+
+    replayed = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    model, info = replayed.from_pretrained(folder, config=config, output_loading_info=True, **kwargs)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise ValueError(f"the weights in {folder} do not match the recorded structure: {problems}")
+    model.__class__ = cls  # the replay only changed construction; the result is a plain `cls` instance
+    return model
+
+
+def _load_diffusers(cls: type, folder: Path, config_dict: dict[str, Any], record: dict[str, Any]) -> nn.Module:
+    config_dict = {k: v for k, v in config_dict.items() if k != RECORD_KEY}
+    config_dict.update(record["base_values"])
+    model = cls.from_config(config_dict)
+    _check_family(model, record)
+    _replay(model, record["edits"])
+    state = _load_state_dict(folder)
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    if dtype is not None and dtype != model.dtype:
+        model.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    aliases = _tied_names(model)
+    untied = [name for name in missing if not (aliases.get(name, set()) - set(missing))]
+    if unexpected or untied:
+        raise ValueError(
+            f"the weights in {folder} do not match the recorded structure: "
+            f"missing {untied[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model
 
 
 class AutoCollapsedModel:
@@ -113,7 +154,8 @@ class AutoCollapsedModel:
             pretrained_model_name_or_path: a local folder or a Hub repository id.
             subfolder: the model's folder inside it (``"unet"`` in a diffusers pipeline).
             revision, cache_dir, token: passed to ``huggingface_hub`` when downloading.
-            kwargs: passed to the plain ``from_pretrained`` for a folder without an ``hf_collapse`` record.
+            kwargs: passed to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...) and, for a
+                folder without an ``hf_collapse`` record, to the plain ``from_pretrained`` of its library.
 
         Raises:
             ValueError: when the ``hf_collapse`` record is malformed, foreign, or does not match the weights.
@@ -134,26 +176,9 @@ class AutoCollapsedModel:
                 f"the '{RECORD_KEY}' record was written for {record['model_class']}, but the config declares "
                 f"{declared}: the record is foreign to this model"
             )
-        model = _build_base(_import_class(declared), config_dict, record["base_values"], folder)
-        family = adapter_for(model).family
-        if family != record["family"]:
-            validate_record(record, family=family)
-        for edit in record["edits"]:
-            try:
-                model = remove_blocks(model, edit["blocks"], inplace=True)
-            except ValueError as error:
-                raise ValueError(f"cannot replay the recorded edit {edit}: {error}") from error
-
-        state = _load_state_dict(folder)
-        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
-        if dtype is not None:
-            model.to(dtype)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        aliases = _tied_names(model)
-        untied = [name for name in missing if not (aliases.get(name, set()) - set(missing))]
-        if unexpected or untied:
-            raise ValueError(
-                f"the weights in {folder} do not match the recorded structure: "
-                f"missing {untied[:5]}, unexpected {unexpected[:5]}"
-            )
+        cls_ = _import_class(declared)
+        if declared.startswith("diffusers."):
+            model = _load_diffusers(cls_, folder, config_dict, record)
+        else:
+            model = _load_transformers(cls_, folder, record, **kwargs)
         return model.eval()

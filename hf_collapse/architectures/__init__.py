@@ -7,6 +7,7 @@ from .base import (
     adapter_for,
     register_architecture,
     supported_families,
+    unregister_architecture,
     unwrap_model,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "adapter_for",
     "register_architecture",
     "supported_families",
+    "unregister_architecture",
     "unwrap_model",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "first_tensor",
     "register_architecture",
     "supported_families",
+    "unregister_architecture",
     "unwrap_model",
 ]
 
@@ -244,6 +245,14 @@ def register_architecture(adapter: ArchitectureAdapter, *, override: bool = Fals
     # User adapters take precedence over the built-in ones.
     _REGISTRY.insert(0, adapter)
     return adapter
+
+
+def unregister_architecture(family: str) -> None:
+    """Remove a registered family (e.g. a user adapter registered for one script or test)."""
+    before = len(_REGISTRY)
+    _REGISTRY[:] = [a for a in _REGISTRY if a.family != family]
+    if len(_REGISTRY) == before:
+        raise ValueError(f"no family {family!r} is registered; registered: {', '.join(supported_families())}")
 
 
 def supported_families() -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import register_architecture
-from .common import LayerListAdapter, dense_site, text_inputs
+from .common import LayerListAdapter, mlp_site, text_inputs
 
 
 class BertAdapter(LayerListAdapter):
@@ -14,7 +14,7 @@ class BertAdapter(LayerListAdapter):
 
     def activation_sites(self, backbone):
         return [
-            dense_site(b.name, f"{b.name}.intermediate", f"{b.name}.output") for b in self.blocks(backbone)
+            mlp_site(b.name, "intermediate.intermediate_act_fn", "intermediate.dense", "output.dense") for b in self.blocks(backbone)
         ]
 
     def example_inputs(self, model, batch_size=1, seq_len=128):

@@ -23,15 +23,10 @@ def renumber_layer_idx(layers: nn.ModuleList) -> None:
                 module.layer_idx = new_index
 
 
-def dense_site(block: str, intermediate: str, output: str, *, act_attr: str = "intermediate_act_fn") -> ActivationSite:
-    """The BERT-style MLP: ``intermediate.dense -> intermediate.<act> -> output.dense``."""
-    return ActivationSite(
-        name=f"{intermediate}.{act_attr}",
-        block=block,
-        activation=f"{intermediate}.{act_attr}",
-        producer=f"{intermediate}.dense",
-        consumer=f"{output}.dense",
-    )
+def mlp_site(block: str, activation: str, producer: str, consumer: str, **kind) -> ActivationSite:
+    """A site whose paths are given relative to ``block``."""
+    return ActivationSite(name=f"{block}.{activation}", block=block, activation=f"{block}.{activation}",
+                          producer=f"{block}.{producer}", consumer=f"{block}.{consumer}", **kind)
 
 
 def text_inputs(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, Any]:

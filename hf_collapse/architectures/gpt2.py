@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import ActivationSite, register_architecture
-from .common import LayerListAdapter, text_inputs
+from .base import register_architecture
+from .common import LayerListAdapter, mlp_site, text_inputs
 
 
 class GPT2Adapter(LayerListAdapter):
@@ -20,8 +20,7 @@ class GPT2Adapter(LayerListAdapter):
 
     def activation_sites(self, backbone):
         return [
-            ActivationSite(name=f"{b.name}.mlp.act", block=b.name, activation=f"{b.name}.mlp.act",
-                           producer=f"{b.name}.mlp.c_fc", consumer=f"{b.name}.mlp.c_proj", kind="conv1d")
+            mlp_site(b.name, "mlp.act", "mlp.c_fc", "mlp.c_proj", kind="conv1d")
             for b in self.blocks(backbone)
         ]
 

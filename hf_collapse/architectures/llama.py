@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import ActivationSite, register_architecture
-from .common import LayerListAdapter, text_inputs
+from .base import register_architecture
+from .common import LayerListAdapter, mlp_site, text_inputs
 
 
 class LlamaAdapter(LayerListAdapter):
@@ -16,8 +16,7 @@ class LlamaAdapter(LayerListAdapter):
     def activation_sites(self, backbone):
         # SwiGLU: act(gate_proj(x)) * up_proj(x) is gated, so TLC cannot linearize it into one map.
         return [
-            ActivationSite(name=f"{b.name}.mlp.act_fn", block=b.name, activation=f"{b.name}.mlp.act_fn",
-                           producer=f"{b.name}.mlp.gate_proj", consumer=f"{b.name}.mlp.down_proj", gated=True)
+            mlp_site(b.name, "mlp.act_fn", "mlp.gate_proj", "mlp.down_proj", gated=True)
             for b in self.blocks(backbone)
         ]
 

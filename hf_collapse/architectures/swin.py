@@ -8,7 +8,7 @@ config cannot express the change and ``AutoCollapsedModel`` replays the removal 
 from __future__ import annotations
 
 from .base import register_architecture
-from .common import StagedLayersAdapter, dense_site, image_inputs, original_positions
+from .common import StagedLayersAdapter, mlp_site, image_inputs, original_positions
 
 
 class SwinAdapter(StagedLayersAdapter):
@@ -26,7 +26,7 @@ class SwinAdapter(StagedLayersAdapter):
 
     def activation_sites(self, backbone):
         return [
-            dense_site(b.name, f"{b.name}.intermediate", f"{b.name}.output") for b in self.blocks(backbone)
+            mlp_site(b.name, "mlp.activation_fn", "mlp.fc1", "mlp.fc2") for b in self.blocks(backbone)
         ]
 
     def example_inputs(self, model, batch_size=1, seq_len=128):

@@ -1,20 +1,20 @@
-"""Vision Transformer (ViT): ``encoder.layer[i]``."""
+"""Vision Transformer (ViT): ``layers[i]``."""
 
 from __future__ import annotations
 
 from .base import register_architecture
-from .common import LayerListAdapter, dense_site, image_inputs
+from .common import LayerListAdapter, mlp_site, image_inputs
 
 
 class ViTAdapter(LayerListAdapter):
     family = "vit"
-    description = "Vision Transformer (encoder.layer[i])"
+    description = "Vision Transformer (layers[i])"
     model_types = ("vit",)
-    layers_path = "encoder.layer"
+    layers_path = "layers"
 
     def activation_sites(self, backbone):
         return [
-            dense_site(b.name, f"{b.name}.intermediate", f"{b.name}.output") for b in self.blocks(backbone)
+            mlp_site(b.name, "mlp.activation_fn", "mlp.fc1", "mlp.fc2") for b in self.blocks(backbone)
         ]
 
     def example_inputs(self, model, batch_size=1, seq_len=128):

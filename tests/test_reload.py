@@ -1,0 +1,126 @@
+"""Removing blocks, saving and reloading: every family, removals at the start, middle and end.
+
+Reference: the collapsed model's own outputs before saving, and plain transformers / diffusers
+``from_pretrained`` (code we did not write) wherever the config can express the change.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import hf_collapse
+from tiny_models import CASES, CASES_BY_NAME, output_of, plain_exact
+
+PAIRS = [(case.name, removal) for case in CASES for removal in case.removals]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("case_name,removal", PAIRS, ids=[f"{c}-{'+'.join(r)}" for c, r in PAIRS])
+def test_remove_save_reload_exact(case_name, removal, tmp_path):
+    case = CASES_BY_NAME[case_name]
+    model = case.build()
+    inputs = case.inputs()
+    original_out = output_of(model, inputs)
+    original_state = _state(model)
+    original_config = copy.deepcopy(model.config)
+    n_blocks = len(hf_collapse.find_blocks(model))
+
+    collapsed = hf_collapse.remove_blocks(model, removal)
+
+    # The input model is untouched.
+    assert collapsed is not model
+    assert len(hf_collapse.find_blocks(model)) == n_blocks
+    assert all(torch.equal(v, original_state[k]) for k, v in model.state_dict().items())
+    assert dict(model.config) == dict(original_config) if isinstance(model.config, dict) else \
+        model.config.to_dict() == original_config.to_dict()
+    assert torch.equal(output_of(model, inputs), original_out)
+
+    # The collapsed model lost exactly those blocks and records the edit.
+    assert len(hf_collapse.find_blocks(collapsed)) == n_blocks - len(removal)
+    record = hf_collapse.collapse_record(collapsed)
+    assert record["edits"] == [{"op": "remove_blocks", "blocks": removal}]
+    assert record["plain_reload_exact"] == plain_exact(case, removal)
+    expected = output_of(collapsed, inputs)
+
+    collapsed.save_pretrained(tmp_path)
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path)
+    assert type(reloaded) is type(collapsed)
+    torch.testing.assert_close(output_of(reloaded, inputs), expected, atol=1e-5, rtol=0)
+    assert hf_collapse.collapse_record(reloaded) == record
+
+    if plain_exact(case, removal):
+        plain, info = type(collapsed).from_pretrained(tmp_path, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if k in info), info
+        torch.testing.assert_close(output_of(plain.eval(), inputs), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case_name", ["bert", "gpt2", "llama", "vit", "resnet_basic", "mobilenet_v2", "dit", "swin"])
+def test_removed_block_acts_as_identity(case_name):
+    """Removing a residual block gives the same function as making that block return its input."""
+    case = CASES_BY_NAME[case_name]
+    model = case.build()
+    inputs = case.inputs()
+    block = next(b for b in hf_collapse.find_blocks(model)[1:] if b.removable)
+
+    def identity(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = model.get_submodule(block.path).register_forward_hook(identity, with_kwargs=True)
+    skipped = output_of(model, inputs)
+    handle.remove()
+    collapsed = hf_collapse.remove_blocks(model, [block])
+    torch.testing.assert_close(output_of(collapsed, inputs), skipped, atol=1e-5, rtol=0)
+
+
+def test_successive_removals_replay_in_order(tmp_path):
+    """Two remove_blocks calls (names renumbered in between) reload exactly, including a Swin shift flip."""
+    case = CASES_BY_NAME["swin"]
+    model = case.build()
+    inputs = case.inputs()
+    once = hf_collapse.remove_blocks(model, ["encoder.layers.0.blocks.3"])
+    twice = hf_collapse.remove_blocks(once, ["encoder.layers.0.blocks.0"])
+    record = hf_collapse.collapse_record(twice)
+    assert [e["blocks"] for e in record["edits"]] == [["encoder.layers.0.blocks.3"], ["encoder.layers.0.blocks.0"]]
+    assert record["base_values"] == {"depths": [4, 3]}
+    assert twice.config.depths == [2, 3]
+    assert record["plain_reload_exact"] is False  # blocks 1, 2 remain: the shift pattern flipped
+    twice.save_pretrained(tmp_path)
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(output_of(reloaded, inputs), output_of(twice, inputs), atol=1e-5, rtol=0)
+
+
+def test_inplace_edits_the_given_model():
+    model = CASES_BY_NAME["bert"].build()
+    result = hf_collapse.remove_blocks(model, ["encoder.layer.1"], inplace=True)
+    assert result is model
+    assert model.config.num_hidden_layers == 4
+    assert len(model.bert.encoder.layer) == 4
+
+
+def test_bf16_model_reloads_in_bf16(tmp_path):
+    case = CASES_BY_NAME["llama"]
+    model = case.build().to(torch.bfloat16)
+    collapsed = hf_collapse.remove_blocks(model, ["layers.1"])
+    collapsed.save_pretrained(tmp_path)
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path)
+    assert reloaded.dtype == torch.bfloat16
+    # transformers keeps some buffers (rotary frequencies) in float32 on load: compare with its own loader.
+    plain = type(collapsed).from_pretrained(tmp_path).eval()
+    assert plain.dtype == torch.bfloat16
+    inputs = case.inputs()
+    assert torch.equal(output_of(reloaded, inputs), output_of(plain, inputs))
+
+
+def test_folder_without_record_loads_plainly(tmp_path):
+    case = CASES_BY_NAME["roberta"]
+    model = case.build()
+    model.save_pretrained(tmp_path)
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path)
+    assert hf_collapse.collapse_record(reloaded) is None
+    inputs = case.inputs()
+    torch.testing.assert_close(output_of(reloaded, inputs), output_of(model, inputs), atol=1e-6, rtol=0)

@@ -81,7 +81,7 @@ class ActivationSite:
 
     Attributes:
         name: a short identifier (the activation's path).
-        block: name of the block that contains the site.
+        block: name of the block that contains the site ("" when no removable block contains it).
         activation: path of the activation module (for diffusers ``GELU`` this module also holds ``producer``).
         producer: path of the linear/conv whose output is the pre-activation.
         consumer: path of the linear/conv that reads the activation's output.

@@ -141,16 +141,18 @@ def feed_forward_sites(backbone: nn.Module, blocks: list[Block]) -> list[Activat
     """Activation sites of the diffusers ``FeedForward`` modules inside ``blocks``.
 
     ``net[0]`` holds the projection and the activation (GELU, GEGLU, ...), ``net[2]`` is the output linear.
+    A site outside every block (a UNet mid-block, an unpaired up-block attention) has ``block=""``.
     A gated activation (GEGLU, SwiGLU) projects to twice the consumer's input width.
     """
     sites = []
-    prefixes = sorted((b.name for b in blocks), key=len, reverse=True)
+    owner = {path: b.name for b in blocks for path in (b.path, *b.extra_paths)}
+    prefixes = sorted(owner, key=len, reverse=True)
     for name, module in backbone.named_modules():
         if type(module).__name__ != "FeedForward":
             continue
         projection = getattr(module.net[0], "proj", None)
         consumer = module.net[2]
-        block = next((p for p in prefixes if name.startswith(p + ".")), "")
+        block = owner.get(next((p for p in prefixes if name.startswith(p + ".")), ""), "")
         sites.append(ActivationSite(
             name=f"{name}.net.0", block=block, activation=f"{name}.net.0", producer=f"{name}.net.0.proj",
             consumer=f"{name}.net.2",

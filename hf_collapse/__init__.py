@@ -1,6 +1,13 @@
 """hf_collapse: make Hugging Face models shallower (LaCoOT, TLC) and fine-tune them under a memory budget (TraDy).
 
-The foundation is depth surgery that reloads exactly::
+LaCoOT::
+
+    args = hf_collapse.LaCoOTArguments("out", msw_weight=1.0, num_train_epochs=3)
+    trainer = hf_collapse.LaCoOTTrainer(model=model, args=args, train_dataset=train, eval_dataset=test)
+    trainer.train()
+    collapsed, report = trainer.collapse(max_metric_drop=0.02)
+
+All of it stands on depth surgery that reloads exactly::
 
     import hf_collapse
     blocks = hf_collapse.find_blocks(model)                 # removable blocks, through task heads and peft
@@ -18,7 +25,11 @@ from .architectures import (
     supported_families,
     unregister_architecture,
 )
+from .collapse import collapse
+from .lacoot import LaCoOTArguments, LaCoOTTrainer
 from .loading import AutoCollapsedModel
+from .report import CollapseReport, CollapseStep
+from .scoring import score_blocks
 from .surgery import collapse_record, find_blocks, remove_blocks
 
 __version__ = "0.1.0.dev0"
@@ -28,11 +39,17 @@ __all__ = [
     "ArchitectureAdapter",
     "AutoCollapsedModel",
     "Block",
+    "CollapseReport",
+    "CollapseStep",
+    "LaCoOTArguments",
+    "LaCoOTTrainer",
     "adapter_for",
+    "collapse",
     "collapse_record",
     "find_blocks",
     "register_architecture",
     "remove_blocks",
+    "score_blocks",
     "supported_families",
     "unregister_architecture",
 ]

@@ -10,6 +10,7 @@ from .architectures.base import adapter_for
 from .data import embedded_model_path, is_embedded
 from .loading import AutoCollapsedModel
 from .metrics import count_parameters, example_inputs, module_flops
+from .report import format_count
 from .surgery import collapse_record, find_blocks
 
 
@@ -17,14 +18,6 @@ def load_model(name_or_path: str):
     """A model from a folder, an embedded short name (``minilm``) or a Hub repository id."""
     source = embedded_model_path(name_or_path) if is_embedded(name_or_path) else name_or_path
     return AutoCollapsedModel.from_pretrained(source).eval()
-
-
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.1f}{unit}" if unit else f"{n:.0f}"
-        n /= 1000
-    return f"{n:.1f}P"
 
 
 def inspect_command(args: argparse.Namespace) -> int:
@@ -39,7 +32,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     record = collapse_record(model)
     print(f"model:  {args.model}")
     print(f"class:  {type(model).__name__}    family: {adapter.family} ({adapter.description})")
-    print(f"params: {_human(total_params)}    forward FLOPs: {_human(total_flops)} "
+    print(f"params: {format_count(total_params)}    forward FLOPs: {format_count(total_flops)} "
           f"(batch 1, inputs: {', '.join(f'{k}{tuple(v.shape)}' for k, v in inputs.items() if hasattr(v, 'shape'))})")
     if record:
         removed = sum(len(e["blocks"]) for e in record["edits"])
@@ -52,9 +45,32 @@ def inspect_command(args: argparse.Namespace) -> int:
     for block in blocks:
         block_flops = sum(flops[p] for p in (block.path, *block.extra_paths))
         removable = "yes" if block.removable else f"no: {block.reason}"
-        print(f"{block.name:<40} {block.stage:>5} {block.index:>5} {_human(block.params):>9} "
+        print(f"{block.name:<40} {block.stage:>5} {block.index:>5} {format_count(block.params):>9} "
               f"{100 * block.params / total_params:>7.1f}% {100 * block_flops / max(total_flops, 1):>6.1f}%  {removable}")
     print(f"\n{len(blocks)} blocks, {sum(b.removable for b in blocks)} removable")
+    return 0
+
+
+def lacoot_command(argv: Sequence[str]) -> int:
+    """``hf-collapse lacoot [job flags] [LaCoOTArguments / TrainingArguments flags]``."""
+    from transformers import HfArgumentParser
+
+    from .lacoot import LaCoOTArguments
+    from .lacoot.pipeline import DEFAULT_TRAINING, LaCoOTJobArguments, run_lacoot_job
+
+    parser = HfArgumentParser((LaCoOTJobArguments, LaCoOTArguments), prog="hf-collapse lacoot",
+                              description="Fine-tune with the LaCoOT penalty, then collapse under a metric budget.")
+    parser.set_defaults(**DEFAULT_TRAINING)
+    job, args = parser.parse_args_into_dataclasses(list(argv))
+    collapsed, report, summary = run_lacoot_job(job, args)
+    print(f"\nLaCoOT on {job.model} / {job.dataset} (λ = {args.msw_weight})\n")
+    print(report.to_markdown())
+    print(f"\nremoved {summary['blocks_removed']} of {len(report.scores)} blocks: "
+          f"{report.metric_name} {summary['metric_before']:.4f} -> {summary['metric_after']:.4f}, "
+          f"parameters {format_count(summary['params_before'])} -> {format_count(summary['params_after'])}, "
+          f"FLOPs x{summary['flops_ratio']:.2f} fewer" +
+          (f", latency x{summary['latency_speedup']:.2f} faster" if summary["latency_speedup"] else ""))
+    print(f"saved: {args.output_dir}/collapsed (model), {args.output_dir}/report (report.json, report.md, tradeoff.png)")
     return 0
 
 
@@ -66,12 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a saved model folder, a Hub repo id, or an embedded model (default: minilm)")
     inspect.add_argument("--seq-len", type=int, default=128, help="sequence length of the text inputs used for FLOPs")
     inspect.set_defaults(handler=inspect_command)
+    commands.add_parser("lacoot", add_help=False,
+                        help="LaCoOT end to end: train with the MSW penalty, collapse, save (see `lacoot --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["lacoot"]:
+            return lacoot_command(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"hf-collapse: error: {error}", file=sys.stderr)

@@ -1,0 +1,141 @@
+"""Capture each block's input and output during a forward pass, as per-sample feature matrices.
+
+Used by the LaCoOT penalty (with gradients) and by the block scorers (without). Hooks go on the unwrapped
+model (through DDP / peft wrappers), on the modules the adapter names as each block's input and output.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .architectures.base import Block, first_tensor
+from .surgery import find_blocks
+
+__all__ = ["BlockIO", "select_blocks"]
+
+
+def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list[Block]:
+    """The blocks named by ``names``: ``"auto"`` for every removable block, or a list of block names."""
+    blocks = find_blocks(model)
+    if names == "auto":
+        return [b for b in blocks if b.removable]
+    if isinstance(names, str):
+        names = [names]
+    by_name = {b.name: b for b in blocks}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown blocks {unknown}; this model's blocks are: {', '.join(by_name)}")
+    if not names:
+        raise ValueError("no blocks selected: pass 'auto' or a non-empty list of block names")
+    return [by_name[n] for n in names]
+
+
+class BlockIO:
+    """Forward hooks that keep the latest input and output of each block while :meth:`capturing` is active.
+
+    Hooks fire only inside ``with block_io.capturing():``, so a gradient-checkpointing recompute during the
+    backward pass (outside that context) records nothing and nothing is counted twice.
+
+    Example::
+
+        io = BlockIO(model, hf_collapse.find_blocks(model))
+        with io.capturing(attention_mask=batch["attention_mask"]):
+            model(**batch)
+        x, y = io.features("encoder.layer.0")      # (batch, tokens * hidden) each, padding zeroed
+        io.remove()
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[Block], detach: bool = False):
+        self.blocks = list(blocks)
+        self.detach = detach
+        self._active = False
+        self._mask: torch.Tensor | None = None
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
+        # Paths from find_blocks(model) are valid in `model` itself; DDP / peft wrappers share the module objects.
+        root = model
+        self._handles = []
+        for block in self.blocks:
+            self._handles.append(root.get_submodule(block.input_path).register_forward_pre_hook(
+                self._input_hook(block.name), with_kwargs=True))
+            self._handles.append(root.get_submodule(block.output_path).register_forward_hook(
+                self._output_hook(block.name)))
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach() if self.detach else tensor
+
+    def _input_hook(self, name: str):
+        def hook(module, args, kwargs):
+            if self._active:
+                tensor = first_tensor(args) if args else first_tensor(kwargs.get("hidden_states", kwargs))
+                if tensor is not None:
+                    self._inputs[name] = self._keep(tensor)
+        return hook
+
+    def _output_hook(self, name: str):
+        def hook(module, args, output):
+            if self._active:
+                tensor = first_tensor(output)
+                if tensor is not None:
+                    self._outputs[name] = self._keep(tensor)
+        return hook
+
+    @contextmanager
+    def capturing(self, attention_mask: torch.Tensor | None = None) -> Iterator["BlockIO"]:
+        """Record block inputs/outputs during the forward passes run inside this context."""
+        self._inputs.clear()
+        self._outputs.clear()
+        self._mask = attention_mask
+        self._active = True
+        try:
+            yield self
+        finally:
+            self._active = False
+
+    def captured(self) -> list[str]:
+        """Names of the blocks whose input and output were both recorded."""
+        return [b.name for b in self.blocks if b.name in self._inputs and b.name in self._outputs]
+
+    def _masked(self, tensor: torch.Tensor) -> torch.Tensor:
+        mask = self._mask
+        if mask is not None and tensor.dim() == 3 and tuple(tensor.shape[:2]) == tuple(mask.shape):
+            # Padding tokens are zeroed in both input and output: they add nothing to any distance.
+            tensor = tensor * mask.to(tensor.dtype).unsqueeze(-1)
+        return tensor
+
+    def raw(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's input and output tensors as recorded (padding zeroed), original shapes."""
+        if name not in self._inputs or name not in self._outputs:
+            raise KeyError(f"block {name!r} was not run inside capturing(); recorded: {self.captured()}")
+        return self._masked(self._inputs[name]), self._masked(self._outputs[name])
+
+    def features(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's input and output as ``(batch, features)`` matrices (``flatten(1)``, padding zeroed)."""
+        x, y = self.raw(name)
+        return x.flatten(1), y.flatten(1)
+
+    def token_mask(self, name: str) -> torch.Tensor | None:
+        """``(batch, tokens)`` boolean mask of real tokens for sequence features, else ``None``."""
+        x = self._inputs.get(name)
+        mask = self._mask
+        if mask is not None and x is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return mask.bool()
+        return None
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inputs.clear()
+        self._outputs.clear()
+
+    def __enter__(self) -> "BlockIO":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,136 @@
+"""Budgeted removal of blocks in ascending score order, measured at every step."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable, Mapping
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures.base import adapter_for, unwrap_model
+from .metrics import count_parameters, forward_flops, hardware_description, measure_latency
+from .report import CollapseReport, CollapseStep
+from .surgery import find_blocks, model_class_name, remove_blocks
+
+__all__ = ["collapse", "measure_step"]
+
+logger = logging.getLogger(__name__)
+
+
+def measure_step(model: nn.Module, inputs: Mapping[str, Any], latency_repeats: int) -> dict[str, Any]:
+    """Parameters, FLOPs and (when ``latency_repeats > 0``) median latency of ``model`` on ``inputs``."""
+    was_training = model.training
+    model.eval()
+    try:
+        return {
+            "params": count_parameters(model),
+            "flops": forward_flops(model, inputs),
+            "latency_s": measure_latency(model, inputs, warmup=2, repeats=latency_repeats) if latency_repeats else None,
+        }
+    finally:
+        model.train(was_training)
+
+
+def _removal_order(model: nn.Module, scores: Mapping[str, float]) -> list[str]:
+    if not scores:
+        raise ValueError("no scores given: the budget selects nothing (use hf_collapse.score_blocks to get scores)")
+    blocks = {b.name: b for b in find_blocks(model)}
+    unknown = [name for name in scores if name not in blocks]
+    if unknown:
+        raise ValueError(f"scores name unknown blocks {unknown}; this model's blocks are: {', '.join(blocks)}")
+    fixed = [name for name in scores if not blocks[name].removable]
+    if fixed:
+        raise ValueError(f"scores name blocks that are not removable: {fixed} ({blocks[fixed[0]].reason})")
+    position = {name: i for i, name in enumerate(blocks)}
+    return sorted(scores, key=lambda name: (scores[name], position[name]))
+
+
+def collapse(
+    model: nn.Module,
+    scores: Mapping[str, float],
+    num_blocks: int | None = None,
+    max_metric_drop: float | None = None,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    finetune: Callable[[nn.Module], nn.Module | None] | None = None,
+    *,
+    higher_is_better: bool = True,
+    metric_name: str | None = None,
+    example_inputs: Mapping[str, Any] | None = None,
+    latency_repeats: int = 5,
+    method: str = "collapse",
+    progress: bool = True,
+) -> tuple[nn.Module, CollapseReport]:
+    """Remove blocks in ascending score order under a budget, measuring the model at every step.
+
+    Args:
+        model: the model to collapse; it is not modified.
+        scores: ``{block name: score}`` (from :func:`hf_collapse.score_blocks` or ``LaCoOTTrainer.block_scores``);
+            only these blocks are candidates, lowest score first.
+        num_blocks: remove (at most) this many blocks.
+        max_metric_drop: remove greedily while ``eval_fn`` stays within this drop of the uncollapsed model's
+            metric; the step that would exceed it is not kept and the collapse stops there.
+        eval_fn: ``model -> metric``, evaluated before and after each removal (required with ``max_metric_drop``).
+        finetune: ``model -> model`` run after each removal, before evaluation (e.g. a short healing fine-tune).
+        higher_is_better: the metric's direction (``False`` for a loss).
+        metric_name: the metric's name in the report.
+        example_inputs: inputs for FLOPs and latency (default: the adapter's example inputs at batch size 1).
+        latency_repeats: timed runs per latency measurement (0 to skip latency).
+        method: the method name recorded in the report.
+
+    Returns:
+        ``(collapsed_model, report)``: a new model, and the :class:`CollapseReport` of every step.
+
+    Example::
+
+        >>> scores = hf_collapse.score_blocks(model, loader, method="msw")
+        >>> smaller, report = hf_collapse.collapse(model, scores, max_metric_drop=0.01, eval_fn=accuracy)
+        >>> report.save("outputs/collapse")
+    """
+    order = _removal_order(model, scores)
+    if num_blocks is None and max_metric_drop is None:
+        raise ValueError("no budget: pass num_blocks, max_metric_drop (with eval_fn), or both")
+    if max_metric_drop is not None and eval_fn is None:
+        raise ValueError("max_metric_drop needs eval_fn, the function that evaluates the metric of a model")
+    if max_metric_drop is not None and max_metric_drop < 0:
+        raise ValueError(f"max_metric_drop must be >= 0, got {max_metric_drop}")
+    all_blocks = [b.name for b in find_blocks(model)]
+    if num_blocks is not None and not 1 <= num_blocks <= len(order):
+        raise ValueError(f"num_blocks must be between 1 and the {len(order)} scored blocks, got {num_blocks}")
+    limit = min(num_blocks if num_blocks is not None else len(order), len(all_blocks) - 1)
+
+    inputs = example_inputs if example_inputs is not None else adapter_for(model).example_inputs(model, batch_size=1)
+    adapter = adapter_for(model)
+    report = CollapseReport(
+        method=method, model_class=model_class_name(model), family=adapter.family, metric_name=metric_name,
+        higher_is_better=higher_is_better, hardware=hardware_description() if latency_repeats else "",
+        budget={"num_blocks": num_blocks, "max_metric_drop": max_metric_drop}, scores=dict(scores),
+    )
+    baseline = eval_fn(model) if eval_fn else None
+    report.steps.append(CollapseStep(removed=0, unit=None, score=None, metric=baseline,
+                                     **measure_step(model, inputs, latency_repeats)))
+
+    current = model
+    alive = list(all_blocks)  # original names of the blocks still in `current`, in order
+    for name in tqdm(order[:limit], desc="collapsing", disable=not progress):
+        current_name = find_blocks(current)[alive.index(name)].name
+        trial = remove_blocks(current, [current_name])
+        if finetune is not None:
+            trial = finetune(trial) or trial
+        metric = eval_fn(trial) if eval_fn else None
+        drop = None if metric is None else (baseline - metric if higher_is_better else metric - baseline)
+        kept = max_metric_drop is None or drop <= max_metric_drop
+        step = CollapseStep(removed=len(all_blocks) - len(alive) + 1, unit=name, score=float(scores[name]),
+                            metric=metric, kept=kept, **measure_step(trial, inputs, latency_repeats if kept else 0))
+        report.steps.append(step)
+        if not kept:
+            logger.info("removing %s would drop the metric by %.4f > %.4f: stopping", name, drop, max_metric_drop)
+            break
+        current = trial
+        alive.remove(name)
+
+    if current is model:
+        logger.warning("the budget allowed no removal: returning an unmodified copy of the model")
+        current = copy.deepcopy(unwrap_model(model))
+    return current, report

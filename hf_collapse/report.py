@@ -1,0 +1,199 @@
+"""CollapseReport: what a compression run removed, and what each step cost and saved, as measured.
+
+Shared by LaCoOT (blocks) and TLC (activation layers). ``report.save(folder)`` writes ``report.json``,
+``report.md`` (a markdown table) and ``tradeoff.png`` (metric against the number of removed units, with the
+measured latency on a second axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CollapseReport", "CollapseStep", "format_count"]
+
+
+@dataclass
+class CollapseStep:
+    """One state of the model during a collapse: step 0 is the uncollapsed model.
+
+    Attributes:
+        removed: number of units (blocks, layers) removed so far.
+        unit: the unit removed at this step (its name in the original model), ``None`` at step 0.
+        score: that unit's score.
+        metric: the evaluated metric, when an evaluation function was given.
+        params, flops: measured parameters and forward FLOPs.
+        latency_s: measured median latency in seconds.
+        kept: ``False`` for a step that was tried and rejected because it broke the budget.
+        details: method-specific numbers (e.g. TLC's neurons ON/OFF).
+    """
+
+    removed: int
+    unit: str | None
+    score: float | None
+    metric: float | None
+    params: int
+    flops: int
+    latency_s: float | None
+    kept: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CollapseReport:
+    """The result of :func:`hf_collapse.collapse` (and of TLC's ``compress``).
+
+    Example::
+
+        >>> collapsed, report = hf_collapse.collapse(model, scores, num_blocks=2)
+        >>> print(report.to_markdown())
+        >>> report.save("outputs/report")          # report.json, report.md, tradeoff.png
+    """
+
+    method: str
+    model_class: str
+    family: str
+    unit_name: str = "blocks"
+    metric_name: str | None = None
+    higher_is_better: bool = True
+    budget: dict[str, Any] = field(default_factory=dict)
+    hardware: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+    steps: list[CollapseStep] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- views ---------------------------------------------------------------------------------------
+    @property
+    def kept_steps(self) -> list[CollapseStep]:
+        return [s for s in self.steps if s.kept]
+
+    @property
+    def removed(self) -> list[dict[str, Any]]:
+        """The removed units in order, with their scores."""
+        return [{"name": s.unit, "score": s.score} for s in self.kept_steps if s.unit is not None]
+
+    @property
+    def before(self) -> CollapseStep:
+        return self.steps[0]
+
+    @property
+    def after(self) -> CollapseStep:
+        return self.kept_steps[-1]
+
+    def summary(self) -> dict[str, Any]:
+        """Before/after numbers and ratios of the final model."""
+        before, after = self.before, self.after
+        ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
+        return {
+            f"{self.unit_name}_removed": after.removed,
+            "metric_before": before.metric,
+            "metric_after": after.metric,
+            "params_before": before.params,
+            "params_after": after.params,
+            "flops_before": before.flops,
+            "flops_after": after.flops,
+            "latency_s_before": before.latency_s,
+            "latency_s_after": after.latency_s,
+            "flops_ratio": ratio(before.flops, after.flops),
+            "latency_speedup": ratio(before.latency_s, after.latency_s),
+        }
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["removed"] = self.removed
+        data["summary"] = self.summary()
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CollapseReport":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in fields}
+        kwargs["steps"] = [CollapseStep(**step) for step in data.get("steps", [])]
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CollapseReport":
+        path = Path(path)
+        return cls.from_dict(json.loads((path / "report.json" if path.is_dir() else path).read_text()))
+
+    def to_markdown(self) -> str:
+        metric = self.metric_name or "metric"
+        lines = [
+            f"| {self.unit_name} removed | removed | score | {metric} | parameters | FLOPs | latency (ms) | kept |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | :---: |",
+        ]
+        for s in self.steps:
+            lines.append(
+                f"| {s.removed} | {s.unit or '(original)'} | {_fmt(s.score)} | {_fmt(s.metric)} | {s.params:,} | "
+                f"{format_count(s.flops)} | {_fmt(s.latency_s * 1e3 if s.latency_s is not None else None, 2)} | "
+                f"{'yes' if s.kept else 'no (over budget)'} |"
+            )
+        if self.hardware:
+            lines.append(f"\nLatency measured on {self.hardware}.")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """Write the trade-off plot (metric and latency against units removed) as PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = self.kept_steps
+        xs = [s.removed for s in steps]
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        if any(s.metric is not None for s in steps):
+            ax.plot(xs, [s.metric for s in steps], "o-", color="tab:blue", label=self.metric_name or "metric")
+            ax.set_ylabel(self.metric_name or "metric", color="tab:blue")
+            rejected = [s for s in self.steps if not s.kept]
+            if rejected:
+                ax.plot([s.removed for s in rejected], [s.metric for s in rejected], "x", color="tab:red",
+                        label="rejected (over budget)")
+        else:
+            ax.plot(xs, [s.flops / 1e9 for s in steps], "o-", color="tab:blue")
+            ax.set_ylabel("GFLOPs", color="tab:blue")
+        ax.set_xlabel(f"{self.unit_name} removed")
+        ax.set_xticks(sorted(set(xs + [s.removed for s in self.steps])))
+        if any(s.latency_s is not None for s in steps):
+            twin = ax.twinx()
+            twin.plot(xs, [s.latency_s * 1e3 if s.latency_s else None for s in steps], "s--", color="tab:orange")
+            twin.set_ylabel("latency (ms)", color="tab:orange")
+        ax.set_title(f"{self.method}: {self.model_class}")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower left")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``report.json``, ``report.md`` and ``tradeoff.png`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(self.to_json() + "\n")
+        (folder / "report.md").write_text(f"# Collapse report: {self.method}\n\n{self.to_markdown()}\n")
+        self.plot(folder / "tradeoff.png")
+        return folder
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def format_count(value: float) -> str:
+    """``22.7M``, ``2.7G``: a count in thousands / millions / billions."""
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(value) < 1000:
+            return f"{value:.1f}{unit}" if unit else str(value)
+        value /= 1000
+    return f"{value:.1f}P"

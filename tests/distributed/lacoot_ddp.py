@@ -1,0 +1,43 @@
+"""A 2-rank DDP run of LaCoOTTrainer on CPU (gloo), started by tests/test_distributed.py with torchrun.
+
+Each rank writes its final weights, its loss history and its first-batch MSW directions to OUT/rank<r>.pt.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+from hf_collapse import LaCoOTArguments, LaCoOTTrainer  # noqa: E402
+from test_lacoot import PadOnlyCollator, tiny_bert, toy_dataset  # noqa: E402
+
+
+def main(out: str) -> None:
+    args = LaCoOTArguments(output_dir=out, per_device_train_batch_size=4, num_train_epochs=6, learning_rate=5e-3,
+                           logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                           disable_tqdm=True, ddp_backend="gloo", msw_weight=0.5, dataloader_num_workers=0)
+    model = tiny_bert(seed=0)
+    trainer = LaCoOTTrainer(model=model, args=args, train_dataset=toy_dataset(32), data_collator=PadOnlyCollator())
+    initial_directions = {}
+    original = trainer.msw_penalty
+
+    def recording_penalty():
+        result = original()
+        if not initial_directions:
+            initial_directions.update({k: v.clone() for k, v in trainer._directions.items()})
+        return result
+
+    trainer.msw_penalty = recording_penalty
+    trainer.train()
+    rank = dist.get_rank()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "losses": losses,
+                "world_size": dist.get_world_size(), "directions": initial_directions},
+               os.path.join(out, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,170 @@
+"""Block scorers, budgeted collapse and the CollapseReport."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import hf_collapse
+from hf_collapse.report import CollapseReport
+from hf_collapse.scoring import angular_scorer, block_influence_scorer, msw_scorer
+from tiny_models import CASES_BY_NAME, output_of
+
+
+def _loader(case, batches=2):
+    return [case.inputs() for _ in range(batches)]
+
+
+def test_scorers_on_known_pairs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 8, generator=g)
+    assert block_influence_scorer(x, x, None, g) == pytest.approx(0, abs=1e-6)
+    assert angular_scorer(x, x, None, g) == pytest.approx(0, abs=1e-3)
+    assert block_influence_scorer(x, -x, None, g) == pytest.approx(2, abs=1e-6)
+    assert angular_scorer(x, -x, None, g) == pytest.approx(1, abs=1e-3)
+    assert msw_scorer(x, x, None, g) == pytest.approx(0, abs=1e-6)
+    assert msw_scorer(x, x + 1, None, g) > 0.5
+    # Only real tokens count: the masked token's (opposite) output is ignored.
+    y = x.clone()
+    y[:, -1] = -x[:, -1]
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[:, -1] = False
+    assert block_influence_scorer(x, y, mask, g) == pytest.approx(0, abs=1e-6)
+    # Images: cosine over channels at each position.
+    image = torch.randn(2, 3, 4, 4, generator=g)
+    assert block_influence_scorer(image, 2 * image, None, g) == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["msw", "block_influence", "angular", "random"])
+def test_score_blocks_every_method(method):
+    case = CASES_BY_NAME["bert"]
+    model = case.build()
+    scores = hf_collapse.score_blocks(model, _loader(case), method=method, progress=False)
+    assert list(scores) == [f"encoder.layer.{i}" for i in range(5)]
+    assert all(math.isfinite(v) and v >= 0 for v in scores.values())
+    assert scores == hf_collapse.score_blocks(model, _loader(case), method=method, progress=False)
+
+
+def test_a_block_made_identity_scores_zero():
+    case = CASES_BY_NAME["llama"]
+    model = case.build()
+    layer = model.model.layers[2]
+    layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    # arccos is steep at 1: float32 cosines of 1 - 1e-7 give angles of about 1e-4.
+    for method, tolerance in (("msw", 1e-5), ("block_influence", 1e-5), ("angular", 1e-3)):
+        scores = hf_collapse.score_blocks(model, _loader(case), method=method, progress=False)
+        assert scores["layers.2"] == pytest.approx(0, abs=tolerance), method
+        assert min(scores, key=scores.get) == "layers.2"
+
+
+def test_score_blocks_on_vision_and_diffusion_models():
+    for name in ("resnet_basic", "unet"):
+        case = CASES_BY_NAME[name]
+        scores = hf_collapse.score_blocks(case.build(), _loader(case, 1), method="msw", progress=False)
+        removable = [b.name for b in hf_collapse.find_blocks(case.build()) if b.removable]
+        assert list(scores) == removable and all(v > 0 for v in scores.values())
+
+
+def test_score_blocks_refusals():
+    case = CASES_BY_NAME["bert"]
+    model = case.build()
+    with pytest.raises(ValueError, match="unknown scoring method 'magic'"):
+        hf_collapse.score_blocks(model, _loader(case), method="magic")
+    with pytest.raises(ValueError, match="pass a dataloader"):
+        hf_collapse.score_blocks(model, None, method="msw")
+    with pytest.raises(ValueError, match="yielded no batches"):
+        hf_collapse.score_blocks(model, [], method="angular", progress=False)
+
+
+def test_collapse_fixed_number_follows_scores_and_leaves_the_model_alone():
+    case = CASES_BY_NAME["gpt2"]
+    model = case.build()
+    scores = {"h.0": 0.9, "h.1": 0.1, "h.2": 0.5, "h.3": 0.2, "h.4": 0.7}
+    collapsed, report = hf_collapse.collapse(model, scores, num_blocks=3, latency_repeats=1, progress=False)
+    assert [r["name"] for r in report.removed] == ["h.1", "h.3", "h.2"]
+    assert collapsed.config.n_layer == 2 and model.config.n_layer == 5
+    # The survivors are the original blocks 0 and 4, in order.
+    expected = hf_collapse.remove_blocks(model, ["h.1", "h.2", "h.3"])
+    inputs = case.inputs()
+    torch.testing.assert_close(output_of(collapsed, inputs), output_of(expected, inputs), atol=1e-6, rtol=0)
+    params = [s.params for s in report.steps]
+    assert params == sorted(params, reverse=True) and len(params) == 4
+    assert all(s.latency_s > 0 and s.flops > 0 for s in report.steps)
+
+
+def test_collapse_honours_the_metric_budget_and_rejects_the_step_over_it():
+    model = CASES_BY_NAME["bert"].build()
+    scores = {f"encoder.layer.{i}": float(i) for i in range(5)}
+    evaluated = []
+
+    def eval_fn(m):  # each removed block costs 0.01 accuracy
+        evaluated.append(m.config.num_hidden_layers)
+        return 0.9 - 0.01 * (5 - m.config.num_hidden_layers)
+
+    collapsed, report = hf_collapse.collapse(model, scores, max_metric_drop=0.025, eval_fn=eval_fn,
+                                             latency_repeats=0, progress=False)
+    assert collapsed.config.num_hidden_layers == 3
+    assert [r["name"] for r in report.removed] == ["encoder.layer.0", "encoder.layer.1"]
+    assert [s.kept for s in report.steps] == [True, True, True, False]
+    assert report.steps[-1].unit == "encoder.layer.2" and report.steps[-1].metric == pytest.approx(0.87)
+    assert evaluated == [5, 4, 3, 2]
+    assert report.summary()["metric_after"] == pytest.approx(0.88)
+
+
+def test_collapse_with_a_loss_metric_and_finetune_hook():
+    model = CASES_BY_NAME["llama"].build()
+    scores = {f"layers.{i}": float(i) for i in range(5)}
+    finetuned = []
+    collapsed, report = hf_collapse.collapse(
+        model, scores, num_blocks=4, max_metric_drop=0.15, higher_is_better=False,
+        eval_fn=lambda m: 1.0 + 0.1 * (5 - m.config.num_hidden_layers),
+        finetune=lambda m: finetuned.append(m.config.num_hidden_layers), latency_repeats=0, progress=False)
+    assert collapsed.config.num_hidden_layers == 4  # the second removal would raise the loss by 0.2
+    assert finetuned == [4, 3]
+
+
+def test_budget_that_selects_nothing_returns_an_unchanged_copy():
+    model = CASES_BY_NAME["bert"].build()
+    collapsed, report = hf_collapse.collapse(model, {"encoder.layer.0": 1.0}, max_metric_drop=0.0,
+                                             eval_fn=lambda m: float(m.config.num_hidden_layers), latency_repeats=0,
+                                             progress=False)
+    assert collapsed is not model and collapsed.config.num_hidden_layers == 5
+    assert report.removed == [] and report.steps[-1].kept is False
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(scores={}), "no scores given"),
+    (dict(scores={"encoder.layer.9": 1.0}, num_blocks=1), "unknown blocks"),
+    (dict(scores={"encoder.layer.0": 1.0}), "no budget"),
+    (dict(scores={"encoder.layer.0": 1.0}, max_metric_drop=0.1), "needs eval_fn"),
+    (dict(scores={"encoder.layer.0": 1.0}, num_blocks=0), "num_blocks must be between 1"),
+    (dict(scores={"encoder.layer.0": 1.0}, num_blocks=2), "num_blocks must be between 1"),
+    (dict(scores={"encoder.layer.0": 1.0}, max_metric_drop=-1, eval_fn=float), "must be >= 0"),
+])
+def test_collapse_refusals(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        hf_collapse.collapse(CASES_BY_NAME["bert"].build(), **kwargs)
+
+
+def test_collapse_refuses_non_removable_blocks():
+    model = CASES_BY_NAME["resnet_basic"].build()
+    with pytest.raises(ValueError, match="not removable"):
+        hf_collapse.collapse(model, {"encoder.stages.1.layers.0": 0.0}, num_blocks=1)
+
+
+def test_report_save_writes_json_markdown_and_plot(tmp_path):
+    model = CASES_BY_NAME["bert"].build()
+    scores = {f"encoder.layer.{i}": float(i) for i in range(5)}
+    _, report = hf_collapse.collapse(model, scores, max_metric_drop=0.025, metric_name="accuracy",
+                                     eval_fn=lambda m: 0.9 - 0.01 * (5 - m.config.num_hidden_layers),
+                                     latency_repeats=1, progress=False)
+    report.save(tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["removed"] == [{"name": "encoder.layer.0", "score": 0.0}, {"name": "encoder.layer.1", "score": 1.0}]
+    assert data["summary"]["params_after"] < data["summary"]["params_before"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.count("\n| ") == 6 and "no (over budget)" in markdown and "accuracy" in markdown
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = CollapseReport.load(tmp_path)
+    assert again.to_dict() == report.to_dict()

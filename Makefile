@@ -22,13 +22,16 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/hf-collapse inspect minilm
+	$(BIN)/hf-collapse lacoot
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 benchmark: $(STAMP)
-	$(BIN)/python benchmarks/depth_speedup.py
+	$(BIN)/python benchmarks/depth_speedup.py | tee benchmarks/results/depth_speedup.txt
+	$(BIN)/python benchmarks/bench_msw.py | tee benchmarks/results/bench_msw.txt
+	$(BIN)/python benchmarks/bench_lacoot_overhead.py | tee benchmarks/results/bench_lacoot_overhead.txt
+	$(BIN)/python benchmarks/bench_lacoot_quality.py | tee benchmarks/results/bench_lacoot_quality.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -26,11 +26,13 @@ from .architectures import (
     unregister_architecture,
 )
 from .collapse import collapse
+from . import tlc
 from .lacoot import LaCoOTArguments, LaCoOTTrainer
 from .loading import AutoCollapsedModel
 from .report import CollapseReport, CollapseStep
 from .scoring import score_blocks
 from .surgery import collapse_record, find_blocks, remove_blocks
+from .tlc import TLCConfig
 
 __version__ = "0.1.0.dev0"
 
@@ -43,6 +45,7 @@ __all__ = [
     "CollapseStep",
     "LaCoOTArguments",
     "LaCoOTTrainer",
+    "TLCConfig",
     "adapter_for",
     "collapse",
     "collapse_record",
@@ -51,5 +54,6 @@ __all__ = [
     "remove_blocks",
     "score_blocks",
     "supported_families",
+    "tlc",
     "unregister_architecture",
 ]

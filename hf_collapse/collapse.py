@@ -14,7 +14,7 @@ from .metrics import count_parameters, forward_flops, hardware_description, meas
 from .report import CollapseReport, CollapseStep
 from .surgery import find_blocks, model_class_name, remove_blocks
 
-__all__ = ["collapse", "measure_step"]
+__all__ = ["collapse", "evaluate_model", "measure_step", "metric_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,27 @@ def measure_step(model: nn.Module, inputs: Mapping[str, Any], latency_repeats: i
         }
     finally:
         model.train(was_training)
+
+
+def metric_key(args, has_compute_metrics: bool) -> tuple[str, bool]:
+    """The evaluation metric a compression budget refers to, and whether higher is better:
+    ``args.metric_for_best_model`` if set, else ``accuracy`` with ``compute_metrics``, else the loss."""
+    name = args.metric_for_best_model or ("accuracy" if has_compute_metrics else "loss")
+    name = name if name.startswith("eval_") else f"eval_{name}"
+    higher = args.greater_is_better if args.metric_for_best_model else not name.endswith("loss")
+    return name, bool(higher)
+
+
+def evaluate_model(model: nn.Module, args, eval_dataset, **trainer_kwargs) -> dict[str, float]:
+    """Evaluate ``model`` with a fresh ``transformers.Trainer`` built from ``args`` (reporting disabled) and
+    ``trainer_kwargs`` (``data_collator``, ``compute_metrics``, ``processing_class``, ``compute_loss_func``)."""
+    from transformers import Trainer, TrainingArguments
+
+    args = copy.deepcopy(args)
+    args.report_to = []
+    if type(args) is not TrainingArguments and hasattr(args, "msw_weight"):
+        args.msw_weight = 0.0
+    return Trainer(model=model, args=args, eval_dataset=eval_dataset, **trainer_kwargs).evaluate()
 
 
 def _removal_order(model: nn.Module, scores: Mapping[str, float]) -> list[str]:

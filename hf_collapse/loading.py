@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .architectures.base import adapter_for
-from .surgery import RECORD_KEY, remove_blocks, validate_record
+from .surgery import EDIT_OPS, RECORD_KEY, validate_record
 
 __all__ = ["AutoCollapsedModel"]
 
@@ -65,8 +65,8 @@ def _tied_names(model: nn.Module) -> dict[str, set[str]]:
 def _replay(model: nn.Module, edits: list[dict[str, Any]]) -> None:
     for edit in edits:
         try:
-            remove_blocks(model, edit["blocks"], inplace=True)
-        except ValueError as error:
+            EDIT_OPS[edit["op"]].replay(model, edit)
+        except (ValueError, KeyError, AttributeError) as error:
             raise ValueError(f"cannot replay the recorded edit {edit}: {error}") from error
 
 

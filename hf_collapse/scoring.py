@@ -13,8 +13,9 @@ features. A new scorer is one function registered in :data:`SCORERS`.
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from .block_io import BlockIO, select_blocks
 from .ot import max_sliced_wasserstein
 
-__all__ = ["SCORERS", "score_blocks"]
+__all__ = ["SCORERS", "model_inputs", "score_blocks"]
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Generator], float]
 
@@ -60,6 +61,16 @@ SCORERS: dict[str, Scorer] = {
     "angular": angular_scorer,
 }
 DATA_FREE = ("random",)
+
+
+def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``batch`` that ``model.forward`` accepts (a denoising batch carries its target as
+    ``labels``, which a diffusers model does not take), moved to the model's device."""
+    parameters = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    device = _device_of(model)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+            if takes_any or k in parameters}
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -114,7 +125,6 @@ def score_blocks(
     generators = {b.name: torch.Generator().manual_seed(seed + i) for i, b in enumerate(chosen)}
     totals = {b.name: 0.0 for b in chosen}
     weight = 0
-    device = _device_of(model)
     was_training = model.training
     model.eval()
     io = BlockIO(model, chosen, detach=True)
@@ -122,7 +132,7 @@ def score_blocks(
         for step, batch in enumerate(tqdm(dataloader, desc=f"scoring blocks ({method})", disable=not progress)):
             if max_batches is not None and step >= max_batches:
                 break
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = model_inputs(model, batch)
             with io.capturing(attention_mask=batch.get("attention_mask")):
                 model(**batch)
             size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]

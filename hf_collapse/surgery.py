@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
@@ -33,11 +33,13 @@ from .architectures.base import (
     unwrap_model,
 )
 
-__all__ = ["find_blocks", "remove_blocks", "collapse_record", "RECORD_KEY", "RECORD_FORMAT_VERSION"]
+__all__ = [
+    "EDIT_OPS", "RECORD_FORMAT_VERSION", "RECORD_KEY", "collapse_record", "find_blocks", "record_edit",
+    "register_edit_op", "remove_blocks",
+]
 
 RECORD_KEY = "hf_collapse"
 RECORD_FORMAT_VERSION = 1
-KNOWN_OPS = ("remove_blocks",)
 
 
 def _locate(model: nn.Module) -> tuple[ArchitectureAdapter, nn.Module, str]:
@@ -146,26 +148,77 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], inplace: bool
     if not inplace:
         model = copy.deepcopy(model)
     adapter, backbone, _ = _locate(model)
-    owner = _owner(model)
-
-    record = collapse_record(model) or {
-        "format_version": RECORD_FORMAT_VERSION,
-        "family": adapter.family,
-        "model_class": model_class_name(model),
-        "base_values": {},
-        "edits": [],
-    }
+    record = collapse_record(model) or _new_record(model)
     names = [b.name for b in chosen]
     local = {b.name: b for b in adapter.blocks(backbone)}
     adapter.remove(backbone, [local[name] for name in names], record["base_values"])
     record["edits"].append({"op": "remove_blocks", "blocks": names})
+    _write_record(model, record)
+    return model
+
+
+def _new_record(model: nn.Module) -> dict[str, Any]:
+    return {
+        "format_version": RECORD_FORMAT_VERSION,
+        "family": adapter_for(model).family,
+        "model_class": model_class_name(model),
+        "base_values": {},
+        "edits": [],
+    }
+
+
+def _write_record(model: nn.Module, record: dict[str, Any]) -> None:
+    adapter, backbone, _ = _locate(model)
     history = [edit["blocks"] for edit in record["edits"] if edit["op"] == "remove_blocks"]
-    record["plain_reload_exact"] = bool(adapter.config_expresses(backbone, record["base_values"], history))
+    # Only block removals can ever be expressed by a config; any other edit needs AutoCollapsedModel.
+    record["plain_reload_exact"] = all(edit["op"] == "remove_blocks" for edit in record["edits"]) and bool(
+        adapter.config_expresses(backbone, record["base_values"], history))
+    owner = _owner(model)
     config_set(owner, **{RECORD_KEY: record})
     if owner.config is not getattr(backbone, "config", owner.config):
         # A task head and its backbone usually share one config object; keep both in step if they do not.
         config_set(backbone, **{RECORD_KEY: record})
-    return model
+
+
+def record_edit(model: nn.Module, edit: dict[str, Any]) -> None:
+    """Append a structural edit (already applied to ``model``) to its ``hf_collapse`` record.
+
+    ``edit["op"]`` must be registered with :func:`register_edit_op`, whose replay function rebuilds the same
+    structure on a fresh model when ``AutoCollapsedModel`` loads it.
+    """
+    if edit.get("op") not in EDIT_OPS:
+        raise ValueError(f"unknown edit operation {edit.get('op')!r}; registered: {', '.join(EDIT_OPS)}")
+    EDIT_OPS[edit["op"]].validate(edit)
+    record = collapse_record(model) or _new_record(model)
+    record["edits"].append(copy.deepcopy(edit))
+    _write_record(model, record)
+
+
+@dataclasses.dataclass(frozen=True)
+class EditOp:
+    """How to check a recorded edit's fields, and how to replay it on a fresh model (in place)."""
+
+    validate: Callable[[dict[str, Any]], None]
+    replay: Callable[[nn.Module, dict[str, Any]], None]
+
+
+#: The structural edits a record may hold: ``op`` name -> :class:`EditOp`.
+EDIT_OPS: dict[str, EditOp] = {}
+
+
+def register_edit_op(op: str, validate: Callable[[dict[str, Any]], None],
+                     replay: Callable[[nn.Module, dict[str, Any]], None]) -> None:
+    """Register a structural edit kind (``"remove_blocks"`` here, ``"linearize"`` in TLC)."""
+    EDIT_OPS[op] = EditOp(validate=validate, replay=replay)
+
+
+def _validate_remove_blocks(edit: dict[str, Any]) -> None:
+    if not isinstance(edit.get("blocks"), list) or not all(isinstance(n, str) for n in edit["blocks"]):
+        raise ValueError(f"edit {edit!r} needs a list of block names")
+
+
+register_edit_op("remove_blocks", _validate_remove_blocks,
+                 lambda model, edit: remove_blocks(model, edit["blocks"], inplace=True))
 
 
 def validate_record(record: Any, *, family: str | None = None) -> dict[str, Any]:
@@ -186,8 +239,10 @@ def validate_record(record: Any, *, family: str | None = None) -> dict[str, Any]
     if family is not None and record["family"] != family:
         fail(f"it was written for family {record['family']!r}, but the config describes a {family!r} model")
     for edit in record["edits"]:
-        if not isinstance(edit, dict) or edit.get("op") not in KNOWN_OPS:
-            fail(f"unknown edit {edit!r}; known operations: {', '.join(KNOWN_OPS)}")
-        if not isinstance(edit.get("blocks"), list) or not all(isinstance(n, str) for n in edit["blocks"]):
-            fail(f"edit {edit!r} needs a list of block names")
+        if not isinstance(edit, dict) or edit.get("op") not in EDIT_OPS:
+            fail(f"unknown edit {edit!r}; known operations: {', '.join(EDIT_OPS)}")
+        try:
+            EDIT_OPS[edit["op"]].validate(edit)
+        except ValueError as error:
+            fail(str(error))
     return record

@@ -40,3 +40,25 @@ def test_console_script_reports_errors_cleanly(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "hf-collapse: error: no config.json" in result.stderr
+
+
+def test_lacoot_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
+    """The README's main job with a tiny step budget: real MiniLM, real dialog lines, train, collapse, save."""
+    code = main(["lacoot", "--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size", "8",
+                 "--eval_strategy", "no", "--num_blocks", "2", "--max_metric_drop", "1.0", "--latency_repeats", "1",
+                 "--disable_tqdm", "true"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "LaCoOT on minilm / dialog_topics (λ = 0.1)" in out and "removed 2 of 6 blocks" in out
+    report = hf_collapse.CollapseReport.load(tmp_path / "report")
+    assert len(report.removed) == 2 and report.metric_name == "accuracy"
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
+    assert reloaded.config.num_hidden_layers == 4 and reloaded.config.num_labels == 19
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path / "collapsed")("hello")["input_ids"]
+
+
+def test_lacoot_command_rejects_unknown_flags():
+    import pytest
+    with pytest.raises(SystemExit):
+        main(["lacoot", "--no_such_flag", "1"])

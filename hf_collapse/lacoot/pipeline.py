@@ -40,17 +40,19 @@ class LaCoOTJobArguments:
     label_column: str = field(default="label", metadata={"help": "Label column."})
     max_length: int = field(default=64, metadata={"help": "Maximum tokens per text example."})
     max_metric_drop: float | None = field(
-        default=0.02, metadata={"help": "Collapse while accuracy stays within this drop of the trained model's."}
+        default=0.05, metadata={"help": "Collapse while accuracy stays within this drop of the trained model's."}
     )
     num_blocks: int | None = field(default=None, metadata={"help": "Remove at most this many blocks."})
     latency_repeats: int = field(default=10, metadata={"help": "Timed runs per latency measurement."})
 
 
 #: Training settings of the embedded default run (about five minutes on 2 CPU cores); flags override them.
+#: λ = 0.1: on a pretrained transformer the per-block MSW of 64-token features is 5-10, so λ = 1 lets the
+#: penalty dominate the task loss (accuracy 0.46 against 0.63 with λ = 0.1 after 4 epochs, measured here).
 DEFAULT_TRAINING: dict[str, Any] = dict(
     output_dir="outputs/lacoot", num_train_epochs=4, learning_rate=1e-4, per_device_train_batch_size=32,
     per_device_eval_batch_size=64, warmup_steps=0.1, weight_decay=0.01, eval_strategy="epoch",
-    save_strategy="no", logging_steps=10, report_to="none", msw_weight=1.0, seed=0,
+    save_strategy="no", logging_steps=10, report_to="none", msw_weight=0.1, seed=0,
 )
 
 

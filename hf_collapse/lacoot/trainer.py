@@ -9,7 +9,6 @@ ascent are seeded by ``(args.seed, block index)``, identical on every rank.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import defaultdict
 from typing import Any
@@ -20,6 +19,7 @@ from transformers import Trainer
 
 from ..block_io import BlockIO, select_blocks
 from ..collapse import collapse as collapse_model
+from ..collapse import evaluate_model, metric_key
 from ..ot import max_sliced_wasserstein
 from ..report import CollapseReport
 from ..scoring import score_blocks
@@ -152,24 +152,14 @@ class LaCoOTTrainer(Trainer):
             self.model, self.get_eval_dataloader(eval_dataset), method="msw",
             blocks=[b.name for b in self.msw_blocks], max_batches=max_batches, seed=self.args.seed,
             slicing=self.args.msw_slicing, n_projections=self.args.msw_projections,
-            ascent_steps=max(self.args.msw_ascent_steps, 20) if self.args.msw_slicing == "ascent" else 0,
+            ascent_steps=max(self.args.msw_ascent_steps, 10) if self.args.msw_slicing == "ascent" else 0,
         )
-
-    def _metric(self) -> tuple[str, bool]:
-        name = self.args.metric_for_best_model or ("accuracy" if self.compute_metrics else "loss")
-        name = name if name.startswith("eval_") else f"eval_{name}"
-        higher = self.args.greater_is_better if self.args.metric_for_best_model else not name.endswith("loss")
-        return name, bool(higher)
 
     def evaluate_model(self, model: nn.Module, eval_dataset=None) -> dict[str, float]:
         """Evaluate another model (e.g. a collapsed one) with this trainer's data, collator and metrics."""
-        args = copy.deepcopy(self.args)
-        args.report_to = []
-        args.msw_weight = 0.0
-        evaluator = Trainer(model=model, args=args, data_collator=self.data_collator,
-                            eval_dataset=eval_dataset if eval_dataset is not None else self.eval_dataset,
-                            processing_class=self.processing_class, compute_metrics=self.compute_metrics)
-        return evaluator.evaluate()
+        return evaluate_model(model, self.args, eval_dataset if eval_dataset is not None else self.eval_dataset,
+                              data_collator=self.data_collator, processing_class=self.processing_class,
+                              compute_metrics=self.compute_metrics, compute_loss_func=self.compute_loss_func)
 
     def collapse(
         self,
@@ -187,7 +177,7 @@ class LaCoOTTrainer(Trainer):
         deterministic) and save on the main process only (``trainer.is_world_process_zero()``).
         """
         scores = scores if scores is not None else self.block_scores(eval_dataset)
-        metric_name, higher_is_better = self._metric()
+        metric_name, higher_is_better = metric_key(self.args, self.compute_metrics is not None)
         needs_eval = max_metric_drop is not None or self.eval_dataset is not None or eval_dataset is not None
 
         def eval_fn(model: nn.Module) -> float:

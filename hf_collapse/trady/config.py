@@ -1,0 +1,168 @@
+"""TraDyConfig: the settings of a TraDy adapter, a ``peft.PeftConfig``.
+
+The config also stores what the a priori step measured (:func:`hf_collapse.trady.calibrate`): the layer ranking
+(``layer_rgn``), the layers kept (``selected_layers``) and the activation positions per sample of every target layer
+(``layer_positions``, which the cost model needs). Saved with the adapter in ``adapter_config.json``, it is reusable
+across tasks for the same architecture: pass ``selected_layers`` (and ``layer_positions``) back and the ranking is
+not computed again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+__all__ = ["SELECTIONS", "TraDyConfig"]
+
+#: The channel-selection strategies: TraDy itself and the paper's baselines.
+SELECTIONS = ("trady", "static_topk_random", "full_random", "det_rgn")
+
+#: The budget used when neither ``memory_budget`` nor ``budget_ratio`` is given.
+DEFAULT_BUDGET_RATIO = 0.05
+
+
+@dataclass
+class TraDyConfig(PeftConfig):
+    """Configuration of a TraDy adapter (Quélennec et al., 2025): fine-tuning under a hard memory budget.
+
+    The unit of selection is an *input channel* of a target conv/linear weight: updating it needs only that
+    channel's input activation (saved for backward) and gives only that slice of the weight gradient.
+    Its cost, in elements, is the slice's weight-gradient size (``C_out·kh·kw`` for a conv, ``C_out`` for a
+    linear) plus its activation per sample (``H·W`` for a conv, tokens for a linear).
+
+    Selection strategies (``selection``):
+
+    * ``"trady"`` (default): the layers are ranked once, a priori, by their reweighted gradient norm (RGN) and the
+      top ones covering ``coverage`` of the total are kept; at every epoch (or every ``resample_every_steps``)
+      channels are drawn uniformly at random from the pooled channels of those layers until the budget is full.
+    * ``"static_topk_random"``: the same layers, channels drawn at random once and kept for the whole training.
+    * ``"full_random"``: no layer selection: channels drawn at random from every target layer at every epoch.
+    * ``"det_rgn"``: the channels of highest RGN (deterministic); refreshed at every epoch by
+      :class:`~hf_collapse.trady.TraDyCallback` when it is given calibration batches (the refresh computes full
+      weight gradients: a baseline, outside the budget).
+
+    Learning rate: sparse channel updates move few weights. At a 5% budget they need about ten times the learning
+    rate of full fine-tuning (measured on MiniLM / dialog topics with AdamW: 5e-5 gave 0.61 accuracy, 5e-4 gave
+    0.75, full fine-tuning 0.78). The paper trains with SGD without momentum (``optim="sgd"``): optimizer state of
+    re-sampled channels is reset at every re-sampling, so momentum would restart each epoch anyway.
+
+    Args:
+        target_modules: module names (exact or suffix) or a regex of the layers to consider. ``None``: every
+            ``nn.Linear``, ``nn.Conv2d`` (dense or depthwise) and GPT-2 ``Conv1D`` except the output embeddings
+            and the ``modules_to_save`` (the task head).
+        exclude_modules: names or a regex of modules never to target.
+        memory_budget: the budget in elements (weight-gradient plus activation elements per sample).
+        budget_ratio: the budget as a fraction of the cost of updating every channel of every target layer
+            (default 0.05 when ``memory_budget`` is not given).
+        selection: one of ``"trady"``, ``"static_topk_random"``, ``"full_random"``, ``"det_rgn"``.
+        coverage: fraction of the cumulative RGN that the kept layers must cover (0.97 in the paper).
+        max_depth: only the last ``max_depth`` target layers (in forward order) may be selected. Backpropagation
+            stops at the lowest selected layer, so this bounds the *total* memory saved for backward, not only the
+            weight-derivative part. ``None``: no restriction.
+        calibration_batches: batches used by :func:`~hf_collapse.trady.calibrate` for the RGN ranking.
+        resample_every_steps: re-sample every this many optimizer steps (counted by an optimizer hook, no
+            callback needed) instead of at every epoch.
+        seed: the draws are seeded by ``(seed, epoch)``, so every DDP rank draws the same channels.
+        selected_layers: the layers kept by the a priori ranking (filled by ``calibrate``; pass it back to reuse).
+        layer_rgn: every target layer's RGN, in forward order (filled by ``calibrate``).
+        layer_positions: activation positions per sample of every target layer (tokens, or ``H·W``), in forward
+            order (filled by ``calibrate``; the cost model needs it).
+        modules_to_save: modules trained in full and saved with the adapter (the task head). With
+            ``task_type="SEQ_CLS"`` peft adds ``classifier``/``score`` itself.
+
+    Example::
+
+        >>> from peft import get_peft_model
+        >>> from hf_collapse.trady import TraDyConfig, calibrate
+        >>> config = TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05)
+        >>> model = get_peft_model(base_model, config)          # doctest: +SKIP
+        >>> calibrate(model, batches)                           # doctest: +SKIP
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Names (exact or suffix) or a regex of the layers to consider; None: every Linear, Conv2d "
+                          "(dense or depthwise) and GPT-2 Conv1D except output embeddings and modules_to_save."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or a regex of modules never to target."}
+    )
+    memory_budget: Optional[int] = field(
+        default=None, metadata={"help": "Budget in elements: weight-gradient plus activation elements per sample."}
+    )
+    budget_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "Budget as a fraction of the cost of updating every channel of every target layer "
+                          f"(default {DEFAULT_BUDGET_RATIO})."},
+    )
+    selection: Literal["trady", "static_topk_random", "full_random", "det_rgn"] = field(
+        default="trady", metadata={"help": f"Channel selection strategy, one of {SELECTIONS}."}
+    )
+    coverage: float = field(
+        default=0.97, metadata={"help": "Fraction of the cumulative reweighted gradient norm the kept layers cover."}
+    )
+    max_depth: Optional[int] = field(
+        default=None, metadata={"help": "Only the last max_depth target layers (forward order) may be selected."}
+    )
+    calibration_batches: int = field(default=4, metadata={"help": "Batches used for the a priori RGN ranking."})
+    resample_every_steps: Optional[int] = field(
+        default=None, metadata={"help": "Re-sample every this many optimizer steps instead of every epoch."}
+    )
+    seed: int = field(default=0, metadata={"help": "Channel draws are seeded by (seed, epoch)."})
+    selected_layers: Optional[list[str]] = field(
+        default=None, metadata={"help": "Layers kept by the a priori ranking (filled by calibrate)."}
+    )
+    layer_rgn: Optional[dict[str, float]] = field(
+        default=None, metadata={"help": "RGN of every target layer (filled by calibrate)."}
+    )
+    layer_positions: Optional[dict[str, float]] = field(
+        default=None, metadata={"help": "Activation positions per sample of every target layer (filled by calibrate)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (the task head)."}
+    )
+    bias: str = field(default="none", metadata={"help": "Only 'none': biases stay frozen."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Registered by hf_collapse.trady on import (see hf_collapse/trady/__init__.py).
+        self.peft_type = "TRADY"
+        from peft.utils import PeftType
+
+        if "TRADY" in PeftType.__members__:
+            self.peft_type = PeftType.TRADY
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; accepted: {', '.join(SELECTIONS)}")
+        if self.memory_budget is not None and self.budget_ratio is not None:
+            raise ValueError("give memory_budget (elements) or budget_ratio (fraction), not both")
+        if self.memory_budget is not None and (isinstance(self.memory_budget, bool) or int(self.memory_budget) <= 0):
+            raise ValueError(f"memory_budget must be a positive number of elements, got {self.memory_budget!r}")
+        if self.budget_ratio is not None and not 0.0 < float(self.budget_ratio) <= 1.0:
+            raise ValueError(f"budget_ratio must be in (0, 1], got {self.budget_ratio!r}")
+        if not 0.0 < float(self.coverage) <= 1.0:
+            raise ValueError(f"coverage must be in (0, 1], got {self.coverage!r}")
+        if self.max_depth is not None and int(self.max_depth) < 1:
+            raise ValueError(f"max_depth must be a positive number of layers or None, got {self.max_depth!r}")
+        if int(self.calibration_batches) < 1:
+            raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches!r}")
+        if self.resample_every_steps is not None and int(self.resample_every_steps) < 1:
+            raise ValueError(f"resample_every_steps must be >= 1 or None, got {self.resample_every_steps!r}")
+        if self.bias != "none":
+            raise ValueError(f"TraDy keeps biases frozen: bias must be 'none', got {self.bias!r}")
+
+    @property
+    def budget_description(self) -> str:
+        """The budget as written by the user, e.g. ``"5% of all channels"`` or ``"120000 elements"``."""
+        if self.memory_budget is not None:
+            return f"{int(self.memory_budget)} elements"
+        ratio = DEFAULT_BUDGET_RATIO if self.budget_ratio is None else float(self.budget_ratio)
+        return f"{ratio:.4g} of the cost of every channel"
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether the cost model's measurements are present (``layer_positions``)."""
+        return bool(self.layer_positions)

@@ -1,0 +1,46 @@
+"""Every example runs end to end with tiny settings (the same scripts scale up with flags and accelerate)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+TINY = ["--report_to", "none", "--disable_tqdm", "true", "--per_device_eval_batch_size", "128", "--use_cpu", "true"]
+
+
+def run_example(script, output_dir, *args):
+    command = [sys.executable, os.path.join(ROOT, "examples", script), "--output_dir", str(output_dir), *TINY, *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((output_dir / "report" / "report.json").read_text())
+    assert (output_dir / "report" / "tradeoff.png").is_file()
+    assert (output_dir / "collapsed" / "config.json").is_file()
+    return report, result.stdout
+
+
+@pytest.mark.slow
+def test_text_example(tmp_path):
+    report, out = run_example("lacoot_text_classification.py", tmp_path, "--max_steps", "4",
+                              "--per_device_train_batch_size", "16", "--max_metric_drop", "0.05")
+    assert report["family"] == "bert" and report["metric_name"] == "accuracy"
+    assert "| 0 | (original) |" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet", "swin", "mobilenet_v2"])
+def test_image_example(tmp_path, arch):
+    report, _ = run_example("lacoot_image_classification.py", tmp_path, "--arch", arch, "--max_steps", "3",
+                            "--per_device_train_batch_size", "32", "--image_size", "16")
+    assert report["family"] == arch
+
+
+@pytest.mark.slow
+def test_dit_example(tmp_path):
+    report, out = run_example("lacoot_dit.py", tmp_path, "--max_steps", "3", "--per_device_train_batch_size", "16",
+                              "--num_layers", "3", "--num_blocks", "1")
+    assert report["family"] == "dit" and report["metric_name"] == "loss" and len(report["removed"]) == 1
+    assert "held-out denoising loss" in out

@@ -88,6 +88,7 @@ def compress(
         training_args = TrainingArguments("outputs/tlc", report_to=[], use_cpu=not torch.cuda.is_available())
     if config.max_metric_drop is not None and eval_dataset is None:
         raise ValueError("max_metric_drop needs an eval_dataset to evaluate the metric on")
+    remaining = [s.name for s in activation_sites(model, config.sites)]  # refuses gated / unknown sites first
     current = copy.deepcopy(unwrap_model(model))
     kwargs = dict(data_collator=data_collator, compute_metrics=compute_metrics, **trainer_kwargs)
     trainer = Trainer(model=current, args=training_args, train_dataset=train_dataset, **kwargs)
@@ -118,19 +119,16 @@ def compress(
     baseline = evaluate(current)
     report.steps.append(CollapseStep(removed=0, unit=None, score=None, metric=baseline,
                                      **measure_step(current, inputs, 5)))
-    remaining = [s.name for s in activation_sites(current, config.sites)]
     limit = min(config.target_layers or len(remaining), len(remaining))
     progress = tqdm(total=limit, desc="TLC collapsing")
-    while len(report.kept_steps) - 1 < limit:
+    while remaining and report.after.removed < limit:
         sites = [s for s in activation_sites(current) if s.name in remaining]
-        if not sites:
-            break
         stats = activation_statistics(current, batches, sites)
         reference = _calibration_loss(trainer, current, batches)
         gaps = {name: loss - reference for name, loss in _candidate_losses(trainer, current, stats, batches).items()}
         order = sorted(gaps, key=gaps.get)
         chosen = [order[0]]
-        for name in order[1:config.candidates_per_step]:  # the reference's "best k while the loss does not rise"
+        for name in order[1:min(config.candidates_per_step, limit - report.after.removed)]:  # the reference's "best k while the loss does not rise"
             if gaps[name] > 0:
                 break
             chosen.append(name)
@@ -148,7 +146,7 @@ def compress(
         details = [{"site": name, "neurons_on": stats[name].neurons_on, "neurons_off": stats[name].neurons_off,
                     "entropy": round(stats[name].entropy, 4), "statistics": stats[name].source} for name in chosen]
         report.steps.append(CollapseStep(
-            removed=len(report.kept_steps) - 1 + len(chosen), unit=", ".join(chosen),
+            removed=report.after.removed + len(chosen), unit=", ".join(chosen),
             score=float(sum(gaps[name] for name in chosen)), metric=metric, kept=kept,
             details={"sites": details, "neurons_on": sum(d["neurons_on"] for d in details),
                      "neurons_off": sum(d["neurons_off"] for d in details)},

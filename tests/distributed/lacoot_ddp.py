@@ -12,7 +12,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from hf_collapse import LaCoOTArguments, LaCoOTTrainer  # noqa: E402
-from test_lacoot import PadOnlyCollator, tiny_bert, toy_dataset  # noqa: E402
+from toy_training import PadOnlyCollator, tiny_bert, toy_dataset  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -1,0 +1,43 @@
+"""A tiny BERT, a toy token-classification dataset and a collator, for tests that run the real Trainer."""
+
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification
+
+
+class PadOnlyCollator:
+    """Pads input_ids/attention_mask with zeros (a tokenizer-free DataCollatorWithPadding)."""
+
+    def __call__(self, features):
+        length = max(len(f["input_ids"]) for f in features)
+        batch = {
+            "input_ids": torch.tensor([f["input_ids"] + [0] * (length - len(f["input_ids"])) for f in features]),
+            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"]))
+                                            for f in features]),
+            "labels": torch.tensor([f["label"] for f in features]),
+        }
+        return batch
+
+
+def tiny_bert(seed=0, dropout=0.0, hidden_act="gelu"):
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        hidden_act=hidden_act))
+
+
+def toy_dataset(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "label": []}
+    for i in range(n):
+        length = int(torch.randint(4, 9, (1,), generator=g))
+        label = i % 2
+        ids = torch.randint(2, 25, (length,), generator=g) + 25 * label  # the label is visible in the tokens
+        rows["input_ids"].append(ids.tolist())
+        rows["label"].append(label)
+    return Dataset.from_dict(rows)
+
+
+def accuracy(prediction):
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}

@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 import hf_collapse
 from hf_collapse.data import embedded_model_path, load_dialog_topics, tokenize_text_dataset
-from hf_collapse.lacoot.pipeline import accuracy, default_lacoot_arguments
+from hf_collapse.jobs import accuracy, default_lacoot_arguments
 
 
 def main() -> None:

@@ -35,9 +35,10 @@ def inspect_command(args: argparse.Namespace) -> int:
     print(f"params: {format_count(total_params)}    forward FLOPs: {format_count(total_flops)} "
           f"(batch 1, inputs: {', '.join(f'{k}{tuple(v.shape)}' for k, v in inputs.items() if hasattr(v, 'shape'))})")
     if record:
-        removed = sum(len(e["blocks"]) for e in record["edits"])
-        print(f"collapsed by hf_collapse: {removed} block(s) removed; plain from_pretrained exact: "
-              f"{record['plain_reload_exact']}")
+        removed = sum(len(e["blocks"]) for e in record["edits"] if e["op"] == "remove_blocks")
+        linearized = sum(e["op"] == "linearize" for e in record["edits"])
+        print(f"collapsed by hf_collapse: {removed} block(s) removed, {linearized} activation layer(s) linearized; "
+              f"plain from_pretrained exact: {record['plain_reload_exact']}")
     print()
     header = f"{'block':<40} {'stage':>5} {'index':>5} {'params':>9} {'params%':>8} {'FLOPs%':>7}  removable"
     print(header)
@@ -51,27 +52,37 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def lacoot_command(argv: Sequence[str]) -> int:
-    """``hf-collapse lacoot [job flags] [LaCoOTArguments / TrainingArguments flags]``."""
-    from transformers import HfArgumentParser
+def job_command(method: str, argv: Sequence[str]) -> int:
+    """``hf-collapse lacoot|tlc [job flags] [TrainingArguments flags]``, parsed by ``HfArgumentParser``."""
+    from transformers import HfArgumentParser, TrainingArguments
 
+    from . import jobs
     from .lacoot import LaCoOTArguments
-    from .lacoot.pipeline import DEFAULT_TRAINING, LaCoOTJobArguments, run_lacoot_job
 
-    parser = HfArgumentParser((LaCoOTJobArguments, LaCoOTArguments), prog="hf-collapse lacoot",
-                              description="Fine-tune with the LaCoOT penalty, then collapse under a metric budget.")
-    parser.set_defaults(**DEFAULT_TRAINING)
+    job_class, args_class, defaults, run = {
+        "lacoot": (jobs.LaCoOTJobArguments, LaCoOTArguments, jobs.DEFAULT_LACOOT_TRAINING, jobs.run_lacoot_job),
+        "tlc": (jobs.TLCJobArguments, TrainingArguments, jobs.DEFAULT_TLC_TRAINING, jobs.run_tlc_job),
+    }[method]
+    parser = HfArgumentParser((job_class, args_class), prog=f"hf-collapse {method}", description=COMMANDS[method])
+    parser.set_defaults(**defaults)
     job, args = parser.parse_args_into_dataclasses(list(argv))
-    collapsed, report, summary = run_lacoot_job(job, args)
-    print(f"\nLaCoOT on {job.model} / {job.dataset} (λ = {args.msw_weight})\n")
+    _, report, summary = run(job, args)
+    setting = f"λ = {args.msw_weight}" if method == "lacoot" else f"{job.finetune_steps} fine-tuning steps per layer"
+    print(f"\n{report.method} on {job.model} / {job.dataset} ({setting})\n")
     print(report.to_markdown())
-    print(f"\nremoved {summary['blocks_removed']} of {len(report.scores)} blocks: "
+    print(f"\nremoved {summary['removed']} {report.unit_name}: "
           f"{report.metric_name} {summary['metric_before']:.4f} -> {summary['metric_after']:.4f}, "
           f"parameters {format_count(summary['params_before'])} -> {format_count(summary['params_after'])}, "
           f"FLOPs x{summary['flops_ratio']:.2f} fewer" +
           (f", latency x{summary['latency_speedup']:.2f} faster" if summary["latency_speedup"] else ""))
     print(f"saved: {args.output_dir}/collapsed (model), {args.output_dir}/report (report.json, report.md, tradeoff.png)")
     return 0
+
+
+COMMANDS = {
+    "lacoot": "LaCoOT end to end: fine-tune with the MSW penalty, collapse blocks under a metric budget, save",
+    "tlc": "TLC end to end: fine-tune, collapse activation layers and fuse the linear maps, save",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,16 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a saved model folder, a Hub repo id, or an embedded model (default: minilm)")
     inspect.add_argument("--seq-len", type=int, default=128, help="sequence length of the text inputs used for FLOPs")
     inspect.set_defaults(handler=inspect_command)
-    commands.add_parser("lacoot", add_help=False,
-                        help="LaCoOT end to end: train with the MSW penalty, collapse, save (see `lacoot --help`)")
+    for name, text in COMMANDS.items():
+        commands.add_parser(name, add_help=False, help=f"{text} (see `{name} --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["lacoot"]:
-            return lacoot_command(argv[1:])
+        if argv[:1] and argv[0] in COMMANDS:
+            return job_command(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError) as error:

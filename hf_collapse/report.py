@@ -88,7 +88,8 @@ class CollapseReport:
         before, after = self.before, self.after
         ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
         return {
-            f"{self.unit_name}_removed": after.removed,
+            "removed": after.removed,
+            "unit": self.unit_name,
             "metric_before": before.metric,
             "metric_after": after.metric,
             "params_before": before.params,

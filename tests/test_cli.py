@@ -31,7 +31,8 @@ def test_inspect_a_collapsed_folder(tmp_path, capsys):
     collapsed.save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "2 block(s) removed" in out and "plain from_pretrained exact: False" in out
+    assert "2 block(s) removed, 0 activation layer(s) linearized" in out
+    assert "plain from_pretrained exact: False" in out
     assert "no: it changes the tensor shape" in out
 
 
@@ -49,7 +50,7 @@ def test_lacoot_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
                  "--disable_tqdm", "true"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "LaCoOT on minilm / dialog_topics (λ = 0.1)" in out and "removed 2 of 6 blocks" in out
+    assert "LaCoOT on minilm / dialog_topics (λ = 0.1)" in out and "removed 2 blocks" in out
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert len(report.removed) == 2 and report.metric_name == "accuracy"
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
@@ -58,7 +59,19 @@ def test_lacoot_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
     assert AutoTokenizer.from_pretrained(tmp_path / "collapsed")("hello")["input_ids"]
 
 
-def test_lacoot_command_rejects_unknown_flags():
-    import pytest
-    with pytest.raises(SystemExit):
-        main(["lacoot", "--no_such_flag", "1"])
+def test_lacoot_command_rejects_unknown_flags(capsys):
+    assert main(["lacoot", "--no_such_flag", "1"]) == 2
+    assert "--no_such_flag" in capsys.readouterr().err
+
+
+def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
+    code = main(["tlc", "--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "8",
+                 "--eval_strategy", "no", "--target_layers", "1", "--finetune_steps", "0",
+                 "--calibration_batches", "2", "--latency_repeats", "1", "--disable_tqdm", "true"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "TLC on minilm / dialog_topics" in out and "removed 1 activation layers" in out
+    report = hf_collapse.CollapseReport.load(tmp_path / "report")
+    assert report.method == "TLC" and len(report.removed) == 1
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
+    assert hf_collapse.collapse_record(reloaded)["edits"][0]["op"] == "linearize"

@@ -44,3 +44,34 @@ def test_dit_example(tmp_path):
                               "--num_layers", "3", "--num_blocks", "1")
     assert report["family"] == "dit" and report["metric_name"] == "loss" and len(report["removed"]) == 1
     assert "held-out denoising loss" in out
+
+
+def run_tlc_example(script, output_dir, *args):
+    command = [sys.executable, os.path.join(ROOT, "examples", script), "--output_dir", str(output_dir), *TINY,
+               "--target_layers", "1", "--finetune_steps", "1", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=os.path.join(ROOT, "examples"),
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.path.join(ROOT, "examples")})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((output_dir / "report" / "report.json").read_text())
+    assert report["method"] == "TLC" and len(report["removed"]) == 1
+    assert (output_dir / "compressed" / "config.json").is_file()
+    return report
+
+
+@pytest.mark.slow
+def test_tlc_text_example(tmp_path):
+    assert run_tlc_example("tlc_text_classification.py", tmp_path, "--max_steps", "2",
+                           "--per_device_train_batch_size", "16")["family"] == "bert"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["swin", "resnet"])
+def test_tlc_image_example(tmp_path, arch):
+    assert run_tlc_example("tlc_image_classification.py", tmp_path, "--arch", arch, "--max_steps", "2",
+                           "--image_size", "16", "--per_device_train_batch_size", "32")["family"] == arch
+
+
+@pytest.mark.slow
+def test_tlc_dit_example(tmp_path):
+    assert run_tlc_example("tlc_dit.py", tmp_path, "--max_steps", "2", "--per_device_train_batch_size", "16",
+                           "--num_layers", "2")["family"] == "dit"

@@ -1,0 +1,45 @@
+"""TLC on image classification: a Swin (or ResNet / MobileNetV2, whose statistics come from BatchNorm with no
+data) trained on scikit-learn's digits, then its activation layers collapsed and fused.
+
+    python examples/tlc_image_classification.py --arch swin --output_dir outputs/tlc-swin --max_steps 30
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+import hf_collapse
+from hf_collapse.data import load_digits_images
+
+
+@dataclass
+class ScriptArguments:
+    arch: str = field(default="swin", metadata={"choices": ["swin", "resnet", "mobilenet_v2"]})
+    image_size: int = 32
+    target_layers: int = 3
+    finetune_steps: int = 20
+
+
+def main():
+    script, args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
+    from lacoot_image_classification import small_model  # the same small models as the LaCoOT example
+
+    data = load_digits_images(image_size=script.image_size)
+    model = small_model(script.arch, script.image_size, 10)
+
+    def accuracy(prediction):
+        return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
+    Trainer(model=model, args=args, train_dataset=data["train"]).train()
+    config = hf_collapse.TLCConfig(target_layers=script.target_layers, finetune_steps=script.finetune_steps)
+    compressed, report = hf_collapse.tlc.compress(model, config, data["train"], data["test"], args,
+                                                  compute_metrics=accuracy)
+    if args.process_index == 0:
+        print(report.to_markdown())
+        compressed.save_pretrained(f"{args.output_dir}/compressed")
+        report.save(f"{args.output_dir}/report")
+
+
+if __name__ == "__main__":
+    main()

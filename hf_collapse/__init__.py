@@ -26,7 +26,8 @@ from .architectures import (
     unregister_architecture,
 )
 from .collapse import collapse
-from . import tlc
+from . import hub, tlc
+from .hub import push_to_hub
 from .lacoot import LaCoOTArguments, LaCoOTTrainer
 from .loading import AutoCollapsedModel
 from .report import CollapseReport, CollapseStep
@@ -50,6 +51,8 @@ __all__ = [
     "collapse",
     "collapse_record",
     "find_blocks",
+    "hub",
+    "push_to_hub",
     "register_architecture",
     "remove_blocks",
     "score_blocks",

@@ -22,13 +22,28 @@ _WEIGHT_PREFIXES = ("model", "diffusion_pytorch_model")
 def _model_folder(name_or_path: str | os.PathLike, subfolder: str, revision: str | None, cache_dir, token) -> Path:
     folder = Path(name_or_path)
     if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token))
+        folder = _download(str(name_or_path), subfolder, revision, cache_dir, token)
     folder = folder / subfolder if subfolder else folder
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {folder}: not a saved transformers / diffusers model folder")
     return folder
+
+
+def _download(repo_id: str, subfolder: str, revision, cache_dir, token) -> Path:
+    """Fetch the config and weights of a Hub repository (file by file, as transformers does) into the cache;
+    returns the snapshot folder."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    prefix = f"{subfolder}/" if subfolder else ""
+    siblings = HfApi(token=token).model_info(repo_id, revision=revision).siblings or []
+    wanted = [s.rfilename for s in siblings if s.rfilename.startswith(prefix)
+              and s.rfilename[len(prefix):].split("/")[0] == s.rfilename[len(prefix):]
+              and (s.rfilename.endswith(".safetensors") or s.rfilename.endswith(".json"))]
+    if f"{prefix}config.json" not in wanted:
+        raise FileNotFoundError(f"no {prefix}config.json in the Hub repository {repo_id!r}")
+    paths = [hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, token=token) for name in wanted]
+    config = Path(paths[wanted.index(f"{prefix}config.json")])
+    return config.parent.parent if subfolder else config.parent
 
 
 def _import_class(qualified: str) -> type:

@@ -185,3 +185,11 @@ def test_block_scores_are_deterministic_and_collapse_follows_them(tmp_path):
     batch.pop("labels")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, collapsed.eval()(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_trainer_model_card_replaces_the_generic_one(tmp_path):
+    trainer, _ = _train(LaCoOTTrainer, LaCoOTArguments(**make_args(tmp_path), msw_weight=0.5))
+    trainer.collapse(num_blocks=1, scores={"encoder.layer.0": 0.1, "encoder.layer.1": 0.2}, latency_repeats=1)
+    trainer.create_model_card(model_name="tiny-lacoot")
+    card = (tmp_path / "README.md").read_text()
+    assert "hf-collapse" in card and "lacoot" in card and "λ = 0.5" in card and "encoder.layer.0" in card

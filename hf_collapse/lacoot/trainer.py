@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +65,7 @@ class LaCoOTTrainer(Trainer):
         self._msw_sums: dict[str, float] = defaultdict(float)  # per block, since the last log
         self._msw_total = 0.0
         self._msw_steps = 0
+        self.collapse_report: CollapseReport | None = None  # set by collapse(), used by the model card
 
     # -- training --------------------------------------------------------------------------------------
     def _penalty_active(self, model: nn.Module) -> bool:
@@ -196,4 +198,22 @@ class LaCoOTTrainer(Trainer):
             "msw_reduction": self.args.msw_reduction, "epochs": self.args.num_train_epochs,
             "learning_rate": self.args.learning_rate,
         })
+        self.collapse_report = report
         return collapsed, report
+
+    def create_model_card(self, model_name: str | None = None, finetuned_from: str | None = None,
+                          dataset: str | list[str] | None = None, **kwargs: Any) -> None:
+        """Write hf_collapse's model card (method, λ, the last collapse report) to ``output_dir/README.md``, so
+        that ``trainer.push_to_hub()`` publishes it instead of the generic Trainer card."""
+        if not self.is_world_process_zero():
+            return
+        from ..hub import model_card
+
+        datasets = [dataset] if isinstance(dataset, str) else dataset
+        base = finetuned_from or getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        card = model_card(self.model, self.collapse_report, base_model=base if base and "/" in str(base) else None,
+                          datasets=datasets, model_name=model_name,
+                          training=f"Trained with LaCoOTTrainer: λ = {self.args.msw_weight}, slicing "
+                                   f"{self.args.msw_slicing}, {self.args.num_train_epochs} epochs at learning rate "
+                                   f"{self.args.learning_rate}.")
+        card.save(str(Path(self.args.output_dir) / "README.md"))

@@ -32,6 +32,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/bench_msw.py | tee benchmarks/results/bench_msw.txt
 	$(BIN)/python benchmarks/bench_lacoot_overhead.py | tee benchmarks/results/bench_lacoot_overhead.txt
 	$(BIN)/python benchmarks/bench_lacoot_quality.py | tee benchmarks/results/bench_lacoot_quality.txt
+	$(BIN)/python benchmarks/bench_tlc.py | tee benchmarks/results/bench_tlc.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -33,6 +33,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/bench_lacoot_overhead.py | tee benchmarks/results/bench_lacoot_overhead.txt
 	$(BIN)/python benchmarks/bench_lacoot_quality.py | tee benchmarks/results/bench_lacoot_quality.txt
 	$(BIN)/python benchmarks/bench_tlc.py | tee benchmarks/results/bench_tlc.txt
+	$(BIN)/python benchmarks/bench_trady.py | tee benchmarks/results/bench_trady.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

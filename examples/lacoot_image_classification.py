@@ -12,19 +12,11 @@ No pretrained vision weights are needed: a small model is built from its config 
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import (
-    AutoModelForImageClassification,
-    HfArgumentParser,
-    MobileNetV2Config,
-    MobileNetV2ForImageClassification,
-    ResNetConfig,
-    ResNetForImageClassification,
-    SwinConfig,
-    SwinForImageClassification,
-)
+from transformers import AutoModelForImageClassification, HfArgumentParser
 
 import hf_collapse
 from hf_collapse.data import load_digits_images
+from small_vision_models import small_model
 
 
 @dataclass
@@ -33,18 +25,6 @@ class ScriptArguments:
     model_name_or_path: str = ""
     image_size: int = 32
     max_metric_drop: float = 0.02
-
-
-def small_model(arch: str, image_size: int, num_labels: int):
-    if arch == "swin":
-        return SwinForImageClassification(SwinConfig(image_size=image_size, patch_size=2, embed_dim=32,
-                                                     depths=[2, 4], num_heads=[2, 4], window_size=4,
-                                                     num_labels=num_labels))
-    if arch == "mobilenet_v2":
-        return MobileNetV2ForImageClassification(MobileNetV2Config(image_size=image_size, depth_multiplier=0.5,
-                                                                   num_labels=num_labels))
-    return ResNetForImageClassification(ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[3, 3, 3],
-                                                     layer_type="basic", num_labels=num_labels))
 
 
 def main():

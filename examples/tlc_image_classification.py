@@ -11,6 +11,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 import hf_collapse
 from hf_collapse.data import load_digits_images
+from small_vision_models import small_model
 
 
 @dataclass
@@ -23,8 +24,6 @@ class ScriptArguments:
 
 def main():
     script, args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
-    from lacoot_image_classification import small_model  # the same small models as the LaCoOT example
-
     data = load_digits_images(image_size=script.image_size)
     model = small_model(script.arch, script.image_size, 10)
 

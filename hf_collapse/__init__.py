@@ -1,5 +1,11 @@
 """hf_collapse: make Hugging Face models shallower (LaCoOT, TLC) and fine-tune them under a memory budget (TraDy).
 
+TraDy (a peft method)::
+
+    model = peft.get_peft_model(model, hf_collapse.TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05))
+    hf_collapse.trady.calibrate(model, calibration_batches)
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[hf_collapse.TraDyCallback()]).train()
+
 LaCoOT::
 
     args = hf_collapse.LaCoOTArguments("out", msw_weight=1.0, num_train_epochs=3)
@@ -26,7 +32,7 @@ from .architectures import (
     unregister_architecture,
 )
 from .collapse import collapse
-from . import hub, tlc
+from . import hub, tlc, trady  # importing trady registers "TRADY" with peft (PeftModel.from_pretrained needs it)
 from .hub import push_to_hub
 from .lacoot import LaCoOTArguments, LaCoOTTrainer
 from .loading import AutoCollapsedModel
@@ -34,6 +40,7 @@ from .report import CollapseReport, CollapseStep
 from .scoring import score_blocks
 from .surgery import collapse_record, find_blocks, remove_blocks
 from .tlc import TLCConfig
+from .trady import TraDyCallback, TraDyConfig, TraDyModel
 
 __version__ = "0.1.0.dev0"
 
@@ -47,6 +54,9 @@ __all__ = [
     "LaCoOTArguments",
     "LaCoOTTrainer",
     "TLCConfig",
+    "TraDyCallback",
+    "TraDyConfig",
+    "TraDyModel",
     "adapter_for",
     "collapse",
     "collapse_record",
@@ -58,5 +68,6 @@ __all__ = [
     "score_blocks",
     "supported_families",
     "tlc",
+    "trady",
     "unregister_architecture",
 ]

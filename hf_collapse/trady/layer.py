@@ -144,7 +144,7 @@ class _LinearOps(_ChannelOps):
 
     def delta_grad(self, grad, x_sel, delta_shape, index):
         g = grad.reshape(-1, grad.shape[-1])
-        xs = x_sel.reshape(-1, x_sel.shape[-1])
+        xs = x_sel.reshape(-1, x_sel.shape[-1]).to(g.dtype)  # under autocast the two may differ
         return g.t().mm(xs)
 
     def bias_grad(self, grad):
@@ -188,7 +188,7 @@ class _TransposedOps(_LinearOps):
 
     def delta_grad(self, grad, x_sel, delta_shape, index):
         g = grad.reshape(-1, grad.shape[-1])
-        xs = x_sel.reshape(-1, x_sel.shape[-1])
+        xs = x_sel.reshape(-1, x_sel.shape[-1]).to(g.dtype)
         return xs.t().mm(g)
 
 
@@ -244,7 +244,7 @@ class _ConvOps(_ChannelOps):
 
     def delta_grad(self, grad, x_sel, delta_shape, index):
         stride, padding, dilation = self._geometry()
-        return torch.nn.grad.conv2d_weight(x_sel, delta_shape, grad, stride, padding, dilation, 1)
+        return torch.nn.grad.conv2d_weight(x_sel.to(grad.dtype), delta_shape, grad, stride, padding, dilation, 1)
 
     def bias_grad(self, grad):
         return grad.sum(dim=(0, 2, 3))
@@ -290,7 +290,8 @@ class _DepthwiseOps(_ConvOps):
     def delta_grad(self, grad, x_sel, delta_shape, index):
         stride, padding, dilation = self._geometry()
         grad_rows = grad.index_select(1, self._rows(index))
-        return torch.nn.grad.conv2d_weight(x_sel, delta_shape, grad_rows, stride, padding, dilation, x_sel.shape[1])
+        return torch.nn.grad.conv2d_weight(x_sel.to(grad.dtype), delta_shape, grad_rows, stride, padding, dilation,
+                                           x_sel.shape[1])
 
 
 def channel_ops_for(module: nn.Module) -> Optional[_ChannelOps]:
@@ -413,6 +414,16 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         self.trady_merged[adapter_name] = torch.zeros(self.in_channels, dtype=torch.bool, device=device)
         self.trady_rgn[adapter_name] = None
 
+    def _index(self, adapter_name: str) -> torch.Tensor:
+        """The selected channels, on the base weight's device (the model may have moved since the draw: the
+        selection is a plain attribute, not a buffer, so that it can change size)."""
+        index = self.trady_selected[adapter_name]
+        device = self.get_base_layer().weight.device
+        if index.device != device:
+            index = self.trady_selected[adapter_name] = index.to(device)
+            self.trady_merged[adapter_name] = self.trady_merged[adapter_name].to(device)
+        return index
+
     def _delta(self, adapter_name: str) -> Optional[torch.Tensor]:
         index = self.trady_selected.get(adapter_name)
         if index is None or index.numel() == 0 or adapter_name not in self._store.flat:
@@ -438,7 +449,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         delta = self._delta(adapter_name)
         if delta is None:
             return
-        index = self.trady_selected[adapter_name]
+        index = self._index(adapter_name)
         self.ops.add_slice(self.get_base_layer().weight.data, index, delta)
         self.trady_merged[adapter_name][index] = True
 
@@ -448,7 +459,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         delta = self._delta(adapter_name)
         if delta is None:
             return torch.zeros_like(weight)
-        return self.ops.effective_weight(torch.zeros_like(weight), delta.detach(), self.trady_selected[adapter_name])
+        return self.ops.effective_weight(torch.zeros_like(weight), delta.detach(), self._index(adapter_name))
 
     # -- peft's merge protocol
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -461,7 +472,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
                 continue
             with torch.no_grad():
                 weight = self.get_base_layer().weight
-                merged = self.ops.effective_weight(weight.data, delta.detach(), self.trady_selected[name])
+                merged = self.ops.effective_weight(weight.data, delta.detach(), self._index(name))
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights; the adapter {name!r} seems broken")
                 weight.data.copy_(merged)
@@ -477,7 +488,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
             delta = self._delta(name)
             if delta is not None:
                 with torch.no_grad():
-                    self.ops.add_slice(self.get_base_layer().weight.data, self.trady_selected[name], -delta.detach())
+                    self.ops.add_slice(self.get_base_layer().weight.data, self._index(name), -delta.detach())
 
     # -- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -492,11 +503,20 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
             if delta is None:
                 continue
             base = self.get_base_layer()
-            index = self.trady_selected[name]
+            index = self._index(name)
             if not torch.is_grad_enabled() or not (delta.requires_grad or x.requires_grad):
                 return self.ops.forward(x, self.ops.effective_weight(base.weight, delta, index), base.bias)
             return ChannelSliceFunction.apply(x, base.weight, base.bias, delta, index, self.ops)
         return self.base_layer(x, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code reads attributes of the layer it calls (MobileNetV2's TF padding reads conv.stride...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "_modules" not in self.__dict__ or "base_layer" not in self._modules:
+                raise
+            return getattr(self._modules["base_layer"], name)
 
     def __repr__(self) -> str:
         return "trady." + super().__repr__()

@@ -1,0 +1,55 @@
+"""A 2-rank DDP run of a TraDy adapter under the plain transformers Trainer, on CPU (gloo); started by
+tests/test_trady_distributed.py with torchrun.
+
+Calibration batches differ per rank on purpose: calibrate() must sum its measurements over the ranks so that both
+rank the layers, size the flat parameter and draw the channels alike. Each rank writes the selection it trained
+with at every epoch, the selected layers and its final trainable and merged weights to OUT/rank<r>.pt.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from peft import get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+from toy_training import PadOnlyCollator, tiny_bert, toy_dataset  # noqa: E402
+from hf_collapse.trady import TraDyCallback, TraDyConfig, calibrate, find_trady_model  # noqa: E402
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.selections = []
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        self.selections.append(find_trady_model(model).current_selection())
+
+
+def main(out: str) -> None:
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, num_train_epochs=3, learning_rate=0.2,
+                             optim="sgd", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                             disable_tqdm=True, ddp_backend="gloo", dataloader_num_workers=0)
+    model = get_peft_model(tiny_bert(seed=0), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.15))
+    data = toy_dataset(32)
+    collator = PadOnlyCollator()
+    recorder = Recorder()
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                      callbacks=[TraDyCallback(), recorder])
+    rank = dist.get_rank()
+    # different calibration data on each rank
+    calibrate(model, [collator([data[i] for i in range(8 * rank + 4 * b, 8 * rank + 4 * b + 4)]) for b in range(2)])
+    trainer.train()
+    tuner = find_trady_model(model)
+    state = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.save({"world_size": dist.get_world_size(), "selections": recorder.selections,
+                "selected_layers": model.peft_config["default"].selected_layers,
+                "capacity": tuner.trady_flat["default"].numel(), "state": state,
+                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]},
+               os.path.join(out, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

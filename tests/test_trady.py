@@ -1,0 +1,610 @@
+"""TraDy as a peft method: registration, custom autograd, cost model, selection, savings, Trainer, reload."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils import PeftType
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.pytorch_utils import Conv1D
+
+import tiny_models
+from toy_training import PadOnlyCollator, tiny_bert, toy_dataset
+from hf_collapse import trady
+from hf_collapse.trady import (
+    ChannelSliceFunction,
+    LayerCost,
+    TraDyCallback,
+    TraDyConfig,
+    TraDyLayer,
+    calibrate,
+    find_trady_model,
+    memory_report,
+)
+from hf_collapse.trady.layer import channel_ops_for
+from hf_collapse.trady.selection import (
+    budget_elements,
+    candidate_layers,
+    draw_random_channels,
+    draw_top_rgn_channels,
+    flat_capacity,
+    select_layers_by_rgn,
+    selection_generator,
+)
+
+
+def bert_batch(batch=4, seq=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (batch,), generator=g)}
+
+
+def trady_bert(seed=0, **config):
+    torch.manual_seed(seed)
+    model = tiny_models.bert().train()
+    settings = dict(task_type="SEQ_CLS", budget_ratio=0.1)
+    settings.update(config)
+    peft_model = get_peft_model(model, TraDyConfig(**settings))
+    calibrate(peft_model, [bert_batch(seed=s) for s in range(2)])
+    return peft_model
+
+
+def effective_weights(peft_model):
+    tuner = find_trady_model(peft_model)
+    return {name: (layer.get_base_layer().weight + layer.get_delta_weight("default")).detach().clone()
+            for name, layer in tuner.trady_layers().items()}
+
+
+# ----------------------------------------------------------------------------------------------- registration
+
+
+def test_trady_is_a_registered_peft_method():
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    assert PeftType("TRADY") is PeftType.TRADY and PeftType.TRADY in list(PeftType)
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["TRADY"] is TraDyConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.TRADY] is trady.TraDyModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.TRADY] == "trady_"
+    trady.register_trady_with_peft()  # idempotent
+    assert list(PeftType).count(PeftType.TRADY) == 1
+    assert TraDyConfig().peft_type is PeftType.TRADY
+
+
+def test_registration_fails_clearly_when_peft_internals_change(monkeypatch):
+    from peft.utils import peft_types
+
+    class NotAnEnum:
+        pass
+
+    monkeypatch.setattr(peft_types, "PeftType", NotAnEnum)
+    with pytest.raises(RuntimeError, match="not a str Enum"):
+        trady._extend_peft_type("TRADY_TEST")
+    monkeypatch.delattr(peft_types, "register_peft_method")
+    with pytest.raises(RuntimeError, match="register_peft_method"):
+        trady.register_trady_with_peft()
+
+
+# ----------------------------------------------------------------------------------------------- custom autograd
+
+
+def _modules():
+    torch.manual_seed(0)
+    conv1d = Conv1D(7, 6)
+    return [
+        ("linear", nn.Linear(6, 5), torch.randn(2, 4, 6)),
+        ("conv1d", conv1d, torch.randn(2, 4, 6)),
+        ("conv2d", nn.Conv2d(6, 4, 3, stride=2, padding=1, dilation=1), torch.randn(2, 6, 9, 9)),
+        ("conv2d_dilated", nn.Conv2d(6, 4, (3, 1), padding=(2, 0), dilation=2), torch.randn(2, 6, 7, 7)),
+        ("depthwise", nn.Conv2d(6, 6, 3, padding=1, groups=6), torch.randn(2, 6, 8, 8)),
+        ("depthwise_x2", nn.Conv2d(6, 12, 3, stride=2, padding=1, groups=6), torch.randn(2, 6, 8, 8)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _modules()])
+def test_custom_autograd_matches_full_backward_on_selected_slices(case):
+    name, module, x = _modules()[case]
+    ops = channel_ops_for(module)
+    index = torch.tensor([0, 2, 5])
+    torch.manual_seed(1)
+    delta = (0.1 * torch.randn(ops.slice_shape(3))).requires_grad_(True)
+    weight = module.weight.detach()
+    grad_out = None
+
+    # reference: a dense weight with the delta merged, full autograd
+    dense = ops.effective_weight(weight, delta.detach(), index).requires_grad_(True)
+    x_ref = x.clone().requires_grad_(True)
+    y_ref = ops.forward(x_ref, dense, module.bias.detach())
+    grad_out = torch.randn_like(y_ref)
+    y_ref.backward(grad_out)
+
+    x_new = x.clone().requires_grad_(True)
+    y = ChannelSliceFunction.apply(x_new, weight, module.bias.detach(), delta, index, ops)
+    y.backward(grad_out)
+
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(x_new.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(delta.grad, ops.read_slice(dense.grad, index), rtol=1e-5, atol=1e-6)
+
+
+def test_custom_autograd_saves_only_the_selected_channels():
+    module, x = nn.Linear(64, 32), torch.randn(3, 5, 64, requires_grad=True)
+    ops = channel_ops_for(module)
+    index = torch.arange(4)
+    delta = torch.zeros(ops.slice_shape(4), requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ChannelSliceFunction.apply(x, module.weight.detach(), None, delta, index, ops)
+    activations = [t for t in saved if t.shape[:2] == (3, 5)]
+    assert [tuple(t.shape) for t in activations] == [(3, 5, 4)]  # not (3, 5, 64)
+    # an input that needs no gradient (below the lowest selected layer): no input gradient is computed
+    y = ChannelSliceFunction.apply(x.detach(), module.weight.detach(), None, delta, index, ops)
+    y.sum().backward()
+    assert delta.grad is not None and delta.grad.shape == (32, 4)
+
+
+# ----------------------------------------------------------------------------------------------- cost model
+
+
+def test_cost_model_and_budget():
+    costs = [LayerCost("conv", 8, 4 * 9, 16.0), LayerCost("fc", 10, 3, 5.0)]
+    assert costs[0].channel_cost == 36 + 16 and costs[1].channel_cost == 8
+    assert budget_elements(costs, None, 0.5) == 0.5 * (8 * 52 + 10 * 8)
+    assert budget_elements(costs, 123, None) == 123.0
+    assert candidate_layers(["a", "b", "c"], 2) == ["b", "c"] and candidate_layers(["a"], None) == ["a"]
+
+
+def test_layer_ranking_covers_the_cumulative_rgn():
+    rgn = {"a": 1.0, "b": 5.0, "c": 3.0, "d": 1.0}
+    assert select_layers_by_rgn(rgn, 0.5) == ["b"]
+    assert select_layers_by_rgn(rgn, 0.8) == ["b", "c"]  # 8/10
+    assert select_layers_by_rgn(rgn, 0.85) == ["a", "b", "c"]  # ties in forward order; returned in forward order
+    assert select_layers_by_rgn(rgn, 0.8, allowed=["c", "d"]) == ["c", "d"]
+
+
+def test_random_draws_fill_the_budget_and_depend_only_on_seed_and_index():
+    costs = [LayerCost("a", 40, 10, 6.0), LayerCost("b", 30, 20, 6.0), LayerCost("c", 50, 5, 1.0)]
+    budget = 0.2 * sum(c.full_cost for c in costs)
+    capacity = flat_capacity(costs, budget)
+    first = draw_random_channels(costs, budget, capacity, selection_generator(0, 3))
+    again = draw_random_channels(costs, budget, capacity, selection_generator(0, 3))
+    other = draw_random_channels(costs, budget, capacity, selection_generator(0, 4))
+    assert first == again and first != other
+    by_name = {c.name: c for c in costs}
+    used = sum(len(ch) * by_name[n].channel_cost for n, ch in first.items())
+    assert budget - min(c.channel_cost for c in costs) < used <= budget
+    assert sum(len(ch) * by_name[n].weight_per_channel for n, ch in first.items()) <= capacity
+    assert all(ch == sorted(set(ch)) and max(ch) < by_name[n].in_channels for n, ch in first.items())
+    # uniform over the pooled channels: every layer gets roughly its share over many draws
+    counts = {n: 0 for n in by_name}
+    for i in range(200):
+        for n, ch in draw_random_channels(costs, budget, capacity, selection_generator(1, i)).items():
+            counts[n] += len(ch)
+    shares = {n: counts[n] / 200 / by_name[n].in_channels for n in counts}
+    assert max(shares.values()) / min(shares.values()) < 1.3
+
+
+def test_deterministic_rgn_draw_takes_the_highest_channels():
+    costs = [LayerCost("a", 4, 2, 1.0), LayerCost("b", 3, 2, 1.0)]
+    rgn = {"a": torch.tensor([0.1, 0.9, 0.2, 0.0]), "b": torch.tensor([0.5, 0.3, 0.95])}
+    assert draw_top_rgn_channels(costs, rgn, budget=9.0, capacity=100) == {"a": [1], "b": [0, 2]}
+
+
+# ----------------------------------------------------------------------------------------------- the peft method
+
+
+def test_only_selected_channels_of_selected_layers_change_after_a_step():
+    model = trady_bert(budget_ratio=0.05)
+    tuner = find_trady_model(model)
+    selected_layers = set(model.peft_config["default"].selected_layers)
+    assert 0 < len(selected_layers) < len(tuner.trady_layers())
+    selection = tuner.current_selection()
+    assert set(selection) <= selected_layers
+    before_weights = effective_weights(model)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    head_before = {n: p.detach().clone() for n, p in model.named_parameters() if "classifier" in n and p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == tuner.trady_flat["default"].numel() + sum(
+        p.numel() for p in head_before.values())
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    model(**bert_batch()).loss.backward()
+    optimizer.step()
+    after_weights = effective_weights(model)
+    for name, before in before_weights.items():
+        changed = (after_weights[name] != before).any(dim=0).nonzero().flatten().tolist()
+        assert changed == selection.get(name, []), name  # exactly the selected input channels, nothing else
+    for name, before in frozen_before.items():
+        assert torch.equal(dict(model.named_parameters())[name], before), name
+    assert any(not torch.equal(dict(model.named_parameters())[n], b) for n, b in head_before.items())
+
+
+def test_resampling_merges_the_update_and_changes_the_selection():
+    model = trady_bert()
+    tuner = find_trady_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    model(**bert_batch()).loss.backward()
+    optimizer.step()
+    flat = tuner.trady_flat["default"]
+    assert flat in optimizer.state
+    first = tuner.current_selection()
+    eval_batch = bert_batch(seed=5)
+    model.eval()
+    with torch.no_grad():
+        before = model(**eval_batch).logits
+    weights = effective_weights(model)
+    assert tuner.resample(1, optimizer) is True
+    with torch.no_grad():
+        after = model(**eval_batch).logits
+    assert torch.equal(before, after)  # merging is exact: the function did not move
+    assert torch.count_nonzero(flat) == 0 and flat not in optimizer.state  # optimizer state reset
+    assert tuner.current_selection() != first
+    for name, weight in effective_weights(model).items():
+        assert torch.equal(weight, weights[name])
+        layer = tuner.trady_layers()[name]
+        assert layer.trady_merged["default"].nonzero().flatten().tolist() == first.get(name, [])
+    assert [index for index, _ in tuner.selection_history()] == [0, 1]
+
+
+def test_strategies_static_full_random_and_det_rgn():
+    static = trady_bert(selection="static_topk_random")
+    tuner = find_trady_model(static)
+    first = tuner.current_selection()
+    assert tuner.resample(1) is False and tuner.current_selection() == first
+
+    full = trady_bert(selection="full_random", budget_ratio=0.3)
+    tuner = find_trady_model(full)
+    assert full.peft_config["default"].selected_layers is None
+    assert [c.name for c in tuner._states["default"].pool] == list(tuner.trady_layers())
+
+    det = trady_bert(selection="det_rgn")
+    tuner = find_trady_model(det)
+    for name, channels in tuner.current_selection().items():
+        rgn = tuner.trady_layers()[name].trady_rgn["default"]
+        others = [c for c in range(len(rgn)) if c not in channels]
+        # same-cost channels: a selected channel never has a lower RGN than an unselected one of its layer
+        if others:
+            assert rgn[channels].min() >= rgn[others].max() or len(channels) == len(rgn)
+
+
+def test_resample_every_steps_runs_from_an_optimizer_hook():
+    model = trady_bert(resample_every_steps=2)
+    tuner = find_trady_model(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    selections = [tuner.current_selection()]
+    for step in range(4):
+        optimizer.zero_grad()
+        model(**bert_batch(seed=step)).loss.backward()
+        optimizer.step()
+        selections.append(tuner.current_selection())
+    assert selections[1] == selections[0] and selections[2] != selections[1]
+    assert selections[3] == selections[2] and selections[4] != selections[3]
+    assert [i for i, _ in tuner.selection_history()] == [0, 1, 2]
+
+
+def test_default_targets_skip_head_and_tied_output_embeddings():
+    from hf_collapse.trady.model import default_target_modules
+
+    gpt2 = tiny_models.gpt2()
+    names = default_target_modules(gpt2)
+    assert "lm_head" not in names and "transformer.h.0.attn.c_attn" in names
+    roberta = tiny_models.roberta()
+    names = default_target_modules(roberta, ["classifier"])
+    assert not any(n.startswith("classifier") for n in names) and "roberta.encoder.layer.0.output.dense" in names
+
+
+# ----------------------------------------------------------------------------------------------- real savings
+
+
+def test_saved_bytes_fall_with_the_budget_as_the_cost_model_predicts():
+    batch = bert_batch(batch=4, seq=9)
+    reports, predicted = [], []
+    for ratio in (0.05, 0.1, 0.2, 0.4):
+        model = trady_bert(budget_ratio=ratio, selection="full_random")
+        tuner = find_trady_model(model)
+        report = memory_report(model, batch)
+        # x_sel (float32, batch x positions x k) + the index of each layer (int64)
+        expected = sum(4 * 4 * tuner._states["default"].costs[[c.name for c in tuner._states["default"].costs].index(
+            name)].positions * len(ch) + 8 * len(ch) for name, ch in tuner.current_selection().items())
+        assert report.saved_bytes_weight_derivative == expected
+        reports.append(report)
+        predicted.append(tuner.budget_summary()["used_activation_elements_per_sample"])
+    assert all(a.saved_bytes_weight_derivative < b.saved_bytes_weight_derivative for a, b in zip(reports, reports[1:]))
+    assert all(a.target_trainable_elements < b.target_trainable_elements for a, b in zip(reports, reports[1:]))
+    assert all(a < b for a, b in zip(predicted, predicted[1:]))
+    # the activation sparsity follows the budget: about 1 - ratio
+    assert reports[0].activation_sparsity > 0.9 and 0.5 < reports[-1].activation_sparsity < 0.7
+
+
+def test_full_finetuning_reference_and_what_trady_cannot_save():
+    batch = bert_batch(batch=4, seq=9)
+    torch.manual_seed(0)
+    base = tiny_models.bert().train()
+    targets = ["query", "key", "value", "dense"]
+    full = memory_report(base, batch, target_modules=targets)
+    sparse = memory_report(trady_bert(budget_ratio=0.05), batch)
+    assert full.method == "full" and sparse.method == "trady"
+    assert sparse.saved_bytes_weight_derivative <= 0.1 * full.saved_bytes_weight_derivative
+    assert sparse.saved_bytes_total < full.saved_bytes_total
+    # propagation (softmax, norms, activation inputs) is most of what full fine-tuning saves: TraDy keeps it
+    assert full.saved_bytes_propagation > 0.4 * full.saved_bytes_total
+    assert sparse.saved_bytes_propagation > 0.5 * sparse.saved_bytes_total
+    assert sparse.weight_derivative_flops < 0.1 * full.weight_derivative_flops
+    assert sparse.backward_flops < full.backward_flops
+    assert 0.9 < sparse.weight_derivative_sparsity < 1.0 and 0.9 < sparse.weight_derivative_flops_reduction < 1.0
+
+
+def test_max_depth_stops_backpropagation_near_the_top():
+    batch = bert_batch(batch=4, seq=9)
+    everywhere = trady_bert(budget_ratio=0.05, selection="full_random")
+    top = trady_bert(budget_ratio=0.05, selection="full_random", max_depth=3)
+    tuner = find_trady_model(top)
+    layers = list(tuner.trady_layers())
+    assert set(tuner.current_selection()) <= set(layers[-3:])
+    deep, shallow = memory_report(everywhere, batch), memory_report(top, batch)
+    assert shallow.saved_bytes_propagation < 0.5 * deep.saved_bytes_propagation
+    assert shallow.lowest_trained_layer.endswith(layers[-3]) or shallow.lowest_trained_layer.split(
+        "base_model.model.")[-1] in layers[-3:]
+
+
+# ----------------------------------------------------------------------------------------------- save / reload
+
+
+def test_save_reload_and_merge_and_unload_are_exact(tmp_path):
+    model = trady_bert(budget_ratio=0.1)
+    tuner = find_trady_model(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for epoch in range(3):  # updates merged at two re-samplings, plus a live delta
+        tuner.resample(epoch, optimizer)
+        optimizer.zero_grad()
+        model(**bert_batch(seed=epoch)).loss.backward()
+        optimizer.step()
+    assert any(layer.trady_merged["default"].any() for layer in tuner.trady_layers().values())
+    assert torch.count_nonzero(tuner.trady_flat["default"]) > 0
+    model.eval()
+    batch = bert_batch(seed=7)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "TRADY" and saved["selected_layers"] and saved["layer_positions"]
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+
+    torch.manual_seed(0)
+    fresh = tiny_models.bert().eval()
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path)
+    assert isinstance(find_trady_model(reloaded), trady.TraDyModel)
+    with torch.no_grad():
+        again = reloaded(**batch).logits
+    assert torch.equal(again, expected)
+    assert find_trady_model(reloaded).current_selection() == tuner.current_selection()
+
+    merged = reloaded.merge_and_unload()
+    assert type(merged).__name__ == "BertForSequenceClassification"
+    assert not any(isinstance(m, TraDyLayer) for m in merged.modules())
+    with torch.no_grad():
+        plain = merged(**batch).logits
+    torch.testing.assert_close(plain, expected, rtol=0, atol=1e-6)
+    merged.save_pretrained(tmp_path / "merged")
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.no_grad():
+        plain_again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")(**batch).logits
+    torch.testing.assert_close(plain_again, expected, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("settings,error,message", [
+    (dict(selection="best"), ValueError, "unknown selection 'best'; accepted: trady, static_topk_random"),
+    (dict(memory_budget=10, budget_ratio=0.1), ValueError, "not both"),
+    (dict(budget_ratio=1.5), ValueError, r"budget_ratio must be in \(0, 1\]"),
+    (dict(memory_budget=0), ValueError, "memory_budget must be a positive"),
+    (dict(coverage=0), ValueError, "coverage"),
+    (dict(max_depth=0), ValueError, "max_depth"),
+    (dict(bias="all"), ValueError, "bias must be 'none'"),
+])
+def test_bad_config_values_are_refused(settings, error, message):
+    with pytest.raises(error, match=message):
+        TraDyConfig(**settings)
+
+
+def test_budget_too_small_for_one_channel_is_refused():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", memory_budget=5))
+    with pytest.raises(ValueError, match="cannot hold a single channel.*costs 3[0-9] elements"):
+        calibrate(model, [bert_batch()])
+
+
+def test_unmatched_or_unsupported_targets_are_refused():
+    with pytest.raises(ValueError, match="no module matches target_modules.*e.g."):
+        get_peft_model(tiny_models.bert(), TraDyConfig(target_modules=["nope"]))
+    with pytest.raises(TypeError, match="cannot target .*word_embeddings.*Embedding"):
+        get_peft_model(tiny_models.bert(), TraDyConfig(target_modules=["word_embeddings"]))
+
+
+def test_training_without_calibration_is_refused(tmp_path):
+    model = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS"))
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+                             max_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=toy_dataset(), data_collator=PadOnlyCollator(),
+                      callbacks=[TraDyCallback()])
+    with pytest.raises(RuntimeError, match="not calibrated.*calibrate"):
+        trainer.train()
+
+
+def test_unknown_selected_layers_are_refused():
+    model = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", selected_layers=["bert.nowhere"]))
+    with pytest.raises(ValueError, match="not TraDy layers of this model.*bert.nowhere"):
+        calibrate(model, [bert_batch()])
+
+
+# ----------------------------------------------------------------------------------------------- Trainer
+
+
+class SelectionRecorder(TrainerCallback):
+    def __init__(self):
+        self.selections = []
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        self.selections.append(find_trady_model(model).current_selection())
+
+
+def test_trainer_resamples_at_every_epoch(tmp_path):
+    model = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1, selection="full_random"))
+    collator = PadOnlyCollator()
+    data = toy_dataset(16)
+    calibrate(model, [collator([data[i] for i in range(4)])])
+    recorder = SelectionRecorder()
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, num_train_epochs=3, learning_rate=0.1,
+                             optim="sgd", use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+                             logging_steps=1, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                      callbacks=[TraDyCallback(), recorder])
+    trainer.train()
+    first, second, third = recorder.selections
+    assert first != second and second != third
+    tuner = find_trady_model(model)
+    assert [i for i, _ in tuner.selection_history()] == [0, 1, 2]
+    # reproducible: the same seed draws the same channels
+    assert first == find_trady_model(get_peft_model(
+        tiny_bert(), copy.deepcopy(model.peft_config["default"]))).current_selection()
+
+
+# ----------------------------------------------------------------------------------------------- families
+
+
+FAMILIES = ["mobilenet_v2", "resnet_bottleneck", "swin", "vit", "bert", "roberta", "gpt2", "llama"]
+
+
+def _family_batch(name):
+    case = tiny_models.CASES_BY_NAME[name]
+    batch = case.inputs()
+    if "input_ids" in batch:
+        batch["labels"] = batch["input_ids"].clone() if name in ("gpt2", "llama") else torch.tensor([0, 2])
+    else:
+        batch["labels"] = torch.tensor([0, 2])
+    return batch
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_trains_only_selected_channels_and_merges_exactly(name):
+    case = tiny_models.CASES_BY_NAME[name]
+    torch.manual_seed(0)
+    base = case.build().train()
+    kinds = {type(channel_ops_for(m)).__name__ for m in base.modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d, Conv1D)) and (not isinstance(m, nn.Conv2d) or m.groups in (
+                 1, m.in_channels))}
+    head = ["classifier"] if hasattr(base, "classifier") else None  # ResNet's is a Sequential, RoBERTa's a module
+    model = get_peft_model(base, TraDyConfig(budget_ratio=0.2, modules_to_save=head, selection="full_random"))
+    batch = _family_batch(name)
+    calibrate(model, [batch])
+    tuner = find_trady_model(model)
+    layer_kinds = {layer.ops.kind for layer in tuner.trady_layers().values()}
+    if name == "mobilenet_v2":
+        assert {"conv2d", "depthwise"} <= layer_kinds
+    if name == "gpt2":
+        assert layer_kinds == {"conv1d"}
+    selection = tuner.current_selection()
+    assert selection and kinds
+    before = effective_weights(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**batch).loss.backward()
+    optimizer.step()
+    after = effective_weights(model)
+    for layer_name, weight in before.items():
+        layer = tuner.trady_layers()[layer_name]
+        diff = layer.ops.channel_norms(after[layer_name] - weight)
+        assert set(diff.nonzero().flatten().tolist()) <= set(selection.get(layer_name, [])), layer_name
+    assert any((after[n] != before[n]).any() for n in selection)
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = tiny_models.output_of(model, inputs)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(tiny_models.output_of(merged, inputs), expected, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- more behaviour
+
+
+def test_bf16_autocast_step_trains_the_slices():
+    model = trady_bert()
+    tuner = find_trady_model(model)
+    flat = tuner.trady_flat["default"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**bert_batch()).loss
+    loss.backward()
+    assert flat.grad is not None and flat.grad.dtype == torch.float32 and torch.isfinite(flat.grad).all()
+    assert flat.grad.abs().sum() > 0
+
+
+def test_selected_layers_are_reused_across_tasks_without_a_new_ranking():
+    first = trady_bert(budget_ratio=0.05)
+    kept = first.peft_config["default"].selected_layers
+    torch.manual_seed(1)
+    second = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05,
+                                                             selected_layers=list(kept)))
+    summary = calibrate(second, [bert_batch(seed=9)])
+    assert second.peft_config["default"].layer_rgn is None  # no gradient ranking was computed
+    assert summary["selected_layers"] == kept and set(find_trady_model(second).current_selection()) <= set(kept)
+
+
+def test_det_rgn_refresh_keeps_the_flat_parameter():
+    model = trady_bert(selection="det_rgn")
+    tuner = find_trady_model(model)
+    flat = tuner.trady_flat["default"]
+    layer = next(iter(tuner.trady_layers().values()))
+    before = layer.trady_rgn["default"].clone()
+    tuner.refresh_rgn([bert_batch(seed=11), bert_batch(seed=12)])
+    assert tuner.trady_flat["default"] is flat
+    assert not torch.equal(before, layer.trady_rgn["default"])
+
+
+# ----------------------------------------------------------------------------------------------- examples
+
+
+def _run_example(script, output_dir, *args):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, os.path.join(root, "examples", script), "--output_dir", str(output_dir),
+               "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--save_strategy", "no",
+               "--calibration_batches", "1", "--max_steps", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((output_dir / "trady_report.json").read_text())
+    assert json.loads((output_dir / "adapter" / "adapter_config.json").read_text())["peft_type"] == "TRADY"
+    assert (output_dir / "merged" / "config.json").is_file()
+    assert report["memory"]["saved_bytes_weight_derivative"] < report["memory"]["saved_bytes_total"]
+    assert report["selection_history"][0][0] == 0
+    return report, result.stdout
+
+
+@pytest.mark.slow
+def test_text_example_runs_end_to_end(tmp_path):
+    report, out = _run_example("trady_text_classification.py", tmp_path, "--per_device_train_batch_size", "8",
+                               "--learning_rate", "5e-4", "--max_train_samples", "32", "--max_eval_samples", "32")
+    assert "weight-derivative part (bytes)" in out and "accuracy:" in out
+    assert 0.9 < report["memory"]["weight_derivative_sparsity"] < 1.0
+
+
+@pytest.mark.slow
+def test_image_example_runs_end_to_end(tmp_path):
+    report, out = _run_example("trady_image_classification.py", tmp_path, "--arch", "mobilenet_v2",
+                               "--pretrain_epochs", "0.05", "--per_device_train_batch_size", "16",
+                               "--image_size", "8")
+    assert "TraDy (mobilenet_v2)" in out and report["calibration"]["selected_layers"]

@@ -1,0 +1,22 @@
+"""TraDy under real 2-rank DDP (torchrun, gloo on CPU): every rank draws the same channels every epoch."""
+
+import pytest
+import torch
+
+from test_distributed import torchrun
+
+
+@pytest.mark.slow
+def test_trady_draws_the_same_channels_on_every_rank(tmp_path):
+    torchrun("trady_ddp.py", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["selected_layers"] == ranks[1]["selected_layers"] and ranks[0]["selected_layers"]
+    assert ranks[0]["capacity"] == ranks[1]["capacity"]
+    selections = [r["selections"] for r in ranks]
+    assert len(selections[0]) == 3 and selections[0] == selections[1]
+    assert selections[0][0] != selections[0][1] != selections[0][2]  # re-sampled at each epoch boundary
+    for name, tensor in ranks[0]["state"].items():
+        assert torch.equal(tensor, ranks[1]["state"][name]), name  # merged base weights included
+    losses = ranks[0]["losses"]
+    assert len(losses) == 12  # 32 examples / (2 ranks x 4) x 3 epochs

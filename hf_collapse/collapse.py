@@ -51,7 +51,12 @@ def evaluate_model(model: nn.Module, args, eval_dataset, **trainer_kwargs) -> di
     args.report_to = []
     if type(args) is not TrainingArguments and hasattr(args, "msw_weight"):
         args.msw_weight = 0.0
-    return Trainer(model=model, args=args, eval_dataset=eval_dataset, **trainer_kwargs).evaluate()
+    try:
+        return Trainer(model=model, args=args, eval_dataset=eval_dataset, **trainer_kwargs).evaluate()
+    finally:
+        # accelerate marks a model it prepared, and never wraps a marked model (or a deep copy of it) again: a
+        # later fine-tuning Trainer would then train without DDP and the ranks would drift apart.
+        model.__dict__.pop("_is_accelerate_prepared", None)
 
 
 def _removal_order(model: nn.Module, scores: Mapping[str, float]) -> list[str]:

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .block_io import BlockIO, select_blocks
+from .distributed import sum_across_ranks
 from .ot import max_sliced_wasserstein
 
 __all__ = ["SCORERS", "model_inputs", "score_blocks"]
@@ -143,6 +144,9 @@ def score_blocks(
     finally:
         io.remove()
         model.train(was_training)
+    # Under DDP each rank scored its own shard: sum over ranks so that every rank removes the same blocks.
+    reduced = sum_across_ranks(torch.tensor([weight, *totals.values()], dtype=torch.float64))
+    weight, sums = float(reduced[0]), reduced[1:].tolist()
     if weight == 0:
         raise ValueError("the dataloader yielded no batches")
-    return {name: total / weight for name, total in totals.items()}
+    return {name: total / weight for name, total in zip(totals, sums)}

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..architectures.base import adapter_for, join_path, module_path, unwrap_model
 from ..collapse import evaluate_model, measure_step, metric_key
+from ..distributed import sum_across_ranks
 from ..metrics import hardware_description
 from ..report import CollapseReport, CollapseStep
 from ..surgery import model_class_name
@@ -29,7 +30,10 @@ def _calibration_loss(trainer, model: nn.Module, batches: list[dict[str, Any]]) 
     model.eval()
     try:
         with torch.no_grad():
-            return sum(float(trainer.compute_loss(model, dict(batch))) for batch in batches) / len(batches)
+            total = sum(float(trainer.compute_loss(model, dict(batch))) for batch in batches)
+        # Under DDP each rank has its own calibration batches: average over all of them.
+        pooled = sum_across_ranks(torch.tensor([total, len(batches)], dtype=torch.float64))
+        return float(pooled[0] / pooled[1])
     finally:
         model.train(was_training)
 

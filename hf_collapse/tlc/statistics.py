@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..architectures.base import ActivationSite, adapter_for, join_path, module_path, unwrap_model
+from ..distributed import sum_across_ranks
 from ..scoring import model_inputs
 
 __all__ = ["SiteStatistics", "activation_sites", "activation_statistics"]
@@ -157,8 +158,9 @@ def activation_statistics(
     if not seen:
         raise ValueError("no calibration batches: the statistics of LayerNorm models are measured on data")
     for site in measured:
-        n = counts[site.name]
-        mean = sums[site.name] / n
-        var = (squares[site.name] / n - mean * mean).clamp_min(0)
+        # Under DDP every rank measured its own batches: pool them so that all ranks make the same choices.
+        n = float(sum_across_ranks(torch.tensor(counts[site.name], dtype=torch.float64)))
+        mean = sum_across_ranks(sums[site.name]) / n
+        var = (sum_across_ranks(squares[site.name]) / n - mean * mean).clamp_min(0)
         result[site.name] = SiteStatistics(site, mean.cpu(), var.sqrt().cpu(), "measured")
     return {s.name: result[s.name] for s in sites}

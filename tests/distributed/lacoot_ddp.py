@@ -11,8 +11,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from hf_collapse import LaCoOTArguments, LaCoOTTrainer  # noqa: E402
-from toy_training import PadOnlyCollator, tiny_bert, toy_dataset  # noqa: E402
+from hf_collapse import LaCoOTArguments, LaCoOTTrainer, push_to_hub  # noqa: E402
+from hf_collapse.hub import save_with_card  # noqa: E402
+from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -20,7 +21,8 @@ def main(out: str) -> None:
                            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
                            disable_tqdm=True, ddp_backend="gloo", msw_weight=0.5, dataloader_num_workers=0)
     model = tiny_bert(seed=0)
-    trainer = LaCoOTTrainer(model=model, args=args, train_dataset=toy_dataset(32), data_collator=PadOnlyCollator())
+    trainer = LaCoOTTrainer(model=model, args=args, train_dataset=toy_dataset(32), eval_dataset=toy_dataset(16, seed=1),
+                            data_collator=PadOnlyCollator(), compute_metrics=accuracy)
     initial_directions = {}
     original = trainer.msw_penalty
 
@@ -34,8 +36,17 @@ def main(out: str) -> None:
     trainer.train()
     rank = dist.get_rank()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "losses": losses,
-                "world_size": dist.get_world_size(), "directions": initial_directions},
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # Every rank scores and collapses (the scores are pooled over the ranks' eval shards); one rank saves / pushes.
+    scores = trainer.block_scores()
+    collapsed, report = trainer.collapse(num_blocks=1, latency_repeats=0)
+    if trainer.is_world_process_zero():
+        save_with_card(collapsed, os.path.join(out, "collapsed"), report)
+    pushed = (push_to_hub(collapsed, "tester/ddp-collapsed", report=report, token="hf_test")
+              if os.environ.get("HF_ENDPOINT") else "no hub")
+    torch.save({"state": state, "losses": losses, "world_size": dist.get_world_size(),
+                "directions": initial_directions, "scores": scores, "removed": report.removed,
+                "metrics": [s.metric for s in report.steps], "pushed": pushed},
                os.path.join(out, f"rank{rank}.pt"))
 
 

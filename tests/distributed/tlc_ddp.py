@@ -1,0 +1,33 @@
+"""A 2-rank DDP run of TLC's compress loop (calibration, ranking, fine-tuning) on CPU, started by
+tests/test_distributed.py with torchrun. Each rank writes the compressed weights and the edits to OUT/rank<r>.pt."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import TrainingArguments
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+import hf_collapse  # noqa: E402
+from hf_collapse.tlc import TLCConfig, compress  # noqa: E402
+from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # noqa: E402
+
+
+def main(out: str) -> None:
+    args = TrainingArguments(out, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=5e-3,
+                             report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                             ddp_backend="gloo", dataloader_num_workers=0, logging_steps=1)
+    compressed, report = compress(tiny_bert(seed=0), TLCConfig(target_layers=2, calibration_batches=2,
+                                                               finetune_steps=4),
+                                  toy_dataset(32), toy_dataset(16, seed=1), args, data_collator=PadOnlyCollator(),
+                                  compute_metrics=accuracy)
+    torch.save({"state": {k: v.detach().clone() for k, v in compressed.state_dict().items()},
+                "edits": hf_collapse.collapse_record(compressed)["edits"], "world_size": dist.get_world_size(),
+                "metrics": [s.metric for s in report.steps]},
+               os.path.join(out, f"rank{dist.get_rank()}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -24,6 +24,27 @@ from hf_collapse.data import embedded_model_path, load_dialog_topics, tokenize_t
 from hf_collapse.jobs import accuracy, default_lacoot_arguments
 
 
+def plot(results: dict, path: Path) -> None:
+    """Accuracy against blocks removed, one line per scoring (benchmarks/results/bench_lacoot_quality.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, accuracies in results["accuracy_by_k"].items():
+        ax.plot(range(len(accuracies)), accuracies, "o-" if name.startswith("lacoot") else "s--", label=name)
+    ax.set_xticks(range(max(len(v) for v in results["accuracy_by_k"].values())))
+    ax.set_xlabel("blocks removed (of 6), no healing fine-tune; block influence and angular coincide")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"MiniLM on dialog topics: LaCoOT (λ = {results['msw_weight']}) vs baselines")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--msw-weight", type=float, default=0.1)
@@ -31,7 +52,11 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--max-k", type=int, default=3)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "bench_lacoot_quality.json"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the last results")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.output).read_text()), Path(args.output).with_suffix(".png"))
+        return
 
     path = embedded_model_path("minilm")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -75,10 +100,12 @@ def main() -> None:
     best = all(results["lacoot_msw"][0][k] >= max(r[0][k] for r in results.values())
                for k in range(1, args.max_k + 1))
     print(f"LaCoOT keeps the highest accuracy at every k in 1..{args.max_k}: {best}")
-    Path(args.output).write_text(json.dumps({
+    summary = {
         "msw_weight": args.msw_weight, "epochs": args.epochs, "learning_rate": args.learning_rate,
         "accuracy_by_k": {k: v[0] for k, v in results.items()}, "removed": {k: v[1] for k, v in results.items()},
-        "lacoot_best_at_every_k": best}, indent=2) + "\n")
+        "lacoot_best_at_every_k": best}
+    Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, Path(args.output).with_suffix(".png"))
 
 
 if __name__ == "__main__":

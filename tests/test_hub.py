@@ -45,13 +45,16 @@ def test_push_and_pull_through_the_hub(hub, tmp_path):
     for name, found in findings.items():
         assert found["metric_value"] == found["report_metric"] == 0.75, name
         assert found["params_in_card"] and found["flops_in_card"], name
-        assert "hf-collapse" in found["tags"] and found["library"] == "transformers"
+        library = "diffusers" if name == "dit" else "transformers"
+        weights = "diffusion_pytorch_model.safetensors" if name == "dit" else "model.safetensors"
+        assert "hf-collapse" in found["tags"] and found["library"] == library
         assert found["card_code_error"] <= 1e-5, name
         assert found["same_files"] and found["same_bytes"], found["files"]
-        assert {"README.md", "config.json", "model.safetensors", "tradeoff.png"} <= set(found["files"])
+        assert {"README.md", "config.json", weights, "tradeoff.png"} <= set(found["files"])
         assert found["pulled_error"] <= 1e-5, name
     assert not findings["bert"]["uses_auto_collapsed"]  # the config expresses a removed BERT layer
     assert findings["mobilenet_v2"]["uses_auto_collapsed"]  # MobileNetV2's does not
+    assert not findings["dit"]["uses_auto_collapsed"]  # diffusers' num_layers does
 
 
 def test_card_without_a_hub(tmp_path):

@@ -21,7 +21,8 @@ from tiny_models import CASES_BY_NAME, output_of  # noqa: E402
 store = Path(sys.argv[1])
 findings = {}
 for name, removal, repo_id in (("bert", ["encoder.layer.2"], "tester/bert-collapsed"),
-                               ("mobilenet_v2", ["layer.3"], "tester/mobilenet-collapsed")):
+                               ("mobilenet_v2", ["layer.3"], "tester/mobilenet-collapsed"),
+                               ("dit", ["transformer_blocks.1"], "tester/dit-collapsed")):
     case = CASES_BY_NAME[name]
     model = case.build()
     scores = {removal[0]: 0.5}

@@ -12,6 +12,10 @@ The record is a plain JSON mapping::
       "edits": [{"op": "remove_blocks", "blocks": ["encoder.layers.0.blocks.0"]}],
       "plain_reload_exact": false                   # whether plain from_pretrained rebuilds the same function
     }
+
+Each edit kind is registered with :func:`register_edit_op` (a validator and a replay function):
+``"remove_blocks"`` here, TLC's ``"linearize"`` in :mod:`hf_collapse.tlc.transforms`. Only block removals can
+be expressed by a config; a record with any other edit always needs ``AutoCollapsedModel``.
 """
 
 from __future__ import annotations

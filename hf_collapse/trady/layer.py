@@ -65,19 +65,24 @@ class _ChannelOps:
         """Activation elements per sample of one input channel (tokens, or H·W)."""
         raise NotImplementedError
 
-    # -- slices of the base weight
+    # -- slices of the base weight: input channels index axis `channel_dim` (through `_weight_index`)
+    channel_dim = 1
+
+    def _weight_index(self, index: torch.Tensor) -> torch.Tensor:
+        return index
+
     def read_slice(self, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return weight.index_select(self.channel_dim, self._weight_index(index))
 
     def write_slice(self, weight: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-        raise NotImplementedError
+        weight.index_copy_(self.channel_dim, self._weight_index(index), values.to(weight.dtype))
 
     def add_slice(self, weight: torch.Tensor, index: torch.Tensor, delta: torch.Tensor) -> None:
-        raise NotImplementedError
+        weight.index_add_(self.channel_dim, self._weight_index(index), delta.to(weight.dtype))
 
     def effective_weight(self, weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """A new tensor: ``weight`` with ``delta`` added on the selected slice (the same arithmetic as a merge)."""
-        raise NotImplementedError
+        return weight.index_add(self.channel_dim, self._weight_index(index), delta.to(weight.dtype))
 
     def channel_norms(self, weight_grad: torch.Tensor) -> torch.Tensor:
         """``‖∂L/∂W_c‖`` for every input channel ``c`` of a full weight gradient."""
@@ -118,18 +123,6 @@ class _LinearOps(_ChannelOps):
     def positions(self, x: torch.Tensor) -> float:
         return x.numel() / max(1, x.shape[0] * self.in_channels) if x.dim() > 1 else 1.0
 
-    def read_slice(self, weight, index):
-        return weight.index_select(1, index)
-
-    def write_slice(self, weight, index, values):
-        weight[:, index] = values.to(weight.dtype)
-
-    def add_slice(self, weight, index, delta):
-        weight.index_add_(1, index, delta.to(weight.dtype))
-
-    def effective_weight(self, weight, delta, index):
-        return weight.index_add(1, index, delta.to(weight.dtype))
-
     def channel_norms(self, weight_grad):
         return weight_grad.float().norm(dim=0)
 
@@ -155,6 +148,7 @@ class _TransposedOps(_LinearOps):
     """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``(in, out)``."""
 
     kind = "conv1d"
+    channel_dim = 0
 
     def __init__(self, module: nn.Module):
         _ChannelOps.__init__(self, module)
@@ -162,18 +156,6 @@ class _TransposedOps(_LinearOps):
 
     def slice_shape(self, k):
         return (k, self.out_channels)
-
-    def read_slice(self, weight, index):
-        return weight.index_select(0, index)
-
-    def write_slice(self, weight, index, values):
-        weight[index] = values.to(weight.dtype)
-
-    def add_slice(self, weight, index, delta):
-        weight.index_add_(0, index, delta.to(weight.dtype))
-
-    def effective_weight(self, weight, delta, index):
-        return weight.index_add(0, index, delta.to(weight.dtype))
 
     def channel_norms(self, weight_grad):
         return weight_grad.float().norm(dim=1)
@@ -211,18 +193,6 @@ class _ConvOps(_ChannelOps):
 
     def positions(self, x):
         return float(math.prod(x.shape[2:]))
-
-    def read_slice(self, weight, index):
-        return weight.index_select(1, index)
-
-    def write_slice(self, weight, index, values):
-        weight[:, index] = values.to(weight.dtype)
-
-    def add_slice(self, weight, index, delta):
-        weight.index_add_(1, index, delta.to(weight.dtype))
-
-    def effective_weight(self, weight, delta, index):
-        return weight.index_add(1, index, delta.to(weight.dtype))
 
     def channel_norms(self, weight_grad):
         return weight_grad.float().transpose(0, 1).reshape(self.in_channels, -1).norm(dim=1)
@@ -266,30 +236,20 @@ class _DepthwiseOps(_ConvOps):
     def slice_shape(self, k):
         return (k * self.multiplier, 1, *self.module.kernel_size)
 
-    def _rows(self, index):
+    channel_dim = 0  # a depthwise weight is (in * multiplier, 1, kh, kw): channel c owns rows c*m .. c*m+m-1
+
+    def _weight_index(self, index):
         m = self.multiplier
         if m == 1:
             return index
         return (index[:, None] * m + torch.arange(m, device=index.device)).reshape(-1)
-
-    def read_slice(self, weight, index):
-        return weight.index_select(0, self._rows(index))
-
-    def write_slice(self, weight, index, values):
-        weight[self._rows(index)] = values.to(weight.dtype)
-
-    def add_slice(self, weight, index, delta):
-        weight.index_add_(0, self._rows(index), delta.to(weight.dtype))
-
-    def effective_weight(self, weight, delta, index):
-        return weight.index_add(0, self._rows(index), delta.to(weight.dtype))
 
     def channel_norms(self, weight_grad):
         return weight_grad.float().reshape(self.in_channels, -1).norm(dim=1)
 
     def delta_grad(self, grad, x_sel, delta_shape, index):
         stride, padding, dilation = self._geometry()
-        grad_rows = grad.index_select(1, self._rows(index))
+        grad_rows = grad.index_select(1, self._weight_index(index))
         return torch.nn.grad.conv2d_weight(x_sel.to(grad.dtype), delta_shape, grad_rows, stride, padding, dilation,
                                            x_sel.shape[1])
 

@@ -75,3 +75,18 @@ def test_tlc_image_example(tmp_path, arch):
 def test_tlc_dit_example(tmp_path):
     assert run_tlc_example("tlc_dit.py", tmp_path, "--max_steps", "2", "--per_device_train_batch_size", "16",
                            "--num_layers", "2")["family"] == "dit"
+
+
+@pytest.mark.slow
+def test_image_example_runs_unchanged_under_torchrun(tmp_path):
+    """The same script, 2 DDP ranks on CPU: both ranks collapse the same way, the main process writes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "examples", "lacoot_image_classification.py"), "--output_dir", str(tmp_path),
+               *TINY, "--max_steps", "3", "--per_device_train_batch_size", "16", "--image_size", "16",
+               "--ddp_backend", "gloo", "--save_strategy", "no"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["family"] == "resnet" and report["removed"]
+    assert result.stdout.count("| 0 | (original) |") == 1  # printed by the main process only

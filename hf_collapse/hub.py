@@ -27,8 +27,12 @@ _FALLBACK_TEMPLATE = "---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\n{{ summ
                      "```python\n{{ loading_code }}\n```\n"
 
 
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
 def _library(model: nn.Module) -> str:
-    return model_class_name(model).split(".")[0]
+    return "peft" if _is_peft(model) else model_class_name(model).split(".")[0]
 
 
 def plain_reload_exact(model: nn.Module) -> bool:
@@ -37,8 +41,14 @@ def plain_reload_exact(model: nn.Module) -> bool:
 
 
 def loading_code(model: nn.Module, repo_or_path: str) -> str:
-    """The code that loads ``model`` back from ``repo_or_path`` exactly."""
+    """The code that loads ``model`` back from ``repo_or_path`` exactly (an adapter: onto its base model)."""
     cls = model_class_name(model).split(".")[1]
+    if _is_peft(model):
+        config = model.peft_config[model.active_adapter]
+        base = config.base_model_name_or_path or "<the base model>"
+        library = model_class_name(model).split(".")[0]
+        return (f"import hf_collapse  # registers TraDy with peft\nfrom peft import PeftModel\nfrom {library} import {cls}\n\n"
+                f"base = {cls}.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"{repo_or_path}\")")
     library = _library(model)
     if plain_reload_exact(model):
         return f"from {library} import {cls}\n\nmodel = {cls}.from_pretrained(\"{repo_or_path}\")"
@@ -92,7 +102,8 @@ def model_card(
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    method = report.method if report else "hf_collapse"
+    method = report.method if report else (str(next(iter(model.peft_config.values())).peft_type)
+                                           if _is_peft(model) else "hf_collapse")
     tags = ["hf-collapse", method.lower()]
     eval_results = None
     if report is not None and report.after.metric is not None and report.metric_name:
@@ -100,6 +111,8 @@ def model_card(
                                    dataset_name=str(report.extra.get("dataset", (datasets or ["custom"])[0])),
                                    metric_type=report.metric_name, metric_value=float(report.after.metric))]
     name = model_name or (repo_id.split("/")[-1] if repo_id else f"{type(unwrap_model(model)).__name__}-collapsed")
+    if base_model is None and _is_peft(model):
+        base_model = next(iter(model.peft_config.values())).base_model_name_or_path
     card_data = ModelCardData(base_model=base_model, library_name=_library(model), tags=tags, datasets=datasets,
                               model_name=name, eval_results=eval_results)
     if report is not None:
@@ -118,7 +131,9 @@ def model_card(
                       compression_table="No collapse report was given.", removed_list="", plot="",
                       training=training or "")
     target = repo_id or "path/to/this/folder"
-    note = ("The config expresses the change, so plain `from_pretrained` rebuilds the model exactly."
+    note = ("This repository holds a peft adapter: load it onto its base model with `PeftModel.from_pretrained`."
+            if _is_peft(model) else
+            "The config expresses the change, so plain `from_pretrained` rebuilds the model exactly."
             if plain_reload_exact(model) else
             "The config alone cannot express this change (it is recorded under the `hf_collapse` key of "
             "`config.json`): load it with `hf_collapse.AutoCollapsedModel`, which replays the recorded edits.")
@@ -134,7 +149,7 @@ def save_with_card(model: nn.Module, folder: str | os.PathLike, report: Collapse
                    processor: Any = None, **card_kwargs: Any) -> Path:
     """``save_pretrained`` the model (and processor), its card as ``README.md``, and the report's plot."""
     folder = Path(folder)
-    unwrap_model(model).save_pretrained(folder)
+    (model if _is_peft(model) else unwrap_model(model)).save_pretrained(folder)  # an adapter stays an adapter
     if processor is not None:
         processor.save_pretrained(folder)
     if report is not None:

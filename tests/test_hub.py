@@ -72,3 +72,34 @@ def test_card_without_a_hub(tmp_path):
         inputs = case.inputs()
         torch.testing.assert_close(namespace["model"](**inputs).logits, collapsed.eval()(**inputs).logits,
                                    atol=1e-5, rtol=0)
+
+
+def test_card_and_save_of_a_trady_adapter(tmp_path):
+    """A TraDy adapter is saved as an adapter, and its card loads it with PeftModel.from_pretrained."""
+    from peft import get_peft_model
+    from test_trady import bert_batch
+
+    from hf_collapse.hub import save_with_card
+    from hf_collapse.trady import calibrate
+
+    base = CASES_BY_NAME["bert"].build()
+    base.save_pretrained(tmp_path / "base")  # the untouched base model, as it would be on the Hub
+    model = get_peft_model(base.train(), hf_collapse.TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")  # set from the Hub id normally
+    calibrate(model, [bert_batch(seed=s) for s in range(2)])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**bert_batch(seed=5)).loss.backward()
+    optimizer.step()
+    model.eval()
+    batch = bert_batch(seed=3)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_with_card(model, tmp_path / "adapter")
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card and "TRADY" in card and "PeftModel.from_pretrained" in card
+    namespace = {}
+    exec(loading_code(model, str(tmp_path / "adapter")), namespace)
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["model"].eval()(**batch).logits, expected, atol=1e-5, rtol=0)

@@ -30,17 +30,17 @@ def example_inputs(model: nn.Module, batch_size: int = 1, seq_len: int = 128) ->
     return adapter_for(model).example_inputs(model, batch_size=batch_size, seq_len=seq_len)
 
 
-def _to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+def to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     tensor = next(model.parameters(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _forward(model: nn.Module, inputs: Mapping[str, Any]) -> Any:
-    return model(**_to_device(inputs, _device_of(model)))
+    return model(**to_device(inputs, device_of(model)))
 
 
 def module_flops(model: nn.Module, inputs: Mapping[str, Any], paths: Iterable[str] = ()) -> tuple[int, dict[str, int]]:
@@ -70,8 +70,8 @@ def measure_latency(
     """Median wall-clock seconds of one forward pass, after ``warmup`` untimed passes, in inference mode."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
-    device = _device_of(model)
-    inputs = _to_device(inputs, device)
+    device = device_of(model)
+    inputs = to_device(inputs, device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():

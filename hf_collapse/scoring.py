@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .block_io import BlockIO, select_blocks
 from .distributed import sum_across_ranks
+from .metrics import device_of, to_device
 from .ot import max_sliced_wasserstein
 
 __all__ = ["SCORERS", "model_inputs", "score_blocks"]
@@ -69,14 +70,7 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     ``labels``, which a diffusers model does not take), moved to the model's device."""
     parameters = inspect.signature(model.forward).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    device = _device_of(model)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-            if takes_any or k in parameters}
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+    return to_device({k: v for k, v in batch.items() if takes_any or k in parameters}, device_of(model))
 
 
 @torch.no_grad()

@@ -83,7 +83,8 @@ def test_image_example_runs_unchanged_under_torchrun(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(ROOT, "examples", "lacoot_image_classification.py"), "--output_dir", str(tmp_path),
                *TINY, "--max_steps", "3", "--per_device_train_batch_size", "16", "--image_size", "16",
-               "--ddp_backend", "gloo", "--save_strategy", "no"]
+               "--ddp_backend", "gloo", "--save_strategy", "no",
+               "--max_metric_drop", "1.0"]  # 3 steps leave accuracy at chance: let the budget always allow removal
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

@@ -1,7 +1,6 @@
 """TLC: statistics against direct computation, exact transforms and fusion, reload, the loop's stop criteria."""
 
 import copy
-import tempfile
 
 import pytest
 import torch

@@ -29,6 +29,14 @@ def mlp_site(block: str, activation: str, producer: str, consumer: str, **kind) 
                           producer=f"{block}.{producer}", consumer=f"{block}.{consumer}", **kind)
 
 
+def conv_layer_site(block: str, conv: str, consumer: str) -> ActivationSite:
+    """A ``convolution -> normalization -> activation`` layer (ResNet, MobileNetV2) feeding ``consumer``'s
+    convolution; paths relative to the backbone."""
+    return ActivationSite(name=f"{conv}.activation", block=block, activation=f"{conv}.activation",
+                          producer=f"{conv}.convolution", norm=f"{conv}.normalization",
+                          consumer=f"{consumer}.convolution", kind="conv")
+
+
 def text_inputs(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, Any]:
     vocab = config_get(model, "vocab_size", 1000)
     generator = torch.Generator().manual_seed(0)

@@ -7,8 +7,8 @@ through ``depth_multiplier`` only, so removals are never expressible by the conf
 
 from __future__ import annotations
 
-from .base import ActivationSite, Block, count_parameters, register_architecture
-from .common import LayerListAdapter, image_inputs
+from .base import Block, count_parameters, register_architecture
+from .common import LayerListAdapter, conv_layer_site, image_inputs
 
 
 class MobileNetV2Adapter(LayerListAdapter):
@@ -32,12 +32,8 @@ class MobileNetV2Adapter(LayerListAdapter):
     def activation_sites(self, backbone):
         sites = []
         for b in self.blocks(backbone):
-            for conv, consumer in (("expand_1x1", "conv_3x3"), ("conv_3x3", "reduce_1x1")):
-                path = f"{b.path}.{conv}"
-                sites.append(ActivationSite(
-                    name=f"{path}.activation", block=b.name, activation=f"{path}.activation",
-                    producer=f"{path}.convolution", norm=f"{path}.normalization",
-                    consumer=f"{b.path}.{consumer}.convolution", kind="conv"))
+            sites += [conv_layer_site(b.name, f"{b.path}.{conv}", f"{b.path}.{consumer}")
+                      for conv, consumer in (("expand_1x1", "conv_3x3"), ("conv_3x3", "reduce_1x1"))]
         return sites
 
     def example_inputs(self, model, batch_size=1, seq_len=128):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ActivationSite, register_architecture
-from .common import StagedLayersAdapter, image_inputs
+from .base import register_architecture
+from .common import StagedLayersAdapter, conv_layer_site, image_inputs
 
 
 class ResNetAdapter(StagedLayersAdapter):
@@ -32,12 +32,8 @@ class ResNetAdapter(StagedLayersAdapter):
         sites = []
         for b in self.blocks(backbone):
             convs = backbone.get_submodule(f"{b.path}.layer")
-            for k in range(len(convs) - 1):
-                conv = f"{b.path}.layer.{k}"
-                sites.append(ActivationSite(
-                    name=f"{conv}.activation", block=b.name, activation=f"{conv}.activation",
-                    producer=f"{conv}.convolution", norm=f"{conv}.normalization",
-                    consumer=f"{b.path}.layer.{k + 1}.convolution", kind="conv"))
+            sites += [conv_layer_site(b.name, f"{b.path}.layer.{k}", f"{b.path}.layer.{k + 1}")
+                      for k in range(len(convs) - 1)]
         return sites
 
     def example_inputs(self, model, batch_size=1, seq_len=128):

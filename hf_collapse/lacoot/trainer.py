@@ -96,8 +96,8 @@ class LaCoOTTrainer(Trainer):
         values = []
         per_block = {}
         for block in self.msw_blocks:
-            raw, _ = self._block_io.raw(block.name)
-            x, y = self._block_io.features(block.name)
+            raw, raw_output = self._block_io.raw(block.name)
+            x, y = raw.flatten(1), raw_output.flatten(1)
             distance, direction = max_sliced_wasserstein(
                 x, y, slicing=self.args.msw_slicing, n_projections=self.args.msw_projections,
                 ascent_steps=self.args.msw_ascent_steps, init_direction=self._warm_start(block.name, raw.shape[1:]),

@@ -5,12 +5,9 @@ before huggingface_hub is imported). Prints one JSON line of findings for the te
 """
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures.base import adapter_for, unwrap_model
+from .distributed import is_main_process
 from .metrics import count_parameters, forward_flops, hardware_description, measure_latency
 from .report import CollapseReport, CollapseStep
 from .surgery import find_blocks, model_class_name, remove_blocks
@@ -104,6 +105,7 @@ def collapse(
         example_inputs: inputs for FLOPs and latency (default: the adapter's example inputs at batch size 1).
         latency_repeats: timed runs per latency measurement (0 to skip latency).
         method: the method name recorded in the report.
+        progress: show a progress bar (on the main process only under DDP).
 
     Returns:
         ``(collapsed_model, report)``: a new model, and the :class:`CollapseReport` of every step.
@@ -139,7 +141,7 @@ def collapse(
 
     current = model
     alive = list(all_blocks)  # original names of the blocks still in `current`, in order
-    for name in tqdm(order[:limit], desc="collapsing", disable=not progress):
+    for name in tqdm(order[:limit], desc="collapsing", disable=not (progress and is_main_process())):
         current_name = find_blocks(current)[alive.index(name)].name
         trial = remove_blocks(current, [current_name])
         if finetune is not None:

@@ -3,14 +3,25 @@ each rank removes the same blocks and collapses the same layers even though it s
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "sum_across_ranks"]
+__all__ = ["is_distributed", "is_main_process", "sum_across_ranks"]
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Whether this process should print, show progress bars, write files and push (rank 0, or a single process).
+
+    Before the process group exists, the launcher's ``RANK`` variable decides (torchrun and accelerate set it)."""
+    if is_distributed():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:

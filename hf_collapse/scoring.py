@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .block_io import BlockIO, select_blocks
-from .distributed import sum_across_ranks
+from .distributed import is_main_process, sum_across_ranks
 from .metrics import device_of, to_device
 from .ot import max_sliced_wasserstein
 
@@ -93,6 +93,7 @@ def score_blocks(
         blocks: ``"auto"`` (every removable block) or a list of block names.
         max_batches: stop after this many batches.
         seed: seeds the MSW directions (and the random baseline): the scores are deterministic.
+        progress: show a progress bar (on the main process only under DDP).
         method_kwargs: passed to the scorer (for ``"msw"``: ``slicing``, ``n_projections``, ``ascent_steps``).
 
     Returns:
@@ -124,7 +125,8 @@ def score_blocks(
     model.eval()
     io = BlockIO(model, chosen, detach=True)
     try:
-        for step, batch in enumerate(tqdm(dataloader, desc=f"scoring blocks ({method})", disable=not progress)):
+        bar = tqdm(dataloader, desc=f"scoring blocks ({method})", disable=not (progress and is_main_process()))
+        for step, batch in enumerate(bar):
             if max_batches is not None and step >= max_batches:
                 break
             batch = model_inputs(model, batch)

@@ -69,3 +69,6 @@ def test_tlc_compress_ddp_two_ranks(tmp_path):
     assert ranks[0]["edits"] == ranks[1]["edits"] and len(ranks[0]["edits"]) == 2
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     _same_weights(ranks)
+    first, last = ranks[0]["finetune_losses"][0], ranks[0]["finetune_losses"][-1]
+    assert len(first) == len(last) == 8 and ranks[0]["finetune_losses"] == ranks[1]["finetune_losses"]
+    assert sum(last[-4:]) / 4 < 0.8 * sum(first[:4]) / 4  # the fine-tuning between collapses does train

@@ -91,3 +91,27 @@ def test_image_example_runs_unchanged_under_torchrun(tmp_path):
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["family"] == "resnet" and report["removed"]
     assert result.stdout.count("| 0 | (original) |") == 1  # printed by the main process only
+
+
+@pytest.mark.slow
+def test_image_example_runs_unchanged_under_accelerate_launch(tmp_path):
+    """The shipped multi-GPU accelerate config, unchanged, with 2 processes on CPU: ``--use_cpu`` makes the
+    Trainer's accelerate state MULTI_CPU (gloo). The Trainer's own log proves the 2 processes (a total batch of
+    2 x 16); the collapse table and the progress bars appear once, and the main process writes."""
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               "--config_file", os.path.join(ROOT, "examples", "accelerate_configs", "multi_gpu.yaml"),
+               "--num_processes", "2", "--main_process_port", "0",
+               os.path.join(ROOT, "examples", "lacoot_image_classification.py"), "--output_dir", str(tmp_path),
+               "--report_to", "none", "--use_cpu", "true", "--log_level", "info", "--max_steps", "3",
+               "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "128", "--image_size", "16",
+               "--save_strategy", "no", "--max_metric_drop", "1.0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=os.path.join(ROOT, "examples"),
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 32" in output
+    assert result.stdout.count("| 0 | (original) |") == 1
+    assert output.count("scoring blocks (msw):   0%") == 1 and output.count("collapsing:   0%") == 1
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["family"] == "resnet" and report["removed"]
+    assert (tmp_path / "collapsed" / "config.json").is_file()

@@ -155,6 +155,7 @@ class LaCoOTTrainer(Trainer):
             blocks=[b.name for b in self.msw_blocks], max_batches=max_batches, seed=self.args.seed,
             slicing=self.args.msw_slicing, n_projections=self.args.msw_projections,
             ascent_steps=max(self.args.msw_ascent_steps, 10) if self.args.msw_slicing == "ascent" else 0,
+            progress=not self.args.disable_tqdm,
         )
 
     def evaluate_model(self, model: nn.Module, eval_dataset=None) -> dict[str, float]:
@@ -188,6 +189,7 @@ class LaCoOTTrainer(Trainer):
                 raise ValueError(f"evaluation returned no {metric_name!r}; got {sorted(metrics)}")
             return float(metrics[metric_name])
 
+        collapse_kwargs.setdefault("progress", not self.args.disable_tqdm)
         collapsed, report = collapse_model(
             self.model, scores, num_blocks=num_blocks, max_metric_drop=max_metric_drop,
             eval_fn=eval_fn if needs_eval else None, higher_is_better=higher_is_better,

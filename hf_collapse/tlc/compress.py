@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..architectures.base import adapter_for, join_path, module_path, unwrap_model
 from ..collapse import evaluate_model, measure_step, metric_key
-from ..distributed import sum_across_ranks
+from ..distributed import is_main_process, sum_across_ranks
 from ..metrics import hardware_description
 from ..report import CollapseReport, CollapseStep
 from ..surgery import model_class_name
@@ -124,7 +124,7 @@ def compress(
     report.steps.append(CollapseStep(removed=0, unit=None, score=None, metric=baseline,
                                      **measure_step(current, inputs, 5)))
     limit = min(config.target_layers or len(remaining), len(remaining))
-    progress = tqdm(total=limit, desc="TLC collapsing")
+    progress = tqdm(total=limit, desc="TLC collapsing", disable=training_args.disable_tqdm or not is_main_process())
     while remaining and report.after.removed < limit:
         sites = [s for s in activation_sites(current) if s.name in remaining]
         stats = activation_statistics(current, batches, sites)
@@ -139,11 +139,14 @@ def compress(
         trial = current
         for name in chosen:
             trial = linearize(trial, stats[name], fuse=config.fuse, inplace=trial is not current)
+        finetune_losses = []
         if config.finetune_steps != 0:
             args = copy.deepcopy(training_args)
             if config.finetune_steps is not None:
                 args.max_steps = config.finetune_steps
-            Trainer(model=trial, args=args, train_dataset=train_dataset, **kwargs).train()
+            tuner = Trainer(model=trial, args=args, train_dataset=train_dataset, **kwargs)
+            tuner.train()
+            finetune_losses = [h["loss"] for h in tuner.state.log_history if "loss" in h]
         metric = evaluate(trial)
         drop = baseline - metric if higher else metric - baseline
         kept = config.max_metric_drop is None or drop <= config.max_metric_drop
@@ -153,7 +156,7 @@ def compress(
             removed=report.after.removed + len(chosen), unit=", ".join(chosen),
             score=float(sum(gaps[name] for name in chosen)), metric=metric, kept=kept,
             details={"sites": details, "neurons_on": sum(d["neurons_on"] for d in details),
-                     "neurons_off": sum(d["neurons_off"] for d in details)},
+                     "neurons_off": sum(d["neurons_off"] for d in details), "finetune_losses": finetune_losses},
             **measure_step(trial, inputs, 5 if kept else 0)))
         if not kept:
             logger.info("collapsing %s would drop %s by %.4f > %.4f: undone, stopping", chosen, metric_name, drop,

@@ -16,16 +16,17 @@ from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # no
 
 
 def main(out: str) -> None:
-    args = TrainingArguments(out, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=5e-3,
+    args = TrainingArguments(out, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=2e-2,
                              report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
                              ddp_backend="gloo", dataloader_num_workers=0, logging_steps=1)
     compressed, report = compress(tiny_bert(seed=0), TLCConfig(target_layers=2, calibration_batches=2,
-                                                               finetune_steps=4),
+                                                               finetune_steps=8),
                                   toy_dataset(32), toy_dataset(16, seed=1), args, data_collator=PadOnlyCollator(),
                                   compute_metrics=accuracy)
     torch.save({"state": {k: v.detach().clone() for k, v in compressed.state_dict().items()},
                 "edits": hf_collapse.collapse_record(compressed)["edits"], "world_size": dist.get_world_size(),
-                "metrics": [s.metric for s in report.steps]},
+                "metrics": [s.metric for s in report.steps],
+                "finetune_losses": [s.details["finetune_losses"] for s in report.steps[1:]]},
                os.path.join(out, f"rank{dist.get_rank()}.pt"))
 
 

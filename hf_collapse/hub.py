@@ -4,7 +4,8 @@
 (``base_model``, ``library_name``, tags, ``model-index`` with the evaluation result), a compression table with
 parameters, FLOPs and measured latency before and after (and the hardware they were measured on), the
 trade-off plot, how the model was trained, and the exact loading code: plain ``from_pretrained`` when the
-config expresses the change, ``AutoCollapsedModel`` otherwise.
+config expresses the change, ``AutoCollapsedModel`` otherwise. Diffusers pipelines are saved and pushed whole; their
+loading code passes the components that need ``AutoCollapsedModel`` to the pipeline's ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any
 from torch import nn
 
 from .architectures.base import unwrap_model
+from .distributed import is_main_process
 from .report import CollapseReport, format_count
 from .surgery import collapse_record, model_class_name
 
-__all__ = ["loading_code", "model_card", "push_to_hub", "save_with_card"]
+__all__ = ["collapsed_components", "loading_code", "model_card", "push_to_hub", "save_with_card"]
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "collapsed_model.md"
 _FALLBACK_TEMPLATE = "---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\n{{ summary }}\n\n{{ compression_table }}\n\n" \
@@ -35,13 +37,48 @@ def _library(model: nn.Module) -> str:
     return "peft" if _is_peft(model) else model_class_name(model).split(".")[0]
 
 
-def plain_reload_exact(model: nn.Module) -> bool:
+def _is_pipeline(model: Any) -> bool:
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        return False
+    return isinstance(model, DiffusionPipeline)
+
+
+def collapsed_components(pipeline: Any) -> dict[str, nn.Module]:
+    """The components of a diffusers pipeline that carry an hf_collapse record, by component name."""
+    return {name: component for name, component in pipeline.components.items()
+            if isinstance(component, nn.Module) and collapse_record(component) is not None}
+
+
+def plain_reload_exact(model: Any) -> bool:
+    """Whether plain ``from_pretrained`` rebuilds ``model`` (every collapsed component of a pipeline) exactly."""
+    if _is_pipeline(model):
+        return all(plain_reload_exact(c) for c in collapsed_components(model).values())
     record = collapse_record(model)
     return record is None or bool(record.get("plain_reload_exact"))
 
 
-def loading_code(model: nn.Module, repo_or_path: str) -> str:
-    """The code that loads ``model`` back from ``repo_or_path`` exactly (an adapter: onto its base model)."""
+def _pipeline_loading_code(pipeline: Any, repo_or_path: str) -> str:
+    import diffusers
+
+    cls = type(pipeline).__name__
+    cls = cls if getattr(diffusers, cls, None) is type(pipeline) else "DiffusionPipeline"
+    replayed = [name for name, c in collapsed_components(pipeline).items() if not plain_reload_exact(c)]
+    lines = ["import hf_collapse  # pip install hf_collapse"] if replayed else []
+    lines += [f"from diffusers import {cls}", ""]
+    lines += [f"{name} = hf_collapse.AutoCollapsedModel.from_pretrained(\"{repo_or_path}\", subfolder=\"{name}\")"
+              for name in replayed]
+    components = "".join(f", {name}={name}" for name in replayed)
+    lines.append(f"pipe = {cls}.from_pretrained(\"{repo_or_path}\"{components})")
+    return "\n".join(lines)
+
+
+def loading_code(model: Any, repo_or_path: str) -> str:
+    """The code that loads ``model`` back from ``repo_or_path`` exactly (an adapter: onto its base model; a
+    diffusers pipeline: as ``pipe``, its non-plain collapsed components through ``AutoCollapsedModel``)."""
+    if _is_pipeline(model):
+        return _pipeline_loading_code(model, repo_or_path)
     cls = model_class_name(model).split(".")[1]
     if _is_peft(model):
         config = model.peft_config[model.active_adapter]
@@ -54,6 +91,11 @@ def loading_code(model: nn.Module, repo_or_path: str) -> str:
         return f"from {library} import {cls}\n\nmodel = {cls}.from_pretrained(\"{repo_or_path}\")"
     return ("import hf_collapse  # pip install hf_collapse\n\n"
             f"model = hf_collapse.AutoCollapsedModel.from_pretrained(\"{repo_or_path}\")  # -> {cls}")
+
+
+def _count_of(count: int, unit_name: str) -> str:
+    """``"1 block"``, ``"3 blocks"``, ``"1 activation layer"``."""
+    return f"{count} {unit_name[:-1] if count == 1 and unit_name.endswith('s') else unit_name}"
 
 
 def _table(report: CollapseReport) -> str:
@@ -70,13 +112,13 @@ def _table(report: CollapseReport) -> str:
                      f"{s['metric_after'] - s['metric_before']:+.4f}"))
     lines = ["| | before | after | change |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
-    lines.append(f"\n{s['removed']} {report.unit_name} removed. FLOPs counted with `torch.utils.flop_counter` on "
+    lines.append(f"\n{_count_of(s['removed'], report.unit_name)} removed. FLOPs counted with `torch.utils.flop_counter` on "
                  f"one example input; latency is the median of timed runs after warm-up on {report.hardware or 'n/a'}.")
     return "\n".join(lines)
 
 
 def model_card(
-    model: nn.Module,
+    model: Any,
     report: CollapseReport | None = None,
     *,
     repo_id: str | None = None,
@@ -85,10 +127,10 @@ def model_card(
     training: str | None = None,
     model_name: str | None = None,
 ):
-    """A ``huggingface_hub.ModelCard`` for a collapsed (or TraDy-tuned) model.
+    """A ``huggingface_hub.ModelCard`` for a collapsed (or TraDy-tuned) model, or a diffusers pipeline that holds one.
 
     Args:
-        model: the collapsed model.
+        model: the collapsed model, a peft adapter model, or a diffusers pipeline with a collapsed component.
         report: its :class:`CollapseReport` (compression table, removed units, evaluation result).
         repo_id: where it will live (used in the loading code; default: a local path placeholder).
         base_model: the Hub id of the model it was compressed from.
@@ -118,9 +160,14 @@ def model_card(
     if report is not None:
         extra = ", ".join(f"{k} = {v}" for k, v in report.extra.items() if v is not None)
         removed = "\n".join(f"- `{r['name']}` (score {r['score']:.4g})" for r in report.removed)
+        described = f"{report.model_class.split('.')[-1]} ({report.family} family)"
+        removed_count = _count_of(report.after.removed, report.unit_name)
+        summary = f"{described} with {removed_count} removed by {method}."
+        if _is_pipeline(model):
+            summary = (f"A {type(model).__name__} whose `{_reported_component(model, report)}` component, a "
+                       f"{described}, has {removed_count} removed by {method}. The tables below are that component's.")
         kwargs = dict(
-            summary=f"{report.model_class.split('.')[-1]} ({report.family} family) with "
-                    f"{report.after.removed} {report.unit_name} removed by {method}.",
+            summary=summary,
             compression_table=_table(report),
             removed_list=f"Removed, in order (lowest score first):\n\n{removed}" if removed else "",
             plot="![Trade-off: metric and latency against units removed](tradeoff.png)",
@@ -133,6 +180,7 @@ def model_card(
     target = repo_id or "path/to/this/folder"
     note = ("This repository holds a peft adapter: load it onto its base model with `PeftModel.from_pretrained`."
             if _is_peft(model) else
+            _pipeline_note(model) if _is_pipeline(model) else
             "The config expresses the change, so plain `from_pretrained` rebuilds the model exactly."
             if plain_reload_exact(model) else
             "The config alone cannot express this change (it is recorded under the `hf_collapse` key of "
@@ -145,10 +193,34 @@ def model_card(
     return ModelCard.from_template(card_data, template_str=_FALLBACK_TEMPLATE, **content_kwargs)
 
 
-def save_with_card(model: nn.Module, folder: str | os.PathLike, report: CollapseReport | None = None,
+def _reported_component(pipeline: Any, report: CollapseReport) -> str:
+    collapsed = collapsed_components(pipeline)
+    matching = [name for name, c in collapsed.items() if model_class_name(c) == report.model_class]
+    if not matching:
+        raise ValueError(f"the report is about a {report.model_class}, but the pipeline has no collapsed component "
+                         f"of that class (collapsed: {sorted(collapsed) or 'none'})")
+    return matching[0]
+
+
+def _pipeline_note(pipeline: Any) -> str:
+    replayed = [name for name, c in collapsed_components(pipeline).items() if not plain_reload_exact(c)]
+    if not replayed:
+        return "The components' configs express the change, so the pipeline's plain `from_pretrained` rebuilds it exactly."
+    names = ", ".join(f"`{name}`" for name in replayed)
+    return (f"The config of {names} alone cannot express this change (it is recorded under the `hf_collapse` key of "
+            "its `config.json`): load that component with `hf_collapse.AutoCollapsedModel` (it replays the recorded "
+            "edits) and pass it to the pipeline's `from_pretrained`.")
+
+
+def save_with_card(model: Any, folder: str | os.PathLike, report: CollapseReport | None = None,
                    processor: Any = None, **card_kwargs: Any) -> Path:
-    """``save_pretrained`` the model (and processor), its card as ``README.md``, and the report's plot."""
+    """``save_pretrained`` the model (and processor), its card as ``README.md``, and the report's plot.
+
+    ``model`` may be a diffusers pipeline whose component was collapsed: the pipeline is saved as a whole (its
+    scheduler, tokenizer and other components included, so ``processor`` must be ``None``)."""
     folder = Path(folder)
+    if processor is not None and _is_pipeline(model):
+        raise ValueError("a diffusers pipeline saves its own scheduler / tokenizer / processors: pass processor=None")
     (model if _is_peft(model) else unwrap_model(model)).save_pretrained(folder)  # an adapter stays an adapter
     if processor is not None:
         processor.save_pretrained(folder)
@@ -159,17 +231,8 @@ def save_with_card(model: nn.Module, folder: str | os.PathLike, report: Collapse
     return folder
 
 
-def _is_main_process() -> bool:
-    try:
-        from accelerate import PartialState
-
-        return PartialState().is_main_process
-    except Exception:  # accelerate not initialised: a single process
-        return int(os.environ.get("RANK", "0")) == 0
-
-
 def push_to_hub(
-    model: nn.Module,
+    model: Any,
     repo_id: str,
     report: CollapseReport | None = None,
     processor: Any = None,
@@ -181,14 +244,19 @@ def push_to_hub(
     """Save the model (and tokenizer / image processor / scheduler), write its card, create the repository and
     upload the folder with ``huggingface_hub``. Only the main process pushes; the others return ``None``.
 
+    ``model`` may also be a diffusers pipeline whose component (``transformer``, ``unet``) was collapsed: the
+    whole pipeline is pushed, and the card's loading code rebuilds it (see :func:`save_with_card`).
+
     Returns the URL of the commit.
 
     Example::
 
         >>> hf_collapse.push_to_hub(collapsed, "me/minilm-collapsed", report=report, processor=tokenizer,
         ...                         base_model="sentence-transformers/all-MiniLM-L6-v2")
+        >>> pipe.transformer = collapsed_dit                  # a diffusers pipeline with a collapsed component
+        >>> hf_collapse.push_to_hub(pipe, "me/dit-collapsed", report=report, base_model="facebook/DiT-XL-2-256")
     """
-    if not _is_main_process():
+    if not is_main_process():
         return None
     from huggingface_hub import HfApi
 

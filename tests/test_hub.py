@@ -45,16 +45,24 @@ def test_push_and_pull_through_the_hub(hub, tmp_path):
     for name, found in findings.items():
         assert found["metric_value"] == found["report_metric"] == 0.75, name
         assert found["params_in_card"] and found["flops_in_card"], name
-        library = "diffusers" if name == "dit" else "transformers"
-        weights = "diffusion_pytorch_model.safetensors" if name == "dit" else "model.safetensors"
+        library = "diffusers" if name.startswith("dit") else "transformers"
+        weights = "diffusion_pytorch_model.safetensors" if name.startswith("dit") else "model.safetensors"
+        if name.startswith("dit_pipeline"):
+            files = {"README.md", "tradeoff.png", "model_index.json", "scheduler/scheduler_config.json",
+                     "transformer/config.json", f"transformer/{weights}", "vae/config.json", f"vae/{weights}"}
+            assert found["names_component"] and found["unchanged_by_push"], name
+        else:
+            files = {"README.md", "config.json", weights, "tradeoff.png"}
         assert "hf-collapse" in found["tags"] and found["library"] == library
         assert found["card_code_error"] <= 1e-5, name
         assert found["same_files"] and found["same_bytes"], found["files"]
-        assert {"README.md", "config.json", weights, "tradeoff.png"} <= set(found["files"])
+        assert files <= set(found["files"]), found["files"]
         assert found["pulled_error"] <= 1e-5, name
     assert not findings["bert"]["uses_auto_collapsed"]  # the config expresses a removed BERT layer
     assert findings["mobilenet_v2"]["uses_auto_collapsed"]  # MobileNetV2's does not
     assert not findings["dit"]["uses_auto_collapsed"]  # diffusers' num_layers does
+    assert not findings["dit_pipeline"]["uses_auto_collapsed"]  # ... also inside a pipeline
+    assert findings["dit_pipeline_tlc"]["uses_auto_collapsed"]  # a linearized MLP is not in the config
 
 
 def test_card_without_a_hub(tmp_path):
@@ -103,3 +111,27 @@ def test_card_and_save_of_a_trady_adapter(tmp_path):
     exec(loading_code(model, str(tmp_path / "adapter")), namespace)
     with torch.no_grad():
         torch.testing.assert_close(namespace["model"].eval()(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_pipeline_card_names_the_collapsed_component_and_refuses_a_mismatch(tmp_path):
+    """A pipeline's card describes its collapsed component; a report about another model, or a processor passed
+    with a pipeline (which saves its own), is refused rather than written into a misleading card."""
+    from hf_collapse.hub import save_with_card
+    from tiny_models import dit_pipeline
+
+    pipe = dit_pipeline()
+    collapsed, report = hf_collapse.collapse(pipe.transformer, {"transformer_blocks.0": 0.1}, num_blocks=1,
+                                             latency_repeats=0, progress=False)
+    pipe.transformer = collapsed
+    card = model_card(pipe, report, repo_id="me/dit-small")
+    assert card.data.library_name == "diffusers"
+    assert "A DiTPipeline whose `transformer` component, a DiTTransformer2DModel (dit family), has 1 block removed" \
+        in card.text
+    assert 'pipe = DiTPipeline.from_pretrained("me/dit-small")' in card.text and "AutoCollapsedModel" not in card.text
+    _, other = hf_collapse.collapse(CASES_BY_NAME["bert"].build(), {"encoder.layer.0": 0.1}, num_blocks=1,
+                                    latency_repeats=0, progress=False)
+    with pytest.raises(ValueError, match="no collapsed component of that class"):
+        model_card(pipe, other)
+    with pytest.raises(ValueError, match="saves its own scheduler"):
+        save_with_card(pipe, tmp_path, report, processor=pipe.scheduler)
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -133,6 +133,27 @@ def dit():
                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10)
 
 
+def dit_pipeline():
+    """A tiny diffusers DiTPipeline (DiT, AutoencoderKL, DDIM) in eval mode: in train mode DiT's label embedding
+    drops class labels at random, so the pipeline's outputs would not be reproducible."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                        norm_num_groups=4, sample_size=8)
+    return DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=DDIMScheduler(),
+                       id2label={0: "zero", 1: "one"})
+
+
+def pipeline_images(pipeline) -> torch.Tensor:
+    """Two DDIM steps from a fixed seed, as a tensor."""
+    images = pipeline(class_labels=[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images
+    return torch.from_numpy(images)
+
+
 def transformer2d():
     from diffusers import Transformer2DModel
     return Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=8, num_layers=4,

@@ -46,7 +46,14 @@ def _is_pipeline(model: Any) -> bool:
 
 
 def collapsed_components(pipeline: Any) -> dict[str, nn.Module]:
-    """The components of a diffusers pipeline that carry an hf_collapse record, by component name."""
+    """The components of a diffusers pipeline that carry an hf_collapse record, by component name.
+
+    Example::
+
+        >>> pipe.transformer = collapsed_dit
+        >>> list(hf_collapse.hub.collapsed_components(pipe))
+        ['transformer']
+    """
     return {name: component for name, component in pipeline.components.items()
             if isinstance(component, nn.Module) and collapse_record(component) is not None}
 
@@ -76,7 +83,15 @@ def _pipeline_loading_code(pipeline: Any, repo_or_path: str) -> str:
 
 def loading_code(model: Any, repo_or_path: str) -> str:
     """The code that loads ``model`` back from ``repo_or_path`` exactly (an adapter: onto its base model; a
-    diffusers pipeline: as ``pipe``, its non-plain collapsed components through ``AutoCollapsedModel``)."""
+    diffusers pipeline: as ``pipe``, its non-plain collapsed components through ``AutoCollapsedModel``).
+
+    Example::
+
+        >>> print(hf_collapse.hub.loading_code(collapsed_bert, "me/bert-collapsed"))
+        from transformers import BertForSequenceClassification
+        <BLANKLINE>
+        model = BertForSequenceClassification.from_pretrained("me/bert-collapsed")
+    """
     if _is_pipeline(model):
         return _pipeline_loading_code(model, repo_or_path)
     cls = model_class_name(model).split(".")[1]
@@ -185,12 +200,19 @@ def model_card(
             if plain_reload_exact(model) else
             "The config alone cannot express this change (it is recorded under the `hf_collapse` key of "
             "`config.json`): load it with `hf_collapse.AutoCollapsedModel`, which replays the recorded edits.")
+    recorded = collapsed_components(model) if _is_pipeline(model) else collapse_record(model) is not None
+    if _library(model) == "diffusers" and plain_reload_exact(model) and recorded:
+        note += _DIFFUSERS_RECORD_NOTE
     template = str(TEMPLATE) if TEMPLATE.is_file() else None
     content_kwargs = dict(model_name=name, method=method, loading_code=loading_code(model, target),
                           loading_note=note, **kwargs)
     if template:
         return ModelCard.from_template(card_data, template_path=template, **content_kwargs)
     return ModelCard.from_template(card_data, template_str=_FALLBACK_TEMPLATE, **content_kwargs)
+
+
+_DIFFUSERS_RECORD_NOTE = (" diffusers logs that it ignores the `hf_collapse` config attribute while loading: that "
+                          "attribute is the record of the edits (metadata), not needed to rebuild the model.")
 
 
 def _reported_component(pipeline: Any, report: CollapseReport) -> str:
@@ -217,7 +239,13 @@ def save_with_card(model: Any, folder: str | os.PathLike, report: CollapseReport
     """``save_pretrained`` the model (and processor), its card as ``README.md``, and the report's plot.
 
     ``model`` may be a diffusers pipeline whose component was collapsed: the pipeline is saved as a whole (its
-    scheduler, tokenizer and other components included, so ``processor`` must be ``None``)."""
+    scheduler, tokenizer and other components included, so ``processor`` must be ``None``).
+
+    Example::
+
+        >>> folder = hf_collapse.hub.save_with_card(collapsed, "outputs/collapsed", report, processor=tokenizer)
+        >>> sorted(p.name for p in folder.iterdir())  # config, weights, tokenizer files, README.md, tradeoff.png...
+    """
     folder = Path(folder)
     if processor is not None and _is_pipeline(model):
         raise ValueError("a diffusers pipeline saves its own scheduler / tokenizer / processors: pass processor=None")

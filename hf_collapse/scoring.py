@@ -67,7 +67,18 @@ DATA_FREE = ("random",)
 
 def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``batch`` that ``model.forward`` accepts (a denoising batch carries its target as
-    ``labels``, which a diffusers model does not take), moved to the model's device."""
+    ``labels``, which a diffusers model does not take), moved to the model's device.
+
+    A ``forward`` that takes ``**kwargs`` (as transformers models do) accepts every entry: nothing is dropped.
+
+    Example::
+
+        >>> from hf_collapse.scoring import model_inputs
+        >>> sorted(batch)
+        ['encoder_hidden_states', 'labels', 'sample', 'timestep']
+        >>> sorted(model_inputs(unet, batch))                   # a diffusers UNet2DConditionModel
+        ['encoder_hidden_states', 'sample', 'timestep']
+    """
     parameters = inspect.signature(model.forward).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     return to_device({k: v for k, v in batch.items() if takes_any or k in parameters}, device_of(model))

@@ -87,7 +87,18 @@ def find_blocks(model: nn.Module) -> list[Block]:
 
 
 def collapse_record(model: nn.Module) -> dict[str, Any] | None:
-    """The ``hf_collapse`` record of ``model``'s config, or ``None`` for a model that was never edited."""
+    """The ``hf_collapse`` record of ``model``'s config, or ``None`` for a model that was never edited.
+
+    The record is a copy: changing it does not change the model's config.
+
+    Example::
+
+        >>> smaller = hf_collapse.remove_blocks(model, ["encoder.layer.3"])
+        >>> hf_collapse.collapse_record(smaller)["edits"]
+        [{'op': 'remove_blocks', 'blocks': ['encoder.layer.3']}]
+        >>> hf_collapse.collapse_record(model) is None
+        True
+    """
     record = config_get(_owner(model), RECORD_KEY)
     return copy.deepcopy(record) if record is not None else None
 
@@ -189,6 +200,17 @@ def record_edit(model: nn.Module, edit: dict[str, Any]) -> None:
 
     ``edit["op"]`` must be registered with :func:`register_edit_op`, whose replay function rebuilds the same
     structure on a fresh model when ``AutoCollapsedModel`` loads it.
+
+    Raises:
+        ValueError: for an unregistered ``op``, or an edit its validator rejects.
+
+    Example::
+
+        >>> from hf_collapse.surgery import collapse_record, record_edit
+        >>> bert_model.pooler = None                            # the edit itself (op registered beforehand)
+        >>> record_edit(bert_model, {"op": "drop_pooler"})
+        >>> collapse_record(bert_model)["plain_reload_exact"]   # only block removals reload with plain from_pretrained
+        False
     """
     if edit.get("op") not in EDIT_OPS:
         raise ValueError(f"unknown edit operation {edit.get('op')!r}; registered: {', '.join(EDIT_OPS)}")
@@ -212,7 +234,18 @@ EDIT_OPS: dict[str, EditOp] = {}
 
 def register_edit_op(op: str, validate: Callable[[dict[str, Any]], None],
                      replay: Callable[[nn.Module, dict[str, Any]], None]) -> None:
-    """Register a structural edit kind (``"remove_blocks"`` here, ``"linearize"`` in TLC)."""
+    """Register a structural edit kind (``"remove_blocks"`` here, ``"linearize"`` in TLC).
+
+    ``validate(edit)`` raises ``ValueError`` for a malformed edit; ``replay(model, edit)`` applies the edit in place
+    to a freshly built model, before ``AutoCollapsedModel`` loads the saved weights into it. Registering an ``op``
+    again replaces it.
+
+    Example::
+
+        >>> from hf_collapse.surgery import register_edit_op
+        >>> register_edit_op("drop_pooler", validate=lambda edit: None,
+        ...                  replay=lambda model, edit: setattr(model, "pooler", None))
+    """
     EDIT_OPS[op] = EditOp(validate=validate, replay=replay)
 
 

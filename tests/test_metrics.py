@@ -24,6 +24,14 @@ def test_flops_match_the_analytic_count():
     total, per_module = metrics.module_flops(model, inputs, ["first", "second"])
     assert per_module == {"first": 2 * 3 * 8 * 16, "second": 2 * 3 * 16 * 4}
     assert total == metrics.forward_flops(model, inputs) == sum(per_module.values())
+    with pytest.raises(ValueError, match=r"no module at \['third'\]"):
+        metrics.module_flops(model, inputs, ["first", "third"])
+
+
+def test_format_count_rounds_into_the_next_unit():
+    from hf_collapse.report import format_count
+
+    assert [format_count(v) for v in (512, 22_713_216, 999_950, 999_949)] == ["512", "22.7M", "1.0M", "999.9K"]
 
 
 def test_parameter_count():

@@ -53,6 +53,13 @@ class Block:
         output_path: module whose output is the block's output (defaults to ``path``).
         extra_paths: other modules removed together with the block (e.g. the UNet up-block resnet that
             consumes a down-block resnet's skip connection).
+
+    Example::
+
+        >>> block = hf_collapse.find_blocks(model)[3]          # a BertForSequenceClassification
+        >>> block.name, block.path, block.removable
+        ('encoder.layer.3', 'bert.encoder.layer.3', True)
+        >>> layer = model.get_submodule(block.path)
     """
 
     name: str
@@ -77,7 +84,8 @@ class Block:
 class ActivationSite:
     """A nonlinearity between two linear maps: what TLC measures, linearizes and fuses.
 
-    Paths are relative to the model that was inspected.
+    Paths are relative to the family's backbone (``adapter.backbone(model)``: ``model.bert`` for a
+    ``BertForSequenceClassification``), not to a task head or peft wrapper around it.
 
     Attributes:
         name: a short identifier (the activation's path).
@@ -90,6 +98,13 @@ class ActivationSite:
         kind: ``"linear"``, ``"conv"`` or ``"conv1d"`` (GPT-2's transposed ``Conv1D``).
         gated: whether the activation gates another branch (GEGLU, SwiGLU): such sites cannot be linearized
             into a single linear map.
+
+    Example::
+
+        >>> site = hf_collapse.tlc.activation_sites(resnet)[0]     # a ResNetForImageClassification
+        >>> site.kind, site.norm
+        ('conv', 'encoder.stages.0.layers.0.layer.0.normalization')
+        >>> producer = resnet.resnet.get_submodule(site.producer)  # paths are relative to the backbone
     """
 
     name: str
@@ -103,7 +118,19 @@ class ActivationSite:
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
-    """The first tensor in a module's inputs or outputs (a tensor, a tuple/list, a dict or a ModelOutput)."""
+    """The first tensor in a module's inputs or outputs (a tensor, a tuple/list, a dict or a ModelOutput).
+
+    Returns ``None`` when there is none. A ``ModelOutput`` skips its ``None`` fields, so the first tensor of a
+    forward pass given ``labels`` is the loss.
+
+    Example::
+
+        >>> from hf_collapse.architectures.base import first_tensor
+        >>> first_tensor(model(**batch)).shape                  # BertModel: last_hidden_state
+        torch.Size([32, 20, 384])
+        >>> first_tensor((None, [hidden_states])) is hidden_states
+        True
+    """
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, dict):  # ModelOutput is an OrderedDict
@@ -117,7 +144,16 @@ def first_tensor(value: Any) -> torch.Tensor | None:
 
 
 def config_get(model: nn.Module, key: str, default: Any = None) -> Any:
-    """Read a config field of a transformers or diffusers model."""
+    """Read a config field of a transformers or diffusers model (``default`` when the field is missing).
+
+    Example::
+
+        >>> from hf_collapse.architectures.base import config_get
+        >>> config_get(model, "num_hidden_layers")                  # all-MiniLM-L6-v2
+        6
+        >>> config_get(unet, "cross_attention_dim")                 # a diffusers FrozenDict config (SD 1.5)
+        768
+    """
     config = model.config
     if isinstance(config, dict):  # diffusers FrozenDict
         return config.get(key, default)
@@ -125,7 +161,17 @@ def config_get(model: nn.Module, key: str, default: Any = None) -> Any:
 
 
 def config_set(model: nn.Module, **values: Any) -> None:
-    """Write config fields of a transformers or diffusers model (diffusers through ``register_to_config``)."""
+    """Write config fields of a transformers or diffusers model (diffusers through ``register_to_config``).
+
+    Only the config changes: the modules stay as they are.
+
+    Example::
+
+        >>> from hf_collapse.architectures.base import config_get, config_set
+        >>> config_set(model, num_hidden_layers=5)
+        >>> config_get(model, "num_hidden_layers")
+        5
+    """
     if isinstance(model.config, dict):
         model.register_to_config(**values)
     else:
@@ -138,7 +184,17 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip peft and DDP/accelerate wrappers, returning the transformers/diffusers model inside."""
+    """Strip peft and DDP/accelerate wrappers, returning the transformers/diffusers model inside.
+
+    Also looks through ``torch.compile`` (``_orig_mod``); a model with no wrapper is returned as it is.
+
+    Example::
+
+        >>> from hf_collapse.architectures import unwrap_model
+        >>> peft_model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+        >>> unwrap_model(peft_model) is model                   # the BertForSequenceClassification inside
+        True
+    """
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
@@ -158,7 +214,15 @@ class ArchitectureAdapter:
     ``class_names`` (diffusers class names), and implement :meth:`blocks`, :meth:`remove` and
     :meth:`activation_sites`. All paths an adapter returns are relative to the *backbone*
     (``model.base_model`` for transformers task heads, the model itself for diffusers); the public API turns
-    them into paths of the model the user passed.
+    them into paths of the model the user passed. A new family subclasses this class and registers an instance
+    (see :func:`register_architecture`).
+
+    Example::
+
+        >>> adapter = hf_collapse.adapter_for(model)            # a BertForSequenceClassification
+        >>> adapter.family, adapter.backbone(model) is model.bert
+        ('bert', True)
+        >>> inputs = adapter.example_inputs(model, batch_size=2, seq_len=16)   # input_ids, attention_mask
     """
 
     family: str = ""
@@ -248,7 +312,18 @@ def register_architecture(adapter: ArchitectureAdapter, *, override: bool = Fals
 
 
 def unregister_architecture(family: str) -> None:
-    """Remove a registered family (e.g. a user adapter registered for one script or test)."""
+    """Remove a registered family (e.g. a user adapter registered for one script or test).
+
+    Raises:
+        ValueError: when no family of that name is registered.
+
+    Example::
+
+        >>> hf_collapse.register_architecture(MyNetAdapter())
+        >>> hf_collapse.unregister_architecture("mynet")
+        >>> "mynet" in hf_collapse.supported_families()
+        False
+    """
     before = len(_REGISTRY)
     _REGISTRY[:] = [a for a in _REGISTRY if a.family != family]
     if len(_REGISTRY) == before:
@@ -256,6 +331,13 @@ def unregister_architecture(family: str) -> None:
 
 
 def supported_families() -> list[str]:
+    """The ``family`` names of the registered adapters, the most recently registered first.
+
+    Example::
+
+        >>> sorted(hf_collapse.supported_families())
+        ['bert', 'dit', 'gpt2', 'llama', 'mobilenet_v2', 'resnet', 'swin', 'unet_2d_condition', 'vit']
+    """
     return [a.family for a in _REGISTRY]
 
 
@@ -269,6 +351,12 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
 
     Raises:
         ValueError: when no registered adapter knows the model; the message lists the supported families.
+
+    Example::
+
+        >>> adapter = hf_collapse.adapter_for(peft_model)       # a LoRA-wrapped BertForSequenceClassification
+        >>> adapter.family
+        'bert'
     """
     inner = unwrap_model(model)
     for adapter in _REGISTRY:

@@ -24,7 +24,18 @@ __all__ = ["SiteStatistics", "activation_sites", "activation_statistics"]
 
 @dataclass
 class SiteStatistics:
-    """The statistics of one site. ON neurons have β > 0; P(OFF) = Φ(−β/γ)."""
+    """The statistics of one site. ON neurons have β > 0; P(OFF) = Φ(−β/γ).
+
+    ``mean`` (β) and ``std`` (γ) hold one value per neuron (channel); ``source`` says where they come from.
+
+    Example::
+
+        >>> stats = hf_collapse.tlc.activation_statistics(model, calibration_batches)     # all-MiniLM-L6-v2
+        >>> s = stats["encoder.layer.0.intermediate.intermediate_act_fn"]
+        >>> s.source, s.neurons_on + s.neurons_off
+        ('measured', 1536)
+        >>> linearized = hf_collapse.tlc.linearize(model, s)
+    """
 
     site: ActivationSite
     mean: torch.Tensor
@@ -58,9 +69,18 @@ class SiteStatistics:
 def activation_sites(model: nn.Module, names: str | Iterable[str] = "auto") -> list[ActivationSite]:
     """The sites TLC may collapse: every linearizable (non-gated, not yet linearized) site, or those named.
 
+    Site names and paths are relative to the family's backbone (see :class:`hf_collapse.ActivationSite`).
+    Named sites are returned in the order given.
+
     Raises:
         ValueError: for unknown names, a gated site (GEGLU, SwiGLU: linearizing the gate leaves a bilinear map),
             or a model with no linearizable site.
+
+    Example::
+
+        >>> sites = hf_collapse.tlc.activation_sites(model)     # all-MiniLM-L6-v2: one site per layer
+        >>> len(sites), sites[0].name
+        (6, 'encoder.layer.0.intermediate.intermediate_act_fn')
     """
     adapter = adapter_for(model)
     backbone = adapter.backbone(unwrap_model(model))

@@ -92,7 +92,15 @@ def _compose_with_pointwise(producer: _Affine, consumer: _Affine) -> _Affine | N
 
 def masked_identity(site: ActivationSite, on: torch.Tensor):
     """A forward hook for the activation module that makes it the candidate transform: OFF neurons output 0,
-    ON neurons pass their pre-activation through. Used to rank candidates without copying the model."""
+    ON neurons pass their pre-activation through. Used to rank candidates without copying the model.
+
+    Example::
+
+        >>> from hf_collapse.tlc.transforms import masked_identity
+        >>> activation = model.bert.get_submodule(stats.site.activation)   # site paths are relative to the backbone
+        >>> handle = activation.register_forward_hook(masked_identity(stats.site, stats.on))
+        >>> loss = model(**batch).loss; handle.remove()                    # the loss as if the site were linearized
+    """
     def hook(module, args, output):
         pre = module.proj(args[0]) if hasattr(module, "proj") else args[0]
         shape = [1] * pre.dim()

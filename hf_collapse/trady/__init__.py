@@ -93,6 +93,13 @@ def register_trady_with_peft() -> None:
 
     Raises:
         RuntimeError: when peft's registry is not what this code was written for (with the reason).
+
+    Example::
+
+        >>> from peft import PeftType
+        >>> hf_collapse.trady.register_trady_with_peft()        # already done by the import; a no-op
+        >>> PeftType("TRADY")
+        <PeftType.TRADY: 'TRADY'>
     """
     from peft import mapping
     from peft.utils import peft_types

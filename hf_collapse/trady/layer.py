@@ -34,7 +34,13 @@ def _conv1d_class() -> Optional[type]:
 
 
 def supported_module_types() -> str:
-    """What TraDy can target, for error messages."""
+    """What TraDy can target, for error messages.
+
+    Example::
+
+        >>> print(supported_module_types())
+        torch.nn.Linear, torch.nn.Conv2d (groups=1 or depthwise, zero padding) and transformers' Conv1D (GPT-2)
+    """
     return "torch.nn.Linear, torch.nn.Conv2d (groups=1 or depthwise, zero padding) and transformers' Conv1D (GPT-2)"
 
 
@@ -259,6 +265,13 @@ def channel_ops_for(module: nn.Module) -> Optional[_ChannelOps]:
 
     Raises:
         TypeError: for a Conv2d TraDy cannot slice (grouped but not depthwise, non-zero padding mode, string padding).
+
+    Example::
+
+        >>> channel_ops_for(nn.Conv2d(32, 32, 3, padding=1, groups=32)).kind
+        'depthwise'
+        >>> channel_ops_for(nn.Linear(384, 1536)).slice_shape(4), channel_ops_for(nn.LayerNorm(384))
+        ((1536, 4), None)
     """
     conv1d = _conv1d_class()
     if isinstance(module, nn.Linear):
@@ -287,6 +300,15 @@ class ChannelSliceFunction(torch.autograd.Function):
     Saved for backward: the selected channels of ``x`` (only when ``delta`` needs a gradient) and references to the
     weights. Backward returns the input gradient (only when ``x`` needs one: below the lowest selected layer nothing
     does, so nothing is computed) and the gradient of ``delta``, i.e. of the selected weight slice only.
+    ``weight`` never gets a gradient.
+
+    Example::
+
+        >>> linear, x, index = nn.Linear(64, 32), torch.randn(3, 5, 64), torch.tensor([0, 7, 9, 40])
+        >>> ops, delta = channel_ops_for(linear), torch.zeros(32, 4, requires_grad=True)    # ops.slice_shape(4)
+        >>> ChannelSliceFunction.apply(x, linear.weight, linear.bias, delta, index, ops).sum().backward()
+        >>> delta.grad.shape                                    # only x[..., index] was saved for it
+        torch.Size([32, 4])
     """
 
     @staticmethod
@@ -334,6 +356,14 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
 
     Re-sampling merges the current delta into ``base_layer.weight`` (in place): the base weight therefore carries
     the updates of past epochs, and disabling the adapter removes only the current epoch's delta.
+
+    Example::
+
+        >>> layer = find_trady_model(peft_model).trady_layers()["bert.encoder.layer.5.output.dense"]
+        >>> layer.selected_channels()[:4]                       # input channels updated this epoch
+        [0, 6, 22, 36]
+        >>> layer.get_delta_weight("default").shape == layer.base_layer.weight.shape
+        True
     """
 
     adapter_layer_names: tuple[str, ...] = ()

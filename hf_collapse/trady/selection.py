@@ -41,6 +41,13 @@ class LayerCost:
         in_channels: number of input channels (the unit of selection).
         weight_per_channel: weight-gradient elements of one channel's slice.
         positions: activation elements per sample of one channel (tokens, or H·W).
+
+    Example::
+
+        >>> cost = LayerCost("bert.encoder.layer.5.output.dense", in_channels=1536, weight_per_channel=384,
+        ...                  positions=128.0)
+        >>> cost.channel_cost, cost.full_cost
+        (512.0, 786432.0)
     """
 
     name: str
@@ -74,7 +81,13 @@ def budget_elements(costs: Sequence[LayerCost], memory_budget: Optional[int], bu
 
 
 def candidate_layers(order: Sequence[str], max_depth: Optional[int]) -> list[str]:
-    """The layers allowed by ``max_depth``: the last ``max_depth`` of ``order`` (forward order), or all of them."""
+    """The layers allowed by ``max_depth``: the last ``max_depth`` of ``order`` (forward order), or all of them.
+
+    Example::
+
+        >>> candidate_layers(["layer.0.fc", "layer.1.fc", "layer.2.fc"], max_depth=2)
+        ['layer.1.fc', 'layer.2.fc']
+    """
     order = list(order)
     if max_depth is None or max_depth >= len(order):
         return order
@@ -109,7 +122,13 @@ def select_layers_by_rgn(layer_rgn: Mapping[str, float], coverage: float,
 
 
 def selection_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator seeded by ``(seed, index)`` (the epoch or re-sampling index): the same on every rank."""
+    """A CPU generator seeded by ``(seed, index)`` (the epoch or re-sampling index): the same on every rank.
+
+    Example::
+
+        >>> torch.randperm(5, generator=selection_generator(seed=0, index=3))
+        tensor([3, 2, 0, 1, 4])
+    """
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index) * 7_919 + 12_345) % (2**63 - 1))
 
 
@@ -120,6 +139,12 @@ def flat_capacity(costs: Sequence[LayerCost], budget: float) -> int:
     the capacity adds 10% and the largest slice, and never exceeds what the budget can hold (a fractional knapsack
     bound) nor every channel of the pool. Draws also respect the capacity, which binds only for strategies that
     favour heavy channels (``det_rgn``).
+
+    Example::
+
+        >>> costs = [LayerCost("fc1", 40, 10, 6.0), LayerCost("fc2", 30, 20, 6.0)]     # full cost 1420 elements
+        >>> flat_capacity(costs, budget=142.0), flat_capacity(costs, budget=1420.0)
+        (110, 1000)
     """
     total_cost = sum(c.full_cost for c in costs)
     total_weight = sum(c.in_channels * c.weight_per_channel for c in costs)
@@ -167,6 +192,12 @@ def draw_random_channels(costs: Sequence[LayerCost], budget: float, capacity: in
 
     Returns:
         ``{layer name: sorted channel indices}`` for the layers that got at least one channel.
+
+    Example::
+
+        >>> costs = [LayerCost("fc1", 40, 10, 6.0), LayerCost("fc2", 30, 20, 6.0)]
+        >>> draw_random_channels(costs, budget=142.0, capacity=110, generator=selection_generator(0, 0))
+        {'fc1': [3, 17, 27, 39], 'fc2': [10, 15, 24]}
     """
     if not costs:
         return {}
@@ -180,7 +211,18 @@ def draw_random_channels(costs: Sequence[LayerCost], budget: float, capacity: in
 
 def draw_top_rgn_channels(costs: Sequence[LayerCost], channel_rgn: Mapping[str, torch.Tensor], budget: float,
                           capacity: int) -> dict[str, list[int]]:
-    """The pooled channels of highest RGN, taken in decreasing order while they fit (the ``det_rgn`` baseline)."""
+    """The pooled channels of highest RGN, taken in decreasing order while they fit (the ``det_rgn`` baseline).
+
+    Raises:
+        ValueError: when ``channel_rgn`` lacks a layer of ``costs`` (the model was not calibrated).
+
+    Example::
+
+        >>> costs = [LayerCost("a", 4, 2, 1.0), LayerCost("b", 3, 2, 1.0)]
+        >>> rgn = {"a": torch.tensor([0.1, 0.9, 0.2, 0.0]), "b": torch.tensor([0.5, 0.3, 0.95])}
+        >>> draw_top_rgn_channels(costs, rgn, budget=9.0, capacity=100)
+        {'a': [1], 'b': [0, 2]}
+    """
     if not costs:
         return {}
     scores, pairs = [], []

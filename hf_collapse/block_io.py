@@ -24,7 +24,7 @@ def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list
     Named blocks are returned in the order given, as they are (removable or not).
 
     Raises:
-        ValueError: for an unknown name or an empty list.
+        ValueError: for an unknown or repeated name, or an empty list.
 
     Example::
 
@@ -45,6 +45,9 @@ def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list
         raise ValueError(f"unknown blocks {unknown}; this model's blocks are: {', '.join(by_name)}")
     if not names:
         raise ValueError("no blocks selected: pass 'auto' or a non-empty list of block names")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ValueError(f"blocks named more than once: {repeated}")
     return [by_name[n] for n in names]
 
 

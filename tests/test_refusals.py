@@ -41,6 +41,23 @@ def test_duplicate_block(bert):
         hf_collapse.remove_blocks(bert, [blocks[1], "encoder.layer.1"])
 
 
+def test_scoring_a_block_twice_is_refused(bert):
+    with pytest.raises(ValueError, match=r"named more than once: \['encoder.layer.1'\]"):
+        hf_collapse.score_blocks(bert, [], blocks=["encoder.layer.1", "encoder.layer.1"])
+
+
+def test_tlc_site_named_twice_or_already_linearized_is_refused(bert):
+    from hf_collapse.tlc import activation_sites, activation_statistics, linearize
+
+    site = activation_sites(bert)[0]
+    with pytest.raises(ValueError, match="named twice"):
+        activation_sites(bert, [site.name, site.name])
+    batch = {"input_ids": torch.tensor([[3, 4, 5, 6]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    linearized = linearize(bert, activation_statistics(bert, [batch], [site])[site.name])
+    with pytest.raises(ValueError, match="already linearized"):
+        activation_sites(linearized, [site.name])
+
+
 def test_every_block(bert):
     with pytest.raises(ValueError, match="cannot remove all 5 blocks"):
         hf_collapse.remove_blocks(bert, hf_collapse.find_blocks(bert))

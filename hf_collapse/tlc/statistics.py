@@ -73,8 +73,8 @@ def activation_sites(model: nn.Module, names: str | Iterable[str] = "auto") -> l
     Named sites are returned in the order given.
 
     Raises:
-        ValueError: for unknown names, a gated site (GEGLU, SwiGLU: linearizing the gate leaves a bilinear map),
-            or a model with no linearizable site.
+        ValueError: for unknown, repeated or already linearized names, a gated site (GEGLU, SwiGLU: linearizing
+            the gate leaves a bilinear map), or a model with no linearizable site.
 
     Example::
 
@@ -103,6 +103,10 @@ def activation_sites(model: nn.Module, names: str | Iterable[str] = "auto") -> l
         if name not in by_name:
             raise ValueError(f"unknown activation site {name!r}; sites: {', '.join(list(by_name)[:6])}, ...")
         site = by_name[name]
+        if site in chosen:
+            raise ValueError(f"activation site {name!r} is named twice")
+        if site not in live:
+            raise ValueError(f"activation site {name!r} is already linearized (its activation is the identity)")
         if site.gated:
             raise ValueError(f"site {name!r} is gated (GEGLU / SwiGLU): linearizing the gate leaves a bilinear map "
                              "(x * W x), not a linear one, so TLC cannot collapse it")

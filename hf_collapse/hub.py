@@ -127,7 +127,8 @@ def _table(report: CollapseReport) -> str:
                      f"{s['metric_after'] - s['metric_before']:+.4f}"))
     lines = ["| | before | after | change |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
-    lines.append(f"\n{_count_of(s['removed'], report.unit_name)} removed. FLOPs counted with `torch.utils.flop_counter` on "
+    lines.append(f"\n{_count_of(s['removed'], report.unit_name)} removed. FLOPs counted with "
+                 "`torch.utils.flop_counter` on "
                  f"one example input; latency is the median of timed runs after warm-up on {report.hardware or 'n/a'}.")
     return "\n".join(lines)
 
@@ -227,7 +228,8 @@ def _reported_component(pipeline: Any, report: CollapseReport) -> str:
 def _pipeline_note(pipeline: Any) -> str:
     replayed = [name for name, c in collapsed_components(pipeline).items() if not plain_reload_exact(c)]
     if not replayed:
-        return "The components' configs express the change, so the pipeline's plain `from_pretrained` rebuilds it exactly."
+        return ("The components' configs express the change, so the pipeline's plain `from_pretrained` rebuilds it "
+                "exactly.")
     names = ", ".join(f"`{name}`" for name in replayed)
     return (f"The config of {names} alone cannot express this change (it is recorded under the `hf_collapse` key of "
             "its `config.json`): load that component with `hf_collapse.AutoCollapsedModel` (it replays the recorded "

@@ -66,12 +66,17 @@ def plain_reload_exact(model: Any) -> bool:
     return record is None or bool(record.get("plain_reload_exact"))
 
 
+def _components_to_replay(pipeline: Any) -> list[str]:
+    """The collapsed components whose config cannot express their edits (loaded with AutoCollapsedModel)."""
+    return [name for name, c in collapsed_components(pipeline).items() if not plain_reload_exact(c)]
+
+
 def _pipeline_loading_code(pipeline: Any, repo_or_path: str) -> str:
     import diffusers
 
     cls = type(pipeline).__name__
     cls = cls if getattr(diffusers, cls, None) is type(pipeline) else "DiffusionPipeline"
-    replayed = [name for name, c in collapsed_components(pipeline).items() if not plain_reload_exact(c)]
+    replayed = _components_to_replay(pipeline)
     lines = ["import hf_collapse  # pip install hf_collapse"] if replayed else []
     lines += [f"from diffusers import {cls}", ""]
     lines += [f"{name} = hf_collapse.AutoCollapsedModel.from_pretrained(\"{repo_or_path}\", subfolder=\"{name}\")"
@@ -226,7 +231,7 @@ def _reported_component(pipeline: Any, report: CollapseReport) -> str:
 
 
 def _pipeline_note(pipeline: Any) -> str:
-    replayed = [name for name, c in collapsed_components(pipeline).items() if not plain_reload_exact(c)]
+    replayed = _components_to_replay(pipeline)
     if not replayed:
         return ("The components' configs express the change, so the pipeline's plain `from_pretrained` rebuilds it "
                 "exactly.")

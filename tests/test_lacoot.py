@@ -4,14 +4,11 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
-from torch.utils.data import DataLoader
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 import hf_collapse
 from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset
 from hf_collapse import LaCoOTArguments, LaCoOTTrainer
-from hf_collapse.ot import max_sliced_wasserstein, random_directions
 
 
 def make_args(tmp_path, **overrides):
@@ -79,46 +76,7 @@ def test_penalty_is_added_and_logged_per_block(tmp_path):
     assert first["loss"] == pytest.approx(plain_first + total, rel=1e-3)
 
 
-class FixedDirectionTrainer(LaCoOTTrainer):
-    """The same penalty on fixed random directions, so that two runs see identical slices."""
-
-    def msw_penalty(self):
-        values = []
-        for i, block in enumerate(self.msw_blocks):
-            x, y = self._block_io.features(block.name)
-            directions = random_directions(x.shape[1], 8, generator=torch.Generator().manual_seed(i))
-            values.append(max_sliced_wasserstein(x, y, slicing="random", directions=directions))
-        return torch.stack(values).mean(), {}
-
-
-def _sgd_update(tmp_path, weight, batch, accumulation):
-    data = toy_dataset(4)
-    data = Dataset.from_dict({k: list(data[k]) * 2 for k in data.column_names})  # two copies, in order
-    args = LaCoOTArguments(**make_args(tmp_path, per_device_train_batch_size=batch,
-                                       gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd",
-                                       learning_rate=0.1, lr_scheduler_type="constant", warmup_steps=0,
-                                       max_grad_norm=0.0),
-                           msw_weight=weight, msw_slicing="random")
-    model = tiny_bert()
-    trainer = FixedDirectionTrainer(model=model, args=args, train_dataset=data, data_collator=PadOnlyCollator())
-    # In order, unshuffled: micro-batches [s], [s] against one batch [s, s].
-    trainer.get_train_dataloader = lambda: DataLoader(data, batch_size=batch, shuffle=False, collate_fn=PadOnlyCollator())
-    trainer.train()
-    return torch.cat([p.detach().flatten() for p in model.bert.encoder.parameters()])
-
-
-def test_gradient_accumulation_scales_the_penalty_like_the_task_loss(tmp_path):
-    """2 micro-batches of b accumulate the same penalty gradient as 1 batch of 2b (the 2b batch holds the same
-    samples twice, so its MSW equals each half's)."""
-    start = torch.cat([p.detach().flatten() for p in tiny_bert().bert.encoder.parameters()])
-    penalty_grads = []
-    for batch, accumulation in ((4, 2), (8, 1)):
-        with_penalty = _sgd_update(tmp_path / f"{batch}w", 1.0, batch, accumulation)
-        without = _sgd_update(tmp_path / f"{batch}n", 0.0, batch, accumulation)
-        penalty_grads.append((without - with_penalty) / 0.1)
-    assert penalty_grads[0].abs().max() > 1e-4  # the penalty really moved the weights
-    torch.testing.assert_close(penalty_grads[0], penalty_grads[1], atol=1e-5, rtol=1e-3)
-    assert not torch.equal(start, start + penalty_grads[0])
+# λ under gradient accumulation and DDP, resume and publishing: tests/test_lacoot_lifecycle.py.
 
 
 def _loss_and_grad(tmp_path, inputs, **overrides):

@@ -1,22 +1,28 @@
 """LaCoOTTrainer: a ``transformers.Trainer`` that adds λ·MSW(block input, block output) to the task loss.
 
 What the penalty sees under DDP: each rank's **local** batch. The MSW of a batch is a statistic of the
-empirical distributions of that batch; DDP averages the gradients of the per-rank penalties exactly as it
-averages the task loss's, so no gather (and no extra communication on the hot path) is needed, and the
-result equals single-process training with per-device batches. The random directions that start the
-ascent are seeded by ``(args.seed, block index)``, identical on every rank.
+empirical distributions of that batch (of ``per_device_train_batch_size`` samples, not of the global batch); DDP
+averages the gradients of the per-rank penalties exactly as it averages the task loss's, so no gather (and no
+extra communication on the hot path) is needed. The random directions that start the ascent are seeded by
+``(args.seed, block index)``, identical on every rank.
+
+λ means one thing: the penalty is scaled exactly as the Trainer scales the task loss, so its weight relative to
+the task loss does not depend on gradient accumulation or on the number of processes, whether the model's loss
+is a local mean (sequence classifiers) or normalised by the Trainer's ``num_items_in_batch`` (causal LMs).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..block_io import BlockIO, select_blocks
 from ..collapse import collapse as collapse_model
@@ -29,6 +35,32 @@ from .arguments import LaCoOTArguments
 __all__ = ["LaCoOTTrainer"]
 
 logger = logging.getLogger(__name__)
+
+#: The file, in each Trainer checkpoint, that holds what shapes the rest of a LaCoOT run besides the weights and the
+#: optimizer: the warm-start directions of the ascent and the state of the per-block generators (one per rank).
+PENALTY_STATE_NAME = "lacoot_penalty_state_rank{rank}.pt"
+
+
+def trainer_task_loss_multiplier(trainer: Trainer, num_items_in_batch) -> int:
+    """The factor by which ``Trainer.compute_loss`` multiplies the model's loss (transformers 5: the number of
+    processes, over the tensor-parallel size, when it passes ``num_items_in_batch`` and averages tokens across
+    devices; ``n_gpu`` under ``nn.DataParallel``; else 1)."""
+    if (trainer.args.average_tokens_across_devices and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func)
+            and num_items_in_batch is not None):
+        return trainer.accelerator.num_processes // trainer.get_tp_size() if trainer.args.n_gpu <= 1 else trainer.args.n_gpu
+    return 1
+
+
+class _PenaltyCheckpointCallback(TrainerCallback):
+    """Writes the penalty's state into every Trainer checkpoint, next to the optimizer's."""
+
+    def __init__(self, trainer: "LaCoOTTrainer"):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            self.trainer._save_penalty_state(folder)
 
 
 class LaCoOTTrainer(Trainer):
@@ -65,9 +97,47 @@ class LaCoOTTrainer(Trainer):
         self._msw_sums: dict[str, float] = defaultdict(float)  # per block, since the last log
         self._msw_total = 0.0
         self._msw_steps = 0
+        self._loss_uses_num_items: bool | None = None  # probed once (see _penalty_scale)
         self.collapse_report: CollapseReport | None = None  # set by collapse(), used by the model card
+        self.collapsed_model: nn.Module | None = None  # set by collapse(): what save_model / push_to_hub publish
+        self.add_callback(_PenaltyCheckpointCallback(self))
 
     # -- training --------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; resuming from a checkpoint also restores the penalty's warm-start directions and
+        generators, so that a resumed run ends where the uninterrupted one does. Training again forgets the last
+        collapse (``save_model`` publishes the trained model until ``collapse`` is called again)."""
+        self.collapsed_model, self.collapse_report = None, None
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            folder = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            if folder is not None:
+                self._load_penalty_state(Path(folder))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _penalty_state_file(self, folder: Path) -> Path:
+        return folder / PENALTY_STATE_NAME.format(rank=self.args.process_index)
+
+    def _save_penalty_state(self, folder: Path) -> None:
+        # Each rank warm-starts from directions fitted to its own batches: one file per rank.
+        state = {"directions": {name: d.detach().cpu() for name, d in self._directions.items()},
+                 "generators": {name: g.get_state() for name, g in self._generators.items()}}
+        torch.save(state, self._penalty_state_file(folder))
+
+    def _load_penalty_state(self, folder: Path) -> None:
+        file = self._penalty_state_file(folder)
+        if not file.is_file():
+            logger.warning("%s has no %s: the MSW ascent restarts cold from this checkpoint (the run will not end "
+                           "exactly where an uninterrupted one would)", folder, file.name)
+            return
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        unknown = set(state["generators"]) - set(self._generators)
+        if unknown:
+            raise ValueError(f"the penalty state in {file} is for other blocks ({sorted(unknown)}); this trainer "
+                             f"penalizes {sorted(self._generators)}")
+        self._directions = dict(state["directions"])
+        for name, generator_state in state["generators"].items():
+            self._generators[name].set_state(generator_state)
+
     def _penalty_active(self, model: nn.Module) -> bool:
         return self.args.msw_weight > 0 and model.training
 
@@ -98,9 +168,10 @@ class LaCoOTTrainer(Trainer):
         for block in self.msw_blocks:
             raw, raw_output = self._block_io.raw(block.name)
             x, y = raw.flatten(1), raw_output.flatten(1)
+            warm = self._warm_start(block.name, raw.shape[1:])
             distance, direction = max_sliced_wasserstein(
                 x, y, slicing=self.args.msw_slicing, n_projections=self.args.msw_projections,
-                ascent_steps=self.args.msw_ascent_steps, init_direction=self._warm_start(block.name, raw.shape[1:]),
+                ascent_steps=self.args.msw_ascent_steps, init_direction=None if warm is None else warm.to(x.device),
                 generator=self._generators[block.name], return_direction=True,
             )
             if self.args.msw_slicing == "ascent":
@@ -110,26 +181,55 @@ class LaCoOTTrainer(Trainer):
         stacked = torch.stack(values)
         return (stacked.mean() if self.args.msw_reduction == "mean" else stacked.sum()), per_block
 
-    def _task_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        # Mirrors Trainer.training_step: when this is False the Trainer divides the returned loss by the
-        # accumulation steps; when True it does not, and the penalty must be divided here.
-        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
-            return bool(self.loss_is_scaled_for_ga)
-        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
+    def _model_loss_uses_num_items(self, model: nn.Module, inputs: dict[str, Any]) -> bool:
+        """Whether the model's own loss is normalised by ``num_items_in_batch`` (a causal LM's is) or ignores it
+        (a sequence classifier's local mean), probed once on the first batch: two forward passes in eval mode without
+        gradients, which touch neither the weights, the random state nor BatchNorm statistics."""
+        if self._loss_uses_num_items is None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            was_training = unwrapped.training
+            unwrapped.eval()
+            try:
+                with torch.no_grad():
+                    losses = []
+                    for count in (1.0, 2.0):
+                        outputs = unwrapped(**inputs, num_items_in_batch=torch.tensor(count, device=self.args.device))
+                        losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs[0]))
+            finally:
+                unwrapped.train(was_training)
+            self._loss_uses_num_items = abs(losses[0] - losses[1]) > 1e-6 * max(abs(losses[0]), 1e-12)
+        return self._loss_uses_num_items
+
+    def _penalty_scale(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch) -> float:
+        """The factor on ``msw_weight * penalty`` that gives the penalty the task loss's own scaling.
+
+        The Trainer multiplies the task loss by ``s`` (the number of processes when it passes ``num_items_in_batch``
+        and averages tokens across devices) and divides it by the accumulation steps unless it considers the loss
+        already scaled for them. A loss normalised by the global ``num_items_in_batch`` then yields the mean gradient
+        over micro-batches and ranks: the penalty needs ``1 / accumulation steps`` (DDP averages over ranks). A local
+        mean yields ``s x accumulation steps`` times that mean: the penalty needs the same ``s`` and no division.
+        Either way ``(task + λ penalty)`` is scaled as one, whatever the accumulation and the world size.
+        """
+        if num_items_in_batch is not None:
+            if self.compute_loss_func is not None or (self.label_smoother is not None and "labels" in inputs):
+                return 1.0 / self.current_gradient_accumulation_steps  # the Trainer's loss divides by the count
+            if self.model_accepts_loss_kwargs and self._model_loss_uses_num_items(model, inputs):
+                return 1.0 / self.current_gradient_accumulation_steps
+        return float(trainer_task_loss_multiplier(self, num_items_in_batch))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The task loss of ``Trainer.compute_loss`` plus ``msw_weight`` times the MSW penalty (training only)."""
+        """The task loss of ``Trainer.compute_loss`` plus ``msw_weight`` times the MSW penalty (training only),
+        the penalty scaled like the task loss (see :meth:`_penalty_scale`)."""
         if not self._penalty_active(model):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        scale = self._penalty_scale(model, inputs, num_items_in_batch)
         with self._block_io.capturing(attention_mask=inputs.get("attention_mask")):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
         penalty, per_block = self.msw_penalty()
         self._msw_total += float(penalty.detach())
-        if self._task_loss_is_scaled_for_ga(num_items_in_batch):
-            penalty = penalty / self.current_gradient_accumulation_steps
-        loss = loss + self.args.msw_weight * penalty.to(loss.dtype)
+        loss = loss + (self.args.msw_weight * scale) * penalty.to(loss.dtype)
         for name, value in per_block.items():
             self._msw_sums[name] += value
         self._msw_steps += 1
@@ -200,22 +300,47 @@ class LaCoOTTrainer(Trainer):
             "msw_reduction": self.args.msw_reduction, "epochs": self.args.num_train_epochs,
             "learning_rate": self.args.learning_rate,
         })
-        self.collapse_report = report
+        self.collapse_report, self.collapsed_model = report, collapsed
         return collapsed, report
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, except after :meth:`collapse`: then the collapsed model (the one the report
+        describes) is saved, with the processor, the report (``collapse_report.json``), the trade-off plot and the
+        model card, so that the folder ``trainer.push_to_hub()`` uploads holds what its card describes."""
+        if self.collapsed_model is None:
+            return super().save_model(output_dir, _internal_call)
+        from ..hub import save_with_card
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            save_with_card(self.collapsed_model, output_dir, self.collapse_report, processor=self.processing_class,
+                           **self._card_kwargs())
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _card_kwargs(self, model_name: str | None = None, finetuned_from: str | None = None,
+                     dataset: str | list[str] | None = None) -> dict[str, Any]:
+        datasets = [dataset] if isinstance(dataset, str) else dataset
+        base = finetuned_from or getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        return dict(base_model=base if base and "/" in str(base) else None, datasets=datasets, model_name=model_name,
+                    repo_id=self.hub_model_id,
+                    training=f"Trained with LaCoOTTrainer: λ = {self.args.msw_weight}, slicing "
+                             f"{self.args.msw_slicing}, {self.args.num_train_epochs} epochs at learning rate "
+                             f"{self.args.learning_rate}.")
 
     def create_model_card(self, model_name: str | None = None, finetuned_from: str | None = None,
                           dataset: str | list[str] | None = None, **kwargs: Any) -> None:
         """Write hf_collapse's model card (method, λ, the last collapse report) to ``output_dir/README.md``, so
-        that ``trainer.push_to_hub()`` publishes it instead of the generic Trainer card."""
+        that ``trainer.push_to_hub()`` publishes it instead of the generic Trainer card. After :meth:`collapse` it
+        describes the collapsed model, and the trade-off plot it shows is written next to it."""
         if not self.is_world_process_zero():
             return
         from ..hub import model_card
 
-        datasets = [dataset] if isinstance(dataset, str) else dataset
-        base = finetuned_from or getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
-        card = model_card(self.model, self.collapse_report, base_model=base if base and "/" in str(base) else None,
-                          datasets=datasets, model_name=model_name,
-                          training=f"Trained with LaCoOTTrainer: λ = {self.args.msw_weight}, slicing "
-                                   f"{self.args.msw_slicing}, {self.args.num_train_epochs} epochs at learning rate "
-                                   f"{self.args.learning_rate}.")
-        card.save(str(Path(self.args.output_dir) / "README.md"))
+        folder = Path(self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.collapse_report is not None:
+            self.collapse_report.plot(folder / "tradeoff.png")
+        card = model_card(self.collapsed_model if self.collapsed_model is not None else self.model,
+                          self.collapse_report, **self._card_kwargs(model_name, finetuned_from, dataset))
+        card.save(str(folder / "README.md"))

@@ -59,14 +59,15 @@ class CausalCollator:
 TASKS = {"classifier": (tiny_bert, PadOnlyCollator), "causal_lm": (tiny_llama, CausalCollator)}
 
 
-def _one_step(tmp_path, task, weight, accumulation, batch=4):
-    """Weights after one SGD step over `accumulation` identical micro-batches of `batch` samples."""
+def _one_step(tmp_path, task, weight, accumulation, batch=4, **overrides):
+    """Weights after one SGD step over `accumulation` identical micro-batches of `batch` samples (under torchrun,
+    every rank reads the same micro-batches: the dataloader is not sharded)."""
     build, collator = TASKS[task]
     data = toy_dataset(batch)
     data = Dataset.from_dict({k: list(data[k]) * accumulation for k in data.column_names})  # identical copies
     args = make_args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                      max_steps=1, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=0.0,
-                     msw_weight=weight)
+                     msw_weight=weight, **overrides)
     model = build()
     trainer = FixedDirectionTrainer(model=model, args=args, train_dataset=data, data_collator=collator())
     trainer.get_train_dataloader = lambda: DataLoader(data, batch_size=batch, shuffle=False, collate_fn=collator())
@@ -172,3 +173,22 @@ def test_trainer_push_to_hub_publishes_the_collapsed_model_and_its_plot(hub, tmp
     assert found["removed_in_card"] and found["names_in_card"] and found["plain_loading_code"]
     assert found["shown"] and set(found["shown"]) <= set(found["files"]), found
     assert {"README.md", "config.json", "model.safetensors", "tradeoff.png"} <= set(found["files"])
+
+
+@pytest.mark.slow
+def test_lambda_means_the_same_on_two_processes(tmp_path):
+    """A 2-rank torchrun step where both ranks get the same local batch moves the weights like a 1-process step
+    on that batch, up to the Trainer's own factor on the task loss (2 for a local mean, 1 for a causal LM's)."""
+    from test_distributed import torchrun
+
+    torchrun("lacoot_lambda_ddp.py", str(tmp_path))
+    for task in TASKS:
+        start = torch.cat([p.detach().flatten() for p in TASKS[task][0]().parameters()])
+        ddp = {w: torch.load(tmp_path / f"{task}_{w}.pt") - start for w in (0.0, 1.0)}
+        single = {w: _one_step(tmp_path / f"{task}{w}", task, w, 1) - start for w in (0.0, 1.0)}
+        factor = float(ddp[0.0].norm() / single[0.0].norm())
+        assert factor == pytest.approx(2.0 if task == "classifier" else 1.0, rel=1e-4), task
+        penalty_part = (single[1.0] - single[0.0]).norm()
+        assert penalty_part > 1e-3 * single[0.0].norm()
+        error = (ddp[1.0] / factor - single[1.0]).norm() / penalty_part
+        assert error < 1e-3, f"{task}: the penalty weight on 2 processes differs by {error:.3f} of its contribution"

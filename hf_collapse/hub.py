@@ -20,7 +20,7 @@ from torch import nn
 from .architectures.base import unwrap_model
 from .distributed import is_main_process
 from .report import CollapseReport, format_count
-from .surgery import collapse_record, model_class_name
+from .surgery import COLLAPSED_ADAPTER_MESSAGE, collapse_record, model_class_name
 
 __all__ = ["collapsed_components", "loading_code", "model_card", "push_to_hub", "save_with_card"]
 
@@ -101,6 +101,9 @@ def loading_code(model: Any, repo_or_path: str) -> str:
         return _pipeline_loading_code(model, repo_or_path)
     cls = model_class_name(model).split(".")[1]
     if _is_peft(model):
+        if collapse_record(model) is not None:
+            # The adapter's base (adapter_config.json) is not the collapsed model: no code loads this back.
+            raise ValueError(COLLAPSED_ADAPTER_MESSAGE.format(cls=cls))
         config = model.peft_config[model.active_adapter]
         base = config.base_model_name_or_path or "<the base model>"
         library = model_class_name(model).split(".")[0]

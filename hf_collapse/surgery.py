@@ -144,6 +144,12 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], inplace: bool
         express it, and records the edit under ``config.hf_collapse`` in every case, so that
         ``save_pretrained`` + ``AutoCollapsedModel.from_pretrained`` rebuild it exactly.
 
+        On a peft-wrapped model (``get_peft_model(model, LoraConfig(...))``) the result is the same wrapper
+        around the collapsed model: it runs and trains as usual, but its ``save_pretrained`` / ``push_to_hub``
+        raise (an adapter file cannot carry the collapse). Call ``merge_and_unload()`` first: the merged model is
+        a plain collapsed model, with its record, that saves and reloads exactly. The same holds for every edit
+        recorded on a peft model (``hf_collapse.collapse``, TLC's ``linearize``).
+
     Raises:
         ValueError: for an unknown name, a duplicate, a block that changes tensor shapes, an empty list, or a
             request that would remove every removable block.
@@ -193,6 +199,40 @@ def _write_record(model: nn.Module, record: dict[str, Any]) -> None:
     if owner.config is not getattr(backbone, "config", owner.config):
         # A task head and its backbone usually share one config object; keep both in step if they do not.
         config_set(backbone, **{RECORD_KEY: record})
+    if is_peft_model(model):
+        _refuse_adapter_saves(model)
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel`` (LoRA, TraDy, ... wrapped around a transformers model)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+COLLAPSED_ADAPTER_MESSAGE = (
+    "the model inside this peft wrapper was collapsed by hf_collapse, but a peft model saves only its adapter, "
+    "whose base model (named in adapter_config.json) is the uncollapsed one: saving it would lose the collapse. "
+    "Merge the adapter first: `model = model.merge_and_unload()` gives a plain collapsed {cls} (its "
+    "`hf_collapse` record intact) that saves with `save_pretrained` / `hf_collapse.push_to_hub` and reloads "
+    "exactly with `hf_collapse.AutoCollapsedModel.from_pretrained`."
+)
+
+
+def _refuse_adapter_saves(model: nn.Module) -> None:
+    """Make ``save_pretrained`` / ``push_to_hub`` of this peft model (and of its copies) raise: see
+    :data:`COLLAPSED_ADAPTER_MESSAGE`. Set on the instance, so peft's classes are untouched."""
+    refusal = _AdapterSaveRefusal(type(unwrap_model(model)).__name__)
+    model.save_pretrained = refusal
+    model.push_to_hub = refusal
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdapterSaveRefusal:
+    """Stands in for the ``save_pretrained`` / ``push_to_hub`` of a collapsed peft model (picklable, copyable)."""
+
+    model_class: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(COLLAPSED_ADAPTER_MESSAGE.format(cls=self.model_class))
 
 
 def record_edit(model: nn.Module, edit: dict[str, Any]) -> None:

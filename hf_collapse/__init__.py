@@ -3,8 +3,8 @@
 TraDy (a peft method)::
 
     model = peft.get_peft_model(model, hf_collapse.TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05))
-    hf_collapse.trady.calibrate(model, calibration_batches)
-    Trainer(model=model, args=args, train_dataset=train, callbacks=[hf_collapse.TraDyCallback()]).train()
+    Trainer(model=model, args=args, train_dataset=train).train()   # calibrates itself, re-samples every epoch
+    # to reload: `import hf_collapse.trady` (registers TraDy with peft), then PeftModel.from_pretrained(...)
 
 LaCoOT::
 
@@ -20,29 +20,44 @@ All of it stands on depth surgery that reloads exactly::
     smaller = hf_collapse.remove_blocks(model, ["encoder.layer.3"])   # a new model; `model` is untouched
     smaller.save_pretrained("out")
     again = hf_collapse.AutoCollapsedModel.from_pretrained("out")    # always exact
+
+Importing the package has no side effect and imports nothing heavy: every public name is loaded on first use
+(PEP 562). ``hf_collapse.trady`` registers TraDy with peft when it is first imported (``import hf_collapse.trady``,
+or the first use of ``hf_collapse.TraDyConfig`` and the other TraDy names).
 """
 
-from .architectures import (
-    ActivationSite,
-    ArchitectureAdapter,
-    Block,
-    adapter_for,
-    register_architecture,
-    supported_families,
-    unregister_architecture,
-)
-from .collapse import collapse
-from . import hub, tlc, trady  # importing trady registers "TRADY" with peft (PeftModel.from_pretrained needs it)
-from .hub import push_to_hub
-from .lacoot import LaCoOTArguments, LaCoOTTrainer
-from .loading import AutoCollapsedModel
-from .report import CollapseReport, CollapseStep
-from .scoring import score_blocks
-from .surgery import collapse_record, find_blocks, remove_blocks
-from .tlc import TLCConfig
-from .trady import TraDyCallback, TraDyConfig, TraDyModel
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0.dev0"
+
+#: public name -> the submodule that defines it (imported on first access)
+_LAZY_NAMES = {
+    "ActivationSite": "architectures",
+    "ArchitectureAdapter": "architectures",
+    "Block": "architectures",
+    "adapter_for": "architectures",
+    "register_architecture": "architectures",
+    "supported_families": "architectures",
+    "unregister_architecture": "architectures",
+    "collapse": "collapse",
+    "push_to_hub": "hub",
+    "LaCoOTArguments": "lacoot",
+    "LaCoOTTrainer": "lacoot",
+    "AutoCollapsedModel": "loading",
+    "CollapseReport": "report",
+    "CollapseStep": "report",
+    "score_blocks": "scoring",
+    "collapse_record": "surgery",
+    "find_blocks": "surgery",
+    "remove_blocks": "surgery",
+    "TLCConfig": "tlc",
+    "TraDyCallback": "trady",
+    "TraDyConfig": "trady",
+    "TraDyModel": "trady",
+}
 
 __all__ = [
     "ActivationSite",
@@ -71,3 +86,24 @@ __all__ = [
     "trady",
     "unregister_architecture",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name (or a submodule such as ``hf_collapse.trady``) on first access."""
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    elif not name.startswith("__"):
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

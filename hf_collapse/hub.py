@@ -107,7 +107,7 @@ def loading_code(model: Any, repo_or_path: str) -> str:
         config = model.peft_config[model.active_adapter]
         base = config.base_model_name_or_path or "<the base model>"
         library = model_class_name(model).split(".")[0]
-        return (f"import hf_collapse  # registers TraDy with peft\nfrom peft import PeftModel\nfrom {library} import {cls}\n\n"
+        return (f"import hf_collapse.trady  # registers TraDy with peft\nfrom peft import PeftModel\nfrom {library} import {cls}\n\n"
                 f"base = {cls}.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"{repo_or_path}\")")
     library = _library(model)
     if plain_reload_exact(model):

@@ -6,16 +6,20 @@ The layers worth updating are ranked once, a priori, by their reweighted gradien
 channels are re-sampled at random every epoch.
 
 Importing this package registers ``"TRADY"`` with peft, so that ``get_peft_model``, ``save_pretrained`` and
-``PeftModel.from_pretrained`` handle it like any built-in method (import it before loading a TraDy adapter)::
+``PeftModel.from_pretrained`` handle it like any built-in method: ``import hf_collapse.trady`` before loading a TraDy
+adapter (``import hf_collapse`` alone leaves peft untouched; touching ``hf_collapse.TraDyConfig`` imports this
+package). With a plain ``Trainer`` the adapter calibrates itself on the first batches of the training data when
+training begins and attaches a :class:`TraDyCallback`; call :func:`calibrate` yourself to choose the batches, and
+always before building the Trainer under multi-process training::
 
     from peft import PeftModel, get_peft_model
     from transformers import Trainer, TrainingArguments
     from hf_collapse.trady import TraDyCallback, TraDyConfig, calibrate, memory_report
 
     model = get_peft_model(base, TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05))
-    calibrate(model, calibration_batches)         # a priori ranking + cost model, before the optimizer exists
+    calibrate(model, calibration_batches)         # optional on one process: a priori ranking + cost model
     args = TrainingArguments("out", learning_rate=5e-4, optim="sgd", num_train_epochs=5)   # ~10x full FT's lr
-    Trainer(model=model, args=args, train_dataset=train, callbacks=[TraDyCallback()]).train()
+    Trainer(model=model, args=args, train_dataset=train).train()   # TraDyCallback attaches itself
     print(memory_report(model, batch).to_markdown())
     model.save_pretrained("adapter")
     again = PeftModel.from_pretrained(fresh_base, "adapter")      # exact
@@ -32,7 +36,7 @@ the top of the network (``max_depth``) is what shrinks that part: backpropagatio
 
 from __future__ import annotations
 
-import enum
+from .. import compat
 
 __all__ = [
     "ChannelSliceFunction",
@@ -53,46 +57,14 @@ __all__ = [
 PEFT_TYPE_NAME = "TRADY"
 
 
-def _extend_peft_type(name: str) -> enum.Enum:
-    """Add ``name`` to peft's closed ``PeftType`` enum (a ``str`` Enum) and return the new member.
-
-    peft's ``register_peft_method`` refuses names outside ``PeftType``, and Python enums cannot be subclassed or
-    extended through a public API, so this is the one place that touches enum internals. It fails loudly if they
-    are not what it expects.
-    """
-    from peft.utils import peft_types
-
-    peft_type = getattr(peft_types, "PeftType", None)
-    if not (isinstance(peft_type, enum.EnumMeta) and issubclass(peft_type, str)):
-        raise RuntimeError(f"hf_collapse.trady cannot register with this peft: peft.utils.peft_types.PeftType is "
-                           f"{peft_type!r}, not a str Enum as in peft 0.17-0.21; please report this")
-    if name in peft_type.__members__:
-        return peft_type[name]
-    for attribute in ("_member_map_", "_value2member_map_", "_member_names_"):
-        if not hasattr(peft_type, attribute):
-            raise RuntimeError(f"hf_collapse.trady cannot extend peft's PeftType: the enum has no {attribute} "
-                               "(Python's enum internals changed); please report this")
-    member = str.__new__(peft_type, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = peft_type
-    member.__init__(name)
-    peft_type._member_map_[name] = member
-    peft_type._value2member_map_[name] = member
-    peft_type._member_names_.append(name)
-    type.__setattr__(peft_type, name, member)
-    if peft_type(name) is not member or peft_type[name] is not member or member not in list(peft_type):
-        raise RuntimeError("hf_collapse.trady could not extend peft's PeftType enum; please report this")
-    return member
-
-
 def register_trady_with_peft() -> None:
     """Make ``"TRADY"`` a peft method: extend ``PeftType`` and call peft's own ``register_peft_method``.
 
-    Idempotent; runs on import of :mod:`hf_collapse.trady`.
+    Idempotent; runs on the first import of :mod:`hf_collapse.trady` (``import hf_collapse`` alone does not touch
+    peft). The private peft APIs this needs live in :mod:`hf_collapse.compat`.
 
     Raises:
-        RuntimeError: when peft's registry is not what this code was written for (with the reason).
+        hf_collapse.compat.CompatibilityError: when peft's registry is not what this code was written for.
 
     Example::
 
@@ -101,18 +73,8 @@ def register_trady_with_peft() -> None:
         >>> PeftType("TRADY")
         <PeftType.TRADY: 'TRADY'>
     """
-    from peft import mapping
-    from peft.utils import peft_types
-
-    register = getattr(peft_types, "register_peft_method", None)
-    if register is None:
-        raise RuntimeError("hf_collapse.trady needs peft's register_peft_method (peft >= 0.15); please upgrade peft")
-    member = _extend_peft_type(PEFT_TYPE_NAME)
-    if mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(member) is TraDyModel:
-        return
-    register(name=PEFT_TYPE_NAME.lower(), config_cls=TraDyConfig, model_cls=TraDyModel, prefix=TraDyModel.prefix)
-    if mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(PEFT_TYPE_NAME) is not TraDyConfig:
-        raise RuntimeError("peft's register_peft_method did not register TraDy; please report this")
+    compat.register_peft_method(PEFT_TYPE_NAME, config_cls=TraDyConfig, model_cls=TraDyModel,
+                                prefix=TraDyModel.prefix)
 
 
 from .callback import TraDyCallback  # noqa: E402

@@ -10,7 +10,7 @@ from .architectures.base import adapter_for
 from .data import embedded_model_path, is_embedded
 from .loading import AutoCollapsedModel
 from .metrics import count_parameters, example_inputs, module_flops
-from .report import format_count
+from .report import describe_speedup, format_count
 from .surgery import collapse_record, find_blocks
 
 
@@ -74,7 +74,7 @@ def job_command(method: str, argv: Sequence[str]) -> int:
           f"{report.metric_name} {summary['metric_before']:.4f} -> {summary['metric_after']:.4f}, "
           f"parameters {format_count(summary['params_before'])} -> {format_count(summary['params_after'])}, "
           f"FLOPs x{summary['flops_ratio']:.2f} fewer" +
-          (f", latency x{summary['latency_speedup']:.2f} faster" if summary["latency_speedup"] else ""))
+          (f", latency {describe_speedup(summary)}" if summary["latency_speedup"] else ""))
     print(f"saved: {args.output_dir}/collapsed (model), {args.output_dir}/report (report.json, report.md, tradeoff.png)")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 from typing import Any, Callable, Mapping
 
 from torch import nn
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .architectures.base import adapter_for, unwrap_model
 from .distributed import is_main_process
-from .metrics import count_parameters, forward_flops, hardware_description, measure_latency
+from .metrics import compare_latency, count_parameters, forward_flops, hardware_description, measure_latency
 from .report import CollapseReport, CollapseStep
 from .surgery import find_blocks, model_class_name, remove_blocks
 
@@ -20,26 +21,35 @@ __all__ = ["collapse", "evaluate_model", "measure_step", "metric_key"]
 logger = logging.getLogger(__name__)
 
 
-def measure_step(model: nn.Module, inputs: Mapping[str, Any], latency_repeats: int) -> dict[str, Any]:
-    """Parameters, FLOPs and (when ``latency_repeats > 0``) median latency of ``model`` on ``inputs``.
+def measure_step(model: nn.Module, inputs: Mapping[str, Any], latency_repeats: int,
+                 reference: nn.Module | None = None) -> dict[str, Any]:
+    """Parameters, FLOPs and (when ``latency_repeats > 0``) latency of ``model`` on ``inputs``.
 
-    Measured in eval mode (the model's train/eval mode is restored after); ``latency_s`` is ``None`` when
-    ``latency_repeats`` is 0.
+    With a ``reference`` (the uncollapsed model), the two are timed side by side in ``latency_repeats`` interleaved
+    rounds (:func:`hf_collapse.metrics.compare_latency`), and the result carries the speed-up over the reference with
+    its spread: a ratio that survives a busy machine. Without one, ``latency_s`` is a plain median. Measured in eval
+    mode (the train/eval mode is restored after); latency fields are ``None`` when ``latency_repeats`` is 0.
 
     Example::
 
         >>> from hf_collapse.collapse import measure_step
         >>> measure_step(model, hf_collapse.metrics.example_inputs(model), latency_repeats=0)    # all-MiniLM-L6-v2
         {'params': 22713216, 'flops': 2718203904, 'latency_s': None}
+        >>> measure_step(collapsed, inputs, latency_repeats=7, reference=model)["latency_speedup"]
+        1.46
     """
     was_training = model.training
     model.eval()
     try:
-        return {
-            "params": count_parameters(model),
-            "flops": forward_flops(model, inputs),
-            "latency_s": measure_latency(model, inputs, warmup=2, repeats=latency_repeats) if latency_repeats else None,
-        }
+        measured: dict[str, Any] = {"params": count_parameters(model), "flops": forward_flops(model, inputs),
+                                    "latency_s": None}
+        if latency_repeats and reference is not None:
+            timing = compare_latency([reference, model], inputs, rounds=latency_repeats)
+            measured.update(latency_s=timing.seconds[1], latency_speedup=timing.speedups[1],
+                            latency_spread=list(timing.spreads[1]), reference_latency_s=timing.seconds[0])
+        elif latency_repeats:
+            measured["latency_s"] = measure_latency(model, inputs, warmup=2, repeats=latency_repeats)
+        return measured
     finally:
         model.train(was_training)
 
@@ -136,7 +146,8 @@ def collapse(
         higher_is_better: the metric's direction (``False`` for a loss).
         metric_name: the metric's name in the report.
         example_inputs: inputs for FLOPs and latency (default: the adapter's example inputs at batch size 1).
-        latency_repeats: timed runs per latency measurement (0 to skip latency).
+        latency_repeats: interleaved rounds of each latency measurement, each state timed side by side with the
+            uncollapsed model (0 to skip latency).
         method: the method name recorded in the report.
         progress: show a progress bar (on the main process only under DDP).
 
@@ -183,7 +194,8 @@ def collapse(
         drop = None if metric is None else (baseline - metric if higher_is_better else metric - baseline)
         kept = max_metric_drop is None or drop <= max_metric_drop
         step = CollapseStep(removed=len(all_blocks) - len(alive) + 1, unit=name, score=float(scores[name]),
-                            metric=metric, kept=kept, **measure_step(trial, inputs, latency_repeats if kept else 0))
+                            metric=metric, kept=kept,
+                            **measure_step(trial, inputs, latency_repeats if kept else 0, reference=model))
         report.steps.append(step)
         if not kept:
             logger.info("removing %s would drop the metric by %.4f > %.4f: stopping", name, drop, max_metric_drop)
@@ -191,6 +203,9 @@ def collapse(
         current = trial
         alive.remove(name)
 
+    paired = [s.reference_latency_s for s in report.steps if s.reference_latency_s is not None]
+    if paired:  # the original was timed again beside every kept state: report its median over all those rounds
+        report.steps[0].latency_s = statistics.median([report.steps[0].latency_s, *paired])
     if current is model:
         logger.warning("the budget allowed no removal: returning an unmodified copy of the model")
         current = copy.deepcopy(unwrap_model(model))

@@ -19,7 +19,7 @@ from torch import nn
 
 from .architectures.base import unwrap_model
 from .distributed import is_main_process
-from .report import CollapseReport, format_count
+from .report import CollapseReport, describe_speedup, format_count
 from .surgery import COLLAPSED_ADAPTER_MESSAGE, collapse_record, model_class_name
 
 __all__ = ["collapsed_components", "loading_code", "model_card", "push_to_hub", "save_with_card"]
@@ -129,7 +129,7 @@ def _table(report: CollapseReport) -> str:
              f"{s['flops_ratio']:.2f}x fewer" if s["flops_ratio"] else "")]
     if s["latency_s_before"] and s["latency_s_after"]:
         rows.append(("latency (ms)", f"{s['latency_s_before'] * 1e3:.2f}", f"{s['latency_s_after'] * 1e3:.2f}",
-                     f"{s['latency_speedup']:.2f}x faster"))
+                     describe_speedup(s)))
     if s["metric_before"] is not None and s["metric_after"] is not None:
         rows.append((report.metric_name or "metric", f"{s['metric_before']:.4f}", f"{s['metric_after']:.4f}",
                      f"{s['metric_after'] - s['metric_before']:+.4f}"))
@@ -137,7 +137,8 @@ def _table(report: CollapseReport) -> str:
     lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
     lines.append(f"\n{_count_of(s['removed'], report.unit_name)} removed. FLOPs counted with "
                  "`torch.utils.flop_counter` on "
-                 f"one example input; latency is the median of timed runs after warm-up on {report.hardware or 'n/a'}.")
+                 "one example input; latency is the median of timed runs after warm-up, the collapsed and the original "
+                 f"model timed side by side in interleaved rounds, on {report.hardware or 'n/a'}.")
     return "\n".join(lines)
 
 

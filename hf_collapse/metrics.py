@@ -9,7 +9,8 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .architectures.base import adapter_for, first_tensor
 
-__all__ = ["count_parameters", "example_inputs", "forward_flops", "module_flops", "measure_latency", "hardware_description"]
+__all__ = ["LatencyComparison", "compare_latency", "count_parameters", "example_inputs", "forward_flops",
+           "hardware_description", "measure_latency", "module_flops"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -136,17 +138,105 @@ def measure_latency(
     return statistics.median(times)
 
 
-def hardware_description() -> str:
+@dataclass
+class LatencyComparison:
+    """Latencies of several models timed side by side (see :func:`compare_latency`).
+
+    Attributes:
+        seconds: each model's median seconds per forward pass.
+        speedups: each model's median over rounds of (reference time / its time); 1.0 for the reference.
+        spreads: each model's interquartile range of that per-round ratio, ``(low, high)``.
+        rounds: number of interleaved rounds.
+    """
+
+    seconds: list[float]
+    speedups: list[float]
+    spreads: list[tuple[float, float]]
+    rounds: int
+
+    def significant(self, index: int) -> bool:
+        """Whether model ``index`` is measurably faster or slower than the reference: its whole interquartile
+        range of ratios lies on one side of 1."""
+        low, high = self.spreads[index]
+        return low > 1.0 or high < 1.0
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0])
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return (q[0], q[2])
+
+
+def compare_latency(models: Sequence[nn.Module], inputs: Mapping[str, Any], warmup: int = 2,
+                    rounds: int = 7, min_seconds: float = 0.05) -> LatencyComparison:
+    """Time ``models`` side by side on ``inputs``: interleaved rounds, each round timing every model once (in a
+    rotating order), so that a load that comes and goes on a shared machine hits all of them alike. The first
+    model is the reference of the ratios.
+
+    Each timing runs as many forward passes as make the reference take ``min_seconds`` (at least one), in eval mode
+    and inference mode (each model's train/eval mode is restored after).
+
+    Example::
+
+        >>> from hf_collapse.metrics import compare_latency, example_inputs
+        >>> timing = compare_latency([model, collapsed], example_inputs(model), rounds=7)
+        >>> timing.speedups[1], timing.spreads[1], timing.significant(1)
+        (1.46, (1.41, 1.52), True)
+    """
+    if rounds < 1:
+        raise ValueError("rounds must be at least 1")
+    if not models:
+        raise ValueError("no models to time")
+    prepared = [to_device(inputs, device_of(m)) for m in models]
+    modes = [m.training for m in models]
+    synchronize = torch.cuda.synchronize if any(device_of(m).type == "cuda" for m in models) else (lambda: None)
+
+    def timed(index: int, number: int) -> float:
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(number):
+            first_tensor(models[index](**prepared[index]))
+        synchronize()
+        return (time.perf_counter() - start) / number
+
+    try:
+        for m in models:
+            m.eval()
+        with torch.inference_mode():
+            for index in range(len(models)):
+                for _ in range(warmup):
+                    timed(index, 1)
+            number = max(1, min(1000, round(min_seconds / max(timed(0, 1), 1e-6))))
+            times: list[list[float]] = [[] for _ in models]
+            for r in range(rounds):
+                order = [(r + k) % len(models) for k in range(len(models))]
+                for index in order:
+                    times[index].append(timed(index, number))
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    ratios = [[ref / t for ref, t in zip(times[0], model_times)] for model_times in times]
+    return LatencyComparison(seconds=[statistics.median(t) for t in times],
+                             speedups=[statistics.median(r) for r in ratios],
+                             spreads=[_quartiles(r) for r in ratios], rounds=rounds)
+
+
+def hardware_description(device: torch.device | str | nn.Module | None = None) -> str:
     """The device latencies were measured on, for reports and model cards.
 
-    The current CUDA device's name whenever CUDA is available (whatever device the model is on), else the CPU.
+    ``device`` (a device, or a model whose parameters' device is used): the CUDA device's name for a CUDA device,
+    else the CPU with its thread count. Without it: the current CUDA device when CUDA is available, else the CPU.
 
     Example::
 
         >>> from hf_collapse.metrics import hardware_description
-        >>> hardware_description()                              # on a machine without CUDA
+        >>> hardware_description(model)                         # a model on the CPU
         'CPU (x86_64, 2 threads)'
     """
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+    if isinstance(device, nn.Module):
+        device = device_of(device)
+    device = torch.device(device) if device is not None else None
+    if (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda"):
+        return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

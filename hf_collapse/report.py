@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CollapseReport", "CollapseStep", "format_count"]
+__all__ = ["CollapseReport", "CollapseStep", "describe_speedup", "format_count"]
 
 
 @dataclass
@@ -27,6 +27,10 @@ class CollapseStep:
         metric: the evaluated metric, when an evaluation function was given.
         params, flops: measured parameters and forward FLOPs.
         latency_s: measured median latency in seconds.
+        latency_speedup: the uncollapsed model's latency over this state's, as the median of per-round ratios of
+            the two timed side by side (interleaved rounds, so that a passing load hits both); ``None`` at step 0.
+        latency_spread: the interquartile range ``[low, high]`` of those per-round ratios.
+        reference_latency_s: the uncollapsed model's median latency in the same rounds.
         kept: ``False`` for a step that was tried and rejected because it broke the budget.
         details: method-specific numbers (e.g. TLC's neurons ON/OFF).
 
@@ -48,6 +52,17 @@ class CollapseStep:
     latency_s: float | None
     kept: bool = True
     details: dict[str, Any] = field(default_factory=dict)
+    latency_speedup: float | None = None
+    latency_spread: list[float] | None = None
+    reference_latency_s: float | None = None
+
+    @property
+    def latency_significant(self) -> bool | None:
+        """Whether the speed-up is measurable: its spread lies wholly above (or below) 1. ``None`` if unmeasured."""
+        if self.latency_speedup is None or not self.latency_spread:
+            return None
+        low, high = self.latency_spread
+        return low > 1.0 or high < 1.0
 
 
 @dataclass
@@ -104,10 +119,13 @@ class CollapseReport:
             "params_after": after.params,
             "flops_before": before.flops,
             "flops_after": after.flops,
-            "latency_s_before": before.latency_s,
+            # Side by side when measured so (the same rounds for both), else the two separate medians.
+            "latency_s_before": after.reference_latency_s or before.latency_s,
             "latency_s_after": after.latency_s,
             "flops_ratio": ratio(before.flops, after.flops),
-            "latency_speedup": ratio(before.latency_s, after.latency_s),
+            "latency_speedup": after.latency_speedup or ratio(before.latency_s, after.latency_s),
+            "latency_spread": after.latency_spread,
+            "latency_significant": after.latency_significant,
         }
 
     # -- serialisation -------------------------------------------------------------------------------
@@ -135,14 +153,17 @@ class CollapseReport:
     def to_markdown(self) -> str:
         metric = self.metric_name or "metric"
         lines = [
-            f"| {self.unit_name} removed | removed | score | {metric} | parameters | FLOPs | latency (ms) | kept |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | :---: |",
+            f"| {self.unit_name} removed | removed | score | {metric} | parameters | FLOPs | latency (ms) | "
+            "speed-up (side by side) | kept |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
         ]
         for s in self.steps:
+            speedup = describe_speedup({"latency_speedup": s.latency_speedup, "latency_spread": s.latency_spread,
+                                        "latency_significant": s.latency_significant})
             lines.append(
                 f"| {s.removed} | {s.unit or '(original)'} | {_fmt(s.score)} | {_fmt(s.metric)} | {s.params:,} | "
                 f"{format_count(s.flops)} | {_fmt(s.latency_s * 1e3 if s.latency_s is not None else None, 2)} | "
-                f"{'yes' if s.kept else 'no (over budget)'} |"
+                f"{speedup} | {'yes' if s.kept else 'no (over budget)'} |"
             )
         if self.hardware:
             lines.append(f"\nLatency measured on {self.hardware}.")
@@ -157,7 +178,7 @@ class CollapseReport:
 
         steps = self.kept_steps
         xs = [s.removed for s in steps]
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         if any(s.metric is not None for s in steps):
             ax.plot(xs, [s.metric for s in steps], "o-", color="tab:blue", label=self.metric_name or "metric")
             ax.set_ylabel(self.metric_name or "metric", color="tab:blue")
@@ -165,20 +186,31 @@ class CollapseReport:
             if rejected:
                 ax.plot([s.removed for s in rejected], [s.metric for s in rejected], "x", color="tab:red",
                         label="rejected (over budget)")
+            drop = (self.budget or {}).get("max_metric_drop")
+            if drop is not None and self.before.metric is not None:
+                limit = self.before.metric - drop if self.higher_is_better else self.before.metric + drop
+                ax.axhline(limit, color="tab:red", linestyle=":", linewidth=1,
+                           label=f"budget ({'-' if self.higher_is_better else '+'}{drop:g})")
         else:
-            ax.plot(xs, [s.flops / 1e9 for s in steps], "o-", color="tab:blue")
+            ax.plot(xs, [s.flops / 1e9 for s in steps], "o-", color="tab:blue", label="GFLOPs")
             ax.set_ylabel("GFLOPs", color="tab:blue")
         ax.set_xlabel(f"{self.unit_name} removed")
         ax.set_xticks(sorted(set(xs + [s.removed for s in self.steps])))
+        handles, labels = ax.get_legend_handles_labels()
         if any(s.latency_s is not None for s in steps):
             twin = ax.twinx()
-            twin.plot(xs, [s.latency_s * 1e3 if s.latency_s else None for s in steps], "s--", color="tab:orange")
+            twin.plot(xs, [s.latency_s * 1e3 if s.latency_s else None for s in steps], "s--", color="tab:orange",
+                      label="latency (ms)")
             twin.set_ylabel("latency (ms)", color="tab:orange")
+            extra_handles, extra_labels = twin.get_legend_handles_labels()
+            handles, labels = handles + extra_handles, labels + extra_labels
         ax.set_title(f"{self.method}: {self.model_class}")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower left")
-        fig.tight_layout()
+        if handles:  # below the axes, never over the data
+            fig.legend(handles, labels, loc="lower center", ncol=min(len(handles), 4), frameon=False, fontsize=8)
+            fig.tight_layout(rect=(0, 0.08, 1, 1))
+        else:
+            fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
@@ -193,6 +225,27 @@ class CollapseReport:
         (folder / "report.md").write_text(f"# Collapse report: {self.method}\n\n{self.to_markdown()}\n")
         self.plot(folder / "tradeoff.png")
         return folder
+
+
+def describe_speedup(summary: dict[str, Any]) -> str:
+    """``"1.46x faster (1.41-1.52)"``, or ``"no measurable change (x0.97, 0.90-1.05)"`` when the spread of the
+    side-by-side ratios includes 1: a ratio below 1 for a smaller model is then noise, not a slow-down.
+
+    Example::
+
+        >>> from hf_collapse.report import describe_speedup
+        >>> describe_speedup(report.summary())
+        '1.46x faster (1.41-1.52)'
+    """
+    speedup, spread = summary.get("latency_speedup"), summary.get("latency_spread")
+    if not speedup:
+        return ""
+    if not spread:
+        return f"{speedup:.2f}x faster"
+    interval = f"{spread[0]:.2f}-{spread[1]:.2f}"
+    if summary.get("latency_significant") is False:
+        return f"no measurable change (x{speedup:.2f}, {interval})"
+    return f"{speedup:.2f}x {'faster' if speedup >= 1 else 'slower'} ({interval})"
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -1,5 +1,7 @@
 """Measurement: parameter counts, FLOPs (checked against the analytic count) and latency."""
 
+import json
+
 import pytest
 import torch
 
@@ -65,3 +67,63 @@ def test_latency_is_a_positive_median():
     with pytest.raises(ValueError, match="repeats"):
         metrics.measure_latency(model, {"x": torch.randn(4, 8)}, repeats=0)
     assert metrics.hardware_description()
+
+
+class Repeated(torch.nn.Module):
+    """The same linear map applied `times` times: its latency scales with `times`."""
+
+    def __init__(self, times):
+        super().__init__()
+        self.linear = torch.nn.Linear(256, 256)
+        self.times = times
+
+    def forward(self, x):
+        for _ in range(self.times):
+            x = self.linear(x)
+        return x
+
+
+def test_compare_latency_times_models_side_by_side():
+    inputs = {"x": torch.randn(64, 256)}
+    slow, fast = Repeated(16).train(), Repeated(1).eval()
+    timing = metrics.compare_latency([slow, fast], inputs, rounds=5, min_seconds=0.005)
+    assert timing.rounds == 5 and len(timing.seconds) == len(timing.speedups) == len(timing.spreads) == 2
+    assert timing.speedups[0] == 1.0 and timing.spreads[0] == (1.0, 1.0) and not timing.significant(0)
+    assert timing.speedups[1] > 2 and timing.significant(1)  # 16x the work: measurably slower, even under load
+    low, high = timing.spreads[1]
+    assert low <= timing.speedups[1] <= high
+    assert slow.training and not fast.training  # modes restored
+    with pytest.raises(ValueError, match="rounds"):
+        metrics.compare_latency([fast], inputs, rounds=0)
+
+
+def test_speedup_wording_says_when_the_spread_makes_it_meaningless():
+    from hf_collapse.report import describe_speedup
+
+    assert describe_speedup({"latency_speedup": 1.46, "latency_spread": [1.41, 1.52],
+                             "latency_significant": True}) == "1.46x faster (1.41-1.52)"
+    assert describe_speedup({"latency_speedup": 0.35, "latency_spread": [0.2, 1.3],
+                             "latency_significant": False}) == "no measurable change (x0.35, 0.20-1.30)"
+    assert describe_speedup({"latency_speedup": 1.5, "latency_spread": None}) == "1.50x faster"
+    assert describe_speedup({"latency_speedup": None}) == ""
+
+
+def test_collapse_reports_each_state_side_by_side_with_the_original():
+    model = CASES_BY_NAME["bert"].build()
+    scores = {b.name: float(i) for i, b in enumerate(hf_collapse.find_blocks(model))}
+    _, report = hf_collapse.collapse(model, scores, num_blocks=2, latency_repeats=3, progress=False)
+    for step in report.steps[1:]:
+        assert step.latency_speedup > 0 and step.reference_latency_s > 0 and step.latency_s > 0
+        assert step.latency_spread[0] <= step.latency_speedup <= step.latency_spread[1]
+        assert step.latency_significant in (True, False)
+    summary = report.summary()
+    assert summary["latency_speedup"] == report.after.latency_speedup
+    assert summary["latency_s_before"] == report.after.reference_latency_s
+    again = hf_collapse.CollapseReport.from_dict(json.loads(report.to_json()))
+    assert again.steps[-1].latency_spread == report.steps[-1].latency_spread
+    assert "speed-up (side by side)" in report.to_markdown()
+
+
+def test_hardware_description_names_the_device_the_model_is_on():
+    assert metrics.hardware_description(TwoLinears()).startswith("CPU (")
+    assert metrics.hardware_description("cpu").startswith("CPU (")

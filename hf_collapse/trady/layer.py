@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .. import compat
+
 __all__ = ["ChannelSliceFunction", "TraDyLayer", "channel_ops_for", "supported_module_types"]
 
 
@@ -204,7 +206,7 @@ class _ConvOps(_ChannelOps):
         return weight_grad.float().transpose(0, 1).reshape(self.in_channels, -1).norm(dim=1)
 
     def forward(self, x, weight, bias):
-        return self.module._conv_forward(x, weight, bias)
+        return compat.conv2d_forward(self.module, x, weight, bias)
 
     def select_input(self, x, index):
         return x.index_select(1, index)
@@ -381,9 +383,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         self.trady_offset: dict[str, int] = {}
         self.trady_merged: dict[str, torch.Tensor] = {}
         self.trady_rgn: dict[str, Optional[torch.Tensor]] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self._active_adapter = adapter_name
+        compat.init_tuner_layer_state(self, adapter_name)
         self.calibrating = False
         self.kwargs = kwargs
         self.update_layer(adapter_name)

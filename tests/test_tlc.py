@@ -1,15 +1,18 @@
-"""TLC: statistics against direct computation, exact transforms and fusion, reload, the loop's stop criteria."""
+"""TLC: statistics against direct computation, exact transforms and fusion, reload, the loop's stop criteria,
+site names relative to the model passed (older spellings and records still accepted), batches on the model's device."""
 
 import copy
+import json
 
 import pytest
 import torch
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import hf_collapse
 from hf_collapse.tlc import TLCConfig, activation_sites, activation_statistics, compress, linearize
+from hf_collapse.tlc.compress import _calibration_loss
 from hf_collapse.tlc.transforms import masked_identity
-from hf_collapse.architectures.base import adapter_for, join_path, module_path
+from hf_collapse.architectures.base import adapter_for
 from tiny_models import CASES_BY_NAME, output_of
 from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset
 
@@ -36,7 +39,7 @@ def test_measured_statistics_match_a_direct_computation_without_padding():
     inputs = case.inputs()  # the second sequence has 2 padding tokens
     site = activation_sites(model)[2]
     captured = {}
-    handle = model.get_submodule("bert." + site.producer).register_forward_hook(
+    handle = model.get_submodule(site.producer).register_forward_hook(
         lambda m, a, out: captured.setdefault("pre", out.detach()))
     with torch.no_grad():
         model(**inputs)
@@ -61,7 +64,7 @@ def test_batchnorm_statistics_need_no_data():
     model = trained_like("resnet_basic")
     site = activation_sites(model)[0]
     stats = activation_statistics(model, [], [site])[site.name]
-    norm = model.resnet.get_submodule(site.norm)
+    norm = model.get_submodule(site.norm)
     assert stats.source == "batchnorm"
     assert torch.equal(stats.mean, norm.bias.detach()) and torch.equal(stats.std, norm.weight.detach().abs())
 
@@ -73,9 +76,7 @@ def test_transform_is_exact_fusion_is_exact_and_reload_is_exact(case_name, tmp_p
     inputs = case.inputs()
     site = activation_sites(model)[1]
     stats = activation_statistics(model, [inputs], [site])[site.name]
-    backbone = adapter_for(model).backbone(model)
-    hook = model.get_submodule(join_path(module_path(model, backbone), site.activation)).register_forward_hook(
-        masked_identity(site, stats.on))
+    hook = model.get_submodule(site.activation).register_forward_hook(masked_identity(site, stats.on))
     candidate = output_of(model, inputs)  # the candidate transform, without touching the structure
     hook.remove()
     original = output_of(model, inputs)
@@ -123,6 +124,56 @@ def test_removing_exactly_off_neurons_changes_nothing():
     assert fused.bert.encoder.layer[1].output.dense.weight.shape == (16, 16)
     with torch.no_grad():
         torch.testing.assert_close(fused(**batch).logits, model(**batch).logits, atol=1e-4, rtol=0)
+
+
+def _bert_batch():
+    return {"input_ids": torch.tensor([[3, 4, 5, 6], [7, 8, 9, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+
+
+def test_site_names_are_relative_to_the_model_passed_and_old_spellings_still_work(tmp_path):
+    model = tiny_bert()
+    sites = activation_sites(model)
+    assert [s.name for s in sites] == [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(3)]
+    assert model.get_submodule(sites[1].producer) is model.bert.encoder.layer[1].intermediate.dense
+    assert model.get_submodule(sites[1].consumer) is model.bert.encoder.layer[1].output.dense
+    assert sites[1].block == "bert.encoder.layer.1"
+    assert activation_sites(model.bert)[1].name == "encoder.layer.1.intermediate.intermediate_act_fn"  # a BertModel
+    # The backbone-relative spelling of earlier versions names the same site, under its new name.
+    old = "encoder.layer.1.intermediate.intermediate_act_fn"
+    assert activation_sites(model, [old]) == [sites[1]]
+    stats = activation_statistics(model, [_bert_batch()], activation_sites(model, [old]))
+    assert list(stats) == [sites[1].name]
+    linearized = linearize(model, stats[sites[1].name])
+    record = hf_collapse.collapse_record(linearized)
+    assert record["edits"][0]["site"] == sites[1].name
+    # A record written by the previous version (site relative to the backbone) still reloads exactly.
+    linearized.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hf_collapse"]["edits"][0]["site"] = old
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**_bert_batch()).logits, linearized.eval()(**_bert_batch()).logits,
+                                   atol=1e-5, rtol=0)
+    assert hf_collapse.collapse_record(reloaded) == record  # replayed under the new name
+
+
+def test_site_names_through_a_peft_wrapper():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    site = activation_sites(peft_model)[0]
+    assert site.name == "base_model.model.bert.encoder.layer.0.intermediate.intermediate_act_fn"
+    assert peft_model.get_submodule(site.activation) is peft_model.base_model.model.bert.encoder.layer[0].intermediate.intermediate_act_fn
+    # The names the inner model and older versions use name the same site.
+    assert activation_sites(peft_model, ["bert.encoder.layer.0.intermediate.intermediate_act_fn"]) == [site]
+    assert activation_sites(peft_model, ["encoder.layer.0.intermediate.intermediate_act_fn"]) == [site]
+    stats = activation_statistics(peft_model, [_bert_batch()], [site])[site.name]
+    # The record belongs to the wrapped transformers model: its site is named relative to that model.
+    linearized = linearize(peft_model, stats)
+    assert hf_collapse.collapse_record(linearized)["edits"][0]["site"] == \
+        "bert.encoder.layer.0.intermediate.intermediate_act_fn"
 
 
 @pytest.mark.parametrize("case_name", ["unet", "llama"])
@@ -194,3 +245,32 @@ def test_config_refusals():
         compress(tiny_bert(), TLCConfig(max_metric_drop=0.1), toy_dataset())
     with pytest.raises(ValueError, match="unknown activation site"):
         activation_sites(tiny_bert(), ["nope"])
+
+
+class _Probe(Exception):
+    pass
+
+
+def _device_probe(model):
+    """Record the devices of the tensors each forward pass gets, and stop it there."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.extend(v.device.type for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor))
+        raise _Probe
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_calibration_batches_go_to_the_models_device(tmp_path):
+    """The Trainer moves the model to ``args.device`` but TLC builds its calibration batches itself (on the CPU):
+    they must follow the model. A model on the ``meta`` device stands in for a GPU on a CPU-only machine."""
+    batch = PadOnlyCollator()([toy_dataset(4)[i] for i in range(4)])
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path))
+    on_meta = tiny_bert().to("meta")
+    seen = _device_probe(on_meta)
+    with pytest.raises(_Probe):
+        _calibration_loss(trainer, on_meta, [batch])  # the loss of every candidate and of the reference
+    with pytest.raises(_Probe):
+        activation_statistics(on_meta, [batch])
+    assert len(seen) >= 4 and set(seen) == {"meta"}

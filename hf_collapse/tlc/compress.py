@@ -10,14 +10,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..architectures.base import adapter_for, join_path, module_path, unwrap_model
+from ..architectures.base import adapter_for, unwrap_model
 from ..collapse import evaluate_model, measure_step, metric_key
 from ..distributed import is_main_process, sum_across_ranks
-from ..metrics import hardware_description
+from ..metrics import device_of, hardware_description, to_device
 from ..report import CollapseReport, CollapseStep
 from ..surgery import model_class_name
 from .config import TLCConfig
-from .statistics import SiteStatistics, activation_sites, activation_statistics
+from .statistics import SiteStatistics, activation_sites, activation_statistics, record_name
 from .transforms import linearize, masked_identity
 
 __all__ = ["compress"]
@@ -28,9 +28,11 @@ logger = logging.getLogger(__name__)
 def _calibration_loss(trainer, model: nn.Module, batches: list[dict[str, Any]]) -> float:
     was_training = model.training
     model.eval()
+    device = device_of(model)
     try:
         with torch.no_grad():
-            total = sum(float(trainer.compute_loss(model, dict(batch))) for batch in batches)
+            # compute_loss runs the model as given: the batches (kept on the CPU) go to the model's device here.
+            total = sum(float(trainer.compute_loss(model, to_device(batch, device))) for batch in batches)
         # Under DDP each rank has its own calibration batches: average over all of them.
         pooled = sum_across_ranks(torch.tensor([total, len(batches)], dtype=torch.float64))
         return float(pooled[0] / pooled[1])
@@ -40,11 +42,9 @@ def _calibration_loss(trainer, model: nn.Module, batches: list[dict[str, Any]]) 
 
 def _candidate_losses(trainer, model: nn.Module, stats: dict[str, SiteStatistics], batches) -> dict[str, float]:
     """Calibration loss of the model with each site replaced by its candidate transform (one at a time)."""
-    backbone = adapter_for(model).backbone(unwrap_model(model))
-    prefix = module_path(model, backbone)
     losses = {}
     for name, site_stats in stats.items():
-        module = model.get_submodule(join_path(prefix, site_stats.site.activation))
+        module = model.get_submodule(site_stats.site.activation)
         handle = module.register_forward_hook(masked_identity(site_stats.site, site_stats.on))
         try:
             losses[name] = _calibration_loss(trainer, model, batches)
@@ -92,7 +92,8 @@ def compress(
         training_args = TrainingArguments("outputs/tlc", report_to=[], use_cpu=not torch.cuda.is_available())
     if config.max_metric_drop is not None and eval_dataset is None:
         raise ValueError("max_metric_drop needs an eval_dataset to evaluate the metric on")
-    remaining = [s.name for s in activation_sites(model, config.sites)]  # refuses gated / unknown sites first
+    # Refuses gated / unknown sites first; names from here on are relative to the unwrapped copy `current`.
+    remaining = [record_name(model, s.name) for s in activation_sites(model, config.sites)]
     current = copy.deepcopy(unwrap_model(model))
     kwargs = dict(data_collator=data_collator, compute_metrics=compute_metrics, **trainer_kwargs)
     trainer = Trainer(model=current, args=training_args, train_dataset=train_dataset, **kwargs)

@@ -11,8 +11,10 @@ class TLCConfig:
     """Settings of :func:`hf_collapse.tlc.compress`.
 
     Attributes:
-        sites: ``"auto"`` (every non-gated activation site the adapter knows) or a list of site names
-            (the activation module paths, e.g. ``"encoder.layer.3.intermediate.intermediate_act_fn"``).
+        sites: ``"auto"`` (every non-gated activation site the adapter knows) or a list of site names: the
+            activation module paths in the model passed to ``compress``, e.g.
+            ``"bert.encoder.layer.3.intermediate.intermediate_act_fn"`` for a ``BertForSequenceClassification``
+            (the backbone-relative spelling of earlier versions, ``"encoder.layer.3..."``, is accepted too).
         calibration_batches: training batches used to measure statistics and rank candidates (several, not
             one: the reference code scores layers on a single batch).
         target_layers: stop after collapsing this many sites.

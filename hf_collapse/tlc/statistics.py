@@ -8,6 +8,7 @@ layer over several calibration batches, padding tokens excluded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -17,9 +18,10 @@ from torch import nn
 
 from ..architectures.base import ActivationSite, adapter_for, join_path, module_path, unwrap_model
 from ..distributed import sum_across_ranks
+from ..metrics import device_of, to_device
 from ..scoring import model_inputs
 
-__all__ = ["SiteStatistics", "activation_sites", "activation_statistics"]
+__all__ = ["SiteStatistics", "activation_sites", "activation_statistics", "site_name"]
 
 
 @dataclass
@@ -66,11 +68,89 @@ class SiteStatistics:
         return float((-(p * p.log2()) - (1 - p) * (1 - p).log2()).mean())
 
 
+def _rebase(site: ActivationSite, prefix: str) -> ActivationSite:
+    """``site`` with every path prefixed by ``prefix`` (the backbone's path in some model)."""
+    return dataclasses.replace(
+        site, name=join_path(prefix, site.name), block=join_path(prefix, site.block) if site.block else "",
+        activation=join_path(prefix, site.activation), producer=join_path(prefix, site.producer),
+        consumer=join_path(prefix, site.consumer), norm=join_path(prefix, site.norm) if site.norm else None)
+
+
+def _backbone_prefixes(model: nn.Module) -> tuple[nn.Module, str, str]:
+    """The backbone, its path in ``model`` (what the user passed) and its path in the unwrapped model (the
+    transformers / diffusers model whose config holds the ``hf_collapse`` record)."""
+    inner = unwrap_model(model)
+    backbone = adapter_for(model).backbone(inner)
+    return backbone, module_path(model, backbone), module_path(inner, backbone)
+
+
+def all_sites(model: nn.Module) -> list[ActivationSite]:
+    """Every activation site the adapter knows (gated and already linearized ones included), with names and
+    paths relative to ``model`` itself (``model.get_submodule(site.activation)``)."""
+    backbone, prefix, _ = _backbone_prefixes(model)
+    return [_rebase(s, prefix) for s in adapter_for(model).activation_sites(backbone)]
+
+
+def site_spellings(model: nn.Module) -> dict[str, set[str]]:
+    """Every accepted spelling of a site name -> the model-relative names it may mean (one, unless ambiguous).
+
+    Accepted: the name relative to ``model`` (``"bert.encoder.layer.0.intermediate.intermediate_act_fn"`` for a
+    ``BertForSequenceClassification``), the name relative to the unwrapped transformers / diffusers model (what
+    the ``hf_collapse`` record of a peft-wrapped model holds), and the backbone-relative name of earlier
+    versions (``"encoder.layer.0.intermediate.intermediate_act_fn"``).
+    """
+    backbone, prefix, inner_prefix = _backbone_prefixes(model)
+    spellings: dict[str, set[str]] = {}
+    for site in adapter_for(model).activation_sites(backbone):
+        canonical = join_path(prefix, site.name)
+        for spelling in (canonical, join_path(inner_prefix, site.name), site.name):
+            spellings.setdefault(spelling, set()).add(canonical)
+    # A model-relative name always means itself, even where an older spelling of another site reads the same.
+    return {spelling: {spelling} if spelling in targets else targets for spelling, targets in spellings.items()}
+
+
+def site_name(model: nn.Module, name: str) -> str:
+    """The name relative to ``model`` of the site called ``name`` in any accepted spelling (see
+    :func:`site_spellings`).
+
+    Raises:
+        ValueError: for a name that is no site of ``model`` (listing some of its sites), or an older spelling
+            that names two sites.
+
+    Example::
+
+        >>> from hf_collapse.tlc.statistics import site_name
+        >>> site_name(model, "encoder.layer.0.intermediate.intermediate_act_fn")   # BertForSequenceClassification
+        'bert.encoder.layer.0.intermediate.intermediate_act_fn'
+    """
+    targets = site_spellings(model).get(name) if isinstance(name, str) else None
+    if not targets:
+        known = [s.name for s in all_sites(model)]
+        raise ValueError(f"unknown activation site {name!r}; sites (relative to the {type(model).__name__} passed): "
+                         f"{', '.join(known[:6])}{', ...' if len(known) > 6 else ''}")
+    if len(targets) > 1:
+        raise ValueError(f"activation site name {name!r} is ambiguous in {type(model).__name__}: it may mean "
+                         f"{' or '.join(sorted(targets))}; use the name relative to the model")
+    return next(iter(targets))
+
+
+def record_name(model: nn.Module, name: str) -> str:
+    """The spelling of site ``name`` that goes into the ``hf_collapse`` record: relative to the unwrapped
+    transformers / diffusers model that owns the record (the class ``AutoCollapsedModel`` rebuilds), so the
+    record replays whatever wrapper the site was named through."""
+    backbone, prefix, inner_prefix = _backbone_prefixes(model)
+    canonical = site_name(model, name)
+    local = canonical[len(prefix) + 1:] if prefix else canonical
+    return join_path(inner_prefix, local)
+
+
 def activation_sites(model: nn.Module, names: str | Iterable[str] = "auto") -> list[ActivationSite]:
     """The sites TLC may collapse: every linearizable (non-gated, not yet linearized) site, or those named.
 
-    Site names and paths are relative to the family's backbone (see :class:`hf_collapse.ActivationSite`).
-    Named sites are returned in the order given.
+    Site names and paths are relative to ``model`` (``model.get_submodule(site.activation)``), like
+    :attr:`hf_collapse.Block.path`. Named sites may also be given relative to the family's backbone (the
+    spelling of earlier versions, ``"encoder.layer.3.intermediate.intermediate_act_fn"`` for a BERT task
+    model); they are returned in the order given, under their model-relative names.
 
     Raises:
         ValueError: for unknown, repeated or already linearized names, a gated site (GEGLU, SwiGLU: linearizing
@@ -78,15 +158,14 @@ def activation_sites(model: nn.Module, names: str | Iterable[str] = "auto") -> l
 
     Example::
 
-        >>> sites = hf_collapse.tlc.activation_sites(model)     # all-MiniLM-L6-v2: one site per layer
+        >>> sites = hf_collapse.tlc.activation_sites(model)     # a BertForSequenceClassification, 6 layers
         >>> len(sites), sites[0].name
-        (6, 'encoder.layer.0.intermediate.intermediate_act_fn')
+        (6, 'bert.encoder.layer.0.intermediate.intermediate_act_fn')
+        >>> activation = model.get_submodule(sites[0].activation)
     """
-    adapter = adapter_for(model)
-    backbone = adapter.backbone(unwrap_model(model))
-    every = adapter.activation_sites(backbone)
+    every = all_sites(model)
     # A linearized site's activation is the identity (diffusers: its GELU module became a linear or identity).
-    live = [s for s in every if not isinstance(backbone.get_submodule(s.activation), (nn.Identity, nn.Linear))]
+    live = [s for s in every if not isinstance(model.get_submodule(s.activation), (nn.Identity, nn.Linear))]
     if names == "auto":
         chosen = [s for s in live if not s.gated]
         if not chosen:
@@ -100,9 +179,7 @@ def activation_sites(model: nn.Module, names: str | Iterable[str] = "auto") -> l
     by_name = {s.name: s for s in every}
     chosen = []
     for name in [names] if isinstance(names, str) else names:
-        if name not in by_name:
-            raise ValueError(f"unknown activation site {name!r}; sites: {', '.join(list(by_name)[:6])}, ...")
-        site = by_name[name]
+        site = by_name[site_name(model, name)]
         if site in chosen:
             raise ValueError(f"activation site {name!r} is named twice")
         if site not in live:
@@ -114,10 +191,11 @@ def activation_sites(model: nn.Module, names: str | Iterable[str] = "auto") -> l
     return chosen
 
 
-def _bn_statistics(backbone: nn.Module, site: ActivationSite) -> SiteStatistics:
-    norm = backbone.get_submodule(site.norm)
-    return SiteStatistics(site, norm.bias.detach().float().clone(), norm.weight.detach().float().abs().clone(),
-                          "batchnorm")
+def _bn_statistics(model: nn.Module, site: ActivationSite) -> SiteStatistics:
+    norm = model.get_submodule(site.norm)
+    # On the CPU like measured statistics, whatever the model's device: they decide structure, not compute.
+    return SiteStatistics(site, norm.bias.detach().float().cpu().clone(),
+                          norm.weight.detach().float().abs().cpu().clone(), "batchnorm")
 
 
 @torch.no_grad()
@@ -128,19 +206,23 @@ def activation_statistics(
     max_batches: int | None = None,
 ) -> dict[str, SiteStatistics]:
     """β and γ of every site: from BatchNorm parameters where one precedes the activation, else measured on
-    ``batches`` (dicts of model inputs) with hooks on the producing layer, padding tokens excluded.
+    ``batches`` (dicts of model inputs, moved to the model's device here) with hooks on the producing layer,
+    padding tokens excluded.
+
+    Returns the statistics by site name, names relative to ``model`` (``sites`` may be named in any spelling
+    :func:`activation_sites` accepts); the tensors are on the CPU.
 
     Example::
 
         >>> stats = activation_statistics(model, calibration_batches)
         >>> {name: s.neurons_on for name, s in stats.items()}
     """
-    inner = unwrap_model(model)
-    adapter = adapter_for(model)
-    backbone = adapter.backbone(inner)
-    prefix = module_path(model, backbone)
-    sites = list(sites) if sites is not None else activation_sites(model)
-    result = {s.name: _bn_statistics(backbone, s) for s in sites if s.norm}
+    if sites is None:
+        sites = activation_sites(model)
+    else:
+        by_name = {s.name: s for s in all_sites(model)}
+        sites = [by_name[site_name(model, s.name)] for s in sites]
+    result = {s.name: _bn_statistics(model, s) for s in sites if s.norm}
     measured = [s for s in sites if not s.norm]
     if not measured:
         return result
@@ -164,7 +246,8 @@ def activation_statistics(
             counts[site.name] = counts.get(site.name, 0) + x.shape[0]
         return hook
 
-    handles = [model.get_submodule(join_path(prefix, s.producer)).register_forward_hook(hook_for(s)) for s in measured]
+    handles = [model.get_submodule(s.producer).register_forward_hook(hook_for(s)) for s in measured]
+    device = device_of(model)
     was_training = model.training
     model.eval()
     try:
@@ -172,6 +255,7 @@ def activation_statistics(
         for step, batch in enumerate(batches):
             if max_batches is not None and step >= max_batches:
                 break
+            batch = to_device(batch, device)
             mask_holder["mask"] = batch.get("attention_mask")
             model(**model_inputs(model, batch))
             seen += 1

@@ -10,8 +10,11 @@
    that cheaper; a conv followed by a 1x1 conv becomes one conv.
 
 The edit is recorded under the config's ``hf_collapse`` key as ``{"op": "linearize", "site": ..., "width": k,
-"form": "pair" | "single", "bn_folded": bool}``; replaying it on a fresh model builds the same structure, and
-the saved weights fill it (``AutoCollapsedModel``).
+"form": "pair" | "single", "bn_folded": bool, "cut": bool}``; replaying it on a fresh model builds the same
+structure, and the saved weights fill it (``AutoCollapsedModel``). ``site`` is relative to the transformers /
+diffusers model that owns the record (``"bert.encoder.layer.3.intermediate.intermediate_act_fn"``); records of
+earlier versions name it relative to the backbone (``"encoder.layer.3.intermediate.intermediate_act_fn"``), and
+replay still accepts that spelling.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures.base import ActivationSite, adapter_for, unwrap_model
+from ..architectures.base import ActivationSite
 from ..surgery import record_edit, register_edit_op
-from .statistics import SiteStatistics
+from .statistics import SiteStatistics, all_sites, record_name, site_name
 
 __all__ = ["linearize", "masked_identity"]
 
@@ -97,7 +100,7 @@ def masked_identity(site: ActivationSite, on: torch.Tensor):
     Example::
 
         >>> from hf_collapse.tlc.transforms import masked_identity
-        >>> activation = model.bert.get_submodule(stats.site.activation)   # site paths are relative to the backbone
+        >>> activation = model.get_submodule(stats.site.activation)   # site paths are relative to the model
         >>> handle = activation.register_forward_hook(masked_identity(stats.site, stats.on))
         >>> loss = model(**batch).loss; handle.remove()                    # the loss as if the site were linearized
     """
@@ -109,13 +112,15 @@ def masked_identity(site: ActivationSite, on: torch.Tensor):
     return hook
 
 
-def _apply(backbone: nn.Module, site: ActivationSite, keep: torch.Tensor, fuse: bool,
+def _apply(root: nn.Module, site: ActivationSite, keep: torch.Tensor, fuse: bool,
            form: str | None = None, cut: bool | None = None) -> dict[str, Any]:
-    """Install the transformed modules; ``form`` / ``cut`` force the recorded structure on replay."""
-    producer_module = backbone.get_submodule(site.producer)
-    consumer_module = backbone.get_submodule(site.consumer)
+    """Install the transformed modules (``site``'s paths are relative to ``root``); ``form`` / ``cut`` force the
+    recorded structure on replay. Returns the edit, its site named as ``site`` names it."""
+    producer_module = root.get_submodule(site.producer)
+    consumer_module = root.get_submodule(site.consumer)
     producer, consumer = _Affine.of(producer_module), _Affine.of(consumer_module)
-    norm = backbone.get_submodule(site.norm) if site.norm else None
+    keep = keep.to(producer.weight.device)
+    norm = root.get_submodule(site.norm) if site.norm else None
     depthwise = consumer.conv is not None and consumer.conv.groups > 1
     grouped_producer = producer.conv is not None and producer.conv.groups > 1
     if cut is None:
@@ -125,7 +130,7 @@ def _apply(backbone: nn.Module, site: ActivationSite, keep: torch.Tensor, fuse: 
     channels = producer.weight.shape[0]
     if not cut:
         # Silence OFF channels instead of cutting them (a depthwise consumer maps channel c to channel c).
-        silenced = torch.ones(channels, dtype=torch.bool)
+        silenced = torch.ones(channels, dtype=torch.bool, device=producer.weight.device)
         silenced[keep] = False
         if norm is not None:
             with torch.no_grad():
@@ -150,7 +155,7 @@ def _apply(backbone: nn.Module, site: ActivationSite, keep: torch.Tensor, fuse: 
             cut_norm.running_mean.copy_(norm.running_mean[keep])
             cut_norm.running_var.copy_(norm.running_var[keep])
         cut_norm.train(norm.training)
-        _set(backbone, site.norm, cut_norm)
+        _set(root, site.norm, cut_norm)
 
     fused = _compose_with_pointwise(producer, consumer) if (fuse and norm is None or bn_folded) else None
     pair_cost = producer.flops_per_position() + consumer.flops_per_position()
@@ -169,13 +174,13 @@ def _apply(backbone: nn.Module, site: ActivationSite, keep: torch.Tensor, fuse: 
         new_consumer = consumer.module() if not depthwise else consumer_module
     # Diffusers' GELU module holds its projection: the projection replaces the whole activation module.
     if site.activation == site.producer.rpartition(".")[0]:
-        _set(backbone, site.activation, new_producer)
+        _set(root, site.activation, new_producer)
     else:
-        _set(backbone, site.producer, new_producer)
-        _set(backbone, site.activation, nn.Identity())
-    _set(backbone, site.consumer, new_consumer)
+        _set(root, site.producer, new_producer)
+        _set(root, site.activation, nn.Identity())
+    _set(root, site.consumer, new_consumer)
     if bn_folded:
-        _set(backbone, site.norm, nn.Identity())
+        _set(root, site.norm, nn.Identity())
     return {"op": "linearize", "site": site.name, "width": int(len(keep)), "form": form, "bn_folded": bn_folded,
             "cut": bool(cut)}
 
@@ -185,32 +190,33 @@ def linearize(model: nn.Module, stats: SiteStatistics, fuse: bool = True, inplac
     ones, and (``fuse=True``) fuse the maps that become adjacent when that is cheaper.
 
     Returns the transformed model (a copy unless ``inplace``); the edit is recorded in its config so that
-    ``save_pretrained`` + ``AutoCollapsedModel.from_pretrained`` rebuild it exactly.
+    ``save_pretrained`` + ``AutoCollapsedModel.from_pretrained`` rebuild it exactly. ``stats`` may come from
+    ``model`` or from a copy of it (its site is looked up by name, in any spelling
+    :func:`~hf_collapse.tlc.activation_sites` accepts).
 
     Example::
 
-        >>> stats = activation_statistics(model, batches)
-        >>> model = linearize(model, stats["encoder.layer.3.intermediate.intermediate_act_fn"])
+        >>> stats = activation_statistics(model, batches)       # a BertForSequenceClassification
+        >>> model = linearize(model, stats["bert.encoder.layer.3.intermediate.intermediate_act_fn"])
     """
     if stats.site.gated:
         raise ValueError(f"site {stats.site.name!r} is gated (GEGLU / SwiGLU): linearizing the gate leaves a "
                          "bilinear map, not a linear one")
     if not inplace:
         model = copy.deepcopy(model)
-    backbone = adapter_for(model).backbone(unwrap_model(model))
+    site = _site_by_name(model, stats.site.name)
     keep = torch.nonzero(stats.on, as_tuple=False).flatten()
     with torch.no_grad():
-        edit = _apply(backbone, stats.site, keep, fuse)
+        edit = _apply(model, site, keep, fuse)
+    edit["site"] = record_name(model, site.name)
     record_edit(model, edit)
     return model
 
 
 def _site_by_name(model: nn.Module, name: str) -> ActivationSite:
-    adapter = adapter_for(model)
-    for site in adapter.activation_sites(adapter.backbone(unwrap_model(model))):
-        if site.name == name:
-            return site
-    raise ValueError(f"no activation site {name!r} in {type(model).__name__}")
+    """The site of ``model`` called ``name`` (any accepted spelling), paths relative to ``model``."""
+    canonical = site_name(model, name)
+    return next(site for site in all_sites(model) if site.name == canonical)
 
 
 def _validate(edit: dict[str, Any]) -> None:
@@ -222,11 +228,12 @@ def _validate(edit: dict[str, Any]) -> None:
 
 
 def _replay(model: nn.Module, edit: dict[str, Any]) -> None:
+    # Records of earlier versions name the site relative to the backbone: site_name maps either spelling.
     site = _site_by_name(model, edit["site"])
-    backbone = adapter_for(model).backbone(unwrap_model(model))
     with torch.no_grad():
-        done = _apply(backbone, site, torch.arange(edit["width"]), fuse=edit["bn_folded"] or edit["form"] == "single",
+        done = _apply(model, site, torch.arange(edit["width"]), fuse=edit["bn_folded"] or edit["form"] == "single",
                       form=edit["form"], cut=edit["cut"])
+    done["site"] = record_name(model, site.name)
     record_edit(model, done)
 
 

@@ -59,10 +59,22 @@ def _import_class(qualified: str) -> type:
     return cls
 
 
-def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(p for p in folder.glob("*.safetensors") if p.name.split(".")[0].split("-")[0] in _WEIGHT_PREFIXES)
+def _weight_variant(name: str) -> tuple[str, str | None] | None:
+    """``("diffusion_pytorch_model", "fp16")`` for ``diffusion_pytorch_model.fp16-00001-of-00002.safetensors``;
+    ``None`` for a file that is not a weight file."""
+    parts = name.split(".")
+    if parts[-1] != "safetensors" or len(parts) not in (2, 3):
+        return None
+    prefix = parts[0].split("-")[0]
+    variant = parts[1].split("-")[0] if len(parts) == 3 else None
+    return (prefix, variant) if prefix in _WEIGHT_PREFIXES else None
+
+
+def _load_state_dict(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
+    files = sorted(p for p in folder.glob("*.safetensors") if (found := _weight_variant(p.name)) and found[1] == variant)
     if not files:
-        raise FileNotFoundError(f"no safetensors weights in {folder} (expected model.safetensors or shards)")
+        what = f"variant {variant!r} " if variant else ""
+        raise FileNotFoundError(f"no safetensors weights {what}in {folder} (expected model.safetensors or shards)")
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
@@ -115,16 +127,74 @@ def _load_transformers(cls: type, folder: Path, record: dict[str, Any], **kwargs
     return model
 
 
-def _load_diffusers(cls: type, folder: Path, config_dict: dict[str, Any], record: dict[str, Any]) -> nn.Module:
+#: Options of diffusers' ``ModelMixin.from_pretrained`` that the replaying loader honours (``low_cpu_mem_usage``
+#: only changes how weights are loaded, not the result).
+_DIFFUSERS_OPTIONS = ("dtype", "torch_dtype", "device_map", "max_memory", "variant", "use_safetensors",
+                      "low_cpu_mem_usage")
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating tensors of the state dict to ``dtype`` as diffusers' loader does: the modules a class keeps
+    in float32 (``_keep_in_fp32_modules``) and the buffers not saved with the weights (positional tables built in
+    ``__init__``) stay as built."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    keep = [keep] if isinstance(keep, str) else list(keep)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if any(m in name.split(".") for m in keep) else dtype)
+
+
+def _place(model: nn.Module, device_map: Any, max_memory: Any) -> nn.Module:
+    """Put ``model`` where ``device_map`` says: one device (``"cpu"``, ``"cuda:0"``, ``0``, a ``torch.device``,
+    ``{"": device}``), an explicit per-module map, or an accelerate strategy (``"auto"``, ``"balanced"``, ...)."""
+    if device_map is None:
+        return model
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str)
+                                                      and device_map not in _DEVICE_MAP_STRATEGIES):
+        return model.to(torch.device(device_map))
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if not isinstance(device_map, dict):
+        raise TypeError(f"device_map must be a device, a dict or one of {_DEVICE_MAP_STRATEGIES}, got {device_map!r}")
+    if set(device_map.values()) <= {"cpu", torch.device("cpu")}:
+        return model.to("cpu")
+    return dispatch_model(model, device_map=device_map)
+
+
+def _load_diffusers(cls: type, folder: Path, config_dict: dict[str, Any], record: dict[str, Any],
+                    **kwargs: Any) -> nn.Module:
+    unknown = sorted(set(kwargs) - set(_DIFFUSERS_OPTIONS))
+    if unknown:
+        raise TypeError(f"AutoCollapsedModel.from_pretrained of a collapsed diffusers model does not support "
+                        f"{unknown}; supported: {', '.join(_DIFFUSERS_OPTIONS)}, subfolder, revision, cache_dir, token")
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError("hf_collapse saves and loads collapsed models as safetensors only: use_safetensors=False "
+                         "cannot be honoured")
+    requested = kwargs.get("dtype", None)
+    requested = requested if requested is not None else kwargs.get("torch_dtype", None)
+    if requested is not None and requested != "auto" and not isinstance(requested, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or 'auto', got {requested!r}")
     config_dict = {k: v for k, v in config_dict.items() if k != RECORD_KEY}
     config_dict.update(record["base_values"])
     model = cls.from_config(config_dict)
     _check_family(model, record)
     _replay(model, record["edits"])
-    state = _load_state_dict(folder)
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
-    if dtype is not None and dtype != model.dtype:
-        model.to(dtype)
+    state = _load_state_dict(folder, kwargs.get("variant"))
+    # Without a dtype (or with "auto"), the model takes the dtype of the saved weights, as transformers' "auto".
+    dtype = requested if isinstance(requested, torch.dtype) else \
+        next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    if dtype is not None:
+        _cast(model, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     aliases = _tied_names(model)
     untied = [name for name in missing if not (aliases.get(name, set()) - set(missing))]
@@ -133,7 +203,7 @@ def _load_diffusers(cls: type, folder: Path, config_dict: dict[str, Any], record
             f"the weights in {folder} do not match the recorded structure: "
             f"missing {untied[:5]}, unexpected {unexpected[:5]}"
         )
-    return model
+    return _place(model, kwargs.get("device_map"), kwargs.get("max_memory"))
 
 
 class AutoCollapsedModel:
@@ -169,11 +239,23 @@ class AutoCollapsedModel:
             pretrained_model_name_or_path: a local folder or a Hub repository id.
             subfolder: the model's folder inside it (``"unet"`` in a diffusers pipeline).
             revision, cache_dir, token: passed to ``huggingface_hub`` when downloading.
-            kwargs: passed to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...) and, for a
-                folder without an ``hf_collapse`` record, to the plain ``from_pretrained`` of its library.
+            kwargs: the loading options of the model's library. For transformers models, everything transformers'
+                ``from_pretrained`` accepts (``dtype`` / ``torch_dtype``, ``device_map``, ``variant``, ...) is passed
+                to it. For collapsed diffusers models, ``dtype`` / ``torch_dtype`` (default: the saved weights'
+                dtype; modules the class keeps in float32 stay so, as in diffusers), ``device_map`` (a device, a
+                per-module dict, or ``"auto"`` / ``"balanced"`` / ``"balanced_low_0"`` / ``"sequential"``),
+                ``max_memory``, ``variant``, ``use_safetensors`` and ``low_cpu_mem_usage`` are honoured and any
+                other option is refused. A folder without an ``hf_collapse`` record loads with the plain
+                ``from_pretrained`` of its library, with every option.
 
         Raises:
             ValueError: when the ``hf_collapse`` record is malformed, foreign, or does not match the weights.
+            TypeError: for a loading option a collapsed diffusers model cannot honour.
+
+        Example::
+
+            >>> unet = hf_collapse.AutoCollapsedModel.from_pretrained("me/sd-collapsed", subfolder="unet",
+            ...                                                       torch_dtype=torch.float16, device_map="cuda")
         """
         folder = _model_folder(pretrained_model_name_or_path, subfolder, revision, cache_dir, token)
         config_dict = json.loads((folder / "config.json").read_text())
@@ -193,7 +275,7 @@ class AutoCollapsedModel:
             )
         cls_ = _import_class(declared)
         if declared.startswith("diffusers."):
-            model = _load_diffusers(cls_, folder, config_dict, record)
+            model = _load_diffusers(cls_, folder, config_dict, record, **kwargs)
         else:
             model = _load_transformers(cls_, folder, record, **kwargs)
         return model.eval()

@@ -124,3 +124,97 @@ def test_folder_without_record_loads_plainly(tmp_path):
     assert hf_collapse.collapse_record(reloaded) is None
     inputs = case.inputs()
     torch.testing.assert_close(output_of(reloaded, inputs), output_of(model, inputs), atol=1e-6, rtol=0)
+
+
+# Loading options: AutoCollapsedModel passes them through for transformers and diffusers models alike.
+# Reference: the library's own from_pretrained with the same option, on the same folder (plain-exact removals), and
+# the collapsed model itself cast the same way.
+DTYPE_CASES = [("bert", ["encoder.layer.2"]), ("mobilenet_v2", ["layer.3"]), ("dit", ["transformer_blocks.2"]),
+               ("unet", None)]
+
+
+def _tensors(model):
+    return dict(list(model.named_parameters()) + list(model.named_buffers()))
+
+
+@pytest.mark.parametrize("option", ["dtype", "torch_dtype"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case_name,removal", DTYPE_CASES, ids=[c for c, _ in DTYPE_CASES])
+def test_dtype_option_is_honoured(case_name, removal, dtype, option, tmp_path):
+    case = CASES_BY_NAME[case_name]
+    collapsed = hf_collapse.remove_blocks(case.build(), removal or case.removals[0])
+    collapsed.save_pretrained(tmp_path)
+
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path, **{option: dtype})
+
+    assert reloaded.dtype == dtype
+    if plain_exact(case, removal or case.removals[0]):
+        # The library's own loader decides which tensors stay in float32 (buffers, _keep_in_fp32_modules).
+        plain = type(collapsed).from_pretrained(tmp_path, **{option: dtype})
+        assert {k: v.dtype for k, v in _tensors(reloaded).items()} == {k: v.dtype for k, v in _tensors(plain).items()}
+    expected = {k: v.detach().to(_tensors(reloaded)[k].dtype) for k, v in _tensors(collapsed).items()}
+    assert all(torch.equal(v.detach(), expected[k]) for k, v in _tensors(reloaded).items())
+    # float32 again: the weights are the collapsed model's, rounded to dtype.
+    torch.testing.assert_close(output_of(reloaded.float(), case.inputs()), output_of(collapsed, case.inputs()),
+                               atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}, "auto"], ids=["cpu", "dict", "auto"])
+@pytest.mark.parametrize("case_name,removal", [("bert", ["encoder.layer.2"]), ("mobilenet_v2", ["layer.3"]),
+                                               ("dit", ["transformer_blocks.2"])], ids=["bert", "mobilenet_v2", "dit"])
+def test_device_map_option_is_honoured(case_name, removal, device_map, tmp_path):
+    case = CASES_BY_NAME[case_name]
+    collapsed = hf_collapse.remove_blocks(case.build(), removal)
+    collapsed.save_pretrained(tmp_path)
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path, device_map=device_map)
+    assert {t.device.type for t in _tensors(reloaded).values()} == {"cpu"}
+    torch.testing.assert_close(output_of(reloaded, case.inputs()), output_of(collapsed, case.inputs()),
+                               atol=1e-5, rtol=0)
+
+
+def test_tlc_edits_replay_under_device_map_and_dtype(tmp_path):
+    """transformers builds the model on the meta device under device_map: the TLC replay must work there too."""
+    from hf_collapse.tlc import activation_statistics, linearize
+
+    case = CASES_BY_NAME["bert"]
+    model = case.build()
+    stats = activation_statistics(model, [case.inputs()])
+    collapsed = linearize(model, next(s for name, s in stats.items() if ".1." in name))
+    collapsed.save_pretrained(tmp_path)
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path, device_map="cpu", dtype=torch.bfloat16)
+    assert reloaded.dtype == torch.bfloat16
+    assert {t.device.type for t in _tensors(reloaded).values()} == {"cpu"}
+    torch.testing.assert_close(output_of(reloaded.float(), case.inputs()), output_of(collapsed, case.inputs()),
+                               atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("case_name,removal", [("bert", ["encoder.layer.2"]), ("dit", ["transformer_blocks.2"])],
+                         ids=["bert", "dit"])
+def test_subfolder_option_with_dtype(case_name, removal, tmp_path):
+    case = CASES_BY_NAME[case_name]
+    collapsed = hf_collapse.remove_blocks(case.build(), removal)
+    collapsed.save_pretrained(tmp_path / "component")
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path, subfolder="component", torch_dtype=torch.float16)
+    assert reloaded.dtype == torch.float16
+    assert len(hf_collapse.find_blocks(reloaded)) == len(hf_collapse.find_blocks(collapsed))
+
+
+def test_diffusers_variant_picks_its_weights_and_unknown_options_are_refused(tmp_path):
+    case = CASES_BY_NAME["dit"]
+    collapsed = hf_collapse.remove_blocks(case.build(), ["transformer_blocks.2"])
+    collapsed.save_pretrained(tmp_path)
+    half = hf_collapse.remove_blocks(case.build(), ["transformer_blocks.2"])
+    with torch.no_grad():
+        for p in half.parameters():
+            p.mul_(0.5)
+    half.to(torch.float16).save_pretrained(tmp_path, variant="fp16")
+
+    default = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path)
+    variant = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path, variant="fp16")
+    # Without a dtype the saved weights' dtype is kept (transformers' "auto"); diffusers' own default is float32.
+    plain_variant = type(collapsed).from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16)
+    assert default.dtype == torch.float32 and variant.dtype == plain_variant.dtype == torch.float16
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), collapsed.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(variant.state_dict().values(), plain_variant.state_dict().values()))
+    with pytest.raises(TypeError, match="offload_folder"):
+        hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path, offload_folder=str(tmp_path / "offload"))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .architectures.base import Block, first_tensor
+from .names import resolve_names
 from .surgery import find_blocks
 
 __all__ = ["BlockIO", "select_blocks"]
@@ -24,7 +25,7 @@ def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list
     Named blocks are returned in the order given, as they are (removable or not).
 
     Raises:
-        ValueError: for an unknown or repeated name, or an empty list.
+        ValueError: for an unknown or repeated name (a block's ``name`` or its ``path``), or an empty list.
 
     Example::
 
@@ -39,16 +40,7 @@ def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list
         return [b for b in blocks if b.removable]
     if isinstance(names, str):
         names = [names]
-    by_name = {b.name: b for b in blocks}
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise ValueError(f"unknown blocks {unknown}; this model's blocks are: {', '.join(by_name)}")
-    if not names:
-        raise ValueError("no blocks selected: pass 'auto' or a non-empty list of block names")
-    repeated = sorted({n for n in names if list(names).count(n) > 1})
-    if repeated:
-        raise ValueError(f"blocks named more than once: {repeated}")
-    return [by_name[n] for n in names]
+    return resolve_names(names, {b.name: b for b in blocks}, "block", aliases={b.path: b.name for b in blocks})
 
 
 class BlockIO:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .architectures.base import adapter_for, unwrap_model
 from .distributed import is_main_process
+from .names import resolve_names
 from .metrics import compare_latency, count_parameters, forward_flops, hardware_description, measure_latency
 from .report import CollapseReport, CollapseStep
 from .surgery import find_blocks, model_class_name, remove_blocks
@@ -106,14 +107,12 @@ def evaluate_model(model: nn.Module, args, eval_dataset, **trainer_kwargs) -> di
 def _removal_order(model: nn.Module, scores: Mapping[str, float]) -> list[str]:
     if not scores:
         raise ValueError("no scores given: the budget selects nothing (use hf_collapse.score_blocks to get scores)")
-    blocks = {b.name: b for b in find_blocks(model)}
-    unknown = [name for name in scores if name not in blocks]
-    if unknown:
-        raise ValueError(f"scores name unknown blocks {unknown}; this model's blocks are: {', '.join(blocks)}")
-    fixed = [name for name in scores if not blocks[name].removable]
+    blocks = find_blocks(model)
+    scored = resolve_names(list(scores), {b.name: b for b in blocks}, "block", where="this model (scores name them)")
+    fixed = [b.name for b in scored if not b.removable]
     if fixed:
-        raise ValueError(f"scores name blocks that are not removable: {fixed} ({blocks[fixed[0]].reason})")
-    position = {name: i for i, name in enumerate(blocks)}
+        raise ValueError(f"scores name blocks that are not removable: {fixed} ({scored[0].reason})")
+    position = {b.name: i for i, b in enumerate(blocks)}
     return sorted(scores, key=lambda name: (scores[name], position[name]))
 
 

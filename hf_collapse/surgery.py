@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
+from .names import resolve_names
 from .architectures.base import (
     ArchitectureAdapter,
     Block,
@@ -111,23 +112,17 @@ def model_class_name(model: nn.Module) -> str:
 
 
 def _resolve(requested: Iterable[Block | str], blocks: Sequence[Block]) -> list[Block]:
-    by_name = {b.name: b for b in blocks}
-    by_name.update({b.path: b for b in blocks})
-    resolved: list[Block] = []
+    names = []
     for item in requested:
         key = item.name if isinstance(item, Block) else item
         if not isinstance(key, str):
             raise TypeError(f"blocks must be Block objects or block names, got {type(item).__name__}")
-        if key not in by_name:
-            known = [b.name for b in blocks]
-            shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
-            raise ValueError(f"unknown block {key!r}; this model's blocks are: {shown} (see hf_collapse.find_blocks)")
-        block = by_name[key]
-        if any(b.name == block.name for b in resolved):
-            raise ValueError(f"block {block.name!r} is listed more than once")
+        names.append(key)
+    resolved = resolve_names(names, {b.name: b for b in blocks}, "block", aliases={b.path: b.name for b in blocks},
+                             where="this model (see hf_collapse.find_blocks)")
+    for block in resolved:
         if not block.removable:
             raise ValueError(f"block {block.name!r} is not removable: {block.reason}")
-        resolved.append(block)
     return resolved
 
 
@@ -161,8 +156,6 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], inplace: bool
     """
     all_blocks = find_blocks(model)
     chosen = _resolve(list(blocks), all_blocks)
-    if not chosen:
-        raise ValueError("no blocks given: pass Block objects from hf_collapse.find_blocks(model) or their names")
     if len(chosen) >= len(all_blocks):
         raise ValueError(f"cannot remove all {len(all_blocks)} blocks of the model: keep at least one")
 

@@ -135,7 +135,7 @@ def test_budget_that_selects_nothing_returns_an_unchanged_copy():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(scores={}), "no scores given"),
-    (dict(scores={"encoder.layer.9": 1.0}, num_blocks=1), "unknown blocks"),
+    (dict(scores={"encoder.layer.9": 1.0}, num_blocks=1), "unknown block"),
     (dict(scores={"encoder.layer.0": 1.0}), "no budget"),
     (dict(scores={"encoder.layer.0": 1.0}, max_metric_drop=0.1), "needs eval_fn"),
     (dict(scores={"encoder.layer.0": 1.0}, num_blocks=0), "num_blocks must be between 1"),

@@ -43,7 +43,7 @@ def test_trainer_refuses_plain_training_arguments(tmp_path):
 
 
 def test_unknown_msw_block_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown blocks"):
+    with pytest.raises(ValueError, match="unknown block"):
         LaCoOTTrainer(model=tiny_bert(), args=LaCoOTArguments(**make_args(tmp_path), msw_blocks="encoder.layer.7"))
 
 

@@ -168,3 +168,25 @@ def test_register_architecture_refusals():
         hf_collapse.register_architecture(Duplicate())
     with pytest.raises(ValueError, match="no family 'nope'"):
         hf_collapse.unregister_architecture("nope")
+
+
+def test_one_name_validator_for_every_api(bert):
+    """remove_blocks, score_blocks, collapse and select_blocks refuse the same mistakes with the same words, and accept
+    a block's path under the task head as well as its name."""
+    from hf_collapse.block_io import select_blocks
+    from hf_collapse.names import resolve_names
+
+    calls = [lambda names: hf_collapse.remove_blocks(bert, names),
+             lambda names: select_blocks(bert, names),
+             lambda names: hf_collapse.collapse(bert, {n: 0.0 for n in names}, num_blocks=1, latency_repeats=0)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"unknown block 'encoder.layer.9'; the blocks of this model.*encoder.layer.0"):
+            call(["encoder.layer.9"])
+    for call in calls[:2]:
+        with pytest.raises(ValueError, match=r"block 'encoder.layer.1' is named twice"):
+            call(["encoder.layer.1", "bert.encoder.layer.1"])  # the same block under its two spellings
+    assert [b.name for b in select_blocks(bert, ["bert.encoder.layer.2"])] == ["encoder.layer.2"]
+    with pytest.raises(ValueError, match="no widgets given: name at least one of: a, b"):
+        resolve_names([], {"a": 1, "b": 2}, "widget")
+    with pytest.raises(TypeError, match="widget names must be strings"):
+        resolve_names([3], {"a": 1}, "widget")

@@ -1,0 +1,59 @@
+"""The one validator of user-given names (blocks, activation sites, TraDy layers): every API that takes names
+refuses the same mistakes with the same words, listing what is accepted."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, TypeVar
+
+__all__ = ["resolve_names"]
+
+T = TypeVar("T")
+
+
+def _shown(names: Iterable[str], limit: int = 12) -> str:
+    names = list(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def resolve_names(requested: Iterable[str], known: Mapping[str, T], kind: str, *,
+                  aliases: Mapping[str, str] | None = None, where: str = "this model") -> list[T]:
+    """The objects named by ``requested``, in the order given.
+
+    Args:
+        requested: names given by the user (canonical names or aliases).
+        known: ``{canonical name: object}``, in the order to list them in errors.
+        kind: what the names name, singular (``"block"``, ``"activation site"``, ``"TraDy layer"``).
+        aliases: other accepted spellings, ``{alias: canonical name}`` (e.g. a block's path under a task head, or
+            an old, backbone-relative path).
+        where: what holds the known names, for the error message.
+
+    Raises:
+        ValueError: for an empty request, an unknown name (listing the known ones), or a thing named more than
+            once (under any of its spellings).
+
+    Example::
+
+        >>> from hf_collapse.names import resolve_names
+        >>> blocks = {b.name: b for b in hf_collapse.find_blocks(model)}
+        >>> [b.path for b in resolve_names(["encoder.layer.1"], blocks, "block")]
+        ['bert.encoder.layer.1']
+        >>> resolve_names(["encoder.layer.9"], blocks, "block")
+        Traceback (most recent call last):
+        ValueError: unknown block 'encoder.layer.9'; the blocks of this model are: encoder.layer.0, ...
+    """
+    aliases = aliases or {}
+    requested = list(requested)
+    if not requested:
+        raise ValueError(f"no {kind}s given: name at least one of: {_shown(known)}")
+    canonical = []
+    for name in requested:
+        if not isinstance(name, str):
+            raise TypeError(f"{kind} names must be strings, got {type(name).__name__}")
+        key = name if name in known else aliases.get(name)
+        if key not in known:
+            raise ValueError(f"unknown {kind} {name!r}; the {kind}s of {where} are: {_shown(known)}")
+        canonical.append(key)
+    repeated = sorted({n for n in canonical if canonical.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{kind} {repeated[0]!r} is named twice ({kind}s named more than once: {repeated})")
+    return [known[name] for name in canonical]

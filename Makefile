@@ -7,27 +7,47 @@ VENV ?= .venv
 #   make demo TORCH="torch==2.13.0 --index-url <PyTorch's CUDA 12.x wheel index>"
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.hf_collapse-installed
+# Dependencies (torch, the package's requirements, the dev extras): installed once, again when pyproject.toml changes.
+DEPS_STAMP := $(VENV)/.hf_collapse-deps
+# The package itself, installed as the README says (`pip install .`, not editable) from the current tree.
+INSTALLED_STAMP := $(VENV)/.hf_collapse-installed
+# Whatever goes into the package: a change to any of these (or a file added / removed) reinstalls it, in a few
+# seconds and without the network (pure Python, no dependency resolution).
+PACKAGE_INPUTS := pyproject.toml README.md $(shell find hf_collapse ! -name __pycache__ ! -path '*/__pycache__/*' ! -name '*.pyc')
+# The tests run from outside the source tree, so that `import hf_collapse` (in pytest and in every subprocess the
+# tests start: torchrun, examples, `python -m`) resolves to the installed copy, never to ./hf_collapse.
+TEST_RUN_DIR := $(abspath $(VENV))/test-run
+# Paths given in PYTEST_ARGS (tests/...) are made absolute; without any, the whole tests/ folder runs.
+PYTEST_PATHS := $(filter tests%,$(PYTEST_ARGS))
+PYTEST_RUN_ARGS := $(patsubst tests%,$(CURDIR)/tests%,$(PYTEST_ARGS)) $(if $(PYTEST_PATHS),,$(CURDIR)/tests)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test benchmark clean
 
-$(STAMP): pyproject.toml
+$(DEPS_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet "setuptools>=68" wheel
+	$(BIN)/pip install --quiet ".[dev]"
 	touch $@
 
-install: $(STAMP)
+$(INSTALLED_STAMP): $(DEPS_STAMP) $(PACKAGE_INPUTS)
+	rm -rf build/lib  # setuptools reuses build/lib: files deleted from the tree would linger in the install
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation --force-reinstall .
+	touch $@
 
-demo: $(STAMP)
+install: $(INSTALLED_STAMP)
+
+demo: $(INSTALLED_STAMP)
 	$(BIN)/hf-collapse lacoot
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: $(INSTALLED_STAMP)
+	mkdir -p $(TEST_RUN_DIR)
+	cd $(TEST_RUN_DIR) && HF_COLLAPSE_TESTS_AGAINST_INSTALL=1 $(abspath $(BIN))/python -m pytest -q \
+		-c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(PYTEST_RUN_ARGS)
 
-benchmark: $(STAMP)
+benchmark: $(INSTALLED_STAMP)
 	$(BIN)/python benchmarks/depth_speedup.py | tee benchmarks/results/depth_speedup.txt
 	$(BIN)/python benchmarks/bench_msw.py | tee benchmarks/results/bench_msw.txt
 	$(BIN)/python benchmarks/bench_lacoot_overhead.py | tee benchmarks/results/bench_lacoot_overhead.txt
@@ -36,4 +56,4 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/bench_trady.py | tee benchmarks/results/bench_trady.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build

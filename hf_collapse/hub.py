@@ -1,6 +1,6 @@
 """Model cards that say what was removed and what it cost, and pushing collapsed models to the Hub.
 
-``model_card`` builds a ``huggingface_hub.ModelCard`` from the template in ``model_cards/``: metadata
+``model_card`` builds a ``huggingface_hub.ModelCard`` from the template in ``hf_collapse/model_cards/``: metadata
 (``base_model``, ``library_name``, tags, ``model-index`` with the evaluation result), a compression table with
 parameters, FLOPs and measured latency before and after (and the hardware they were measured on), the
 trade-off plot, how the model was trained, and the exact loading code: plain ``from_pretrained`` when the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,17 @@ from .surgery import COLLAPSED_ADAPTER_MESSAGE, collapse_record, model_class_nam
 
 __all__ = ["collapsed_components", "loading_code", "model_card", "push_to_hub", "save_with_card"]
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "collapsed_model.md"
-_FALLBACK_TEMPLATE = "---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\n{{ summary }}\n\n{{ compression_table }}\n\n" \
-                     "```python\n{{ loading_code }}\n```\n"
+#: The model card template, package data of hf_collapse (installed with it, wheel or editable).
+TEMPLATE = resources.files(__package__).joinpath("model_cards", "collapsed_model.md")
+
+
+def _template_text() -> str:
+    """The card template's text; a missing template is an error (an incomplete install), never a stripped card."""
+    try:
+        return TEMPLATE.read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"the model card template {TEMPLATE} is missing: this hf_collapse install is "
+                                "incomplete (reinstall the package; the template ships as package data)") from error
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -213,12 +222,9 @@ def model_card(
     recorded = collapsed_components(model) if _is_pipeline(model) else collapse_record(model) is not None
     if _library(model) == "diffusers" and plain_reload_exact(model) and recorded:
         note += _DIFFUSERS_RECORD_NOTE
-    template = str(TEMPLATE) if TEMPLATE.is_file() else None
     content_kwargs = dict(model_name=name, method=method, loading_code=loading_code(model, target),
                           loading_note=note, **kwargs)
-    if template:
-        return ModelCard.from_template(card_data, template_path=template, **content_kwargs)
-    return ModelCard.from_template(card_data, template_str=_FALLBACK_TEMPLATE, **content_kwargs)
+    return ModelCard.from_template(card_data, template_str=_template_text(), **content_kwargs)
 
 
 _DIFFUSERS_RECORD_NOTE = (" diffusers logs that it ignores the `hf_collapse` config attribute while loading: that "

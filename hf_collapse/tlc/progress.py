@@ -1,0 +1,218 @@
+"""The progress folder of :func:`hf_collapse.tlc.compress`: written after every step, read by ``resume_from``.
+
+Layout (``format: "hf_collapse.tlc.progress"``, ``version: 1``)::
+
+    <progress_dir>/
+      progress.json                 the commit point: written last, by atomic rename
+      report.json                   the report so far (``CollapseReport.load(progress_dir)``); the final report
+                                    once the run has finished
+      weights-step<k>.safetensors   the model's weights after step k's fine-tuning (while the run is unfinished;
+                                    absent at step 0, where the weights are the original model's)
+
+``progress.json`` holds::
+
+    {"format": "hf_collapse.tlc.progress", "version": 1,
+     "status": "running" | "finished",
+     "step": k,                     # the last finished step (0: only the original model was measured)
+     "fingerprint": {...},          # what the run depends on: model class, config and weights digests, the
+                                    # TLCConfig, the TrainingArguments that shape fine-tuning, the world size
+                                    # and a digest of the calibration batches
+     "remaining": [...],            # the sites not yet collapsed, in the order of the run
+     "edits": [...],                # the edits this run made, in order (``hf_collapse`` record format)
+     "record": {...} | null,        # the collapsed model's whole ``hf_collapse`` record, to check the replay
+     "weights": "weights-step<k>.safetensors" | null,
+     "rng": {...},                  # python / numpy / torch (and CUDA) generator states after step k
+     "report": {...}}               # CollapseReport.to_dict() after step k
+
+Every file is written under a temporary name and renamed into place, ``progress.json`` last, so an interrupted
+write leaves the previous step's progress intact.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["FORMAT", "VERSION", "ProgressFolder"]
+
+FORMAT = "hf_collapse.tlc.progress"
+VERSION = 1
+
+#: TrainingArguments fields that change what the fine-tuning between steps does.
+TRAINING_FIELDS = (
+    "seed", "data_seed", "full_determinism", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "optim", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
+)
+
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "_diffusers_version"}
+
+
+def _digest(parts: Iterable[bytes]) -> str:
+    sha = hashlib.sha256()
+    for part in parts:
+        sha.update(part)
+    return sha.hexdigest()
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, unknown objects strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    config = model.config
+    data = dict(config) if isinstance(config, dict) else config.to_dict()
+    return {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def _weights_digest(model: nn.Module, samples: int = 4096) -> str:
+    """A digest of every tensor's name, shape, dtype and an evenly strided sample of its values: different
+    weights almost surely differ in the sample, and a multi-GB model is read in well under a second."""
+    def parts():
+        for name, tensor in sorted(model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // samples)
+            sample = flat[::step][:samples].to("cpu", torch.float64) if flat.numel() else flat.cpu().double()
+            yield f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode()
+            yield sample.numpy().tobytes()
+    return _digest(parts())
+
+
+def model_fingerprint(model: nn.Module, model_class: str) -> dict[str, str]:
+    """The class, config and weights of the model a run starts from."""
+    config = json.dumps(_config_dict(model), sort_keys=True, default=str).encode()
+    return {"model_class": model_class, "model_config": _digest([config]), "model_weights": _weights_digest(model)}
+
+
+def batches_digest(batches: Iterable[Mapping[str, Any]]) -> str:
+    """A digest of the calibration batches (keys, shapes, values)."""
+    def parts():
+        for batch in batches:
+            for key in sorted(batch):
+                value = batch[key]
+                yield key.encode()
+                if isinstance(value, torch.Tensor):
+                    tensor = value.detach().cpu()
+                    yield f"{tuple(tensor.shape)}|{tensor.dtype}".encode()
+                    yield (tensor.double() if tensor.is_floating_point() else tensor.long()).numpy().tobytes()
+                else:
+                    yield json.dumps(value, default=str).encode()
+    return _digest(parts())
+
+
+def training_fingerprint(args) -> dict[str, Any]:
+    """The fields of ``TrainingArguments`` that shape the fine-tuning between steps (:data:`TRAINING_FIELDS`)."""
+    return json_safe({name: getattr(args, name, None) for name in TRAINING_FIELDS})
+
+
+# -- random generator states -----------------------------------------------------------------------------
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator the library, the Trainer and the user's code may draw from, as JSON."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the generators saved by :func:`rng_state` (CUDA ones when the device count matches)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# -- the folder ------------------------------------------------------------------------------------------
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class ProgressFolder:
+    """Reads and writes one TLC run's progress folder (see the module docstring for the format)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "progress.json"
+
+    def exists(self) -> bool:
+        return self.state_file.is_file()
+
+    def read(self) -> dict[str, Any]:
+        """The saved state; ``ValueError`` when the folder holds none or something else."""
+        if not self.exists():
+            raise ValueError(f"{self.path} holds no TLC progress (no progress.json): pass the progress_dir of an "
+                             "interrupted hf_collapse.tlc.compress run as resume_from")
+        try:
+            state = json.loads(self.state_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.state_file} is not valid JSON ({error}): not TLC progress") from error
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"{self.state_file} is not TLC progress (format {FORMAT!r} expected)")
+        if state.get("version") != VERSION:
+            raise ValueError(f"{self.state_file} has progress format version {state.get('version')!r}; this version "
+                             f"of hf_collapse reads version {VERSION}")
+        return state
+
+    def write(self, state: dict[str, Any], model: nn.Module | None, report_json: str) -> None:
+        """Commit one step: the weights (when ``model`` is given), the report, then ``progress.json``; older
+        weight files are removed once the new state is in place."""
+        from safetensors.torch import save_model
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        state = dict(state, format=FORMAT, version=VERSION, weights=None)
+        if model is not None:
+            name = f"weights-step{state['step']}.safetensors"
+            temporary = self.path / f".{name}.tmp-{os.getpid()}"
+            save_model(model, str(temporary))
+            os.replace(temporary, self.path / name)
+            state["weights"] = name
+        _write_atomic(self.path / "report.json", report_json + "\n")
+        _write_atomic(self.state_file, json.dumps(state, indent=1))
+        for stale in self.path.glob("weights-step*.safetensors"):
+            if stale.name != state["weights"]:
+                stale.unlink()
+
+    def load_weights(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        """Fill ``model`` (already rebuilt to the saved structure) with the saved weights."""
+        from safetensors.torch import load_model
+
+        if state.get("weights") is None:
+            return
+        file = self.path / state["weights"]
+        if not file.is_file():
+            raise ValueError(f"the TLC progress in {self.path} names {state['weights']}, which is missing")
+        device = next(model.parameters()).device
+        missing, unexpected = load_model(model, file, strict=False, device=str(device))
+        if missing or unexpected:
+            raise ValueError(f"the weights in {file} do not match the replayed structure: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")

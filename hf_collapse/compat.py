@@ -41,6 +41,8 @@ __all__ = [
     # transformers
     "running_trainer",
     "saved_callback_state",
+    "track_callback_state",
+    "trainer_callback_kwargs",
     "trainer_callbacks",
 ]
 
@@ -279,6 +281,21 @@ def trainer_callbacks(trainer: Any) -> list:
     return callbacks
 
 
+def trainer_callback_kwargs(trainer: Any) -> dict:
+    """The keyword arguments the Trainer passes to its callbacks' events (``model``, ``optimizer``,
+    ``lr_scheduler``, ``train_dataloader``, ...), for calling a callback's event outside the Trainer's loop.
+
+    Assumes: ``Trainer.callback_handler`` holds them as attributes (set in ``_prepare_for_training``, before
+    ``on_train_begin``).
+    """
+    handler = trainer.callback_handler
+    names = ("model", "processing_class", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader")
+    missing = [name for name in names if not hasattr(handler, name)]
+    if missing:
+        raise _broken("transformers", f"Trainer.callback_handler has no {', '.join(missing)}")
+    return {name: getattr(handler, name) for name in names}
+
+
 def saved_callback_state(trainer_state: Any, callback_name: str) -> Optional[dict]:
     """The ``attributes`` a checkpoint saved for the (first) callback of class ``callback_name``, or ``None``.
 
@@ -295,3 +312,15 @@ def saved_callback_state(trainer_state: Any, callback_name: str) -> Optional[dic
         raise _broken("transformers", f"TrainerState.stateful_callbacks[{callback_name!r}] is {type(saved).__name__}, "
                                       "not the {'args', 'attributes'} dict of ExportableState.state()")
     return saved["attributes"]
+
+
+def track_callback_state(trainer_state: Any, callback: Any) -> None:
+    """Make a callback added after training began part of what the Trainer checkpoints.
+
+    Assumes: the Trainer fills ``TrainerState.stateful_callbacks`` (class name -> ``callback.state()``) when training
+    begins, and at each checkpoint updates only the names already there (a callback added later raises KeyError).
+    """
+    stateful = getattr(trainer_state, "stateful_callbacks", None)
+    if not isinstance(stateful, dict):
+        raise _broken("transformers", "TrainerState.stateful_callbacks is not a dict")
+    stateful.setdefault(type(callback).__name__, callback.state())

@@ -233,3 +233,52 @@ def test_callbacks_list_and_saved_callback_state(tmp_path):
     loaded = TrainerState.load_from_json(str(tmp_path / "state.json"))
     assert compat.saved_callback_state(loaded, "EarlyStoppingCallback") == {"early_stopping_patience_counter": 0}
     assert compat.saved_callback_state(loaded, "Absent") is None
+    compat.track_callback_state(loaded, EarlyStoppingCallback(5))  # already tracked: kept
+    assert compat.saved_callback_state(loaded, "EarlyStoppingCallback") == {"early_stopping_patience_counter": 0}
+
+
+def test_a_callback_added_during_training_is_checkpointed_once_tracked(tmp_path):
+    """The Trainer updates, at each checkpoint, the callback states it recorded when training began."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    from toy_training import tiny_bert
+
+    class AddLater(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                late = EarlyStoppingCallback(7)
+                late.early_stopping_patience_counter = 2
+                self.trainer.add_callback(late)
+                compat.track_callback_state(state, late)
+
+    trainer = _trainer(tmp_path, tiny_bert(), save_steps=2)
+    trainer.args.save_strategy = "steps"
+    trainer.add_callback(AddLater(trainer))
+    trainer.train()
+    from transformers import TrainerState
+
+    saved = TrainerState.load_from_json(str(tmp_path / "checkpoint-2" / "trainer_state.json"))
+    assert compat.saved_callback_state(saved, "EarlyStoppingCallback") == {"early_stopping_patience_counter": 2}
+
+
+def test_callback_event_kwargs_are_those_the_trainer_passes(tmp_path):
+    from transformers import TrainerCallback
+
+    from toy_training import tiny_bert
+
+    seen = {}
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["passed"] = kwargs
+            seen["compat"] = compat.trainer_callback_kwargs(trainer)
+
+    trainer = _trainer(tmp_path, tiny_bert())
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert seen["passed"].keys() >= seen["compat"].keys()
+    assert all(seen["passed"][k] is v for k, v in seen["compat"].items())
+    assert seen["compat"]["optimizer"] is not None and seen["compat"]["train_dataloader"] is not None

@@ -419,14 +419,14 @@ def test_unmatched_or_unsupported_targets_are_refused():
         get_peft_model(tiny_models.bert(), TraDyConfig(target_modules=["word_embeddings"]))
 
 
-def test_training_without_calibration_is_refused(tmp_path):
-    model = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS"))
-    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-                             max_steps=1)
-    trainer = Trainer(model=model, args=args, train_dataset=toy_dataset(), data_collator=PadOnlyCollator(),
-                      callbacks=[TraDyCallback()])
-    with pytest.raises(RuntimeError, match="not calibrated.*calibrate"):
-        trainer.train()
+def test_raw_training_forward_on_an_uncalibrated_adapter_says_to_calibrate():
+    model = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS"))
+    model.eval()
+    with torch.no_grad():
+        model(**bert_batch())  # inference needs no calibration
+    model.train()
+    with pytest.raises(RuntimeError, match=r"not calibrated: call hf_collapse\.trady\.calibrate\(model, batches\)"):
+        model(**bert_batch()).loss.backward()
 
 
 def test_unknown_selected_layers_are_refused():
@@ -594,3 +594,139 @@ def test_image_example_runs_end_to_end(tmp_path):
                                "--pretrain_epochs", "0.05", "--per_device_train_batch_size", "16",
                                "--image_size", "8")
     assert "TraDy (mobilenet_v2)" in out and report["calibration"]["selected_layers"]
+
+
+# ----------------------------------------------------------------------------------------------- the peft way
+
+
+class FlatGradients(TrainerCallback):
+    """Records, before every optimizer step, the size and the norm of the flat parameter's gradient."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grad = find_trady_model(model).trady_flat["default"].grad
+        self.norms.append((0, 0.0) if grad is None else (grad.numel(), float(grad.norm())))
+
+
+def _toy_trainer(tmp_path, model, callbacks=(), **settings):
+    options = dict(per_device_train_batch_size=4, num_train_epochs=2, learning_rate=0.1, optim="adamw_torch",
+                   use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+    options.update(settings)
+    return Trainer(model=model, args=TrainingArguments(str(tmp_path), **options), train_dataset=toy_dataset(16),
+                   data_collator=PadOnlyCollator(), callbacks=list(callbacks))
+
+
+def _toy_calibration_batches(n=4, batch_size=4):
+    data, collator = toy_dataset(16), PadOnlyCollator()
+    return [collator([data[i] for i in range(b * batch_size, (b + 1) * batch_size)]) for b in range(n)]
+
+
+def test_plain_trainer_calibrates_the_adapter_and_trains_its_channels(tmp_path):
+    """get_peft_model, then Trainer.train(): no calibrate, no callback passed. The adapter calibrates itself on the
+    first training batches, a TraDyCallback attaches itself and re-samples at the epoch boundary, and the TraDy
+    channels train (not only the head), exactly as after an explicit calibrate on the same batches."""
+    model = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1, selection="full_random"))
+    tuner = find_trady_model(model)
+    assert not tuner.is_calibrated() and tuner.trady_flat["default"].numel() == 0
+    original = {n: layer.get_base_layer().weight.detach().clone() for n, layer in tuner.trady_layers().items()}
+    gradients = FlatGradients()
+    trainer = _toy_trainer(tmp_path, model, [gradients])
+    trainer.train()
+    assert tuner.is_calibrated() and model.peft_config["default"].layer_positions
+    assert sum(isinstance(c, TraDyCallback) for c in trainer.callback_handler.callbacks) == 1
+    capacity = tuner.trady_flat["default"].numel()
+    assert capacity > 0 and len(gradients.norms) == 8
+    assert all(size == capacity and norm > 0 for size, norm in gradients.norms)  # the flat parameter got gradients
+    assert [i for i, _ in tuner.selection_history()] == [0, 1]  # re-sampled at the epoch boundary
+    changed = [n for n, layer in tuner.trady_layers().items()
+               if not torch.equal(layer.get_base_layer().weight, original[n])]
+    assert changed and all(tuner.trady_layers()[n].trady_merged["default"].any() for n in changed)
+    assert torch.count_nonzero(tuner.trady_flat["default"]) > 0
+
+    explicit = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1, selection="full_random"))
+    calibrate(explicit, _toy_calibration_batches())
+    _toy_trainer(tmp_path / "explicit", explicit, [TraDyCallback()]).train()
+    reference = dict(explicit.named_parameters())
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_disable_adapter_and_unload_give_back_the_original_or_refuse():
+    torch.manual_seed(0)
+    original = tiny_models.bert().eval()
+    expected_state = {k: v.clone() for k, v in original.state_dict().items()}
+    batch = bert_batch(seed=3)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = original(**inputs).logits
+    model = get_peft_model(copy.deepcopy(original).train(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
+    calibrate(model, [bert_batch(seed=s) for s in range(2)])
+    tuner = find_trady_model(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**bert_batch()).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert not torch.equal(model(**inputs).logits, expected)  # the adapter (and the head) changed the output
+        model.merge_adapter()  # a peft merge of the current delta is undone exactly
+        with model.disable_adapter():
+            assert torch.equal(model.base_model.model.bert(**inputs).last_hidden_state,
+                               original.bert(**inputs).last_hidden_state)
+    unloaded = copy.deepcopy(model).unload()
+    for key, value in unloaded.state_dict().items():
+        if not key.startswith("classifier"):  # the head is a modules_to_save copy: its original is kept
+            assert torch.equal(value, expected_state[key]), key
+
+    tuner.resample(1, optimizer)  # merges the update into the base weights
+    assert tuner.merged_channel_count() > 0
+    with pytest.raises(RuntimeError, match="earlier re-samplings .* were merged into the base weights"):
+        with model.disable_adapter():
+            pass
+    with pytest.raises(RuntimeError, match="cannot unload .*merged into the base weights.*merge_and_unload"):
+        model.unload()
+    assert any(isinstance(m, TraDyLayer) for m in model.modules())  # nothing half-done
+    assert not any(layer.disable_adapters for layer in tuner.trady_layers().values())
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+def _final_parameters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["epoch", "steps", "steps_auto"])
+def test_resumed_trainer_run_ends_where_the_uninterrupted_one_does(tmp_path, mode):
+    """3 epochs of 4 steps, checkpoint at step 6: mid-epoch for epoch re-sampling, mid-interval for
+    resample_every_steps=4. steps_auto: the adapter calibrated itself (no calibrate call) in both runs."""
+    settings = dict(task_type="SEQ_CLS", budget_ratio=0.1, selection="full_random")
+    if mode != "epoch":
+        settings["resample_every_steps"] = 4
+
+    def fresh():
+        model = get_peft_model(tiny_bert(), TraDyConfig(**settings))
+        if mode != "steps_auto":
+            calibrate(model, _toy_calibration_batches())
+        return model
+
+    options = dict(num_train_epochs=3, save_strategy="steps", save_steps=6)
+    full = fresh()
+    _toy_trainer(tmp_path, full, **options).train()
+    history = find_trady_model(full).selection_history()
+    assert len(history) >= 3  # re-sampled before and after the checkpoint
+    checkpoint = tmp_path / "checkpoint-6"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["TraDyCallback"]
+    assert saved["attributes"]["run_state"]["optimizer_steps"] == 6
+
+    resumed = fresh()
+    _toy_trainer(tmp_path / "resumed", resumed, **options).train(resume_from_checkpoint=str(checkpoint))
+    assert find_trady_model(resumed).current_selection() == find_trady_model(full).current_selection()
+    expected = _final_parameters(full)
+    for name, parameter in _final_parameters(resumed).items():
+        torch.testing.assert_close(parameter, expected[name], rtol=0, atol=1e-5, msg=name)
+    base = {n: layer.get_base_layer().weight for n, layer in find_trady_model(full).trady_layers().items()}
+    for name, layer in find_trady_model(resumed).trady_layers().items():
+        torch.testing.assert_close(layer.get_base_layer().weight, base[name], rtol=0, atol=1e-5, msg=name)

@@ -20,7 +20,12 @@ from .selection import candidate_layers, select_layers_by_rgn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationMixin", "calibrate"]
+__all__ = ["CalibrationMixin", "NOT_CALIBRATED_MESSAGE", "calibrate"]
+
+NOT_CALIBRATED_MESSAGE = (
+    "TraDy is not calibrated: call hf_collapse.trady.calibrate(model, batches) before training (it measures the cost "
+    "model, ranks the layers and sizes the trainable channel slices), or train with a transformers.Trainer, which "
+    "calibrates the adapter on the first batches of its training data")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

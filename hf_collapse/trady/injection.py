@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
@@ -121,6 +122,12 @@ class InjectionMixin:
         setattr(parent, child_name, new_module)
 
     def _post_injection_hook(self, model: nn.Module, config: TraDyConfig, adapter_name: str) -> None:
+        if adapter_name not in self.trady_flat:
+            # An empty placeholder: an optimizer built before calibration (the Trainer builds it before
+            # on_train_begin) holds this very Parameter, which calibration resizes in place.
+            first = next(iter(self.trady_layers(adapter_name).values())).get_base_layer().weight
+            self.trady_flat[adapter_name] = nn.Parameter(torch.zeros(0, dtype=first.dtype, device=first.device),
+                                                         requires_grad=not config.inference_mode)
         if config.is_calibrated:
             self._setup(adapter_name)
         self._register_step_hook()

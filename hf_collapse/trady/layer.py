@@ -384,6 +384,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         self.trady_merged: dict[str, torch.Tensor] = {}
         self.trady_rgn: dict[str, Optional[torch.Tensor]] = {}
         compat.init_tuner_layer_state(self, adapter_name)
+        self._merge_backup: dict[str, torch.Tensor] = {}  # original slices under a peft merge: unmerge is exact
         self.calibrating = False
         self.kwargs = kwargs
         self.update_layer(adapter_name)
@@ -462,23 +463,26 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
                 continue
             with torch.no_grad():
                 weight = self.get_base_layer().weight
-                merged = self.ops.effective_weight(weight.data, delta.detach(), self._index(name))
+                index = self._index(name)
+                merged = self.ops.effective_weight(weight.data, delta.detach(), index)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights; the adapter {name!r} seems broken")
+                self._merge_backup[name] = self.ops.read_slice(weight.data, index).clone()
                 weight.data.copy_(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract the current delta again (updates merged at earlier re-samplings stay in the base weight)."""
+        """Put back the slices the current delta was merged into, exactly (updates merged at earlier re-samplings
+        stay in the base weight)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            delta = self._delta(name)
-            if delta is not None:
+            original = self._merge_backup.pop(name, None)
+            if original is not None:
                 with torch.no_grad():
-                    self.ops.add_slice(self.get_base_layer().weight.data, self._index(name), -delta.detach())
+                    self.ops.write_slice(self.get_base_layer().weight.data, self._index(name), original)
 
     # -- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -77,8 +77,10 @@ def _optimizer_holds(optimizer: Any, parameter: torch.Tensor) -> bool:
 class SamplingMixin:
     """The budget, draws and re-sampling methods of :class:`~hf_collapse.trady.TraDyModel`."""
 
-    def _setup(self, adapter_name: str) -> None:
-        """Build the cost model from the config, allocate (or reuse) the flat parameter, draw the first channels."""
+    def _setup(self, adapter_name: str, keep_selection: bool = False) -> None:
+        """Build the cost model from the config, size the flat parameter (in place: an optimizer holding it keeps
+        working) and draw the first channels; with ``keep_selection`` the flat parameter and the selection are
+        kept as they are (loaded from a checkpoint)."""
         config: TraDyConfig = self.peft_config[adapter_name]
         layers = self.trady_layers(adapter_name)
         positions = config.layer_positions or {}
@@ -115,19 +117,23 @@ class SamplingMixin:
         capacity = flat_capacity(pool, budget)
         first = next(iter(layers.values())).get_base_layer().weight
         requires_grad = not config.inference_mode
-        existing = self.trady_flat[adapter_name] if adapter_name in self.trady_flat else None
-        if existing is not None and existing.numel() == capacity:
-            with torch.no_grad():
-                existing.zero_()
-            existing.requires_grad_(requires_grad)
-        else:
-            self.trady_flat[adapter_name] = nn.Parameter(
-                torch.zeros(capacity, dtype=first.dtype, device=first.device), requires_grad=requires_grad)
+        if adapter_name not in self.trady_flat:
+            self.trady_flat[adapter_name] = nn.Parameter(torch.zeros(0, dtype=first.dtype, device=first.device))
+        flat = self.trady_flat[adapter_name]
+        if keep_selection and flat.numel() != capacity:
+            raise RuntimeError(f"the TraDy checkpoint does not match this adapter: its flat parameter has "
+                               f"{flat.numel()} elements where the saved calibration gives {capacity}; resume with the "
+                               "base model and the TraDyConfig the checkpoint was trained with")
+        if not keep_selection:
+            compat.resize_parameter_(flat, capacity)
+        flat.requires_grad_(requires_grad)
         previous = self._states.get(adapter_name)
         self._states[adapter_name] = _AdapterState(costs=costs, pool=pool, budget=budget, capacity=capacity)
         if previous is not None:
             self._states[adapter_name].steps = previous.steps
             self._states[adapter_name].history = previous.history
+        if keep_selection:
+            return
         for layer in layers.values():
             layer.set_selection(adapter_name, torch.zeros(0, dtype=torch.long), 0)
         self._assign(adapter_name, self._draw(adapter_name, 0))
@@ -199,8 +205,9 @@ class SamplingMixin:
 
     def _require_state(self, adapter_name: str) -> _AdapterState:
         if adapter_name not in self._states:
-            raise RuntimeError("TraDy is not calibrated: call hf_collapse.trady.calibrate(model, batches) before "
-                               "training (or load an adapter saved after calibration)")
+            from .calibration import NOT_CALIBRATED_MESSAGE
+
+            raise RuntimeError(NOT_CALIBRATED_MESSAGE)
         return self._states[adapter_name]
 
     def is_calibrated(self, adapter_name: Optional[str] = None) -> bool:
@@ -239,6 +246,46 @@ class SamplingMixin:
             "index": state.index,
         }
 
+    # ------------------------------------------------------------------------------------------- run state
+
+    def export_run_state(self, adapter_name: Optional[str] = None) -> Optional[dict[str, Any]]:
+        """What shapes the rest of a run and is neither in the adapter checkpoint nor derivable from the step: the
+        calibration (cost model and layer ranking), the draw index and the optimizer steps counted for
+        ``resample_every_steps``. JSON-serialisable; ``None`` before calibration. :class:`TraDyCallback` saves it
+        with every Trainer checkpoint."""
+        adapter_name = adapter_name or self._adapter()
+        if adapter_name not in self._states:
+            return None
+        config: TraDyConfig = self.peft_config[adapter_name]
+        state = self._states[adapter_name]
+        return {
+            "draw_index": state.index,
+            "optimizer_steps": state.steps,
+            # [name, value] pairs: the forward order is part of the cost model, and trainer_state.json sorts keys
+            "calibration": {
+                "layer_positions": [[n, v] for n, v in (config.layer_positions or {}).items()],
+                "selected_layers": None if config.selected_layers is None else list(config.selected_layers),
+                "layer_rgn": None if config.layer_rgn is None else [[n, v] for n, v in config.layer_rgn.items()],
+            },
+        }
+
+    def restore_run_state(self, saved: Mapping[str, Any], adapter_name: Optional[str] = None) -> None:
+        """Continue a run from :meth:`export_run_state`'s record, after its adapter checkpoint was loaded (flat
+        parameter, selection and merged channels): the calibration is taken from the record, not measured again."""
+        adapter_name = adapter_name or self._adapter()
+        config: TraDyConfig = self.peft_config[adapter_name]
+        calibration = saved["calibration"]
+        config.layer_positions = {n: float(v) for n, v in calibration["layer_positions"]}
+        config.selected_layers = calibration.get("selected_layers")
+        rgn = calibration.get("layer_rgn")
+        config.layer_rgn = None if rgn is None else {n: float(v) for n, v in rgn}
+        self._setup(adapter_name, keep_selection=True)
+        state = self._states[adapter_name]
+        state.index = saved.get("draw_index")
+        state.steps = int(saved.get("optimizer_steps") or 0)
+        state.last_version = compat.tensor_version(self.trady_flat[adapter_name])
+        logger.info("TraDy: resumed at draw %s after %d optimizer steps", state.index, state.steps)
+
     # ------------------------------------------------------------------------------------------- optimizer hook
 
     def _register_step_hook(self) -> None:
@@ -270,6 +317,6 @@ class SamplingMixin:
                     self.resample(state.steps // int(every), optimizer, adapter_name)
             elif not self._callback_attached and not state.warned_no_callback:
                 state.warned_no_callback = True
-                logger.warning("TraDy: no TraDyCallback is attached, so channels will not be re-sampled at epoch "
-                               "boundaries. Add callbacks=[hf_collapse.trady.TraDyCallback()] to the Trainer, call "
-                               "model.base_model.resample(epoch, optimizer) yourself, or set resample_every_steps.")
+                logger.warning("TraDy: trained outside a transformers.Trainer, so channels will not be re-sampled at "
+                               "epoch boundaries. Call model.base_model.resample(epoch, optimizer) yourself at each "
+                               "epoch, or set resample_every_steps.")

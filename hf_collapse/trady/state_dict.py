@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import compat
 from .config import TraDyConfig
 from .layer import TraDyLayer
 
@@ -73,4 +74,17 @@ class StateDictMixin:
             if "trady_selected" in values:
                 offset = int(values["trady_offset"].reshape(-1)[0]) if "trady_offset" in values else 0
                 layer.set_selection(adapter_name, values["trady_selected"].long(), offset)
+        cls._size_placeholder_for(model, adapter_name, remaining)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, remaining)
+
+    @classmethod
+    def _size_placeholder_for(cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Loading a checkpoint into an adapter not calibrated yet (a Trainer resuming an auto-calibrated run): give
+        the placeholder flat parameter the saved size, in place, before the optimizer is built; the calibration
+        itself comes back with the run state (:meth:`~hf_collapse.trady.TraDyModel.restore_run_state`)."""
+        saved = next((v for k, v in state_dict.items() if k.endswith("trady_flat")), None)
+        tuner = next((m for m in model.modules() if isinstance(m, cls)), None)
+        if saved is None or tuner is None or adapter_name not in tuner.trady_flat or tuner.is_calibrated(adapter_name):
+            return
+        if tuner.trady_flat[adapter_name].numel() != saved.numel():
+            compat.resize_parameter_(tuner.trady_flat[adapter_name], saved.numel())

@@ -3,7 +3,8 @@ tests/test_trady_distributed.py with torchrun.
 
 Calibration batches differ per rank on purpose: calibrate() must sum its measurements over the ranks so that both
 rank the layers, size the flat parameter and draw the channels alike. Each rank writes the selection it trained
-with at every epoch, the selected layers and its final trainable and merged weights to OUT/rank<r>.pt.
+with at every epoch, the selected layers and its final trainable and merged weights to OUT/rank<r>.pt, and the
+error an uncalibrated adapter gets under DDP (it cannot calibrate itself there).
 """
 
 import os
@@ -44,11 +45,21 @@ def main(out: str) -> None:
     calibrate(model, [collator([data[i] for i in range(8 * rank + 4 * b, 8 * rank + 4 * b + 4)]) for b in range(2)])
     trainer.train()
     tuner = find_trady_model(model)
+    # The peft way without calibrate cannot be made correct under DDP (DDP registered the parameters): refused
+    lazy = get_peft_model(tiny_bert(seed=0), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.5))
+    lazy_args = TrainingArguments(output_dir=os.path.join(out, "lazy"), per_device_train_batch_size=4, max_steps=1,
+                                  report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                  ddp_backend="gloo")
+    try:
+        Trainer(model=lazy, args=lazy_args, train_dataset=data, data_collator=collator).train()
+        refusal = None
+    except RuntimeError as error:
+        refusal = str(error)
     state = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.save({"world_size": dist.get_world_size(), "selections": recorder.selections,
                 "selected_layers": model.peft_config["default"].selected_layers,
                 "capacity": tuner.trady_flat["default"].numel(), "state": state,
-                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]},
+                "refusal": refusal, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]},
                os.path.join(out, f"rank{rank}.pt"))
 
 

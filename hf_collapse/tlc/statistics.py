@@ -19,6 +19,7 @@ from torch import nn
 from ..architectures.base import ActivationSite, adapter_for, join_path, module_path, unwrap_model
 from ..distributed import sum_across_ranks
 from ..metrics import device_of, to_device
+from ..names import resolve_names
 from ..scoring import model_inputs
 
 __all__ = ["SiteStatistics", "activation_sites", "activation_statistics", "site_name"]
@@ -123,15 +124,21 @@ def site_name(model: nn.Module, name: str) -> str:
         >>> site_name(model, "encoder.layer.0.intermediate.intermediate_act_fn")   # BertForSequenceClassification
         'bert.encoder.layer.0.intermediate.intermediate_act_fn'
     """
-    targets = site_spellings(model).get(name) if isinstance(name, str) else None
-    if not targets:
-        known = [s.name for s in all_sites(model)]
-        raise ValueError(f"unknown activation site {name!r}; sites (relative to the {type(model).__name__} passed): "
-                         f"{', '.join(known[:6])}{', ...' if len(known) > 6 else ''}")
-    if len(targets) > 1:
-        raise ValueError(f"activation site name {name!r} is ambiguous in {type(model).__name__}: it may mean "
-                         f"{' or '.join(sorted(targets))}; use the name relative to the model")
-    return next(iter(targets))
+    return _resolve(model, [name])[0].name
+
+
+def _resolve(model: nn.Module, names: list[str]) -> list[ActivationSite]:
+    """The sites ``names`` name (any accepted spelling), through the library's one name validator."""
+    spellings = site_spellings(model)
+    for name in names:
+        targets = spellings.get(name, set()) if isinstance(name, str) else set()
+        if len(targets) > 1:
+            raise ValueError(f"activation site name {name!r} is ambiguous in {type(model).__name__}: it may mean "
+                             f"{' or '.join(sorted(targets))}; use the name relative to the model")
+    known = {site.name: site for site in all_sites(model)}
+    aliases = {spelling: next(iter(targets)) for spelling, targets in spellings.items() if spelling not in known}
+    return resolve_names(names, known, "activation site", aliases=aliases,
+                         where=f"this {type(model).__name__} (names relative to it, see hf_collapse.tlc.activation_sites)")
 
 
 def record_name(model: nn.Module, name: str) -> str:
@@ -153,7 +160,7 @@ def activation_sites(model: nn.Module, names: str | Iterable[str] = "auto") -> l
     model); they are returned in the order given, under their model-relative names.
 
     Raises:
-        ValueError: for unknown, repeated or already linearized names, a gated site (GEGLU, SwiGLU: linearizing
+        ValueError: for no, unknown, ambiguous, repeated or already linearized names, a gated site (GEGLU, SwiGLU: linearizing
             the gate leaves a bilinear map), or a model with no linearizable site.
 
     Example::
@@ -176,18 +183,14 @@ def activation_sites(model: nn.Module, names: str | Iterable[str] = "auto") -> l
                    "leaves a bilinear map, not a linear one" if gated else "")
             )
         return chosen
-    by_name = {s.name: s for s in every}
-    chosen = []
-    for name in [names] if isinstance(names, str) else names:
-        site = by_name[site_name(model, name)]
-        if site in chosen:
-            raise ValueError(f"activation site {name!r} is named twice")
+    names = [names] if isinstance(names, str) else list(names)
+    chosen = _resolve(model, names)
+    for name, site in zip(names, chosen):
         if site not in live:
             raise ValueError(f"activation site {name!r} is already linearized (its activation is the identity)")
         if site.gated:
             raise ValueError(f"site {name!r} is gated (GEGLU / SwiGLU): linearizing the gate leaves a bilinear map "
                              "(x * W x), not a linear one, so TLC cannot collapse it")
-        chosen.append(site)
     return chosen
 
 

@@ -87,6 +87,11 @@ __all__ = [
     "unregister_architecture",
 ]
 
+# `collapse` names both a function and the submodule that defines it. Whichever imports the submodule first (any
+# `from hf_collapse.collapse import ...`) makes Python set the package attribute to the module, so the function is
+# bound here, eagerly: `hf_collapse.collapse` is then always the function (this imports torch, nothing more).
+from .collapse import collapse  # noqa: E402
+
 
 def __getattr__(name: str) -> Any:
     """Load a public name (or a submodule such as ``hf_collapse.trady``) on first access."""

@@ -116,3 +116,13 @@ def test_peft_reloads_a_trady_adapter_in_a_fresh_process_after_import_hf_collaps
     """)
     assert out["tuner"] == "TraDyModel"
     assert out["diff"] <= 1e-6
+
+
+def test_collapse_stays_the_function_whatever_is_imported_first():
+    out = run_fresh("""
+        import json
+        from hf_collapse.collapse import measure_step      # the submodule first
+        import hf_collapse
+        print(json.dumps({"type": type(hf_collapse.collapse).__name__}))
+    """)
+    assert out["type"] == "function"

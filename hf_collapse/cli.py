@@ -1,26 +1,35 @@
-"""The ``hf-collapse`` command."""
+"""The ``hf-collapse`` command.
+
+Mistakes get one line, ``hf-collapse: error: ...`` naming what was wrong and what is accepted, and exit code 2;
+``--debug`` (anywhere on the command line) shows the traceback instead. The heavy libraries are imported by the
+command that needs them, so that ``hf-collapse --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import logging
 import sys
 from typing import Sequence
-
-from .architectures.base import adapter_for
-from .data import embedded_model_path, is_embedded
-from .loading import AutoCollapsedModel
-from .metrics import count_parameters, example_inputs, module_flops
-from .report import describe_speedup, format_count
-from .surgery import collapse_record, find_blocks
 
 
 def load_model(name_or_path: str):
     """A model from a folder, an embedded short name (``minilm``) or a Hub repository id."""
+    from .data import EMBEDDED_MODELS, check_source, embedded_model_path, is_embedded
+    from .loading import AutoCollapsedModel
+
+    check_source("model", name_or_path, list(EMBEDDED_MODELS), "a saved model folder")
     source = embedded_model_path(name_or_path) if is_embedded(name_or_path) else name_or_path
     return AutoCollapsedModel.from_pretrained(source).eval()
 
 
 def inspect_command(args: argparse.Namespace) -> int:
+    from .architectures.base import adapter_for
+    from .metrics import count_parameters, example_inputs, module_flops
+    from .report import format_count
+    from .surgery import collapse_record, find_blocks
+
     model = load_model(args.model)
     adapter = adapter_for(model)
     blocks = find_blocks(model)
@@ -58,14 +67,22 @@ def job_command(method: str, argv: Sequence[str]) -> int:
 
     from . import jobs
     from .lacoot import LaCoOTArguments
+    from .report import describe_speedup, format_count
 
     job_class, args_class, defaults, run = {
         "lacoot": (jobs.LaCoOTJobArguments, LaCoOTArguments, jobs.DEFAULT_LACOOT_TRAINING, jobs.run_lacoot_job),
         "tlc": (jobs.TLCJobArguments, TrainingArguments, jobs.DEFAULT_TLC_TRAINING, jobs.run_tlc_job),
     }[method]
-    parser = HfArgumentParser((job_class, args_class), prog=f"hf-collapse {method}", description=COMMANDS[method])
+    class Parser(HfArgumentParser):
+        def error(self, message: str):
+            raise UsageError(message)
+
+    parser = Parser((job_class, args_class), prog=f"hf-collapse {method}", description=COMMANDS[method],
+                    allow_abbrev=False)
     parser.set_defaults(**defaults)
-    job, args = parser.parse_args_into_dataclasses(list(argv))
+    job, args, unknown = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
+    if unknown:
+        raise UsageError(_unknown_flags_message(parser, unknown))
     _, report, summary = run(job, args)
     setting = f"λ = {args.msw_weight}" if method == "lacoot" else f"{job.finetune_steps} fine-tuning steps per layer"
     print(f"\n{report.method} on {job.model} / {job.dataset} ({setting})\n")
@@ -85,8 +102,14 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-collapse", description="Make Hugging Face models shallower.")
+    parser = _Parser(prog="hf-collapse", description="Make Hugging Face models shallower.",
+                     epilog="--debug anywhere shows the traceback of an error.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="list a model's blocks with their parameter and FLOPs share")
     inspect.add_argument("model", nargs="?", default="minilm",
@@ -98,15 +121,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(ValueError):
+    """A mistake on the command line (exit code 2, one line)."""
+
+
+def _unknown_flags_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    flags = [a for a in unknown if a.startswith("-")] or unknown
+    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(flags[0].split("=")[0], known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; see `{parser.prog} --help`"
+    return f"unrecognized arguments: {' '.join(unknown)}{hint}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hf-collapse``; returns the exit code (0, or 2 on a mistake, with one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
         if argv[:1] and argv[0] in COMMANDS:
             return job_command(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return args.handler(args)
-    except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError) as error:
-        print(f"hf-collapse: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("hf-collapse: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure gets one line; --debug shows the traceback
+        if debug:
+            raise
+        logging.getLogger(__name__).debug("hf-collapse failed", exc_info=True)
+        expected = isinstance(error, (ValueError, FileNotFoundError))  # a mistake: the message says it all
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not expected:
+            message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+        print(f"hf-collapse: error: {message}", file=sys.stderr)
         return 2
 
 

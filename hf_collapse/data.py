@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -26,7 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "EMBEDDED_MODELS",
+    "DATA_FILE_SUFFIXES",
     "EMBEDDED_DATASETS",
+    "check_source",
     "embedded_model_path",
     "is_embedded",
     "load_dialog_topics",
@@ -372,3 +376,36 @@ def load_embedded_dataset(name: str, **kwargs: Any) -> "datasets.DatasetDict":
     if key not in EMBEDDED_DATASETS:
         raise KeyError(f"no embedded dataset named {name!r}; embedded: {', '.join(EMBEDDED_DATASETS)}")
     return EMBEDDED_DATASETS[key](**kwargs)
+
+
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_source(kind: str, name: str, embedded: list[str], local_hint: str) -> None:
+    """Refuse, before anything runs, a ``kind`` (``"model"`` / ``"dataset"``) that is neither embedded, nor a local
+    path, nor a Hub id that can be fetched; the message names what was wrong and what is accepted.
+
+    Raises:
+        ValueError: for a name that is no local path and either no Hub id or a Hub id while ``HF_HUB_OFFLINE`` is set.
+
+    Example::
+
+        >>> from hf_collapse.data import check_source
+        >>> check_source("model", "./no_such_model", ["minilm"], "a saved model folder")
+        Traceback (most recent call last):
+        ValueError: model './no_such_model': no such file or folder, and not a Hub id; expected an embedded model ...
+    """
+    path = Path(name)
+    accepted = f"an embedded {kind} ({', '.join(embedded)}), {local_hint}, or a Hub {kind} id"
+    if path.exists() or (kind == "model" and is_embedded(name)) or (kind == "dataset" and is_embedded_dataset(name)):
+        return
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")) or "\\" in name:
+        raise ValueError(f"{kind} {name!r}: no such file or folder, and not a Hub id; expected {accepted}")
+    if _hub_offline():
+        raise ValueError(f"{kind} {name!r} is not a local path, and the Hub is off (HF_HUB_OFFLINE=1) so it cannot be "
+                         f"fetched as a Hub id; expected {accepted}")

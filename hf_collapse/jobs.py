@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from .data import (
-    EMBEDDED_DATASETS, embedded_model_path, is_embedded, is_embedded_dataset, load_embedded_dataset, tokenize_text_dataset,
+    DATA_FILE_SUFFIXES, EMBEDDED_DATASETS, EMBEDDED_MODELS, check_source, embedded_model_path, is_embedded,
+    is_embedded_dataset, load_embedded_dataset, tokenize_text_dataset,
 )
 from .lacoot import LaCoOTArguments, LaCoOTTrainer
 from .report import CollapseReport
@@ -30,6 +31,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def _at_least(name: str, value: float | None, low: float) -> None:
+    if value is not None and value < low:
+        raise ValueError(f"--{name} must be >= {low:g}, got {value:g}")
 
 
 @dataclass
@@ -45,7 +51,20 @@ class JobArguments:
     text_column: str = field(default="text", metadata={"help": "Text column (text datasets)."})
     label_column: str = field(default="label", metadata={"help": "Label column."})
     max_length: int = field(default=64, metadata={"help": "Maximum tokens per text example."})
-    latency_repeats: int = field(default=10, metadata={"help": "Timed runs per latency measurement."})
+    latency_repeats: int = field(
+        default=10, metadata={"help": "Interleaved rounds timing each state beside the original (0: no latency)."}
+    )
+
+    def __post_init__(self):
+        # Checked at parse time: a bad value fails in seconds, not after the training.
+        check_source("model", self.model, list(EMBEDDED_MODELS), "a saved model folder")
+        check_source("dataset", self.dataset, list(EMBEDDED_DATASETS),
+                     f"a data file or folder ({', '.join(DATA_FILE_SUFFIXES)})")
+        path = Path(self.dataset)
+        if path.is_file() and path.suffix not in DATA_FILE_SUFFIXES:
+            raise ValueError(f"dataset file {self.dataset!r} is not a data file: accepted {', '.join(DATA_FILE_SUFFIXES)}")
+        _at_least("max_length", self.max_length, 1)
+        _at_least("latency_repeats", self.latency_repeats, 0)
 
 
 @dataclass
@@ -57,6 +76,13 @@ class LaCoOTJobArguments(JobArguments):
     )
     num_blocks: int | None = field(default=None, metadata={"help": "Remove at most this many blocks."})
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_metric_drop is None and self.num_blocks is None:
+            raise ValueError("no budget: pass --max_metric_drop, --num_blocks, or both")
+        _at_least("max_metric_drop", self.max_metric_drop, 0)
+        _at_least("num_blocks", self.num_blocks, 1)
+
 
 @dataclass
 class TLCJobArguments(JobArguments):
@@ -67,6 +93,13 @@ class TLCJobArguments(JobArguments):
     calibration_batches: int = field(default=8, metadata={"help": "Batches for statistics and candidate ranking."})
     finetune_steps: int = field(default=20, metadata={"help": "Fine-tuning steps after each collapse."})
     no_fuse: bool = field(default=False, metadata={"help": "Linearize without fusing the adjacent maps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _at_least("target_layers", self.target_layers, 1)
+        _at_least("max_metric_drop", self.max_metric_drop, 0)
+        _at_least("calibration_batches", self.calibration_batches, 1)
+        _at_least("finetune_steps", self.finetune_steps, 0)
 
 
 #: Training settings of the embedded default runs (each about five minutes on 2 CPU cores); flags override them.
@@ -88,20 +121,29 @@ def default_lacoot_arguments(**overrides: Any) -> LaCoOTArguments:
     return LaCoOTArguments(**{**DEFAULT_LACOOT_TRAINING, **overrides})
 
 
-def _load_dataset(name: str, label_column: str):
+def _check_columns(name: str, columns: list[str], wanted: list[str]) -> None:
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise ValueError(f"dataset {name!r} has no column {missing[0]!r} (its columns: {', '.join(columns)}); "
+                         "name the right ones with --text_column / --label_column")
+
+
+def _load_dataset(name: str, label_column: str, text_column: str):
     import datasets
 
     if is_embedded_dataset(name):
         return load_embedded_dataset(name)
     path = Path(name)
     if path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".csv", ".parquet"))
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in DATA_FILE_SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"no .json/.jsonl/.csv/.parquet files in {path}")
+            raise FileNotFoundError(f"no {'/'.join(DATA_FILE_SUFFIXES)} files in {path}")
         kind = {".jsonl": "json"}.get(files[0].suffix, files[0].suffix.lstrip("."))
         loaded = datasets.load_dataset(kind, data_files=[str(f) for f in files])
     else:
         loaded = datasets.load_dataset(name)
+    columns = loaded["train"].column_names
+    _check_columns(name, columns, [label_column] + ([] if "pixel_values" in columns else [text_column]))
     if "test" not in loaded:
         split = "validation" if "validation" in loaded else None
         if split:
@@ -127,7 +169,7 @@ def prepare_task(job: JobArguments):
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
     from transformers import DataCollatorWithPadding, default_data_collator
 
-    data = _load_dataset(job.dataset, job.label_column)
+    data = _load_dataset(job.dataset, job.label_column, job.text_column)
     if job.label_column != "label":
         data = data.rename_column(job.label_column, "label")
     labels = data["train"].features["label"].names

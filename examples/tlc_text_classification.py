@@ -6,6 +6,9 @@ Default: the real pretrained all-MiniLM-L6-v2 on the embedded dialog-topic task.
     python examples/tlc_text_classification.py --output_dir outputs/tlc-text --max_steps 30
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/tlc_text_classification.py \\
         --model_name_or_path FacebookAI/roberta-base --output_dir outputs/tlc-roberta --num_train_epochs 3
+
+The compress loop writes its progress after every step; an interrupted run continues with the same command plus
+``--resume_from outputs/tlc-text/tlc_progress``.
 """
 
 from dataclasses import dataclass, field
@@ -30,6 +33,8 @@ class ScriptArguments:
     target_layers: int = 3
     finetune_steps: int = 20
     max_metric_drop: float | None = None
+    resume_from: str | None = field(default=None, metadata={
+        "help": "Continue an interrupted compress run from its progress folder (<output_dir>/tlc_progress)."})
 
 
 def main():
@@ -48,7 +53,8 @@ def main():
     config = hf_collapse.TLCConfig(target_layers=script.target_layers, finetune_steps=script.finetune_steps,
                                    max_metric_drop=script.max_metric_drop)
     compressed, report = hf_collapse.tlc.compress(model, config, data["train"], data["test"], args,
-                                                  data_collator=collator, compute_metrics=accuracy)
+                                                  data_collator=collator, compute_metrics=accuracy,
+                                                  resume_from=script.resume_from)
     if args.process_index == 0:
         print(report.to_markdown())
         compressed.save_pretrained(f"{args.output_dir}/compressed")  # reload with hf_collapse.AutoCollapsedModel

@@ -240,6 +240,17 @@ def unwrap_optimizer(optimizer: Any) -> Iterator[Any]:
 # transformers
 # =============================================================================================================
 
+def trainer_task_loss_multiplier(trainer: Any, num_items_in_batch: Any) -> int:
+    """The factor by which ``Trainer.compute_loss`` multiplies the model's loss (transformers 5): the number of
+    processes over the tensor-parallel size when it passes ``num_items_in_batch`` and averages tokens across devices,
+    ``n_gpu`` under ``nn.DataParallel``; else 1. LaCoOT scales its penalty by the same rule."""
+    args = trainer.args
+    if (args.average_tokens_across_devices and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func)
+            and num_items_in_batch is not None):
+        return trainer.accelerator.num_processes // trainer.get_tp_size() if args.n_gpu <= 1 else args.n_gpu
+    return 1
+
+
 #: Methods of ``transformers.Trainer`` from which it calls the model's forward during training.
 TRAINER_FORWARD_CALLERS = ("compute_loss", "training_step")
 

@@ -282,3 +282,26 @@ def test_callback_event_kwargs_are_those_the_trainer_passes(tmp_path):
     assert seen["passed"].keys() >= seen["compat"].keys()
     assert all(seen["passed"][k] is v for k, v in seen["compat"].items())
     assert seen["compat"]["optimizer"] is not None and seen["compat"]["train_dataloader"] is not None
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_compute_loss_multiplies_the_models_loss_as_lacoot_assumes(tmp_path, monkeypatch, processes):
+    """Trainer.compute_loss multiplies a loss-kwargs model's loss by the number of processes when it passes
+    num_items_in_batch; LaCoOT's penalty follows the same factor."""
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    trainer = _trainer(tmp_path, model)
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: processes))
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    inputs = {"input_ids": ids, "labels": ids}
+    count = torch.tensor(4)
+    plain = model(**inputs, num_items_in_batch=count).loss
+    assert trainer.model_accepts_loss_kwargs
+    factor = compat.trainer_task_loss_multiplier(trainer, count)
+    assert factor == processes
+    torch.testing.assert_close(trainer.compute_loss(model, dict(inputs), num_items_in_batch=count), plain * factor)
+    assert compat.trainer_task_loss_multiplier(trainer, None) == 1

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .. import compat
 from ..block_io import BlockIO, select_blocks
 from ..collapse import collapse as collapse_model
 from ..collapse import evaluate_model, metric_key
@@ -39,16 +40,6 @@ logger = logging.getLogger(__name__)
 #: The file, in each Trainer checkpoint, that holds what shapes the rest of a LaCoOT run besides the weights and the
 #: optimizer: the warm-start directions of the ascent and the state of the per-block generators (one per rank).
 PENALTY_STATE_NAME = "lacoot_penalty_state_rank{rank}.pt"
-
-
-def trainer_task_loss_multiplier(trainer: Trainer, num_items_in_batch) -> int:
-    """The factor by which ``Trainer.compute_loss`` multiplies the model's loss (transformers 5: the number of
-    processes, over the tensor-parallel size, when it passes ``num_items_in_batch`` and averages tokens across
-    devices; ``n_gpu`` under ``nn.DataParallel``; else 1)."""
-    if (trainer.args.average_tokens_across_devices and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func)
-            and num_items_in_batch is not None):
-        return trainer.accelerator.num_processes // trainer.get_tp_size() if trainer.args.n_gpu <= 1 else trainer.args.n_gpu
-    return 1
 
 
 class _PenaltyCheckpointCallback(TrainerCallback):
@@ -215,7 +206,7 @@ class LaCoOTTrainer(Trainer):
                 return 1.0 / self.current_gradient_accumulation_steps  # the Trainer's loss divides by the count
             if self.model_accepts_loss_kwargs and self._model_loss_uses_num_items(model, inputs):
                 return 1.0 / self.current_gradient_accumulation_steps
-        return float(trainer_task_loss_multiplier(self, num_items_in_batch))
+        return float(compat.trainer_task_loss_multiplier(self, num_items_in_batch))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The task loss of ``Trainer.compute_loss`` plus ``msw_weight`` times the MSW penalty (training only),

@@ -207,5 +207,5 @@ def collapse(
         report.steps[0].latency_s = statistics.median([report.steps[0].latency_s, *paired])
     if current is model:
         logger.warning("the budget allowed no removal: returning an unmodified copy of the model")
-        current = copy.deepcopy(unwrap_model(model))
+        current = copy.deepcopy(unwrap_model(model, keep_peft=True))  # a LoRA-wrapped model stays wrapped
     return current, report

@@ -21,7 +21,7 @@ from torch import nn
 from .architectures.base import unwrap_model
 from .distributed import is_main_process
 from .report import CollapseReport, describe_speedup, format_count
-from .surgery import COLLAPSED_ADAPTER_MESSAGE, collapse_record, model_class_name
+from .surgery import COLLAPSED_ADAPTER_MESSAGE, collapse_record, is_peft_model, model_class_name
 
 __all__ = ["collapsed_components", "loading_code", "model_card", "push_to_hub", "save_with_card"]
 
@@ -38,12 +38,8 @@ def _template_text() -> str:
                                 "incomplete (reinstall the package; the template ships as package data)") from error
 
 
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def _library(model: nn.Module) -> str:
-    return "peft" if _is_peft(model) else model_class_name(model).split(".")[0]
+    return "peft" if is_peft_model(model) else model_class_name(model).split(".")[0]
 
 
 def _is_pipeline(model: Any) -> bool:
@@ -109,7 +105,7 @@ def loading_code(model: Any, repo_or_path: str) -> str:
     if _is_pipeline(model):
         return _pipeline_loading_code(model, repo_or_path)
     cls = model_class_name(model).split(".")[1]
-    if _is_peft(model):
+    if is_peft_model(model):
         if collapse_record(model) is not None:
             # The adapter's base (adapter_config.json) is not the collapsed model: no code loads this back.
             raise ValueError(COLLAPSED_ADAPTER_MESSAGE.format(cls=cls))
@@ -179,7 +175,7 @@ def model_card(
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     method = report.method if report else (str(next(iter(model.peft_config.values())).peft_type)
-                                           if _is_peft(model) else "hf_collapse")
+                                           if is_peft_model(model) else "hf_collapse")
     tags = ["hf-collapse", method.lower()]
     eval_results = None
     if report is not None and report.after.metric is not None and report.metric_name:
@@ -187,7 +183,7 @@ def model_card(
                                    dataset_name=str(report.extra.get("dataset", (datasets or ["custom"])[0])),
                                    metric_type=report.metric_name, metric_value=float(report.after.metric))]
     name = model_name or (repo_id.split("/")[-1] if repo_id else f"{type(unwrap_model(model)).__name__}-collapsed")
-    if base_model is None and _is_peft(model):
+    if base_model is None and is_peft_model(model):
         base_model = next(iter(model.peft_config.values())).base_model_name_or_path
     card_data = ModelCardData(base_model=base_model, library_name=_library(model), tags=tags, datasets=datasets,
                               model_name=name, eval_results=eval_results)
@@ -213,7 +209,7 @@ def model_card(
                       training=training or "")
     target = repo_id or "path/to/this/folder"
     note = ("This repository holds a peft adapter: load it onto its base model with `PeftModel.from_pretrained`."
-            if _is_peft(model) else
+            if is_peft_model(model) else
             _pipeline_note(model) if _is_pipeline(model) else
             "The config expresses the change, so plain `from_pretrained` rebuilds the model exactly."
             if plain_reload_exact(model) else
@@ -266,7 +262,7 @@ def save_with_card(model: Any, folder: str | os.PathLike, report: CollapseReport
     folder = Path(folder)
     if processor is not None and _is_pipeline(model):
         raise ValueError("a diffusers pipeline saves its own scheduler / tokenizer / processors: pass processor=None")
-    (model if _is_peft(model) else unwrap_model(model)).save_pretrained(folder)  # an adapter stays an adapter
+    (model if is_peft_model(model) else unwrap_model(model)).save_pretrained(folder)  # an adapter stays an adapter
     if processor is not None:
         processor.save_pretrained(folder)
     if report is not None:

@@ -50,11 +50,26 @@ def example_inputs(model: nn.Module, batch_size: int = 1, seq_len: int = 128) ->
     return adapter_for(model).example_inputs(model, batch_size=batch_size, seq_len=seq_len)
 
 
-def to_device(inputs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor moved to ``device``: a tensor, or a mapping / list / tuple of them (nested);
+    anything else is returned as it is. A mapping comes back as a ``dict``. The one device helper of the package.
+
+    Example::
+
+        >>> from hf_collapse.metrics import device_of, to_device
+        >>> batch = to_device({"input_ids": ids, "attention_mask": mask}, device_of(model))
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     tensor = next(model.parameters(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
 

@@ -140,3 +140,18 @@ def test_lora_on_an_already_collapsed_model_is_an_ordinary_adapter_of_the_collap
     torch.testing.assert_close(output_of(again, inputs), expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"merge_and_unload\(\)"):
         loading_code(tuned, "me/collapsed-lora")
+
+
+def test_collapse_that_removes_nothing_returns_the_lora_model_still_wrapped():
+    case, model = _lora("bert")
+    scores = {b.name: float(i) for i, b in enumerate(hf_collapse.find_blocks(model))}
+    metrics = iter([0.9, 0.1])  # the first removal breaks the budget
+
+    collapsed, report = hf_collapse.collapse(model, scores, max_metric_drop=0.01, eval_fn=lambda m: next(metrics),
+                                             latency_repeats=0, progress=False)
+
+    assert report.after.removed == 0 and collapsed is not model
+    assert isinstance(collapsed, PeftModel)  # the adapter is still there, not merely its injected layers
+    inputs = case.inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(collapsed(**inputs).logits, model(**inputs).logits, atol=1e-6, rtol=0)

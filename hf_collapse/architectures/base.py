@@ -183,8 +183,9 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip peft and DDP/accelerate wrappers, returning the transformers/diffusers model inside.
+def unwrap_model(model: nn.Module, keep_peft: bool = False) -> nn.Module:
+    """Strip peft and DDP/accelerate wrappers, returning the transformers/diffusers model inside (the one unwrap
+    helper of the package); with ``keep_peft``, strip only DDP / ``torch.compile`` and return the peft model.
 
     Also looks through ``torch.compile`` (``_orig_mod``); a model with no wrapper is returned as it is.
 
@@ -199,6 +200,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while id(model) not in seen:
         seen.add(id(model))
         if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
+            if keep_peft:
+                return model
             model = model.get_base_model()
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module

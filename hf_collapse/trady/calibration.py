@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..distributed import sum_across_ranks
+from ..metrics import to_device
 from .config import TraDyConfig
 from .layer import TraDyLayer
 from .selection import candidate_layers, select_layers_by_rgn
@@ -26,27 +28,6 @@ NOT_CALIBRATED_MESSAGE = (
     "TraDy is not calibrated: call hf_collapse.trady.calibrate(model, batches) before training (it measures the cost "
     "model, ranks the layers and sizes the trainable channel slices), or train with a transformers.Trainer, which "
     "calibrates the adapter on the first batches of its training data")
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum over DDP ranks (a no-op outside torch.distributed), so that every rank ranks and costs alike."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        backend = dist.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        reduced = values.to(device=device, dtype=torch.float64)
-        dist.all_reduce(reduced)
-        return reduced.to(values.device)
-    return values.to(torch.float64)
 
 
 
@@ -143,7 +124,7 @@ class CalibrationMixin:
             for batch in batches:
                 if used >= num_batches:
                     break
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 with torch.set_grad_enabled(need_rgn):
                     outputs = self.model(**batch) if isinstance(batch, Mapping) else self.model(batch)
                     if need_rgn:
@@ -168,7 +149,7 @@ class CalibrationMixin:
             raise ValueError("calibrate received no batch")
 
         names = list(layers)
-        stats = _all_reduce_sum(torch.tensor([[position_sum[n], position_count[n]] for n in names],
+        stats = sum_across_ranks(torch.tensor([[position_sum[n], position_count[n]] for n in names],
                                              dtype=torch.float64))
         missing = [n for n, (_, count) in zip(names, stats.tolist()) if count == 0]
         if missing:
@@ -185,8 +166,8 @@ class CalibrationMixin:
             order = shared[0]
         channel_rgn: dict[str, torch.Tensor] = {}
         if need_rgn:
-            world = _all_reduce_sum(torch.tensor([float(used)]))
-            flat = _all_reduce_sum(torch.cat([norm_sum[n] for n in names]))
+            world = sum_across_ranks(torch.tensor([float(used)], dtype=torch.float64))
+            flat = sum_across_ranks(torch.cat([norm_sum[n] for n in names]))
             offset = 0
             for name in names:
                 layer = layers[name]

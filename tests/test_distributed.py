@@ -8,13 +8,13 @@ the ranks, so both ranks build the same model, and only the main process saves a
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from local_hub import running_hub
+
 HERE = os.path.dirname(__file__)
-HUBSTUB = Path(__file__).resolve().parents[2] / "shared" / "hubstub" / "server.py"
 
 
 def torchrun(script: str, *args: str, env: dict | None = None, timeout: int = 600) -> None:
@@ -32,18 +32,9 @@ def _same_weights(ranks):
 
 @pytest.mark.slow
 def test_lacoot_trainer_ddp_two_ranks(tmp_path):
-    env = {}
-    server = None
-    if HUBSTUB.is_file():  # also push from both ranks: only the main process may publish
-        server = subprocess.Popen([sys.executable, str(HUBSTUB), str(tmp_path / "hub"), "0", "--max-seconds", "600"],
-                                  stdout=subprocess.PIPE, text=True)
-        env = {"HF_ENDPOINT": f"http://127.0.0.1:{int(server.stdout.readline())}", "HF_HUB_OFFLINE": "0",
-               "HF_HOME": str(tmp_path / "hf_home")}
-    try:
-        torchrun("lacoot_ddp.py", str(tmp_path), env=env)
-    finally:
-        if server:
-            server.terminate()
+    with running_hub(tmp_path / "hub") as endpoint:  # also push from both ranks: only the main process may publish
+        torchrun("lacoot_ddp.py", str(tmp_path),
+                 env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")})
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     _same_weights(ranks)
@@ -57,9 +48,8 @@ def test_lacoot_trainer_ddp_two_ranks(tmp_path):
     assert ranks[0]["scores"] == ranks[1]["scores"] and len(ranks[0]["scores"]) == 3
     assert ranks[0]["removed"] == ranks[1]["removed"] and ranks[0]["metrics"] == ranks[1]["metrics"]
     assert (tmp_path / "collapsed" / "README.md").is_file()
-    if server:
-        assert ranks[1]["pushed"] is None and ranks[0]["pushed"]
-        assert (tmp_path / "hub" / "tester" / "ddp-collapsed" / "model.safetensors").is_file()
+    assert ranks[1]["pushed"] is None and ranks[0]["pushed"]
+    assert (tmp_path / "hub" / "tester" / "ddp-collapsed" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

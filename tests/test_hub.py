@@ -1,14 +1,15 @@
 """Model cards and pushing to the Hub, end to end with the real huggingface_hub client.
 
-No hub is reachable here: ../shared/hubstub/server.py is a local stand-in that serves the client's publish and
-download calls on loopback. These tests push to it and pull back from it; they skip (with the reason) where the
-stand-in is absent. Card content itself is also tested without it.
+No hub is needed: tests/local_hub.py, the project's own stand-in, serves the client's publish and download calls on
+loopback, and these tests push to it and pull back from it. With HF_COLLAPSE_REAL_HUB=1 and HF_TOKEN set they push to
+private repositories on the real Hub instead (deleted afterwards). Card content itself is also tested without a hub.
 """
 
 import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,22 +17,27 @@ import torch
 
 import hf_collapse
 from hf_collapse.hub import loading_code, model_card
+from local_hub import REAL_HUB_SWITCH, REPO_PREFIX, running_hub
 from tiny_models import CASES_BY_NAME
-
-HUBSTUB = Path(__file__).resolve().parents[2] / "shared" / "hubstub" / "server.py"
 
 
 @pytest.fixture
-def hub(tmp_path):
-    if not HUBSTUB.is_file():
-        pytest.skip(f"the local hub stand-in is absent ({HUBSTUB}); push / pull tests need it")
-    store = tmp_path / "hub"
-    server = subprocess.Popen([sys.executable, str(HUBSTUB), str(store), "0", "--max-seconds", "600"],
-                              stdout=subprocess.PIPE, text=True)
-    port = int(server.stdout.readline().strip())
-    yield store, f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
+def hub(tmp_path, monkeypatch):
+    """(store, endpoint): the local hub stand-in, whose store holds what was pushed; or, with HF_COLLAPSE_REAL_HUB=1,
+    the Hub at HF_ENDPOINT (default the real one) with HF_TOKEN, under a per-run repository prefix."""
+    if os.environ.get(REAL_HUB_SWITCH) == "1":
+        if not os.environ.get("HF_TOKEN"):
+            pytest.skip(f"{REAL_HUB_SWITCH}=1 publishes to the real Hub: it needs a write token in HF_TOKEN")
+        prefix = f"hf-collapse-test-{uuid.uuid4().hex[:8]}-"
+        monkeypatch.setenv(REPO_PREFIX, prefix)  # the round-trip scripts name their repositories with it
+        yield tmp_path / "hub", os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        cleanup = subprocess.run([sys.executable, "-c", f"import local_hub; local_hub.delete_test_repos({prefix!r})"],
+                                 cwd=Path(__file__).parent, env={**os.environ, "HF_HUB_OFFLINE": "0"},
+                                 capture_output=True, text=True, timeout=300)
+        assert cleanup.returncode == 0, f"could not delete the {prefix}* test repositories: {cleanup.stderr[-2000:]}"
+        return
+    with running_hub(tmp_path / "hub") as endpoint:
+        yield tmp_path / "hub", endpoint
 
 
 def test_push_and_pull_through_the_hub(hub, tmp_path):

@@ -1,7 +1,8 @@
 """Push collapsed models to the local hub stand-in with the real huggingface_hub client, then pull them back.
 
-Run by tests/test_hub.py in a subprocess with HF_ENDPOINT pointing at ../shared/hubstub/server.py (it must be set
-before huggingface_hub is imported). Prints one JSON line of findings for the test to assert on.
+Run by tests/test_hub.py in a subprocess with HF_ENDPOINT pointing at tests/local_hub.py (it must be set before
+huggingface_hub is imported), or at the real Hub with HF_COLLAPSE_REAL_HUB=1 (see local_hub.HubTarget). Prints one
+JSON line of findings for the test to assert on.
 """
 
 import json
@@ -16,6 +17,7 @@ import torch  # noqa: E402
 import hf_collapse  # noqa: E402
 from hf_collapse.hub import loading_code, model_card, push_to_hub, save_with_card  # noqa: E402
 from hf_collapse.tlc import activation_sites, activation_statistics, linearize  # noqa: E402
+from local_hub import HubTarget  # noqa: E402
 from tiny_models import CASES_BY_NAME, dit_pipeline, output_of, pipeline_images  # noqa: E402
 
 def same_files(local: Path, pushed: Path) -> dict:
@@ -27,22 +29,22 @@ def same_files(local: Path, pushed: Path) -> dict:
 
 
 def download_snapshot(repo_id: str) -> Path:
-    """The pushed repository, fetched file by file into a fresh cache with the real client. (A pipeline's own
-    ``from_pretrained("<repo_id>")`` calls ``snapshot_download``, which lists the repository tree: the stand-in does
-    not serve that listing, so the pipeline is loaded from the downloaded snapshot instead.)"""
+    """The pushed repository, fetched file by file into a fresh cache with the real client (``model_info``'s file
+    list, then ``hf_hub_download``), so that the card's own loading code runs on what the Hub serves."""
     from huggingface_hub import HfApi, hf_hub_download
 
     cache = tempfile.mkdtemp()
-    files = [s.rfilename for s in HfApi(token="hf_test").model_info(repo_id).siblings]
-    paths = [hf_hub_download(repo_id, f, cache_dir=cache, token="hf_test") for f in files]
+    files = [s.rfilename for s in HfApi(token=target.token).model_info(repo_id).siblings]
+    paths = [hf_hub_download(repo_id, f, cache_dir=cache, token=target.token) for f in files]
     return Path(paths[files.index("model_index.json")]).parent
 
 
 store = Path(sys.argv[1])
+target = HubTarget()
 findings = {}
-for name, removal, repo_id in (("bert", ["encoder.layer.2"], "tester/bert-collapsed"),
-                               ("mobilenet_v2", ["layer.3"], "tester/mobilenet-collapsed"),
-                               ("dit", ["transformer_blocks.1"], "tester/dit-collapsed")):
+for name, removal, repo_id in (("bert", ["encoder.layer.2"], target.repo("bert-collapsed")),
+                               ("mobilenet_v2", ["layer.3"], target.repo("mobilenet-collapsed")),
+                               ("dit", ["transformer_blocks.1"], target.repo("dit-collapsed"))):
     case = CASES_BY_NAME[name]
     model = case.build()
     scores = {removal[0]: 0.5}
@@ -69,15 +71,15 @@ for name, removal, repo_id in (("bert", ["encoder.layer.2"], "tester/bert-collap
     exec(loading_code(collapsed, str(local)), namespace)  # the card's own loading code, on the saved folder
     result["card_code_error"] = (output_of(namespace["model"].eval(), inputs) - expected).abs().max().item()
 
-    push_to_hub(collapsed, repo_id, report=report, token="hf_test", base_model="tester/base",
-                datasets=["tester/data"])
-    result.update(same_files(local, store / repo_id))
+    push_to_hub(collapsed, repo_id, report=report, token=target.token, private=target.private,
+                base_model="tester/base", datasets=["tester/data"])
+    result.update(same_files(local, target.pushed(store, repo_id)))
 
     cache = tempfile.mkdtemp()
     if hf_collapse.collapse_record(collapsed)["plain_reload_exact"]:
-        again = type(collapsed).from_pretrained(repo_id, cache_dir=cache, token="hf_test")
+        again = type(collapsed).from_pretrained(repo_id, cache_dir=cache, token=target.token)
     else:
-        again = hf_collapse.AutoCollapsedModel.from_pretrained(repo_id, cache_dir=cache, token="hf_test")
+        again = hf_collapse.AutoCollapsedModel.from_pretrained(repo_id, cache_dir=cache, token=target.token)
     result["pulled_error"] = (output_of(again.eval(), inputs) - expected).abs().max().item()
     findings[name] = result
 
@@ -85,8 +87,8 @@ for name, removal, repo_id in (("bert", ["encoder.layer.2"], "tester/bert-collap
 # Diffusers pipelines: the whole pipeline is pushed, its collapsed transformer inside. A removed DiT block is
 # expressed by the config (plain DiTPipeline.from_pretrained); a TLC-linearized MLP on top of it is not (the card
 # loads that component with AutoCollapsedModel and passes it to the pipeline).
-for name, linearized, repo_id in (("dit_pipeline", False, "tester/dit-pipeline-collapsed"),
-                                  ("dit_pipeline_tlc", True, "tester/dit-pipeline-tlc")):
+for name, linearized, repo_id in (("dit_pipeline", False, target.repo("dit-pipeline-collapsed")),
+                                  ("dit_pipeline_tlc", True, target.repo("dit-pipeline-tlc"))):
     pipe = dit_pipeline()
     collapsed, report = hf_collapse.collapse(pipe.transformer, {"transformer_blocks.1": 0.5}, num_blocks=1,
                                              eval_fn=lambda m: 0.75, metric_name="accuracy", latency_repeats=1,
@@ -112,8 +114,8 @@ for name, linearized, repo_id in (("dit_pipeline", False, "tester/dit-pipeline-c
     exec(loading_code(pipe, str(local)), namespace)
     result["card_code_error"] = (pipeline_images(namespace["pipe"]) - expected).abs().max().item()
 
-    push_to_hub(pipe, repo_id, report=report, token="hf_test", base_model="tester/base")
-    result.update(same_files(local, store / repo_id))
+    push_to_hub(pipe, repo_id, report=report, token=target.token, private=target.private, base_model="tester/base")
+    result.update(same_files(local, target.pushed(store, repo_id)))
     result["unchanged_by_push"] = torch.equal(pipeline_images(pipe), expected)
 
     namespace = {}

@@ -17,7 +17,7 @@ All of it stands on depth surgery that reloads exactly::
 
     import hf_collapse
     blocks = hf_collapse.find_blocks(model)                 # removable blocks, through task heads and peft
-    smaller = hf_collapse.remove_blocks(model, ["encoder.layer.3"])   # a new model; `model` is untouched
+    smaller = hf_collapse.remove_blocks(model, [blocks[3].name])     # a new model; `model` is untouched
     smaller.save_pretrained("out")
     again = hf_collapse.AutoCollapsedModel.from_pretrained("out")    # always exact
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .architectures.base import Block, first_tensor
 from .names import resolve_names
-from .surgery import find_blocks
+from .surgery import block_aliases, find_blocks
 
 __all__ = ["BlockIO", "select_blocks"]
 
@@ -25,14 +25,14 @@ def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list
     Named blocks are returned in the order given, as they are (removable or not).
 
     Raises:
-        ValueError: for an unknown or repeated name (a block's ``name`` or its ``path``), or an empty list.
+        ValueError: for an unknown or repeated name (a block's ``name`` or one of its ``aliases``), or an empty list.
 
     Example::
 
         >>> from hf_collapse.block_io import select_blocks
-        >>> [b.name for b in select_blocks(model)][:2]
-        ['encoder.layer.0', 'encoder.layer.1']
-        >>> [b.path for b in select_blocks(model, ["encoder.layer.4"])]      # a BertForSequenceClassification
+        >>> [b.name for b in select_blocks(model)][:2]                        # a BertForSequenceClassification
+        ['bert.encoder.layer.0', 'bert.encoder.layer.1']
+        >>> [b.name for b in select_blocks(model, ["encoder.layer.4"])]      # the backbone-relative spelling
         ['bert.encoder.layer.4']
     """
     blocks = find_blocks(model)
@@ -40,7 +40,7 @@ def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list
         return [b for b in blocks if b.removable]
     if isinstance(names, str):
         names = [names]
-    return resolve_names(names, {b.name: b for b in blocks}, "block", aliases={b.path: b.name for b in blocks})
+    return resolve_names(names, {b.name: b for b in blocks}, "block", aliases=block_aliases(blocks))
 
 
 class BlockIO:
@@ -54,7 +54,7 @@ class BlockIO:
         io = BlockIO(model, hf_collapse.find_blocks(model))
         with io.capturing(attention_mask=batch["attention_mask"]):
             model(**batch)
-        x, y = io.features("encoder.layer.0")      # (batch, tokens * hidden) each, padding zeroed
+        x, y = io.features("bert.encoder.layer.0")  # (batch, tokens * hidden) each, padding zeroed
         io.remove()
     """
 

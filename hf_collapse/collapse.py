@@ -15,7 +15,7 @@ from .distributed import is_main_process
 from .names import resolve_names
 from .metrics import compare_latency, count_parameters, forward_flops, hardware_description, measure_latency
 from .report import CollapseReport, CollapseStep
-from .surgery import find_blocks, model_class_name, remove_blocks
+from .surgery import block_aliases, find_blocks, model_class_name, remove_blocks
 
 __all__ = ["collapse", "evaluate_model", "measure_step", "metric_key"]
 
@@ -104,15 +104,21 @@ def evaluate_model(model: nn.Module, args, eval_dataset, **trainer_kwargs) -> di
         model.__dict__.pop("_is_accelerate_prepared", None)
 
 
-def _removal_order(model: nn.Module, scores: Mapping[str, float]) -> list[str]:
+def _canonical_scores(model: nn.Module, scores: Mapping[str, float]) -> dict[str, float]:
+    """``scores`` keyed by the blocks' names in ``model`` (any accepted spelling may be given)."""
     if not scores:
         raise ValueError("no scores given: the budget selects nothing (use hf_collapse.score_blocks to get scores)")
     blocks = find_blocks(model)
-    scored = resolve_names(list(scores), {b.name: b for b in blocks}, "block", where="this model (scores name them)")
+    scored = resolve_names(list(scores), {b.name: b for b in blocks}, "block", aliases=block_aliases(blocks),
+                           where="this model (scores name them)")
     fixed = [b.name for b in scored if not b.removable]
     if fixed:
         raise ValueError(f"scores name blocks that are not removable: {fixed} ({scored[0].reason})")
-    position = {b.name: i for i, b in enumerate(blocks)}
+    return {b.name: float(value) for b, value in zip(scored, scores.values())}
+
+
+def _removal_order(model: nn.Module, scores: Mapping[str, float]) -> list[str]:
+    position = {b.name: i for i, b in enumerate(find_blocks(model))}
     return sorted(scores, key=lambda name: (scores[name], position[name]))
 
 
@@ -159,6 +165,7 @@ def collapse(
         >>> smaller, report = hf_collapse.collapse(model, scores, max_metric_drop=0.01, eval_fn=accuracy)
         >>> report.save("outputs/collapse")
     """
+    scores = _canonical_scores(model, scores)
     order = _removal_order(model, scores)
     if num_blocks is None and max_metric_drop is None:
         raise ValueError("no budget: pass num_blocks, max_metric_drop (with eval_fn), or both")

@@ -24,7 +24,8 @@ def resolve_names(requested: Iterable[str], known: Mapping[str, T], kind: str, *
         known: ``{canonical name: object}``, in the order to list them in errors.
         kind: what the names name, singular (``"block"``, ``"activation site"``, ``"TraDy layer"``).
         aliases: other accepted spellings, ``{alias: canonical name}`` (e.g. a block's path under a task head, or
-            an old, backbone-relative path).
+            an old, backbone-relative path). A name that ends with ``"." + a known name`` (the same thing named
+            through a wrapper, like peft's ``base_model.model.``) is accepted when exactly one known name fits.
         where: what holds the known names, for the error message.
 
     Raises:
@@ -35,11 +36,11 @@ def resolve_names(requested: Iterable[str], known: Mapping[str, T], kind: str, *
 
         >>> from hf_collapse.names import resolve_names
         >>> blocks = {b.name: b for b in hf_collapse.find_blocks(model)}
-        >>> [b.path for b in resolve_names(["encoder.layer.1"], blocks, "block")]
+        >>> [b.name for b in resolve_names(["bert.encoder.layer.1"], blocks, "block")]
         ['bert.encoder.layer.1']
-        >>> resolve_names(["encoder.layer.9"], blocks, "block")
+        >>> resolve_names(["bert.encoder.layer.9"], blocks, "block")
         Traceback (most recent call last):
-        ValueError: unknown block 'encoder.layer.9'; the blocks of this model are: encoder.layer.0, ...
+        ValueError: unknown block 'bert.encoder.layer.9'; the blocks of this model are: bert.encoder.layer.0, ...
     """
     aliases = aliases or {}
     requested = list(requested)
@@ -50,6 +51,9 @@ def resolve_names(requested: Iterable[str], known: Mapping[str, T], kind: str, *
         if not isinstance(name, str):
             raise TypeError(f"{kind} names must be strings, got {type(name).__name__}")
         key = name if name in known else aliases.get(name)
+        if key not in known:  # a name given through a wrapper (``base_model.model.<name>``) of the known model
+            wrapped = {known_name for known_name in known if name.endswith("." + known_name)}
+            key = wrapped.pop() if len(wrapped) == 1 else None
         if key not in known:
             raise ValueError(f"unknown {kind} {name!r}; the {kind}s of {where} are: {_shown(known)}")
         canonical.append(key)

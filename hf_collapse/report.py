@@ -38,7 +38,7 @@ class CollapseStep:
 
         >>> collapsed, report = hf_collapse.collapse(model, scores, num_blocks=2)
         >>> [(step.removed, step.unit) for step in report.steps]
-        [(0, None), (1, 'encoder.layer.4'), (2, 'encoder.layer.2')]
+        [(0, None), (1, 'bert.encoder.layer.4'), (2, 'bert.encoder.layer.2')]
         >>> report.steps[-1].params < report.steps[0].params
         True
     """

@@ -63,28 +63,33 @@ def _owner(model: nn.Module) -> nn.Module:
 
 
 def find_blocks(model: nn.Module) -> list[Block]:
-    """The blocks of ``model`` in forward order, removable or not, with paths valid in ``model`` itself.
+    """The blocks of ``model`` in forward order, removable or not, named by their paths in ``model`` itself.
 
-    Works through task heads and peft wrappers. Example::
+    Works through task heads and peft wrappers; every API that takes block names also accepts each block's
+    ``aliases`` (its path relative to the backbone, and inside a wrapper). Example::
 
-        >>> blocks = hf_collapse.find_blocks(model)
+        >>> blocks = hf_collapse.find_blocks(model)             # a BertForSequenceClassification
         >>> [b.name for b in blocks if b.removable][:2]
-        ['encoder.layer.0', 'encoder.layer.1']
+        ['bert.encoder.layer.0', 'bert.encoder.layer.1']
     """
     adapter, backbone, prefix = _locate(model)
-    blocks = adapter.blocks(backbone)
-    return [
-        dataclasses.replace(
-            block,
-            path=join_path(prefix, block.path),
-            input_path=join_path(prefix, block.input_path),
-            output_path=join_path(prefix, block.output_path),
+    inner_prefix = module_path(unwrap_model(model), backbone)
+    found = []
+    for block in adapter.blocks(backbone):
+        path = join_path(prefix, block.path)
+        spellings = (block.name, join_path(inner_prefix, block.name))
+        found.append(dataclasses.replace(
+            block, name=path, path=path, local_name=block.name,
+            aliases=tuple(dict.fromkeys(a for a in spellings if a != path)),
+            input_path=join_path(prefix, block.input_path), output_path=join_path(prefix, block.output_path),
             extra_paths=tuple(join_path(prefix, p) for p in block.extra_paths),
-        )
-        if prefix
-        else block
-        for block in blocks
-    ]
+        ))
+    return found
+
+
+def block_aliases(blocks: Sequence[Block]) -> dict[str, str]:
+    """``{alias: name}`` over ``blocks``: the other spellings each block is accepted under."""
+    return {alias: b.name for b in blocks for alias in b.aliases}
 
 
 def collapse_record(model: nn.Module) -> dict[str, Any] | None:
@@ -94,8 +99,8 @@ def collapse_record(model: nn.Module) -> dict[str, Any] | None:
 
     Example::
 
-        >>> smaller = hf_collapse.remove_blocks(model, ["encoder.layer.3"])
-        >>> hf_collapse.collapse_record(smaller)["edits"]
+        >>> smaller = hf_collapse.remove_blocks(model, ["bert.encoder.layer.3"])
+        >>> hf_collapse.collapse_record(smaller)["edits"]     # backbone-relative: replays under any wrapper
         [{'op': 'remove_blocks', 'blocks': ['encoder.layer.3']}]
         >>> hf_collapse.collapse_record(model) is None
         True
@@ -118,7 +123,7 @@ def _resolve(requested: Iterable[Block | str], blocks: Sequence[Block]) -> list[
         if not isinstance(key, str):
             raise TypeError(f"blocks must be Block objects or block names, got {type(item).__name__}")
         names.append(key)
-    resolved = resolve_names(names, {b.name: b for b in blocks}, "block", aliases={b.path: b.name for b in blocks},
+    resolved = resolve_names(names, {b.name: b for b in blocks}, "block", aliases=block_aliases(blocks),
                              where="this model (see hf_collapse.find_blocks)")
     for block in resolved:
         if not block.removable:
@@ -151,7 +156,7 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], inplace: bool
 
     Example::
 
-        >>> smaller = hf_collapse.remove_blocks(model, ["encoder.layer.2", "encoder.layer.4"])
+        >>> smaller = hf_collapse.remove_blocks(model, ["roberta.encoder.layer.2", "roberta.encoder.layer.4"])
         >>> smaller.save_pretrained("roberta-collapsed")
     """
     all_blocks = find_blocks(model)
@@ -163,7 +168,7 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], inplace: bool
         model = copy.deepcopy(model)
     adapter, backbone, _ = _locate(model)
     record = collapse_record(model) or _new_record(model)
-    names = [b.name for b in chosen]
+    names = [b.local_name for b in chosen]  # records hold backbone-relative names: they replay under any wrapper
     local = {b.name: b for b in adapter.blocks(backbone)}
     adapter.remove(backbone, [local[name] for name in names], record["base_values"])
     record["edits"].append({"op": "remove_blocks", "blocks": names})

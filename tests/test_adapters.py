@@ -68,12 +68,17 @@ def test_activation_sites_connect_real_layers(case):
     (RobertaModel, "roberta", "roberta."), (SwinModel, "swin", "swin."), (LlamaModel, "llama", "model."),
 ])
 def test_task_head_and_bare_backbone_share_block_names(model_cls, case_name, prefix):
+    """Names are paths in the model passed; the backbone-relative spelling (local_name) is shared and accepted."""
     head = CASES_BY_NAME[case_name].build()
     bare = model_cls(head.config)
     head_blocks = hf_collapse.find_blocks(head)
     bare_blocks = hf_collapse.find_blocks(bare)
-    assert [b.name for b in head_blocks] == [b.name for b in bare_blocks]
-    assert all(h.path == prefix + b.path for h, b in zip(head_blocks, bare_blocks))
+    assert [b.local_name for b in head_blocks] == [b.local_name for b in bare_blocks] == [b.name for b in bare_blocks]
+    assert all(h.path == h.name == prefix + b.path for h, b in zip(head_blocks, bare_blocks))
+    assert all(h.aliases == (b.name,) for h, b in zip(head_blocks, bare_blocks))
+    removable = [b for b in head_blocks if b.removable][0]
+    smaller = hf_collapse.remove_blocks(head, [removable.local_name])  # the old spelling still names it
+    assert len(hf_collapse.find_blocks(smaller)) == len(head_blocks) - 1
 
 
 def test_through_a_peft_wrapper():

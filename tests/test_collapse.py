@@ -41,7 +41,7 @@ def test_score_blocks_every_method(method):
     case = CASES_BY_NAME["bert"]
     model = case.build()
     scores = hf_collapse.score_blocks(model, _loader(case), method=method, progress=False)
-    assert list(scores) == [f"encoder.layer.{i}" for i in range(5)]
+    assert list(scores) == [f"bert.encoder.layer.{i}" for i in range(5)]  # paths in the model passed
     assert all(math.isfinite(v) and v >= 0 for v in scores.values())
     assert scores == hf_collapse.score_blocks(model, _loader(case), method=method, progress=False)
 
@@ -54,8 +54,8 @@ def test_a_block_made_identity_scores_zero():
     # arccos is steep at 1: float32 cosines of 1 - 1e-7 give angles of about 1e-4.
     for method, tolerance in (("msw", 1e-5), ("block_influence", 1e-5), ("angular", 1e-3)):
         scores = hf_collapse.score_blocks(model, _loader(case), method=method, progress=False)
-        assert scores["layers.2"] == pytest.approx(0, abs=tolerance), method
-        assert min(scores, key=scores.get) == "layers.2"
+        assert scores["model.layers.2"] == pytest.approx(0, abs=tolerance), method
+        assert min(scores, key=scores.get) == "model.layers.2"
 
 
 def test_score_blocks_on_vision_and_diffusion_models():
@@ -82,7 +82,7 @@ def test_collapse_fixed_number_follows_scores_and_leaves_the_model_alone():
     model = case.build()
     scores = {"h.0": 0.9, "h.1": 0.1, "h.2": 0.5, "h.3": 0.2, "h.4": 0.7}
     collapsed, report = hf_collapse.collapse(model, scores, num_blocks=3, latency_repeats=1, progress=False)
-    assert [r["name"] for r in report.removed] == ["h.1", "h.3", "h.2"]
+    assert [r["name"] for r in report.removed] == ["transformer.h.1", "transformer.h.3", "transformer.h.2"]
     assert collapsed.config.n_layer == 2 and model.config.n_layer == 5
     # The survivors are the original blocks 0 and 4, in order.
     expected = hf_collapse.remove_blocks(model, ["h.1", "h.2", "h.3"])
@@ -105,9 +105,9 @@ def test_collapse_honours_the_metric_budget_and_rejects_the_step_over_it():
     collapsed, report = hf_collapse.collapse(model, scores, max_metric_drop=0.025, eval_fn=eval_fn,
                                              latency_repeats=0, progress=False)
     assert collapsed.config.num_hidden_layers == 3
-    assert [r["name"] for r in report.removed] == ["encoder.layer.0", "encoder.layer.1"]
+    assert [r["name"] for r in report.removed] == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
     assert [s.kept for s in report.steps] == [True, True, True, False]
-    assert report.steps[-1].unit == "encoder.layer.2" and report.steps[-1].metric == pytest.approx(0.87)
+    assert report.steps[-1].unit == "bert.encoder.layer.2" and report.steps[-1].metric == pytest.approx(0.87)
     assert evaluated == [5, 4, 3, 2]
     assert report.summary()["metric_after"] == pytest.approx(0.88)
 
@@ -161,7 +161,7 @@ def test_report_save_writes_json_markdown_and_plot(tmp_path):
                                      latency_repeats=1, progress=False)
     report.save(tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
-    assert data["removed"] == [{"name": "encoder.layer.0", "score": 0.0}, {"name": "encoder.layer.1", "score": 1.0}]
+    assert data["removed"] == [{"name": "bert.encoder.layer.0", "score": 0.0}, {"name": "bert.encoder.layer.1", "score": 1.0}]
     assert data["summary"]["params_after"] < data["summary"]["params_before"]
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.count("\n| ") == 6 and "no (over budget)" in markdown and "accuracy" in markdown

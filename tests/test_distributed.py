@@ -43,7 +43,7 @@ def test_lacoot_trainer_ddp_two_ranks(tmp_path):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
     # Each rank's penalty saw its own local batch, so the refined directions may differ; the weights stay
     # identical because DDP averages the gradients.
-    assert set(ranks[0]["directions"]) == set(ranks[1]["directions"]) == {f"encoder.layer.{i}" for i in range(3)}
+    assert set(ranks[0]["directions"]) == set(ranks[1]["directions"]) == {f"bert.encoder.layer.{i}" for i in range(3)}
     # Scores are pooled over the ranks' eval shards: both ranks remove the same block, with the same metrics.
     assert ranks[0]["scores"] == ranks[1]["scores"] and len(ranks[0]["scores"]) == 3
     assert ranks[0]["removed"] == ranks[1]["removed"] and ranks[0]["metrics"] == ranks[1]["metrics"]

@@ -67,11 +67,12 @@ def test_penalty_is_added_and_logged_per_block(tmp_path):
     plain, _ = _train(LaCoOTTrainer, LaCoOTArguments(**make_args(tmp_path / "a"), msw_weight=0.0))
     trainer, _ = _train(LaCoOTTrainer, LaCoOTArguments(**make_args(tmp_path / "b"), msw_weight=1.0))
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert all({"msw/encoder.layer.0", "msw/encoder.layer.1", "msw/encoder.layer.2", "msw_total"} <= set(h) for h in logs)
+    assert all({"msw/bert.encoder.layer.0", "msw/bert.encoder.layer.1", "msw/bert.encoder.layer.2", "msw_total"} <= set(h)
+               for h in logs)
     first = logs[0]
     total = first["msw_total"]
     assert total > 0
-    assert math.isclose(total, sum(first[f"msw/encoder.layer.{i}"] for i in range(3)) / 3, rel_tol=1e-4)
+    assert math.isclose(total, sum(first[f"msw/bert.encoder.layer.{i}"] for i in range(3)) / 3, rel_tol=1e-4)
     plain_first = [h for h in plain.state.log_history if "loss" in h][0]["loss"]
     assert first["loss"] == pytest.approx(plain_first + total, rel=1e-3)
 
@@ -130,7 +131,7 @@ def test_block_scores_are_deterministic_and_collapse_follows_them(tmp_path):
     trainer.train()
     scores = trainer.block_scores()
     assert scores == trainer.block_scores()
-    assert set(scores) == {"encoder.layer.0", "encoder.layer.1", "encoder.layer.2"}
+    assert set(scores) == {"bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.2"}
     collapsed, report = trainer.collapse(num_blocks=2, latency_repeats=1)
     expected = sorted(scores, key=scores.get)[:2]
     assert [r["name"] for r in report.removed] == expected

@@ -68,13 +68,15 @@ def test_remove_blocks_on_lora_model_refuses_to_save_and_merges_exactly(case_nam
     case, model = _lora(case_name)
     inputs = case.inputs()
     before = output_of(model, inputs)
-    block = hf_collapse.find_blocks(model)[2].name
+    found = hf_collapse.find_blocks(model)[2]
+    block = found.name  # its path in the peft model passed
 
     collapsed = hf_collapse.remove_blocks(model, [block])
 
     assert isinstance(collapsed, PeftModel)
     assert len(hf_collapse.find_blocks(collapsed)) == len(hf_collapse.find_blocks(model)) - 1
-    assert hf_collapse.collapse_record(collapsed)["edits"] == [{"op": "remove_blocks", "blocks": [block]}]
+    # The record holds the backbone-relative name: it replays on the merged model, or under any other wrapper.
+    assert hf_collapse.collapse_record(collapsed)["edits"] == [{"op": "remove_blocks", "blocks": [found.local_name]}]
     # The collapsed model still carries the adapter: removing the block from the merged model gives the same.
     reference = hf_collapse.remove_blocks(copy.deepcopy(model).merge_and_unload(), [block])
     torch.testing.assert_close(output_of(collapsed, inputs), output_of(reference, inputs), atol=1e-5, rtol=0)
@@ -155,3 +157,22 @@ def test_collapse_that_removes_nothing_returns_the_lora_model_still_wrapped():
     inputs = case.inputs()
     with torch.no_grad():
         torch.testing.assert_close(collapsed(**inputs).logits, model(**inputs).logits, atol=1e-6, rtol=0)
+
+
+def test_tlc_folds_lora_updates_on_the_linears_it_fuses():
+    """LoRA on a site's producer and consumer: the fused map carries the adapter's update (none is lost)."""
+    from hf_collapse.tlc import activation_statistics, linearize
+
+    case = CASES_BY_NAME["bert"]
+    torch.manual_seed(1)
+    model = get_peft_model(case.build(), LoraConfig(r=4, init_lora_weights=False, task_type="SEQ_CLS",
+                                                    target_modules=["dense"])).eval()
+    inputs = case.inputs()
+    stats = activation_statistics(model, [inputs])
+    site = next(name for name in stats if ".1." in name)
+
+    collapsed = linearize(model, stats[site])
+    reference = linearize(copy.deepcopy(model).merge_and_unload(), stats[site])
+    torch.testing.assert_close(output_of(collapsed, inputs), output_of(reference, inputs), atol=1e-5, rtol=0)
+    merged = collapsed.merge_and_unload()
+    torch.testing.assert_close(output_of(merged, inputs), output_of(reference, inputs), atol=1e-5, rtol=0)

@@ -41,9 +41,10 @@ class Block:
     """A removable unit of a model, as found by :func:`hf_collapse.find_blocks`.
 
     Attributes:
-        name: the block's path relative to the family's backbone (e.g. ``"encoder.layer.3"``); stable whether
-            the backbone sits under a task head or a peft wrapper. Accepted by ``remove_blocks``.
-        path: the block's module path in the model that was inspected (``model.get_submodule(block.path)``).
+        name: the block's module path in the model that was inspected, the model the user passed (e.g.
+            ``"bert.encoder.layer.3"`` for a ``BertForSequenceClassification``, ``"encoder.layer.3"`` for a
+            ``BertModel``): ``model.get_submodule(block.name)``. Scores, reports and logs use it.
+        path: the same path (kept for the code that reads ``.path``).
         stage: the stage the block belongs to (0 for single-stage models).
         index: the block's position inside its stage.
         params: number of parameters removed with the block.
@@ -53,13 +54,18 @@ class Block:
         output_path: module whose output is the block's output (defaults to ``path``).
         extra_paths: other modules removed together with the block (e.g. the UNet up-block resnet that
             consumes a down-block resnet's skip connection).
+        local_name: the path relative to the family's backbone (``"encoder.layer.3"``), the same under any task
+            head or wrapper: what saved records hold, and the spelling of hf_collapse before 0.1.
+        aliases: every other spelling accepted for the block wherever a block is named: ``local_name`` and the path
+            in the transformers / diffusers model inside a peft or DDP wrapper.
 
     Example::
 
         >>> block = hf_collapse.find_blocks(model)[3]          # a BertForSequenceClassification
-        >>> block.name, block.path, block.removable
-        ('encoder.layer.3', 'bert.encoder.layer.3', True)
-        >>> layer = model.get_submodule(block.path)
+        >>> block.name, block.local_name, block.removable
+        ('bert.encoder.layer.3', 'encoder.layer.3', True)
+        >>> layer = model.get_submodule(block.name)
+        >>> smaller = hf_collapse.remove_blocks(model, ["encoder.layer.3"])   # the old spelling is accepted
     """
 
     name: str
@@ -72,12 +78,16 @@ class Block:
     input_path: str = ""
     output_path: str = ""
     extra_paths: tuple[str, ...] = ()
+    local_name: str = ""
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.input_path:
             object.__setattr__(self, "input_path", self.path)
         if not self.output_path:
             object.__setattr__(self, "output_path", self.path)
+        if not self.local_name:
+            object.__setattr__(self, "local_name", self.name)
 
 
 @dataclass(frozen=True)

@@ -43,12 +43,24 @@ class _Affine:
 
     @classmethod
     def of(cls, module: nn.Module) -> "_Affine":
-        weight = module.weight.detach()
+        """The map ``module`` computes; a peft LoRA layer's active, unmerged updates are folded into its weight
+        (the fused map replaces the layer, so the adapter's update must live on in it)."""
+        base = getattr(module, "base_layer", None)
+        weight = (base if base is not None else module).weight.detach().clone()
+        if base is not None:
+            if getattr(module, "lora_magnitude_vector", None):
+                raise ValueError(f"TLC cannot fold a DoRA adapter on {type(base).__name__} into a fused map: "
+                                 "merge_and_unload() the peft model first")
+            merged = set(getattr(module, "merged_adapters", []))
+            for name in getattr(module, "active_adapters", []):
+                if name in getattr(module, "lora_A", {}) and name not in merged:
+                    weight += module.get_delta_weight(name).detach().to(weight.dtype)
+            module = base
         if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
             weight = weight.t()
         out_features = weight.shape[0]
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else weight.new_zeros(out_features)
-        return cls(weight.clone(), bias.clone(), module if isinstance(module, nn.Conv2d) else None)
+        return cls(weight, bias.clone(), module if isinstance(module, nn.Conv2d) else None)
 
     def module(self) -> nn.Module:
         if self.conv is None:

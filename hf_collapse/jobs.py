@@ -93,6 +93,9 @@ class TLCJobArguments(JobArguments):
     calibration_batches: int = field(default=8, metadata={"help": "Batches for statistics and candidate ranking."})
     finetune_steps: int = field(default=20, metadata={"help": "Fine-tuning steps after each collapse."})
     no_fuse: bool = field(default=False, metadata={"help": "Linearize without fusing the adjacent maps."})
+    resume_from: str | None = field(
+        default=None, metadata={"help": "Continue an interrupted run from its progress folder "
+                                        "(<output_dir>/tlc_progress by default)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -100,6 +103,9 @@ class TLCJobArguments(JobArguments):
         _at_least("max_metric_drop", self.max_metric_drop, 0)
         _at_least("calibration_batches", self.calibration_batches, 1)
         _at_least("finetune_steps", self.finetune_steps, 0)
+        if self.resume_from is not None and not Path(self.resume_from).is_dir():
+            raise ValueError(f"--resume_from {self.resume_from!r}: no such folder (the progress folder of an "
+                             "interrupted run, <output_dir>/tlc_progress by default)")
 
 
 #: Training settings of the embedded default runs (each about five minutes on 2 CPU cores); flags override them.
@@ -222,12 +228,23 @@ def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[s
     model, data, processor, collator = prepare_task(job)
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                       data_collator=collator, processing_class=processor, compute_metrics=accuracy)
-    trainer.train()
+    # TLC starts from the fine-tuned model as saved in `finetuned`, in the first run and in a resumed one alike.
+    finetuned = Path(args.output_dir) / "finetuned"
+    if job.resume_from is None:
+        trainer.train()
+        if trainer.is_world_process_zero():
+            model.save_pretrained(finetuned)
+        trainer.accelerator.wait_for_everyone()
+    elif not (finetuned / "config.json").is_file():
+        raise ValueError(f"cannot resume: {finetuned} holds no fine-tuned model (the first run saves it there)")
+    else:
+        logger.info("resuming TLC from %s, starting from the fine-tuned model in %s", job.resume_from, finetuned)
+    model = type(model).from_pretrained(finetuned)
     config = TLCConfig(target_layers=job.target_layers, max_metric_drop=job.max_metric_drop,
                        calibration_batches=job.calibration_batches, finetune_steps=job.finetune_steps,
                        fuse=not job.no_fuse)
     compressed, report = compress(model, config, data["train"], data["test"], args, data_collator=collator,
-                                  compute_metrics=accuracy)
+                                  compute_metrics=accuracy, resume_from=job.resume_from)
     if trainer.is_world_process_zero():
         _save(Path(args.output_dir), compressed, processor, report, job, data)
     return compressed, report, report.summary()

@@ -133,3 +133,34 @@ def test_a_bad_value_exits_2_within_seconds_from_the_console_script():
                             capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and result.stderr.strip() == \
         "hf-collapse: error: --max_metric_drop must be >= 0, got -1"
+
+
+def test_tlc_command_resumes_an_interrupted_run(tmp_path, capsys, monkeypatch):
+    """The run dies in the fine-tuning of its second step; --resume_from finishes it from the progress folder and the
+    fine-tuned starting point the first run kept (no second fine-tuning of the starting model)."""
+    from transformers import TrainerCallback
+
+    from hf_collapse import jobs
+
+    class Crash(TrainerCallback):
+        seen = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            Crash.seen += 1
+            if Crash.seen == 2:
+                raise RuntimeError("simulated crash")
+
+    real = jobs.compress
+    flags = ["tlc", "--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "8",
+             "--eval_strategy", "no", "--target_layers", "2", "--finetune_steps", "1", "--calibration_batches", "2",
+             "--latency_repeats", "0", "--disable_tqdm", "true"]
+    monkeypatch.setattr(jobs, "compress", lambda *a, **k: real(*a, callbacks=[Crash()], **k))
+    assert main(flags) == 2
+    assert "simulated crash" in capsys.readouterr().err
+    assert (tmp_path / "finetuned" / "config.json").is_file() and (tmp_path / "tlc_progress").is_dir()
+    monkeypatch.setattr(jobs, "compress", real)
+    kept = (tmp_path / "finetuned" / "model.safetensors").stat().st_mtime_ns
+    assert main(flags + ["--resume_from", str(tmp_path / "tlc_progress")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "finetuned" / "model.safetensors").stat().st_mtime_ns == kept  # not fine-tuned again
+    report = hf_collapse.CollapseReport.load(tmp_path / "report")
+    assert len(report.removed) == 2

@@ -1,0 +1,178 @@
+"""The GPU lane in one command: every method end to end on CUDA, each check printed pass / fail.
+
+On the real all-MiniLM-L6-v2 and the embedded dialog topics (a few hundred examples, a few steps, so that the
+whole lane takes a few minutes on one GPU):
+
+* LaCoOT: ``LaCoOTTrainer`` trains, scores and collapses on the GPU; ``save_model`` publishes the collapsed model,
+  which plain ``from_pretrained`` reloads to the same outputs; a run resumed from a checkpoint ends where the
+  uninterrupted one does;
+* TLC: ``tlc.compress`` (statistics, calibration losses, fine-tuning) runs with the model on the GPU, and
+  ``AutoCollapsedModel`` reloads the result exactly;
+* TraDy: ``get_peft_model`` + a plain ``Trainer`` (calibrating itself) trains TraDy channels on the GPU, and the
+  saved adapter reloads exactly with ``PeftModel.from_pretrained``.
+
+    python benchmarks/gpu_check.py                 # on a machine with CUDA; exits 1 if a check fails
+    python benchmarks/gpu_check.py --allow-cpu     # the same lane on the CPU (slow; to test the script itself)
+
+Writes what it printed to ``benchmarks/results/gpu_check.txt`` when it ran on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def _task(train_size: int, eval_size: int):
+    from hf_collapse.jobs import JobArguments, prepare_task
+
+    model, data, tokenizer, collator = prepare_task(JobArguments(model="minilm", dataset="dialog_topics"))
+    train = data["train"].shuffle(seed=0).select(range(min(train_size, len(data["train"]))))
+    test = data["test"].select(range(min(eval_size, len(data["test"]))))
+    return model, train, test, tokenizer, collator
+
+
+def _outputs(model, tokenizer, device) -> torch.Tensor:
+    batch = tokenizer(["where is the nearest bank", "tell me a joke about computers"], padding=True,
+                      return_tensors="pt").to(device)
+    with torch.no_grad():
+        return model.to(device).eval()(**batch).logits.float().cpu()
+
+
+def check_lacoot(args, folder: Path) -> str:
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_collapse import LaCoOTArguments, LaCoOTTrainer
+    from hf_collapse.jobs import accuracy
+
+    model, train, test, tokenizer, collator = _task(args.train_size, args.eval_size)
+
+    def trainer_for(out: Path, **overrides):
+        settings = dict(output_dir=str(out), per_device_train_batch_size=16, per_device_eval_batch_size=64,
+                        max_steps=args.steps, learning_rate=2e-4, msw_weight=0.1, report_to=[], disable_tqdm=True,
+                        save_strategy="steps", save_steps=args.steps // 2, use_cpu=args.device == "cpu", seed=0)
+        settings.update(overrides)
+        return LaCoOTTrainer(model=model if not overrides.get("fresh") else _task(1, 1)[0],
+                             args=LaCoOTArguments(**{k: v for k, v in settings.items() if k != "fresh"}),
+                             train_dataset=train, eval_dataset=test, data_collator=collator,
+                             processing_class=tokenizer, compute_metrics=accuracy)
+
+    trainer = trainer_for(folder / "run")
+    trainer.train()
+    on_device = next(trainer.model.parameters()).device.type
+    assert on_device == args.device, f"trained on {on_device}, expected {args.device}"
+    collapsed, report = trainer.collapse(num_blocks=2, latency_repeats=5)
+    assert report.after.removed == 2 and collapsed.config.num_hidden_layers == 4
+    trainer.save_model(str(folder / "collapsed"))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(folder / "collapsed")
+    error = float((_outputs(reloaded, tokenizer, args.device) - _outputs(collapsed, tokenizer, args.device)).abs().max())
+    assert error <= 1e-4, f"plain reload differs by {error:.2e}"
+
+    resumed = trainer_for(folder / "resumed", fresh=True)
+    resumed.train(resume_from_checkpoint=str(folder / "run" / f"checkpoint-{args.steps // 2}"))
+    drift = max(float((a.float() - b.float()).abs().max()) for a, b in
+                zip(trainer.model.state_dict().values(), resumed.model.state_dict().values()))
+    assert drift <= 1e-4, f"resumed run ends {drift:.2e} away from the uninterrupted one"
+    return (f"2 blocks removed, {report.metric_name} {report.before.metric:.3f} -> {report.after.metric:.3f}; "
+            f"reload error {error:.1e}; resume drift {drift:.1e}")
+
+
+def check_tlc(args, folder: Path) -> str:
+    from transformers import TrainingArguments
+
+    import hf_collapse
+    from hf_collapse.jobs import accuracy
+
+    model, train, test, tokenizer, collator = _task(args.train_size, args.eval_size)
+    training = TrainingArguments(str(folder / "tlc"), per_device_train_batch_size=16, per_device_eval_batch_size=64,
+                                 report_to=[], disable_tqdm=True, use_cpu=args.device == "cpu", learning_rate=2e-4)
+    model.to(training.device)
+    config = hf_collapse.TLCConfig(target_layers=2, finetune_steps=4, calibration_batches=2)
+    compressed, report = hf_collapse.tlc.compress(model, config, train, test, training, data_collator=collator,
+                                                  compute_metrics=accuracy)
+    assert len(report.removed) == 2, report.removed
+    compressed.save_pretrained(folder / "compressed")
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(folder / "compressed")
+    error = float((_outputs(reloaded, tokenizer, args.device) - _outputs(compressed, tokenizer, args.device)).abs().max())
+    assert error <= 1e-4, f"AutoCollapsedModel reload differs by {error:.2e}"
+    return f"2 activation layers collapsed, {report.metric_name} {report.after.metric:.3f}; reload error {error:.1e}"
+
+
+def check_trady(args, folder: Path) -> str:
+    from peft import PeftModel, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    import hf_collapse
+
+    model, train, test, tokenizer, collator = _task(args.train_size, args.eval_size)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "encoder" in n}
+    peft_model = get_peft_model(model, hf_collapse.TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05))
+    training = TrainingArguments(str(folder / "trady"), per_device_train_batch_size=16, max_steps=args.steps,
+                                 learning_rate=1e-3, report_to=[], disable_tqdm=True, save_strategy="no",
+                                 use_cpu=args.device == "cpu")
+    Trainer(model=peft_model, args=training, train_dataset=train, data_collator=collator).train()
+    peft_model.save_pretrained(folder / "adapter")
+    merged = peft_model.merge_and_unload()
+    changed = sum(int(not torch.equal(before[n].cpu(), p.detach().cpu())) for n, p in merged.named_parameters()
+                  if n in before)
+    assert changed > 0, "no encoder weight changed: only the head was trained"
+    again = PeftModel.from_pretrained(_task(1, 1)[0], folder / "adapter").merge_and_unload()
+    error = float((_outputs(again, tokenizer, args.device) - _outputs(merged, tokenizer, args.device)).abs().max())
+    assert error <= 1e-4, f"adapter reload differs by {error:.2e}"
+    return f"{changed} encoder tensors updated under a 5% budget; adapter reload error {error:.1e}"
+
+
+CHECKS: dict[str, Callable] = {"LaCoOT train + collapse + save + resume": check_lacoot,
+                               "TLC compress + reload": check_tlc, "TraDy train + adapter reload": check_trady}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU when CUDA is absent")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--train-size", type=int, default=512)
+    parser.add_argument("--eval-size", type=int, default=128)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gpu_check.txt"))
+    args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cpu" and not args.allow_cpu:
+        print("no CUDA device: run this on a GPU machine, or pass --allow-cpu to exercise the lane on the CPU")
+        return 2
+    from hf_collapse.metrics import hardware_description
+
+    lines = [f"hf_collapse GPU lane on {hardware_description(args.device)}, torch {torch.__version__}", "",
+             f"| check | result | seconds | details |", "| --- | --- | ---: | --- |"]
+    print("\n".join(lines), flush=True)
+    failures = 0
+    for name, check in CHECKS.items():
+        start = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory() as tmp, redirect_stdout(io.StringIO()):
+                details = check(args, Path(tmp))
+            result = "pass"
+        except Exception as error:  # report every check, then fail the command
+            failures += 1
+            result, details = "FAIL", f"{type(error).__name__}: {error}"
+            traceback.print_exc(file=sys.stderr)
+        line = f"| {name} | {result} | {time.perf_counter() - start:.0f} | {details} |"
+        lines.append(line)
+        print(line, flush=True)
+    summary = f"\n{len(CHECKS) - failures} passed, {failures} failed"
+    lines.append(summary)
+    print(summary)
+    if args.device == "cuda":
+        Path(args.output).write_text("\n".join(lines) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,6 +22,8 @@ PYTEST_PATHS := $(filter tests%,$(PYTEST_ARGS))
 PYTEST_RUN_ARGS := $(patsubst tests%,$(CURDIR)/tests%,$(PYTEST_ARGS)) $(if $(PYTEST_PATHS),,$(CURDIR)/tests)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# OpenMP threads wait passively: spinning ones slow every forward pass 10-40x whenever another process is busy.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test benchmark clean
 

@@ -42,7 +42,7 @@ _LAZY_NAMES = {
     "register_architecture": "architectures",
     "supported_families": "architectures",
     "unregister_architecture": "architectures",
-    "collapse": "collapse",
+    "collapse": "removal",
     "push_to_hub": "hub",
     "LaCoOTArguments": "lacoot",
     "LaCoOTTrainer": "lacoot",
@@ -86,11 +86,6 @@ __all__ = [
     "trady",
     "unregister_architecture",
 ]
-
-# `collapse` names both a function and the submodule that defines it. Whichever imports the submodule first (any
-# `from hf_collapse.collapse import ...`) makes Python set the package attribute to the module, so the function is
-# bound here, eagerly: `hf_collapse.collapse` is then always the function (this imports torch, nothing more).
-from .collapse import collapse  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

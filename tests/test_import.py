@@ -121,7 +121,8 @@ def test_peft_reloads_a_trady_adapter_in_a_fresh_process_after_import_hf_collaps
 def test_collapse_stays_the_function_whatever_is_imported_first():
     out = run_fresh("""
         import json
-        from hf_collapse.collapse import measure_step      # the submodule first
+        from hf_collapse.removal import measure_step       # the submodule that defines it, first
+        from hf_collapse.tlc import linearize             # which imports it too
         import hf_collapse
         print(json.dumps({"type": type(hf_collapse.collapse).__name__}))
     """)

@@ -26,8 +26,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .. import compat
 from ..block_io import BlockIO, select_blocks
-from ..collapse import collapse as collapse_model
-from ..collapse import evaluate_model, metric_key
+from ..removal import collapse as collapse_model
+from ..removal import evaluate_model, metric_key
 from ..ot import max_sliced_wasserstein
 from ..report import CollapseReport
 from ..scoring import score_blocks

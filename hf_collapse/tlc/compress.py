@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..architectures.base import adapter_for, unwrap_model
-from ..collapse import evaluate_model, measure_step, metric_key
+from ..removal import evaluate_model, measure_step, metric_key
 from ..distributed import is_main_process, sum_across_ranks
 from ..metrics import device_of, hardware_description, to_device
 from ..report import CollapseReport, CollapseStep

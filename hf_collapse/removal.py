@@ -1,4 +1,7 @@
-"""Budgeted removal of blocks in ascending score order, measured at every step."""
+"""Budgeted removal of blocks in ascending score order, measured at every step: :func:`collapse`.
+
+(The module is ``removal`` so that ``hf_collapse.collapse`` always names the function.)
+"""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def measure_step(model: nn.Module, inputs: Mapping[str, Any], latency_repeats: i
 
     Example::
 
-        >>> from hf_collapse.collapse import measure_step
+        >>> from hf_collapse.removal import measure_step
         >>> measure_step(model, hf_collapse.metrics.example_inputs(model), latency_repeats=0)    # all-MiniLM-L6-v2
         {'params': 22713216, 'flops': 2718203904, 'latency_s': None}
         >>> measure_step(collapsed, inputs, latency_repeats=7, reference=model)["latency_speedup"]
@@ -64,7 +67,7 @@ def metric_key(args, has_compute_metrics: bool) -> tuple[str, bool]:
 
     Example::
 
-        >>> from hf_collapse.collapse import metric_key
+        >>> from hf_collapse.removal import metric_key
         >>> metric_key(TrainingArguments("out"), has_compute_metrics=True)
         ('eval_accuracy', True)
         >>> metric_key(TrainingArguments("out", metric_for_best_model="f1"), has_compute_metrics=True)
@@ -85,7 +88,7 @@ def evaluate_model(model: nn.Module, args, eval_dataset, **trainer_kwargs) -> di
 
     Example::
 
-        >>> from hf_collapse.collapse import evaluate_model
+        >>> from hf_collapse.removal import evaluate_model
         >>> metrics = evaluate_model(model, TrainingArguments("out"), test,
         ...                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
         >>> metrics["eval_loss"], metrics["eval_accuracy"]

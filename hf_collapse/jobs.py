@@ -167,6 +167,14 @@ def accuracy(prediction) -> dict[str, float]:
     return {"accuracy": float((np.asarray(predictions).argmax(-1) == prediction.label_ids).mean())}
 
 
+def _seed_everything(args) -> None:
+    """Seed before the model is built: a new classification head is initialised from the global generator, before
+    the Trainer seeds anything (two runs with the same seed drew different heads, then trained apart)."""
+    from transformers import enable_full_determinism, set_seed
+
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+
+
 def prepare_task(job: JobArguments):
     """Load the data, the model with a classification head of the right size, its processor and collator.
 
@@ -209,6 +217,7 @@ def run_lacoot_job(job: LaCoOTJobArguments, args: LaCoOTArguments) -> tuple[Any,
     ``AutoCollapsedModel``, plus its tokenizer) and ``<output_dir>/report`` (JSON, markdown, PNG).
     Returns ``(collapsed_model, report, summary)``.
     """
+    _seed_everything(args)
     model, data, processor, collator = prepare_task(job)
     trainer = LaCoOTTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                             data_collator=collator, processing_class=processor, compute_metrics=accuracy)
@@ -225,6 +234,7 @@ def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[s
     save the compressed model (``AutoCollapsedModel`` reloads it) and the report in ``args.output_dir``."""
     from transformers import Trainer
 
+    _seed_everything(args)
     model, data, processor, collator = prepare_task(job)
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                       data_collator=collator, processing_class=processor, compute_metrics=accuracy)

@@ -164,3 +164,16 @@ def test_tlc_command_resumes_an_interrupted_run(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "finetuned" / "model.safetensors").stat().st_mtime_ns == kept  # not fine-tuned again
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert len(report.removed) == 2
+
+
+def test_two_runs_with_the_same_seed_give_the_same_report(tmp_path, capsys):
+    """The new classification head is seeded too (it used to come from the unseeded global generator): the same
+    seed gives the same training, scores, metrics and removals. Latency is timing, not compared."""
+    reports = []
+    for run in ("a", "b"):
+        assert main(["lacoot", "--output_dir", str(tmp_path / run), "--max_steps", "4", "--per_device_train_batch_size",
+                     "8", "--eval_strategy", "no", "--max_metric_drop", "0.05", "--latency_repeats", "0",
+                     "--disable_tqdm", "true"]) == 0
+        data = hf_collapse.CollapseReport.load(tmp_path / run / "report").to_dict()
+        reports.append({k: data[k] for k in ("scores", "removed")} | {"metrics": [s["metric"] for s in data["steps"]]})
+    assert reports[0] == reports[1]

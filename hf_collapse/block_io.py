@@ -29,7 +29,10 @@ def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list
 
     Example::
 
+        >>> from transformers import AutoModelForSequenceClassification
         >>> from hf_collapse.block_io import select_blocks
+        >>> from hf_collapse.data import embedded_model_path
+        >>> model = AutoModelForSequenceClassification.from_pretrained(embedded_model_path("minilm"))
         >>> [b.name for b in select_blocks(model)][:2]                        # a BertForSequenceClassification
         ['bert.encoder.layer.0', 'bert.encoder.layer.1']
         >>> [b.name for b in select_blocks(model, ["encoder.layer.4"])]      # the backbone-relative spelling

@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -38,6 +39,8 @@ __all__ = [
     "tokenize_text_dataset",
     "load_embedded_dataset",
     "is_embedded_dataset",
+    "ExampleTask",
+    "example_text_task",
 ]
 
 logger = logging.getLogger(__name__)
@@ -409,3 +412,63 @@ def check_source(kind: str, name: str, embedded: list[str], local_hint: str) -> 
     if _hub_offline():
         raise ValueError(f"{kind} {name!r} is not a local path, and the Hub is off (HF_HUB_OFFLINE=1) so it cannot be "
                          f"fetched as a Hub id; expected {accepted}")
+
+
+# --------------------------------------------------------------------------------------------- example task
+
+
+@dataclass
+class ExampleTask:
+    """A small, ready-to-train text classification task (see :func:`example_text_task`)."""
+
+    model: Any  #: ``BertForSequenceClassification``: the pretrained MiniLM with a new head of ``len(labels)``
+    tokenizer: Any  #: its tokenizer (pass it as ``processing_class``)
+    train: "datasets.Dataset"  #: tokenized (``input_ids``, ``attention_mask``, ``token_type_ids``, ``label``)
+    test: "datasets.Dataset"  #: tokenized like ``train``
+    collator: Any  #: ``DataCollatorWithPadding``: examples have different lengths, so batches must be padded
+    compute_metrics: Callable[[Any], dict[str, float]]  #: ``{"accuracy": ...}`` for ``Trainer(compute_metrics=)``
+    labels: list[str]  #: the topic names, in label order
+
+
+def example_text_task(
+    train_size: int | None = 256, test_size: int | None = 128, max_length: int = 32, seed: int = 0
+) -> ExampleTask:
+    """The embedded MiniLM on the embedded ``dialog_topics`` task, tokenized, with its collator and metric: what
+    the README's snippets start from. It is the task of ``hf-collapse lacoot`` / ``tlc`` (built by
+    :func:`hf_collapse.jobs.prepare_task`), cut to a size that trains in seconds on a CPU.
+
+    Args:
+        train_size: keep the first ``train_size`` training examples (the split is already shuffled); ``None``:
+            all 1,486.
+        test_size: the same for the test split; ``None``: all 372.
+        max_length: the most tokens of an example.
+        seed: seeds the new classification head, without touching the global random state: the same seed gives
+            the same model.
+
+    Returns:
+        An :class:`ExampleTask` (``model``, ``tokenizer``, ``train``, ``test``, ``collator``, ``compute_metrics``,
+        ``labels``).
+
+    Example:
+        >>> task = example_text_task(train_size=64, test_size=32)
+        >>> len(task.train), len(task.test), type(task.model).__name__
+        (64, 32, 'BertForSequenceClassification')
+        >>> batch = task.collator([task.train[i] for i in range(4)])  # padded to the longest of the 4
+        >>> batch["input_ids"].shape[0], batch["labels"].tolist() == task.train["label"][:4]
+        (4, True)
+    """
+    import torch
+
+    from .jobs import JobArguments, accuracy, prepare_task
+
+    for name, size in (("train_size", train_size), ("test_size", test_size)):
+        if size is not None and int(size) < 1:
+            raise ValueError(f"{name} must be a positive number of examples or None (all), got {size}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, data, tokenizer, collator = prepare_task(JobArguments(max_length=max_length, latency_repeats=0))
+    splits = {}
+    for split, size in (("train", train_size), ("test", test_size)):
+        splits[split] = data[split] if size is None else data[split].select(range(min(int(size), len(data[split]))))
+    return ExampleTask(model=model, tokenizer=tokenizer, train=splits["train"], test=splits["test"],
+                       collator=collator, compute_metrics=accuracy, labels=list(data["train"].features["label"].names))

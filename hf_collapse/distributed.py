@@ -31,8 +31,9 @@ def is_main_process() -> bool:
     Example::
 
         >>> from hf_collapse.distributed import is_main_process
-        >>> if is_main_process():
-        ...     report.save("outputs/collapse")
+        >>> if is_main_process():                 # e.g. report.save("outputs/collapse")
+        ...     print("saving")
+        saving
     """
     if is_distributed():
         return dist.get_rank() == 0
@@ -46,9 +47,12 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
     Example::
 
+        >>> import torch
         >>> from hf_collapse.distributed import sum_across_ranks
+        >>> correct, seen = 30, 40
         >>> total = sum_across_ranks(torch.tensor([correct, seen], dtype=torch.float64))   # this rank's shard
-        >>> accuracy = float(total[0] / total[1])                                         # over every shard
+        >>> float(total[0] / total[1])                   # over every shard (here: one process)
+        0.75
     """
     if not is_distributed():
         return tensor

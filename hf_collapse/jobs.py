@@ -11,9 +11,12 @@ dialog lines, a few minutes on 2 CPU cores.
 from __future__ import annotations
 
 import logging
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -167,6 +170,24 @@ def accuracy(prediction) -> dict[str, float]:
     return {"accuracy": float((np.asarray(predictions).argmax(-1) == prediction.label_ids).mean())}
 
 
+@contextmanager
+def phase(what: str) -> Iterator[None]:
+    """Say on stderr (main process only) what a long job is doing, then how long it took: the phases show between
+    the progress bars, which carry the estimates."""
+    from .distributed import is_main_process
+
+    start = time.perf_counter()
+    if is_main_process():
+        print(f"hf-collapse: {what} ...", file=sys.stderr, flush=True)
+    yield
+    if is_main_process():
+        print(f"hf-collapse: {what}: done in {_duration(time.perf_counter() - start)}", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def _seed_everything(args) -> None:
     """Seed before the model is built: a new classification head is initialised from the global generator, before
     the Trainer seeds anything (two runs with the same seed drew different heads, then trained apart)."""
@@ -218,14 +239,18 @@ def run_lacoot_job(job: LaCoOTJobArguments, args: LaCoOTArguments) -> tuple[Any,
     Returns ``(collapsed_model, report, summary)``.
     """
     _seed_everything(args)
-    model, data, processor, collator = prepare_task(job)
+    with phase(f"loading {job.model} and {job.dataset}"):
+        model, data, processor, collator = prepare_task(job)
     trainer = LaCoOTTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                             data_collator=collator, processing_class=processor, compute_metrics=accuracy)
-    trainer.train()
-    collapsed, report = trainer.collapse(num_blocks=job.num_blocks, max_metric_drop=job.max_metric_drop,
-                                         latency_repeats=job.latency_repeats)
+    with phase(f"training with the LaCoOT penalty (λ = {args.msw_weight}, {len(data['train'])} examples)"):
+        trainer.train()
+    with phase("scoring the blocks, then removing them under the budget (evaluating and timing each state)"):
+        collapsed, report = trainer.collapse(num_blocks=job.num_blocks, max_metric_drop=job.max_metric_drop,
+                                             latency_repeats=job.latency_repeats)
     if trainer.is_world_process_zero():
-        _save(Path(args.output_dir), collapsed, processor, report, job, data)
+        with phase(f"saving to {args.output_dir}"):
+            _save(Path(args.output_dir), collapsed, processor, report, job, data)
     return collapsed, report, report.summary()
 
 
@@ -235,13 +260,15 @@ def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[s
     from transformers import Trainer
 
     _seed_everything(args)
-    model, data, processor, collator = prepare_task(job)
+    with phase(f"loading {job.model} and {job.dataset}"):
+        model, data, processor, collator = prepare_task(job)
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                       data_collator=collator, processing_class=processor, compute_metrics=accuracy)
     # TLC starts from the fine-tuned model as saved in `finetuned`, in the first run and in a resumed one alike.
     finetuned = Path(args.output_dir) / "finetuned"
     if job.resume_from is None:
-        trainer.train()
+        with phase(f"fine-tuning ({len(data['train'])} examples)"):
+            trainer.train()
         if trainer.is_world_process_zero():
             model.save_pretrained(finetuned)
         trainer.accelerator.wait_for_everyone()
@@ -253,8 +280,10 @@ def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[s
     config = TLCConfig(target_layers=job.target_layers, max_metric_drop=job.max_metric_drop,
                        calibration_batches=job.calibration_batches, finetune_steps=job.finetune_steps,
                        fuse=not job.no_fuse)
-    compressed, report = compress(model, config, data["train"], data["test"], args, data_collator=collator,
-                                  compute_metrics=accuracy, resume_from=job.resume_from)
+    with phase("collapsing activation layers with TLC (ranking, linearizing, fine-tuning, timing each step)"):
+        compressed, report = compress(model, config, data["train"], data["test"], args, data_collator=collator,
+                                      compute_metrics=accuracy, resume_from=job.resume_from)
     if trainer.is_world_process_zero():
-        _save(Path(args.output_dir), compressed, processor, report, job, data)
+        with phase(f"saving to {args.output_dir}"):
+            _save(Path(args.output_dir), compressed, processor, report, job, data)
     return compressed, report, report.summary()

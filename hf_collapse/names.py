@@ -34,7 +34,11 @@ def resolve_names(requested: Iterable[str], known: Mapping[str, T], kind: str, *
 
     Example::
 
+        >>> import hf_collapse
+        >>> from transformers import AutoModelForSequenceClassification
+        >>> from hf_collapse.data import embedded_model_path
         >>> from hf_collapse.names import resolve_names
+        >>> model = AutoModelForSequenceClassification.from_pretrained(embedded_model_path("minilm"))
         >>> blocks = {b.name: b for b in hf_collapse.find_blocks(model)}
         >>> [b.name for b in resolve_names(["bert.encoder.layer.1"], blocks, "block")]
         ['bert.encoder.layer.1']

@@ -194,14 +194,21 @@ def collapse(
 
     current = model
     alive = list(all_blocks)  # original names of the blocks still in `current`, in order
-    for name in tqdm(order[:limit], desc="collapsing", disable=not (progress and is_main_process())):
+    bar = tqdm(order[:limit], desc="collapsing", disable=not (progress and is_main_process()))
+    for name in bar:
         current_name = find_blocks(current)[alive.index(name)].name
+        bar.set_postfix_str(f"removing {current_name}")
         trial = remove_blocks(current, [current_name])
         if finetune is not None:
+            bar.set_postfix_str(f"fine-tuning without {current_name}")
             trial = finetune(trial) or trial
+        if eval_fn:
+            bar.set_postfix_str(f"evaluating without {current_name}")
         metric = eval_fn(trial) if eval_fn else None
         drop = None if metric is None else (baseline - metric if higher_is_better else metric - baseline)
         kept = max_metric_drop is None or drop <= max_metric_drop
+        if kept and latency_repeats:
+            bar.set_postfix_str(f"timing against the original ({latency_repeats} rounds)")
         step = CollapseStep(removed=len(all_blocks) - len(alive) + 1, unit=name, score=float(scores[name]),
                             metric=metric, kept=kept,
                             **measure_step(trial, inputs, latency_repeats if kept else 0, reference=model))

@@ -52,8 +52,16 @@ def test_lacoot_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
                  "--eval_strategy", "no", "--num_blocks", "2", "--max_metric_drop", "1.0", "--latency_repeats", "1",
                  "--disable_tqdm", "true"])
     assert code == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "LaCoOT on minilm / dialog_topics (λ = 0.1)" in out and "removed 2 blocks" in out
+    phases = [line for line in captured.err.splitlines() if line.startswith("hf-collapse: ")]
+    assert [line.split(" ...")[0] for line in phases if line.endswith(" ...")] == [
+        "hf-collapse: loading minilm and dialog_topics",
+        "hf-collapse: training with the LaCoOT penalty (λ = 0.1, 1486 examples)",
+        "hf-collapse: scoring the blocks, then removing them under the budget (evaluating and timing each state)",
+        f"hf-collapse: saving to {tmp_path}"]
+    assert sum(": done in " in line for line in phases) == 4
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert len(report.removed) == 2 and report.metric_name == "accuracy"
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")

@@ -68,6 +68,7 @@ def register_trady_with_peft() -> None:
 
     Example::
 
+        >>> import hf_collapse.trady
         >>> from peft import PeftType
         >>> hf_collapse.trady.register_trady_with_peft()        # already done by the import; a no-op
         >>> PeftType("TRADY")

@@ -57,10 +57,11 @@ class TraDyCallback(TrainerCallback, ExportableState):
     Args:
         rgn_batches: batches for the ``det_rgn`` refresh instead of the train dataloader's.
 
-    Example::
+    Example (not run by doctest: it needs a TraDy peft model and training data, as in the README's TraDy section)::
 
         >>> Trainer(model=peft_model, args=args, train_dataset=train).train()   # attaches itself   # doctest: +SKIP
-        >>> trainer = Trainer(model=peft_model, args=args, train_dataset=train, callbacks=[TraDyCallback()])
+        >>> trainer = Trainer(model=peft_model, args=args, train_dataset=train,
+        ...                   callbacks=[TraDyCallback()])   # doctest: +SKIP
     """
 
     def __init__(self, rgn_batches: Optional[Iterable[Any]] = None) -> None:

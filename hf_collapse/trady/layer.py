@@ -359,12 +359,12 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
     Re-sampling merges the current delta into ``base_layer.weight`` (in place): the base weight therefore carries
     the updates of past epochs, and disabling the adapter removes only the current epoch's delta.
 
-    Example::
+    Example (not run by doctest: it needs a TraDy model calibrated on data, and the channels depend on the draw)::
 
-        >>> layer = find_trady_model(peft_model).trady_layers()["bert.encoder.layer.5.output.dense"]
-        >>> layer.selected_channels()[:4]                       # input channels updated this epoch
+        >>> layer = find_trady_model(peft_model).trady_layers()["bert.encoder.layer.5.output.dense"]  # doctest: +SKIP
+        >>> layer.selected_channels()[:4]                       # doctest: +SKIP
         [0, 6, 22, 36]
-        >>> layer.get_delta_weight("default").shape == layer.base_layer.weight.shape
+        >>> layer.get_delta_weight("default").shape == layer.base_layer.weight.shape  # doctest: +SKIP
         True
     """
 

@@ -153,7 +153,6 @@ DOCTEST_NOT_RUN = {
     "hf_collapse.hub": _CONTINUES.format("a collapsed model, its report and a Hub repository"),
     "hf_collapse.lacoot.trainer": _CONTINUES.format("a model and a LaCoOTTrainer"),
     "hf_collapse.loading": _CONTINUES.format("a collapsed model saved in a folder or on the Hub"),
-    "hf_collapse.metrics": _CONTINUES.format("a model (and a peft model); latencies depend on the machine"),
     "hf_collapse.removal": _CONTINUES.format("a model, block scores and an evaluation function"),
     "hf_collapse.report": _CONTINUES.format("a model, block scores and the report of a collapse"),
     "hf_collapse.scoring": _CONTINUES.format("a model, an evaluation loader and a UNet's batch"),

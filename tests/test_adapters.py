@@ -18,9 +18,11 @@ from tiny_models import CASES, CASES_BY_NAME, output_of
 FAMILIES = {
     "bert": "bert", "roberta": "bert", "xlm_roberta": "bert", "vit": "vit", "swin": "swin",
     "resnet_basic": "resnet", "resnet_bottleneck": "resnet", "mobilenet_v2": "mobilenet_v2", "gpt2": "gpt2",
-    "gpt2_scaled": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama", "dit": "dit",
-    "transformer2d": "dit", "unet": "unet_2d_condition",
+    "gpt2_scaled": "gpt2", "dit": "dit", "transformer2d": "dit", "unet": "unet_2d_condition",
 }
+DECODERS = ("llama", "qwen2", "mistral", "qwen3", "mistral_sliding", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox",
+            "smollm3", "granite", "qwen2_moe")
+FAMILIES.update({name: "decoder" for name in DECODERS})
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -57,10 +59,10 @@ def test_activation_sites_connect_real_layers(case):
             width_out, width_in = producer.weight.shape[1], consumer.weight.shape[0]
         else:
             width_out, width_in = producer.out_features, consumer.in_features
-        assert width_out == (2 * width_in if site.gated and case.name in ("unet",) else width_in)
-    if case.name in ("llama", "qwen2", "mistral", "unet"):
+        assert width_out == (2 * width_in if site.gated and case.name in ("unet", "phi3") else width_in)
+    if case.name in DECODERS and case.name != "gpt_neox" or case.name == "unet":
         assert all(site.gated for site in sites)  # SwiGLU / GEGLU
-    if case.name in ("bert", "vit", "swin", "dit", "resnet_basic", "mobilenet_v2", "gpt2"):
+    if case.name in ("bert", "vit", "swin", "dit", "resnet_basic", "mobilenet_v2", "gpt2", "gpt_neox"):
         assert not any(site.gated for site in sites)
 
 

@@ -127,6 +127,70 @@ def mistral():
         num_key_value_heads=2, max_position_embeddings=64, sliding_window=None))
 
 
+def _decoder(config_cls, model_cls, **extra):
+    import transformers
+    config = getattr(transformers, config_cls)(
+        vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    return getattr(transformers, model_cls)(config)
+
+
+def qwen3():
+    return _decoder("Qwen3Config", "Qwen3ForCausalLM", head_dim=8, use_sliding_window=True, sliding_window=4,
+                    max_window_layers=2)
+
+
+def mistral_sliding():
+    return _decoder("MistralConfig", "MistralForCausalLM", sliding_window=4)
+
+
+def gemma2():
+    # layer_types alternates sliding / full by default; a window of 4 tokens is shorter than the inputs.
+    return _decoder("Gemma2Config", "Gemma2ForCausalLM", head_dim=8, sliding_window=4)
+
+
+def gemma3():
+    return _decoder("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, sliding_window=4, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"])
+
+
+def phi3():
+    return _decoder("Phi3Config", "Phi3ForCausalLM")
+
+
+def olmo2():
+    return _decoder("Olmo2Config", "Olmo2ForCausalLM")
+
+
+def gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=5, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+def smollm3():
+    # no_rope_layers holds one flag per layer (rope on the 1st, 3rd and 5th layers here): it follows removals.
+    return _decoder("SmolLM3Config", "SmolLM3ForCausalLM", no_rope_layer_interval=2)
+
+
+def granite():
+    return _decoder("GraniteConfig", "GraniteForCausalLM", residual_multiplier=0.5, attention_multiplier=0.3)
+
+
+def qwen2_moe():
+    # Every second layer's MLP is a mixture of experts, chosen from the layer index at construction: a removal that
+    # shifts later layers by an odd count cannot be expressed by the config.
+    return _decoder("Qwen2MoeConfig", "Qwen2MoeForCausalLM", decoder_sparse_step=2, num_experts=4,
+                    num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+
+
+def _odd_shift_plain(removed: list[str]) -> bool:
+    # Plain reload is exact when every remaining layer keeps its index parity.
+    kept = [i for i in range(5) if f"layers.{i}" not in removed]
+    return all(orig % 2 == new % 2 for new, orig in enumerate(kept))
+
+
 def dit():
     from diffusers import DiTTransformer2DModel
     return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=5,
@@ -212,6 +276,17 @@ CASES = [
     Case("llama", _seeded(llama), _tokens, [["layers.0"], ["layers.2"], ["layers.4"]]),
     Case("qwen2", _seeded(qwen2), _tokens, [["layers.1"], ["layers.3"]]),
     Case("mistral", _seeded(mistral), _tokens, [["layers.0", "layers.3"]]),
+    Case("qwen3", _seeded(qwen3), _tokens, [["layers.0"], ["layers.2"], ["layers.4"], ["layers.1", "layers.3"]]),
+    Case("mistral_sliding", _seeded(mistral_sliding), _tokens, [["layers.0"], ["layers.2"], ["layers.4"]]),
+    Case("gemma2", _seeded(gemma2), _tokens, [["layers.0"], ["layers.2"], ["layers.4"], ["layers.1", "layers.2"]]),
+    Case("gemma3", _seeded(gemma3), _tokens, [["layers.0"], ["layers.1"], ["layers.4"], ["layers.2", "layers.3"]]),
+    Case("phi3", _seeded(phi3), _tokens, [["layers.0"], ["layers.2"], ["layers.4"]]),
+    Case("olmo2", _seeded(olmo2), _tokens, [["layers.0"], ["layers.2"], ["layers.4"]]),
+    Case("gpt_neox", _seeded(gpt_neox), _tokens, [["layers.0"], ["layers.2"], ["layers.4"]]),
+    Case("smollm3", _seeded(smollm3), _tokens, [["layers.0"], ["layers.2"], ["layers.4"], ["layers.1", "layers.3"]]),
+    Case("granite", _seeded(granite), _tokens, [["layers.0"], ["layers.2"], ["layers.4"]]),
+    Case("qwen2_moe", _seeded(qwen2_moe), _tokens, [["layers.1"], ["layers.0", "layers.1"], ["layers.4"]],
+         plain_exact_for=_odd_shift_plain),
     Case("dit", _seeded(dit), _diffusion("hidden_states", 4, 8, class_labels=True),
          [["transformer_blocks.0"], ["transformer_blocks.2"], ["transformer_blocks.4"]]),
     Case("transformer2d", _seeded(transformer2d), _diffusion("hidden_states", 8, 4, cross=12),

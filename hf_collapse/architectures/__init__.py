@@ -11,8 +11,10 @@ from .base import (
     unwrap_model,
 )
 
-# Importing a family module registers its adapter.
-from . import bert, dit, gpt2, llama, mobilenet_v2, resnet, swin, unet, vit  # noqa: E402,F401
+# Importing a family module registers its adapter. ``decoder`` first: it recognises decoders by structure and is
+# tried last, after every family that has its own adapter.
+from . import decoder  # noqa: E402,F401  isort: skip
+from . import bert, dit, gpt2, mobilenet_v2, resnet, swin, unet, vit  # noqa: E402,F401
 
 __all__ = [
     "ActivationSite",

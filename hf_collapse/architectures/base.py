@@ -242,6 +242,7 @@ class ArchitectureAdapter:
     model_types: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     description: str = ""
+    legacy_families: tuple[str, ...] = ()  # earlier names of this family, as older records spell it
 
     # -- discovery ------------------------------------------------------------------------------------
     def backbone(self, model: nn.Module) -> nn.Module:
@@ -349,7 +350,7 @@ def supported_families() -> list[str]:
     Example::
 
         >>> sorted(hf_collapse.supported_families())
-        ['bert', 'dit', 'gpt2', 'llama', 'mobilenet_v2', 'resnet', 'swin', 'unet_2d_condition', 'vit']
+        ['bert', 'decoder', 'dit', 'gpt2', 'mobilenet_v2', 'resnet', 'swin', 'unet_2d_condition', 'vit']
     """
     return [a.family for a in _REGISTRY]
 
@@ -375,9 +376,11 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
     for adapter in _REGISTRY:
         if adapter.matches(adapter.backbone(inner)) or adapter.matches(inner):
             return adapter
+    listed = sorted(f"{a.family} (formerly {', '.join(a.legacy_families)})" if a.legacy_families else a.family
+                    for a in _REGISTRY)
     raise ValueError(
         f"hf_collapse does not know the architecture of {_describe(inner)}. Supported families: "
-        f"{', '.join(sorted(supported_families()))}. Describe a new family with a subclass of "
+        f"{', '.join(listed)}. Describe a new family with a subclass of "
         "hf_collapse.ArchitectureAdapter and hf_collapse.register_architecture(...)."
     )
 

@@ -98,9 +98,9 @@ def _replay(model: nn.Module, edits: list[dict[str, Any]]) -> None:
 
 
 def _check_family(model: nn.Module, record: dict[str, Any]) -> None:
-    family = adapter_for(model).family
-    if family != record["family"]:
-        validate_record(record, family=family)
+    adapter = adapter_for(model)
+    if record["family"] not in (adapter.family, *adapter.legacy_families):  # older records may use an earlier name
+        validate_record(record, family=adapter.family)
 
 
 def _load_transformers(cls: type, folder: Path, record: dict[str, Any], **kwargs: Any) -> nn.Module:

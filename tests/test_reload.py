@@ -218,3 +218,20 @@ def test_diffusers_variant_picks_its_weights_and_unknown_options_are_refused(tmp
     assert all(torch.equal(a, b) for a, b in zip(variant.state_dict().values(), plain_variant.state_dict().values()))
     with pytest.raises(TypeError, match="offload_folder"):
         hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path, offload_folder=str(tmp_path / "offload"))
+
+
+def test_a_record_of_the_former_llama_family_still_loads(tmp_path):
+    """hf_collapse 0.1 recorded Llama/Qwen2/Mistral removals under the family name 'llama' (now 'decoder')."""
+    import json
+
+    case = CASES_BY_NAME["llama"]
+    collapsed = hf_collapse.remove_blocks(case.build(), ["model.layers.1"])
+    collapsed.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["hf_collapse"]["family"] == "decoder"
+    config["hf_collapse"]["family"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path)
+    inputs = case.inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, collapsed.eval()(**inputs).logits, atol=1e-5, rtol=0)

@@ -1,6 +1,7 @@
 """Measurement: parameter counts, FLOPs (checked against the analytic count) and latency."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -127,3 +128,35 @@ def test_collapse_reports_each_state_side_by_side_with_the_original():
 def test_hardware_description_names_the_device_the_model_is_on():
     assert metrics.hardware_description(TwoLinears()).startswith("CPU (")
     assert metrics.hardware_description("cpu").startswith("CPU (")
+
+
+@pytest.mark.slow
+def test_reported_latencies_match_the_models_timed_alone_in_a_fresh_process(tmp_path):
+    """The latency in a collapse report is what the model takes on its own (within 1.5x of a fresh process timing the
+    saved model), and a state with fewer FLOPs is never reported measurably slower than the original."""
+    import subprocess
+    import sys
+
+    model = CASES_BY_NAME["bert"].build()
+    inputs = metrics.example_inputs(model, batch_size=8, seq_len=32)
+    scores = {b.name: float(i) for i, b in enumerate(hf_collapse.find_blocks(model))}
+    collapsed, report = hf_collapse.collapse(model, scores, num_blocks=3, example_inputs=inputs, latency_repeats=7,
+                                             progress=False)
+    for step in report.steps[1:]:
+        assert step.flops < report.before.flops
+        assert not (step.latency_speedup < 1 and step.latency_significant), step
+    model.save_pretrained(tmp_path / "original")
+    collapsed.save_pretrained(tmp_path / "collapsed")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch, json; from transformers import AutoModelForSequenceClassification as M\n"
+        "from hf_collapse.metrics import measure_latency\n"
+        "inputs = torch.load(sys.argv[1] + '/inputs.pt')\n"
+        "print(json.dumps({n: measure_latency(M.from_pretrained(sys.argv[1] + '/' + n).eval(), inputs, warmup=3,"
+        " repeats=15) for n in ('original', 'collapsed')}))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone = json.loads(result.stdout.strip().splitlines()[-1])
+    for reported, name in ((report.summary()["latency_s_before"], "original"), (report.after.latency_s, "collapsed")):
+        assert 1 / 1.5 <= reported / alone[name] <= 1.5, (name, reported, alone[name])

@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 from .architectures.base import adapter_for, unwrap_model
 from .distributed import is_main_process
 from .names import resolve_names
-from .metrics import compare_latency, count_parameters, forward_flops, hardware_description, measure_latency
+from .metrics import (
+    compare_latency, count_parameters, forward_flops, hardware_description, measure_latency, module_flops,
+)
 from .report import CollapseReport, CollapseStep
 from .surgery import block_aliases, find_blocks, model_class_name, remove_blocks
 
@@ -26,13 +28,14 @@ logger = logging.getLogger(__name__)
 
 
 def measure_step(model: nn.Module, inputs: Mapping[str, Any], latency_repeats: int,
-                 reference: nn.Module | None = None) -> dict[str, Any]:
+                 reference: nn.Module | None = None, flops: int | None = None) -> dict[str, Any]:
     """Parameters, FLOPs and (when ``latency_repeats > 0``) latency of ``model`` on ``inputs``.
 
     With a ``reference`` (the uncollapsed model), the two are timed side by side in ``latency_repeats`` interleaved
     rounds (:func:`hf_collapse.metrics.compare_latency`), and the result carries the speed-up over the reference with
     its spread: a ratio that survives a busy machine. Without one, ``latency_s`` is a plain median. Measured in eval
-    mode (the train/eval mode is restored after); latency fields are ``None`` when ``latency_repeats`` is 0.
+    mode (the train/eval mode is restored after); latency fields are ``None`` when ``latency_repeats`` is 0. ``flops``,
+    when known (e.g. derived from a first count), is taken as is instead of counting a forward pass again.
 
     Example::
 
@@ -45,7 +48,8 @@ def measure_step(model: nn.Module, inputs: Mapping[str, Any], latency_repeats: i
     was_training = model.training
     model.eval()
     try:
-        measured: dict[str, Any] = {"params": count_parameters(model), "flops": forward_flops(model, inputs),
+        measured: dict[str, Any] = {"params": count_parameters(model),
+                                    "flops": forward_flops(model, inputs) if flops is None else int(flops),
                                     "latency_s": None}
         if latency_repeats and reference is not None:
             timing = compare_latency([reference, model], inputs, rounds=latency_repeats)
@@ -134,6 +138,8 @@ def collapse(
     finetune: Callable[[nn.Module], nn.Module | None] | None = None,
     *,
     higher_is_better: bool = True,
+    max_metric_increase: float | None = None,
+    max_metric_ratio: float | None = None,
     metric_name: str | None = None,
     example_inputs: Mapping[str, Any] | None = None,
     latency_repeats: int = 5,
@@ -151,7 +157,12 @@ def collapse(
             metric; the step that would exceed it is not kept and the collapse stops there.
         eval_fn: ``model -> metric``, evaluated before and after each removal (required with ``max_metric_drop``).
         finetune: ``model -> model`` run after each removal, before evaluation (e.g. a short healing fine-tune).
-        higher_is_better: the metric's direction (``False`` for a loss).
+        higher_is_better: the metric's direction (``False`` for a loss or a perplexity).
+        max_metric_increase: for a metric where lower is better (``higher_is_better=False``): remove while it stays
+            within this increase of the uncollapsed model's (the same budget as ``max_metric_drop``, named for it).
+        max_metric_ratio: remove while the metric stays within this factor (>= 1) of the uncollapsed model's:
+            ``metric <= ratio * before`` when lower is better (a perplexity budget), ``metric >= before / ratio``
+            when higher is better.
         metric_name: the metric's name in the report.
         example_inputs: inputs for FLOPs and latency (default: the adapter's example inputs at batch size 1).
         latency_repeats: interleaved rounds of each latency measurement, each state timed side by side with the
@@ -170,12 +181,27 @@ def collapse(
     """
     scores = _canonical_scores(model, scores)
     order = _removal_order(model, scores)
-    if num_blocks is None and max_metric_drop is None:
-        raise ValueError("no budget: pass num_blocks, max_metric_drop (with eval_fn), or both")
-    if max_metric_drop is not None and eval_fn is None:
-        raise ValueError("max_metric_drop needs eval_fn, the function that evaluates the metric of a model")
+    if max_metric_increase is not None:
+        if higher_is_better:
+            raise ValueError("max_metric_increase is the budget of a metric where lower is better: pass "
+                             "higher_is_better=False, or use max_metric_drop for a metric where higher is better")
+        if max_metric_drop is not None:
+            raise ValueError("pass max_metric_increase or max_metric_drop, not both (they are the same budget)")
+        max_metric_drop, budget_name = max_metric_increase, "max_metric_increase"
+    else:
+        budget_name = "max_metric_drop"
+    if max_metric_ratio is not None and max_metric_ratio < 1:
+        raise ValueError(f"max_metric_ratio must be >= 1 (the metric may get this many times worse), got "
+                         f"{max_metric_ratio}")
+    metric_budget = max_metric_drop is not None or max_metric_ratio is not None
+    if num_blocks is None and not metric_budget:
+        raise ValueError("no budget: pass num_blocks, a metric budget (max_metric_drop / max_metric_increase / "
+                         "max_metric_ratio, with eval_fn), or both")
+    if metric_budget and eval_fn is None:
+        raise ValueError(f"{budget_name if max_metric_drop is not None else 'max_metric_ratio'} needs eval_fn, the "
+                         "function that evaluates the metric of a model")
     if max_metric_drop is not None and max_metric_drop < 0:
-        raise ValueError(f"max_metric_drop must be >= 0, got {max_metric_drop}")
+        raise ValueError(f"{budget_name} must be >= 0, got {max_metric_drop}")
     all_blocks = [b.name for b in find_blocks(model)]
     if num_blocks is not None and not 1 <= num_blocks <= len(order):
         raise ValueError(f"num_blocks must be between 1 and the {len(order)} scored blocks, got {num_blocks}")
@@ -185,12 +211,19 @@ def collapse(
     adapter = adapter_for(model)
     report = CollapseReport(
         method=method, model_class=model_class_name(model), family=adapter.family, metric_name=metric_name,
-        higher_is_better=higher_is_better, hardware=hardware_description() if latency_repeats else "",
-        budget={"num_blocks": num_blocks, "max_metric_drop": max_metric_drop}, scores=dict(scores),
+        higher_is_better=higher_is_better, hardware=hardware_description(model) if latency_repeats else "",
+        budget={"num_blocks": num_blocks, budget_name: max_metric_drop,
+                **({"max_metric_ratio": max_metric_ratio} if max_metric_ratio is not None else {})},
+        scores=dict(scores),
     )
+    # FLOPs are counted once: a removed unit takes exactly its own FLOPs away (the rest of the forward is unchanged).
+    by_name = {b.name: b for b in find_blocks(model)}
+    unit_paths = {name: (by_name[name].path, *by_name[name].extra_paths) for name in order[:limit]}
+    total_flops, path_flops = module_flops(model, inputs, [p for paths in unit_paths.values() for p in paths])
+    unit_flops = {name: sum(path_flops[p] for p in paths) for name, paths in unit_paths.items()}
     baseline = eval_fn(model) if eval_fn else None
     report.steps.append(CollapseStep(removed=0, unit=None, score=None, metric=baseline,
-                                     **measure_step(model, inputs, latency_repeats)))
+                                     **measure_step(model, inputs, latency_repeats, flops=total_flops)))
 
     current = model
     alive = list(all_blocks)  # original names of the blocks still in `current`, in order
@@ -206,15 +239,19 @@ def collapse(
             bar.set_postfix_str(f"evaluating without {current_name}")
         metric = eval_fn(trial) if eval_fn else None
         drop = None if metric is None else (baseline - metric if higher_is_better else metric - baseline)
-        kept = max_metric_drop is None or drop <= max_metric_drop
+        kept = (max_metric_drop is None or drop <= max_metric_drop) and (
+            max_metric_ratio is None or (metric * max_metric_ratio >= baseline if higher_is_better
+                                         else metric <= max_metric_ratio * baseline))
         if kept and latency_repeats:
             bar.set_postfix_str(f"timing against the original ({latency_repeats} rounds)")
         step = CollapseStep(removed=len(all_blocks) - len(alive) + 1, unit=name, score=float(scores[name]),
                             metric=metric, kept=kept,
-                            **measure_step(trial, inputs, latency_repeats if kept else 0, reference=model))
+                            **measure_step(trial, inputs, latency_repeats if kept else 0, reference=model,
+                                           flops=report.after.flops - unit_flops[name]))
         report.steps.append(step)
         if not kept:
-            logger.info("removing %s would drop the metric by %.4f > %.4f: stopping", name, drop, max_metric_drop)
+            logger.info("removing %s would take the metric from %.4f to %.4f, over the budget %s: stopping", name,
+                        baseline, metric, {k: v for k, v in report.budget.items() if k != "num_blocks"})
             break
         current = trial
         alive.remove(name)

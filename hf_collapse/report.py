@@ -169,6 +169,21 @@ class CollapseReport:
             lines.append(f"\nLatency measured on {self.hardware}.")
         return "\n".join(lines)
 
+    def _metric_limits(self) -> list[tuple[float, str]]:
+        """The metric values the budget allows, with their legend labels (none without a metric budget)."""
+        budget, before = self.budget or {}, self.before.metric
+        if before is None:
+            return []
+        limits = []
+        drop = budget.get("max_metric_drop", budget.get("max_metric_increase"))
+        if drop is not None:
+            sign = "-" if self.higher_is_better else "+"
+            limits.append((before - drop if self.higher_is_better else before + drop, f"budget ({sign}{drop:g})"))
+        ratio = budget.get("max_metric_ratio")
+        if ratio is not None:
+            limits.append((before / ratio if self.higher_is_better else before * ratio, f"budget (x{ratio:g})"))
+        return limits
+
     def plot(self, path: str | Path) -> Path:
         """Write the trade-off plot (metric and latency against units removed) as PNG."""
         import matplotlib
@@ -186,11 +201,8 @@ class CollapseReport:
             if rejected:
                 ax.plot([s.removed for s in rejected], [s.metric for s in rejected], "x", color="tab:red",
                         label="rejected (over budget)")
-            drop = (self.budget or {}).get("max_metric_drop")
-            if drop is not None and self.before.metric is not None:
-                limit = self.before.metric - drop if self.higher_is_better else self.before.metric + drop
-                ax.axhline(limit, color="tab:red", linestyle=":", linewidth=1,
-                           label=f"budget ({'-' if self.higher_is_better else '+'}{drop:g})")
+            for limit, label in self._metric_limits():
+                ax.axhline(limit, color="tab:red", linestyle=":", linewidth=1, label=label)
         else:
             ax.plot(xs, [s.flops / 1e9 for s in steps], "o-", color="tab:blue", label="GFLOPs")
             ax.set_ylabel("GFLOPs", color="tab:blue")

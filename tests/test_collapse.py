@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import hf_collapse
+from hf_collapse import metrics
 from hf_collapse.report import CollapseReport
 from hf_collapse.scoring import angular_scorer, block_influence_scorer, msw_scorer
-from tiny_models import CASES_BY_NAME, output_of
+from tiny_models import CASES, CASES_BY_NAME, output_of
 
 
 def _loader(case, batches=2):
@@ -168,3 +169,45 @@ def test_report_save_writes_json_markdown_and_plot(tmp_path):
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = CollapseReport.load(tmp_path)
     assert again.to_dict() == report.to_dict()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("bert", "swin", "resnet_basic", "mobilenet_v2", "dit",
+                                                                 "unet", "llama", "gpt2", "vit")], ids=lambda c: c.name)
+def test_flops_counted_once_equal_a_fresh_count_of_every_state(case):
+    """collapse counts FLOPs once and subtracts each removed unit's share: the result is the state's true count."""
+    model = case.build()
+    inputs = metrics.example_inputs(model, batch_size=1, seq_len=8)
+    removable = [b.name for b in hf_collapse.find_blocks(model) if b.removable]
+    scores = {name: float(i) for i, name in enumerate(removable)}
+    collapsed, report = hf_collapse.collapse(model, scores, num_blocks=min(2, len(removable) - 1),
+                                             example_inputs=inputs, latency_repeats=0, progress=False)
+    assert report.before.flops == metrics.forward_flops(model, inputs)
+    assert report.after.flops == metrics.forward_flops(collapsed, inputs)
+    first = hf_collapse.remove_blocks(model, [report.steps[1].unit])
+    assert report.steps[1].flops == metrics.forward_flops(first, inputs)
+
+
+def test_a_lower_is_better_metric_with_an_increase_or_a_ratio_budget(tmp_path):
+    """A perplexity-like metric: collapse stops before the step that breaks max_metric_increase / max_metric_ratio."""
+    model = CASES_BY_NAME["llama"].build()
+    scores = {b.name: float(i) for i, b in enumerate(hf_collapse.find_blocks(model))}
+    perplexities = [10.0, 10.5, 12.0, 14.0, 30.0]
+
+    def run(**budget):
+        values = iter(perplexities)
+        return hf_collapse.collapse(model, scores, eval_fn=lambda m: next(values), higher_is_better=False,
+                                    metric_name="perplexity", latency_repeats=0, progress=False, **budget)[1]
+
+    report = run(max_metric_increase=2.5)
+    assert [s.kept for s in report.steps] == [True, True, True, False] and report.after.metric == 12.0
+    assert report.budget["max_metric_increase"] == 2.5
+    report = run(max_metric_ratio=1.4)  # 14.0 <= 1.4 x 10, 30.0 is not
+    assert [s.kept for s in report.steps] == [True, True, True, True, False] and report.after.metric == 14.0
+    report.plot(tmp_path / "plot.png")
+    assert report._metric_limits() == [(14.0, "budget (x1.4)")]
+    with pytest.raises(ValueError, match="max_metric_increase is the budget of a metric where lower is better"):
+        hf_collapse.collapse(model, scores, eval_fn=float, max_metric_increase=1.0)
+    with pytest.raises(ValueError, match="max_metric_ratio must be >= 1"):
+        hf_collapse.collapse(model, scores, eval_fn=float, max_metric_ratio=0.5, higher_is_better=False)
+    with pytest.raises(ValueError, match="max_metric_ratio needs eval_fn"):
+        hf_collapse.collapse(model, scores, max_metric_ratio=1.5, higher_is_better=False)

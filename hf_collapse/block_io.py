@@ -16,7 +16,7 @@ from .architectures.base import Block, first_tensor
 from .names import resolve_names
 from .surgery import block_aliases, find_blocks
 
-__all__ = ["BlockIO", "select_blocks"]
+__all__ = ["BlockIO", "feature_mask", "select_blocks"]
 
 
 def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list[Block]:
@@ -151,3 +151,35 @@ class BlockIO:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .architectures.base import unwrap_model
+
+    return type(unwrap_model(model)).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def feature_mask(model: nn.Module, batch: dict) -> torch.Tensor | None:
+    """Which token positions of ``batch`` count in block features: real tokens (``attention_mask``) whose prediction
+    is trained. With token-level ``labels`` (``-100`` on a prompt in SFT data, on unmasked tokens in masked LM), a
+    position counts only if its label is not ``-100``; in a causal LM position ``t`` predicts the label at ``t + 1``.
+    ``None`` when the batch says nothing (every position counts).
+
+    Example::
+
+        >>> from hf_collapse.block_io import feature_mask
+        >>> ids = torch.tensor([[5, 6, 7, 8]])
+        >>> feature_mask(llama, {"input_ids": ids, "labels": torch.tensor([[-100, -100, 7, 8]])})
+        tensor([[False,  True,  True, False]])
+    """
+    mask = batch.get("attention_mask")
+    mask = mask.bool() if mask is not None else None
+    labels, ids = batch.get("labels"), batch.get("input_ids")
+    if labels is None or ids is None or labels.shape != ids.shape:
+        return mask
+    trained = labels != -100
+    if _is_causal_lm(model):  # the feature at t predicts the token at t + 1; the last position predicts nothing
+        trained = torch.cat([trained[:, 1:], torch.zeros_like(trained[:, :1])], dim=1)
+    return trained if mask is None else mask & trained

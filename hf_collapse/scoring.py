@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .block_io import BlockIO, select_blocks
+from .block_io import BlockIO, feature_mask, select_blocks
 from .distributed import is_main_process, sum_across_ranks
 from .metrics import device_of, to_device
 from .ot import max_sliced_wasserstein
@@ -141,7 +141,7 @@ def score_blocks(
             if max_batches is not None and step >= max_batches:
                 break
             batch = model_inputs(model, batch)
-            with io.capturing(attention_mask=batch.get("attention_mask")):
+            with io.capturing(attention_mask=feature_mask(model, batch)):
                 model(**batch)
             size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
             for block in chosen:

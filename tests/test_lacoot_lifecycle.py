@@ -192,3 +192,47 @@ def test_lambda_means_the_same_on_two_processes(tmp_path):
         assert penalty_part > 1e-3 * single[0.0].norm()
         error = (ddp[1.0] / factor - single[1.0]).norm() / penalty_part
         assert error < 1e-3, f"{task}: the penalty weight on 2 processes differs by {error:.3f} of its contribution"
+
+
+def test_feature_mask_keeps_real_trained_tokens():
+    from hf_collapse.block_io import feature_mask
+
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 8, 9]])
+    attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 6, 7, 8, 9]])
+    causal = feature_mask(tiny_llama(), {"input_ids": ids, "attention_mask": attention, "labels": labels})
+    # position t predicts the label at t + 1: the prompt's last token is trained, the final position never is
+    assert causal.tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
+    assert feature_mask(tiny_bert(), {"input_ids": ids, "attention_mask": attention,
+                                      "labels": torch.tensor([0, 1])}).tolist() == attention.bool().tolist()
+    assert feature_mask(tiny_bert(), {"input_ids": ids}) is None
+
+
+def test_lacoot_on_sft_data_leaves_prompt_and_padding_out_of_the_penalty(tmp_path):
+    """A causal LM on SFT-style data: the penalty is the MSW of features of the tokens whose prediction is trained."""
+    from hf_collapse.block_io import BlockIO, feature_mask
+
+    model = tiny_llama()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": attention,
+             "labels": torch.tensor([[-100, -100, -100, 8, 9, 10], [-100, -100, 13, 14, -100, -100]])}
+    trainer = FixedDirectionTrainer(model=model, args=make_args(tmp_path, msw_weight=1.0))
+    model.train()
+    with torch.no_grad():
+        penalized = trainer.compute_loss(model, dict(batch))
+        task = model(**batch).loss
+        io = BlockIO(model, trainer.msw_blocks)
+        with io.capturing(attention_mask=feature_mask(model, batch)):
+            model(**batch)
+        expected = []
+        for i, block in enumerate(trainer.msw_blocks):
+            x, y = io.features(block.name)
+            directions = random_directions(x.shape[1], 8, generator=torch.Generator().manual_seed(i))
+            expected.append(max_sliced_wasserstein(x, y, slicing="random", directions=directions))
+        io.remove()
+    torch.testing.assert_close(penalized - task, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
+    unmasked = {**batch, "labels": ids.masked_fill(attention == 0, -100)}
+    with torch.no_grad():
+        assert not torch.isclose(trainer.compute_loss(model, dict(unmasked)) - model(**unmasked).loss,
+                                 penalized - task, atol=1e-4)  # the prompt positions really were left out

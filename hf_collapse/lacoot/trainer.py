@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .. import compat
-from ..block_io import BlockIO, select_blocks
+from ..block_io import BlockIO, feature_mask, select_blocks
 from ..removal import collapse as collapse_model
 from ..removal import evaluate_model, metric_key
 from ..ot import max_sliced_wasserstein
@@ -67,7 +67,8 @@ class LaCoOTTrainer(Trainer):
 
     The penalty is added in :meth:`compute_loss`, scaled like the task loss under gradient accumulation,
     computed in float32 under autocast, from hooks that record nothing during a gradient-checkpointing
-    recompute. Padding tokens are zeroed in block inputs and outputs. Per-block distances and their total are
+    recompute. Padding tokens, and tokens whose prediction is not trained (``-100`` labels, e.g. the prompt of SFT
+    data on a causal LM), are zeroed in block inputs and outputs. Per-block distances and their total are
     logged as ``msw/<block>`` and ``msw_total``.
     """
 
@@ -215,7 +216,7 @@ class LaCoOTTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         scale = self._penalty_scale(model, inputs, num_items_in_batch)
-        with self._block_io.capturing(attention_mask=inputs.get("attention_mask")):
+        with self._block_io.capturing(attention_mask=feature_mask(model, inputs)):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
         penalty, per_block = self.msw_penalty()

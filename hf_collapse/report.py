@@ -185,7 +185,19 @@ class CollapseReport:
         return limits
 
     def plot(self, path: str | Path) -> Path:
-        """Write the trade-off plot (metric and latency against units removed) as PNG."""
+        """Write the trade-off plot (metric and latency against units removed, the metric budget as a line, the
+        legend below the axes) as PNG."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def figure(self):
+        """The trade-off plot as a matplotlib ``Figure`` (what :meth:`plot` writes); close it when done."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -223,11 +235,7 @@ class CollapseReport:
             fig.tight_layout(rect=(0, 0.08, 1, 1))
         else:
             fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return fig
 
     def save(self, folder: str | Path) -> Path:
         """Write ``report.json``, ``report.md`` and ``tradeoff.png`` into ``folder``."""

@@ -127,3 +127,19 @@ def test_collapse_stays_the_function_whatever_is_imported_first():
         print(json.dumps({"type": type(hf_collapse.collapse).__name__}))
     """)
     assert out["type"] == "function"
+
+
+def test_the_command_answers_help_without_loading_torch():
+    """hf-collapse --help (and any argument check of the command itself) imports nothing heavy."""
+    out = run_fresh("""
+        import contextlib, io, json, sys
+        from hf_collapse.cli import main
+        with contextlib.redirect_stdout(io.StringIO()) as text:
+            try:
+                main(["--help"])
+            except SystemExit as done:
+                code = done.code
+        print(json.dumps({"code": code, "usage": "usage: hf-collapse" in text.getvalue(),
+                          "heavy": [m for m in ("torch", "transformers", "peft", "diffusers") if m in sys.modules]}))
+    """)
+    assert out == {"code": 0, "usage": True, "heavy": []}

@@ -160,3 +160,27 @@ def test_reported_latencies_match_the_models_timed_alone_in_a_fresh_process(tmp_
     alone = json.loads(result.stdout.strip().splitlines()[-1])
     for reported, name in ((report.summary()["latency_s_before"], "original"), (report.after.latency_s, "collapsed")):
         assert 1 / 1.5 <= reported / alone[name] <= 1.5, (name, reported, alone[name])
+
+
+def test_the_plot_says_everything_it_draws():
+    """A legend entry for every line (metric, rejected step, budget, latency), below the axes, never over the data."""
+    import matplotlib.pyplot as plt
+
+    model = CASES_BY_NAME["bert"].build()
+    scores = {b.name: float(i) for i, b in enumerate(hf_collapse.find_blocks(model))}
+    values = iter([0.8, 0.78, 0.6])
+    _, report = hf_collapse.collapse(model, scores, max_metric_drop=0.05, eval_fn=lambda m: next(values),
+                                     metric_name="accuracy", latency_repeats=1, progress=False)
+    fig = report.figure()
+    try:
+        (legend,) = fig.legends
+        assert [t.get_text() for t in legend.get_texts()] == ["accuracy", "rejected (over budget)", "budget (-0.05)",
+                                                              "latency (ms)"]
+        assert all(ax.get_legend() is None for ax in fig.axes)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        assert legend.get_window_extent(renderer).y1 <= min(ax.get_window_extent(renderer).y0 for ax in fig.axes)
+        budget_lines = [line for line in fig.axes[0].get_lines() if line.get_label() == "budget (-0.05)"]
+        assert budget_lines and budget_lines[0].get_ydata()[0] == pytest.approx(0.75)
+    finally:
+        plt.close(fig)

@@ -19,8 +19,10 @@ from .surgery import block_aliases, find_blocks
 __all__ = ["BlockIO", "feature_mask", "select_blocks"]
 
 
-def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list[Block]:
+def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto", granularity: str = "block") -> list[Block]:
     """The blocks named by ``names``: ``"auto"`` for every removable block, or a list of block names.
+
+    ``granularity`` (``"block"``, ``"attention"``, ``"mlp"``) picks the units, as in :func:`hf_collapse.find_blocks`.
 
     Named blocks are returned in the order given, as they are (removable or not).
 
@@ -38,7 +40,7 @@ def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto") -> list
         >>> [b.name for b in select_blocks(model, ["encoder.layer.4"])]      # the backbone-relative spelling
         ['bert.encoder.layer.4']
     """
-    blocks = find_blocks(model)
+    blocks = find_blocks(model, granularity)
     if names == "auto":
         return [b for b in blocks if b.removable]
     if isinstance(names, str):
@@ -68,6 +70,7 @@ class BlockIO:
         self._mask: torch.Tensor | None = None
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
+        self._adds_input = {block.name: block.output_adds_input for block in self.blocks}
         # Paths from find_blocks(model) are valid in `model` itself; DDP / peft wrappers share the module objects.
         root = model
         self._handles = []
@@ -123,7 +126,10 @@ class BlockIO:
         """The block's input and output tensors as recorded (padding zeroed), original shapes."""
         if name not in self._inputs or name not in self._outputs:
             raise KeyError(f"block {name!r} was not run inside capturing(); recorded: {self.captured()}")
-        return self._masked(self._inputs[name]), self._masked(self._outputs[name])
+        x, y = self._inputs[name], self._outputs[name]
+        if self._adds_input[name]:  # a sub-layer: its output is the residual stream after its branch is added
+            y = x + y
+        return self._masked(x), self._masked(y)
 
     def features(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's input and output as ``(batch, features)`` matrices (``flatten(1)``, padding zeroed)."""

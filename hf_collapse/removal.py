@@ -111,11 +111,11 @@ def evaluate_model(model: nn.Module, args, eval_dataset, **trainer_kwargs) -> di
         model.__dict__.pop("_is_accelerate_prepared", None)
 
 
-def _canonical_scores(model: nn.Module, scores: Mapping[str, float]) -> dict[str, float]:
+def _canonical_scores(model: nn.Module, scores: Mapping[str, float], granularity: str = "block") -> dict[str, float]:
     """``scores`` keyed by the blocks' names in ``model`` (any accepted spelling may be given)."""
     if not scores:
         raise ValueError("no scores given: the budget selects nothing (use hf_collapse.score_blocks to get scores)")
-    blocks = find_blocks(model)
+    blocks = find_blocks(model, granularity)
     scored = resolve_names(list(scores), {b.name: b for b in blocks}, "block", aliases=block_aliases(blocks),
                            where="this model (scores name them)")
     fixed = [b.name for b in scored if not b.removable]
@@ -124,8 +124,8 @@ def _canonical_scores(model: nn.Module, scores: Mapping[str, float]) -> dict[str
     return {b.name: float(value) for b, value in zip(scored, scores.values())}
 
 
-def _removal_order(model: nn.Module, scores: Mapping[str, float]) -> list[str]:
-    position = {b.name: i for i, b in enumerate(find_blocks(model))}
+def _removal_order(model: nn.Module, scores: Mapping[str, float], granularity: str = "block") -> list[str]:
+    position = {b.name: i for i, b in enumerate(find_blocks(model, granularity))}
     return sorted(scores, key=lambda name: (scores[name], position[name]))
 
 
@@ -145,6 +145,7 @@ def collapse(
     latency_repeats: int = 5,
     method: str = "collapse",
     progress: bool = True,
+    granularity: str = "block",
 ) -> tuple[nn.Module, CollapseReport]:
     """Remove blocks in ascending score order under a budget, measuring the model at every step.
 
@@ -169,6 +170,8 @@ def collapse(
             uncollapsed model (0 to skip latency).
         method: the method name recorded in the report.
         progress: show a progress bar (on the main process only under DDP).
+        granularity: the units ``scores`` name: ``"block"``, or for decoders ``"attention"`` / ``"mlp"`` sub-layers
+            (as scored by ``score_blocks(..., granularity=...)``).
 
     Returns:
         ``(collapsed_model, report)``: a new model, and the :class:`CollapseReport` of every step.
@@ -179,8 +182,8 @@ def collapse(
         >>> smaller, report = hf_collapse.collapse(model, scores, max_metric_drop=0.01, eval_fn=accuracy)
         >>> report.save("outputs/collapse")
     """
-    scores = _canonical_scores(model, scores)
-    order = _removal_order(model, scores)
+    scores = _canonical_scores(model, scores, granularity)
+    order = _removal_order(model, scores, granularity)
     if max_metric_increase is not None:
         if higher_is_better:
             raise ValueError("max_metric_increase is the budget of a metric where lower is better: pass "
@@ -202,7 +205,7 @@ def collapse(
                          "function that evaluates the metric of a model")
     if max_metric_drop is not None and max_metric_drop < 0:
         raise ValueError(f"{budget_name} must be >= 0, got {max_metric_drop}")
-    all_blocks = [b.name for b in find_blocks(model)]
+    all_blocks = [b.name for b in find_blocks(model, granularity)]
     if num_blocks is not None and not 1 <= num_blocks <= len(order):
         raise ValueError(f"num_blocks must be between 1 and the {len(order)} scored blocks, got {num_blocks}")
     limit = min(num_blocks if num_blocks is not None else len(order), len(all_blocks) - 1)
@@ -217,7 +220,7 @@ def collapse(
         scores=dict(scores),
     )
     # FLOPs are counted once: a removed unit takes exactly its own FLOPs away (the rest of the forward is unchanged).
-    by_name = {b.name: b for b in find_blocks(model)}
+    by_name = {b.name: b for b in find_blocks(model, granularity)}
     unit_paths = {name: (by_name[name].path, *by_name[name].extra_paths) for name in order[:limit]}
     total_flops, path_flops = module_flops(model, inputs, [p for paths in unit_paths.values() for p in paths])
     unit_flops = {name: sum(path_flops[p] for p in paths) for name, paths in unit_paths.items()}
@@ -229,7 +232,7 @@ def collapse(
     alive = list(all_blocks)  # original names of the blocks still in `current`, in order
     bar = tqdm(order[:limit], desc="collapsing", disable=not (progress and is_main_process()))
     for name in bar:
-        current_name = find_blocks(current)[alive.index(name)].name
+        current_name = find_blocks(current, granularity)[alive.index(name)].name
         bar.set_postfix_str(f"removing {current_name}")
         trial = remove_blocks(current, [current_name])
         if finetune is not None:

@@ -93,6 +93,7 @@ def score_blocks(
     max_batches: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    granularity: str = "block",
     **method_kwargs,
 ) -> dict[str, float]:
     """Score each block on evaluation data; lower means closer to the identity (removed first).
@@ -105,6 +106,9 @@ def score_blocks(
         max_batches: stop after this many batches.
         seed: seeds the MSW directions (and the random baseline): the scores are deterministic.
         progress: show a progress bar (on the main process only under DDP).
+        granularity: the units to score: ``"block"`` (whole blocks), or for decoders ``"attention"`` / ``"mlp"``
+            sub-layers, whose input is the residual stream entering the branch and whose output is that stream
+            plus the branch's output (pass the same ``granularity`` to :func:`hf_collapse.collapse`).
         method_kwargs: passed to the scorer (for ``"msw"``: ``slicing``, ``n_projections``, ``ascent_steps``).
 
     Returns:
@@ -117,7 +121,7 @@ def score_blocks(
     """
     if method not in SCORERS and method not in DATA_FREE:
         raise ValueError(f"unknown scoring method {method!r}; available: {', '.join([*SCORERS, *DATA_FREE])}")
-    chosen = select_blocks(model, blocks)
+    chosen = select_blocks(model, blocks, granularity)
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
         values = torch.rand(len(chosen), generator=generator)

@@ -14,7 +14,8 @@ The record is a plain JSON mapping::
     }
 
 Each edit kind is registered with :func:`register_edit_op` (a validator and a replay function):
-``"remove_blocks"`` here, TLC's ``"linearize"`` in :mod:`hf_collapse.tlc.transforms`. Only block removals can
+``"remove_blocks"`` and ``"remove_sublayers"`` (attention / MLP sub-layers replaced by zeros) here, TLC's
+``"linearize"`` in :mod:`hf_collapse.tlc.transforms`. Only block removals can
 be expressed by a config; a record with any other edit always needs ``AutoCollapsedModel``.
 """
 
@@ -39,7 +40,7 @@ from .architectures.base import (
 )
 
 __all__ = [
-    "EDIT_OPS", "RECORD_FORMAT_VERSION", "RECORD_KEY", "collapse_record", "find_blocks", "record_edit",
+    "EDIT_OPS", "GRANULARITIES", "RECORD_FORMAT_VERSION", "RECORD_KEY", "collapse_record", "find_blocks", "record_edit",
     "register_edit_op", "remove_blocks",
 ]
 
@@ -62,7 +63,10 @@ def _owner(model: nn.Module) -> nn.Module:
     return inner
 
 
-def find_blocks(model: nn.Module) -> list[Block]:
+GRANULARITIES = ("block", "attention", "mlp")
+
+
+def find_blocks(model: nn.Module, granularity: str = "block") -> list[Block]:
     """The blocks of ``model`` in forward order, removable or not, named by their paths in ``model`` itself.
 
     Works through task heads and peft wrappers; every API that takes block names also accepts each block's
@@ -71,11 +75,31 @@ def find_blocks(model: nn.Module) -> list[Block]:
         >>> blocks = hf_collapse.find_blocks(model)             # a BertForSequenceClassification
         >>> [b.name for b in blocks if b.removable][:2]
         ['bert.encoder.layer.0', 'bert.encoder.layer.1']
+
+    With ``granularity="attention"`` or ``"mlp"`` (decoder LMs), the units are each layer's self-attention or MLP
+    sub-layer still present (``Block.kind`` says which), as FinerCut / BlockPruner remove them::
+
+        >>> [b.name for b in hf_collapse.find_blocks(llama, granularity="attention")][:1]
+        ['model.layers.0.self_attn']
+        >>> smaller = hf_collapse.remove_blocks(llama, ["model.layers.0.self_attn"])   # layer 0 keeps its MLP
+
+    Raises:
+        ValueError: for a granularity other than ``"block"``, ``"attention"``, ``"mlp"``, or one the model's family
+            does not support.
     """
     adapter, backbone, prefix = _locate(model)
+    if granularity == "block":
+        units = adapter.blocks(backbone)
+    elif granularity in GRANULARITIES and granularity in adapter.sublayer_kinds:
+        units = adapter.sublayers(backbone, granularity)
+    else:
+        supported = ["block", *adapter.sublayer_kinds]
+        raise ValueError(f"granularity {granularity!r} is not supported for family {adapter.family!r}; supported: "
+                         f"{', '.join(supported)}" + ("" if granularity in GRANULARITIES else
+                                                      f" (hf_collapse knows {', '.join(GRANULARITIES)})"))
     inner_prefix = module_path(unwrap_model(model), backbone)
     found = []
-    for block in adapter.blocks(backbone):
+    for block in units:
         path = join_path(prefix, block.path)
         spellings = (block.name, join_path(inner_prefix, block.name))
         found.append(dataclasses.replace(
@@ -85,6 +109,12 @@ def find_blocks(model: nn.Module) -> list[Block]:
             extra_paths=tuple(join_path(prefix, p) for p in block.extra_paths),
         ))
     return found
+
+
+def _sublayer_units(model: nn.Module) -> list[Block]:
+    """Every sub-layer unit of ``model`` (all granularities but ``"block"``; none for most families)."""
+    adapter = adapter_for(model)
+    return [unit for kind in adapter.sublayer_kinds for unit in find_blocks(model, kind)]
 
 
 def block_aliases(blocks: Sequence[Block]) -> dict[str, str]:
@@ -150,9 +180,15 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], inplace: bool
         a plain collapsed model, with its record, that saves and reloads exactly. The same holds for every edit
         recorded on a peft model (``hf_collapse.collapse``, TLC's ``linearize``).
 
+        Sub-layer units from ``find_blocks(model, granularity="attention" | "mlp")`` are accepted too: each
+        becomes a parameter-free module returning zeros (its residual branch is ``x + 0``), the norms that only
+        feed / follow it are dropped, and the edit is recorded as ``"remove_sublayers"``. No config can express
+        that, so such a model reloads exactly with ``AutoCollapsedModel`` only (``plain_reload_exact`` False).
+
     Raises:
         ValueError: for an unknown name, a duplicate, a block that changes tensor shapes, an empty list, or a
-            request that would remove every removable block.
+            request that would remove every removable block; for sub-layers mixed with blocks in one call, or both
+            sub-layers of one layer (remove that block instead).
 
     Example::
 
@@ -160,7 +196,19 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], inplace: bool
         >>> smaller.save_pretrained("roberta-collapsed")
     """
     all_blocks = find_blocks(model)
-    chosen = _resolve(list(blocks), all_blocks)
+    requested = list(blocks)
+    try:
+        chosen = _resolve(requested, all_blocks)
+    except ValueError as error:  # maybe sub-layer units (looked up only then: most families have none)
+        try:
+            units = _sublayer_units(model)
+        except ValueError as why:
+            raise ValueError(f"{error} (sub-layer units: {why})") from None
+        if not units:
+            raise
+        chosen = _resolve(requested, all_blocks + units)
+    if any(b.kind != "block" for b in chosen):
+        return _remove_sublayers(model, chosen, all_blocks, inplace)
     if len(chosen) >= len(all_blocks):
         raise ValueError(f"cannot remove all {len(all_blocks)} blocks of the model: keep at least one")
 
@@ -172,6 +220,31 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block | str], inplace: bool
     local = {b.name: b for b in adapter.blocks(backbone)}
     adapter.remove(backbone, [local[name] for name in names], record["base_values"])
     record["edits"].append({"op": "remove_blocks", "blocks": names})
+    _write_record(model, record)
+    return model
+
+
+def _remove_sublayers(model: nn.Module, chosen: list[Block], all_blocks: list[Block], inplace: bool) -> nn.Module:
+    blocks = [b.name for b in chosen if b.kind == "block"]
+    if blocks:
+        raise ValueError(f"remove blocks ({', '.join(blocks)}) and sub-layers in separate remove_blocks calls")
+    by_layer: dict[tuple[int, int], list[Block]] = {}
+    for unit in chosen:
+        by_layer.setdefault((unit.stage, unit.index), []).append(unit)
+    owner = {(b.stage, b.index): b.name for b in all_blocks}
+    for key, units in by_layer.items():
+        if len(units) > 1:
+            raise ValueError(f"{' and '.join(u.name for u in units)} are both sub-layers of {owner[key]!r}: removing "
+                             f"both empties the layer, which is a block removal: remove_blocks(model, "
+                             f"[{owner[key]!r}])")
+    if not inplace:
+        model = copy.deepcopy(model)
+    adapter, backbone, _ = _locate(model)
+    record = collapse_record(model) or _new_record(model)
+    names = [u.local_name for u in chosen]  # backbone-relative: replays under any wrapper
+    local = {u.name: u for kind in adapter.sublayer_kinds for u in adapter.sublayers(backbone, kind)}
+    adapter.remove_sublayers(backbone, [local[name] for name in names])
+    record["edits"].append({"op": "remove_sublayers", "units": names})
     _write_record(model, record)
     return model
 
@@ -294,6 +367,19 @@ def _validate_remove_blocks(edit: dict[str, Any]) -> None:
 
 register_edit_op("remove_blocks", _validate_remove_blocks,
                  lambda model, edit: remove_blocks(model, edit["blocks"], inplace=True))
+
+
+def _validate_remove_sublayers(edit: dict[str, Any]) -> None:
+    if not isinstance(edit.get("units"), list) or not edit["units"] or not all(isinstance(n, str) for n in edit["units"]):
+        raise ValueError(f"edit {edit!r} needs a non-empty list of sub-layer names")
+
+
+def _replay_remove_sublayers(model: nn.Module, edit: dict[str, Any]) -> None:
+    chosen = _resolve(edit["units"], _sublayer_units(model))
+    _remove_sublayers(model, chosen, find_blocks(model), inplace=True)
+
+
+register_edit_op("remove_sublayers", _validate_remove_sublayers, _replay_remove_sublayers)
 
 
 def validate_record(record: Any, *, family: str | None = None) -> dict[str, Any]:

@@ -58,6 +58,10 @@ class Block:
             head or wrapper: what saved records hold, and the spelling of hf_collapse before 0.1.
         aliases: every other spelling accepted for the block wherever a block is named: ``local_name`` and the path
             in the transformers / diffusers model inside a peft or DDP wrapper.
+        kind: ``"block"`` for a whole residual block; ``"attention"`` or ``"mlp"`` for a sub-layer unit (from
+            ``find_blocks(model, granularity=...)``), whose removal turns only that residual branch into ``x + 0``.
+        output_adds_input: the unit's output is its input plus the output of ``output_path`` (a sub-layer's branch
+            ends before the residual addition, which is no module): ``BlockIO`` adds them.
 
     Example::
 
@@ -80,6 +84,8 @@ class Block:
     extra_paths: tuple[str, ...] = ()
     local_name: str = ""
     aliases: tuple[str, ...] = ()
+    kind: str = "block"
+    output_adds_input: bool = False
 
     def __post_init__(self):
         if not self.input_path:
@@ -263,6 +269,17 @@ class ArchitectureAdapter:
 
     def activation_sites(self, backbone: nn.Module) -> list[ActivationSite]:
         raise NotImplementedError
+
+    #: Sub-layer granularities the family supports besides ``"block"`` (``("attention", "mlp")`` for decoders).
+    sublayer_kinds: tuple[str, ...] = ()
+
+    def sublayers(self, backbone: nn.Module, kind: str) -> list[Block]:
+        """The sub-layer units of ``kind`` still present (``Block.kind == kind``), in forward order."""
+        raise ValueError(f"family {self.family!r} has no sub-layer units")
+
+    def remove_sublayers(self, backbone: nn.Module, units: list[Block]) -> None:
+        """Replace the sub-layers ``units`` (from :meth:`sublayers`) by parameter-free zero modules, in place."""
+        raise ValueError(f"family {self.family!r} has no sub-layer units")
 
     def remove(self, backbone: nn.Module, blocks: list[Block], base_values: dict[str, Any]) -> None:
         """Remove ``blocks`` from ``backbone`` in place and update its config.

@@ -14,6 +14,7 @@ features. A new scorer is one function registered in :data:`SCORERS`.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -25,8 +26,12 @@ from .block_io import BlockIO, feature_mask, select_blocks
 from .distributed import is_main_process, sum_across_ranks
 from .metrics import device_of, to_device
 from .ot import max_sliced_wasserstein
+from .architectures.base import Block
+from .surgery import find_blocks, remove_blocks
 
-__all__ = ["SCORERS", "model_inputs", "score_blocks"]
+__all__ = ["SCORERS", "loss_scores", "model_inputs", "score_blocks"]
+
+logger = logging.getLogger(__name__)
 
 Scorer = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Generator], float]
 
@@ -101,7 +106,8 @@ def score_blocks(
     Args:
         model: a model of a supported family.
         dataloader: batches of model inputs (dicts of tensors); not needed for ``method="random"``.
-        method: one of ``"msw"``, ``"block_influence"``, ``"angular"``, ``"random"``.
+        method: one of ``"msw"``, ``"block_influence"``, ``"angular"``, ``"loss"`` (SLEB: the calibration loss of
+            the model without that unit; the batches must carry labels), ``"random"``.
         blocks: ``"auto"`` (every removable block) or a list of block names.
         max_batches: stop after this many batches.
         seed: seeds the MSW directions (and the random baseline): the scores are deterministic.
@@ -119,9 +125,15 @@ def score_blocks(
         >>> scores = hf_collapse.score_blocks(model, eval_loader, method="block_influence")
         >>> collapsed, report = hf_collapse.collapse(model, scores, num_blocks=2)
     """
-    if method not in SCORERS and method not in DATA_FREE:
-        raise ValueError(f"unknown scoring method {method!r}; available: {', '.join([*SCORERS, *DATA_FREE])}")
+    if method not in SCORERS and method not in DATA_FREE and method != "loss":
+        raise ValueError(f"unknown scoring method {method!r}; available: "
+                         f"{', '.join([*SCORERS, 'loss', *DATA_FREE])}")
     chosen = select_blocks(model, blocks, granularity)
+    if method == "loss":
+        if dataloader is None:
+            raise ValueError("method 'loss' measures the calibration loss without each unit: pass a dataloader of "
+                             "batches with labels")
+        return loss_scores(model, dataloader, chosen, max_batches=max_batches, progress=progress)
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
         values = torch.rand(len(chosen), generator=generator)
@@ -161,3 +173,109 @@ def score_blocks(
     if weight == 0:
         raise ValueError("the dataloader yielded no batches")
     return {name: total / weight for name, total in zip(totals, sums)}
+
+
+class _Replay(nn.Module):
+    """Stands in for a block before the one being scored: returns what the block returned in the full forward."""
+
+    def __init__(self, output: Any):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+class _Skip(nn.Module):
+    """Stands in for the removed block: its input, shaped like the block's output (a residual block removed)."""
+
+    def __init__(self, output: Any):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if hidden_states is None:
+            hidden_states = kwargs["hidden_states"]
+        if isinstance(self.output, tuple):
+            return (hidden_states, *self.output[1:])
+        return hidden_states
+
+
+def _swap(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    parent, _, child = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    original = owner.get_submodule(child)
+    setattr(owner, child, module)
+    return original
+
+
+def _loss(outputs: Any) -> float:
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs[0]
+    if loss is None:
+        raise ValueError("method 'loss' needs batches with labels (the model returned no loss)")
+    return float(loss)
+
+
+@torch.no_grad()
+def loss_scores(model: nn.Module, dataloader: Iterable[Mapping[str, torch.Tensor]], units: Sequence[Block],
+                max_batches: int | None = None, progress: bool = True) -> dict[str, float]:
+    """SLEB's criterion: the calibration loss of the model with each unit removed (lower: removed first).
+
+    One forward pass per candidate and batch, from the input of the removed block on: the blocks before it replay
+    what they returned in one full forward pass, so only the blocks after it run again. This shortcut is checked
+    once against the true removal (``remove_blocks``) on the first batch; where it does not hold (sub-layer units,
+    a removal that changes more than the block, e.g. a UNet skip pair), every candidate is measured on a copy with
+    the unit really removed. Losses are averaged over batches weighted by batch size and pooled over DDP ranks.
+
+    Example::
+
+        >>> scores = hf_collapse.score_blocks(llama, calibration_loader, method="loss")   # batches with labels
+    """
+    all_blocks = find_blocks(model)
+    position = {b.name: i for i, b in enumerate(all_blocks)}
+    units = sorted(units, key=lambda b: position.get(b.name, -1))
+    was_training = model.training
+    model.eval()
+    totals, weight, shortcut = {b.name: 0.0 for b in units}, 0, None
+    try:
+        bar = tqdm(dataloader, desc="scoring units (loss without each)", disable=not (progress and is_main_process()))
+        for step, batch in enumerate(bar):
+            if max_batches is not None and step >= max_batches:
+                break
+            batch = model_inputs(model, batch)
+            size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+            outputs: dict[str, Any] = {}
+            handles = [model.get_submodule(b.path).register_forward_hook(
+                lambda module, args, output, name=b.name: outputs.__setitem__(name, output)) for b in all_blocks]
+            try:
+                model(**batch)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for unit in units:
+                fast = None
+                if shortcut is not False and unit.name in outputs:
+                    swapped = {b.path: _swap(model, b.path, _Replay(outputs[b.name]))
+                               for b in all_blocks[:position[unit.name]]}
+                    swapped[unit.path] = _swap(model, unit.path, _Skip(outputs[unit.name]))
+                    try:
+                        fast = _loss(model(**batch))
+                    finally:
+                        for path, original in swapped.items():
+                            _swap(model, path, original)
+                if shortcut is not True:
+                    exact = _loss(remove_blocks(model, [unit.name]).eval()(**batch))
+                    if shortcut is None:
+                        shortcut = fast is not None and abs(fast - exact) <= 1e-4 * max(1.0, abs(exact))
+                        if not shortcut:
+                            logger.info("loss scoring: replaying the prefix is not exact for this model (%s vs %s); "
+                                        "measuring every candidate on a copy without it", fast, exact)
+                    fast = exact if not shortcut else fast
+                totals[unit.name] += size * fast
+            weight += size
+    finally:
+        model.train(was_training)
+    reduced = sum_across_ranks(torch.tensor([weight, *totals.values()], dtype=torch.float64))
+    if float(reduced[0]) == 0:
+        raise ValueError("the dataloader yielded no batches")
+    return {name: float(total / reduced[0]) for name, total in zip(totals, reduced[1:].tolist())}

@@ -211,3 +211,30 @@ def test_a_lower_is_better_metric_with_an_increase_or_a_ratio_budget(tmp_path):
         hf_collapse.collapse(model, scores, eval_fn=float, max_metric_ratio=0.5, higher_is_better=False)
     with pytest.raises(ValueError, match="max_metric_ratio needs eval_fn"):
         hf_collapse.collapse(model, scores, max_metric_ratio=1.5, higher_is_better=False)
+
+
+@pytest.mark.parametrize("case_name,broken_shortcut", [("llama", False), ("bert", False), ("gpt2", False),
+                                                        ("swin", False), ("llama", True)])
+def test_loss_scores_equal_the_loss_of_each_removal(case_name, broken_shortcut, caplog, monkeypatch):
+    """method='loss' (SLEB): each unit's score is the calibration loss of the model without it, as remove_blocks
+    builds it. The prefix-replay shortcut is checked against a true removal first: where it does not hold (here
+    broken on purpose), every candidate is measured on a copy without it."""
+    from hf_collapse import scoring
+
+    case = CASES_BY_NAME[case_name]
+    model = case.build()
+    batch = case.inputs()
+    batch["labels"] = batch["input_ids"] if case_name in ("llama", "gpt2") else torch.tensor([0, 1])
+    if broken_shortcut:
+        monkeypatch.setattr(scoring._Skip, "forward", lambda self, hidden_states=None, *a, **k: hidden_states * 2)
+    with caplog.at_level("INFO", logger="hf_collapse.scoring"):
+        scores = hf_collapse.score_blocks(model, [batch, batch], method="loss", progress=False)
+    assert ("replaying the prefix is not exact" in caplog.text) == broken_shortcut
+    removable = [b.name for b in hf_collapse.find_blocks(model) if b.removable]
+    assert list(scores) == removable
+    for name in removable:
+        with torch.no_grad():
+            expected = float(hf_collapse.remove_blocks(model, [name]).eval()(**batch).loss)
+        assert scores[name] == pytest.approx(expected, rel=1e-4, abs=1e-5), name
+    with pytest.raises(ValueError, match="needs batches with labels"):
+        hf_collapse.score_blocks(model, [case.inputs()], method="loss", progress=False)

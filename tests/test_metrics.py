@@ -184,3 +184,12 @@ def test_the_plot_says_everything_it_draws():
         assert budget_lines and budget_lines[0].get_ydata()[0] == pytest.approx(0.75)
     finally:
         plt.close(fig)
+
+
+def test_counting_flops_leaves_a_training_model_untouched():
+    """FLOPs are counted in eval mode: BatchNorm statistics stay as they were (and batch size 1 is fine)."""
+    model = CASES_BY_NAME["mobilenet_v2"].build().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert metrics.forward_flops(model, metrics.example_inputs(model, batch_size=1)) > 0
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -76,9 +76,13 @@ def job_command(method: str, argv: Sequence[str]) -> int:
     from .lacoot import LaCoOTArguments
     from .report import describe_speedup, format_count
 
+    from . import prune_job
+
     job_class, args_class, defaults, run = {
         "lacoot": (jobs.LaCoOTJobArguments, LaCoOTArguments, jobs.DEFAULT_LACOOT_TRAINING, jobs.run_lacoot_job),
         "tlc": (jobs.TLCJobArguments, TrainingArguments, jobs.DEFAULT_TLC_TRAINING, jobs.run_tlc_job),
+        "prune": (prune_job.PruneJobArguments, TrainingArguments, prune_job.DEFAULT_PRUNE_TRAINING,
+                  prune_job.run_prune_job),
     }[method]
     class Parser(HfArgumentParser):
         def error(self, message: str):
@@ -91,7 +95,9 @@ def job_command(method: str, argv: Sequence[str]) -> int:
     if unknown:
         raise UsageError(_unknown_flags_message(parser, unknown))
     _, report, summary = run(job, args)
-    setting = f"λ = {args.msw_weight}" if method == "lacoot" else f"{job.finetune_steps} fine-tuning steps per layer"
+    setting = {"lacoot": lambda: f"λ = {args.msw_weight}",
+               "tlc": lambda: f"{job.finetune_steps} fine-tuning steps per layer",
+               "prune": lambda: f"{job.method} scores, {job.granularity} units, healing: {job.heal or 'none'}"}[method]()
     print(f"\n{report.method} on {job.model} / {job.dataset} ({setting})\n")
     print(report.to_markdown())
     print(f"\nremoved {summary['removed']} {report.unit_name}: "
@@ -99,6 +105,12 @@ def job_command(method: str, argv: Sequence[str]) -> int:
           f"parameters {format_count(summary['params_before'])} -> {format_count(summary['params_after'])}, "
           f"FLOPs x{summary['flops_ratio']:.2f} fewer" +
           (f", latency {describe_speedup(summary)}" if summary["latency_speedup"] else ""))
+    extra = report.extra
+    if "perplexity_after_healing" in extra:
+        print(f"perplexity after healing ({extra['heal']}): {extra['perplexity_after_healing']:.4f}")
+    if "tokens_per_s_before" in extra:
+        print(f"generation: {extra['tokens_per_s_before']:.1f} -> {extra['tokens_per_s_after']:.1f} tokens/s "
+              f"(x{extra['generation_speedup']:.2f}, KV cache)")
     print(f"saved: {args.output_dir}/collapsed (model), {args.output_dir}/report (report.json, report.md, tradeoff.png)")
     return 0
 
@@ -106,6 +118,8 @@ def job_command(method: str, argv: Sequence[str]) -> int:
 COMMANDS = {
     "lacoot": "LaCoOT end to end: fine-tune with the MSW penalty, collapse blocks under a metric budget, save",
     "tlc": "TLC end to end: fine-tune, collapse activation layers and fuse the linear maps, save",
+    "prune": "depth compression of a causal LM: score, remove under a block count or perplexity budget, heal, "
+             "measure perplexity and tokens/s, save (and push)",
 }
 
 

@@ -1,0 +1,178 @@
+"""``hf-collapse prune``: depth compression of a causal LM in one command.
+
+Scores the units (blocks or sub-layers) on calibration text, removes them under a block count or a perplexity
+budget, heals the result if asked, and measures perplexity (before, after removal, after healing), parameters,
+FLOPs and generation speed (tokens/s with the KV cache); saves the model with its card, and the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import DATA_FILE_SUFFIXES, EMBEDDED_DATASETS, EMBEDDED_MODELS, check_source, embedded_model_path
+from .data import is_embedded, is_embedded_dataset, lm_windows, load_embedded_dataset
+from .jobs import _at_least, _seed_everything, phase
+from .report import CollapseReport
+
+__all__ = ["DEFAULT_PRUNE_TRAINING", "PruneJobArguments", "generation_speed", "run_prune_job"]
+
+logger = logging.getLogger(__name__)
+
+HEALING = ("distill", "lora", "linear")
+
+#: TrainingArguments of the command (they matter to healing by training, "distill" and "lora"); flags override them.
+DEFAULT_PRUNE_TRAINING: dict[str, Any] = dict(
+    output_dir="outputs/prune", max_steps=50, per_device_train_batch_size=4, learning_rate=1e-4, warmup_steps=0.1,
+    save_strategy="no", logging_steps=10, report_to="none", seed=0,
+)
+
+
+@dataclass
+class PruneJobArguments:
+    """The ``hf-collapse prune`` flags besides ``TrainingArguments`` (which configure healing by training)."""
+
+    model: str = field(default="smollm2", metadata={"help": "Embedded model name, local folder or Hub model id."})
+    dataset: str = field(default="bbc_news", metadata={
+        "help": f"Embedded dataset ({', '.join(EMBEDDED_DATASETS)}), a local text file/folder "
+                f"({', '.join(DATA_FILE_SUFFIXES)}) or a Hub dataset name."})
+    text_column: str = field(default="text", metadata={"help": "Text column."})
+    method: str = field(default="block_influence", metadata={
+        "help": "Scorer: block_influence, angular, loss (SLEB), msw, random."})
+    granularity: str = field(default="block", metadata={"help": "Units: block, attention or mlp."})
+    num_blocks: int | None = field(default=None, metadata={"help": "Remove this many units."})
+    max_metric_increase: float | None = field(default=None, metadata={"help": "Perplexity may rise by this much."})
+    max_metric_ratio: float | None = field(default=None, metadata={"help": "Perplexity may grow by this factor."})
+    heal: str | None = field(default=None, metadata={"help": f"Healing after removal: {', '.join(HEALING)}."})
+    window: int = field(default=128, metadata={"help": "Tokens per calibration / evaluation window."})
+    calibration_windows: int = field(default=32, metadata={"help": "Windows of training text for scoring/healing."})
+    eval_windows: int = field(default=32, metadata={"help": "Held-out windows for perplexity."})
+    batch_size: int = field(default=8, metadata={"help": "Windows per batch for scoring and perplexity."})
+    generate_tokens: int = field(default=32, metadata={"help": "Tokens generated to measure tokens/s (0: skip)."})
+    latency_repeats: int = field(default=3, metadata={"help": "Interleaved rounds of each speed measurement."})
+
+    def __post_init__(self):
+        check_source("model", self.model, list(EMBEDDED_MODELS), "a saved model folder")
+        check_source("dataset", self.dataset, list(EMBEDDED_DATASETS),
+                     f"a data file or folder ({', '.join(DATA_FILE_SUFFIXES)})")
+        from .scoring import DATA_FREE, SCORERS
+
+        methods = [*SCORERS, "loss", *DATA_FREE]
+        if self.method not in methods:
+            raise ValueError(f"--method {self.method!r}: expected one of {', '.join(methods)}")
+        if self.heal is not None and self.heal not in HEALING:
+            raise ValueError(f"--heal {self.heal!r}: expected one of {', '.join(HEALING)}")
+        if self.granularity not in ("block", "attention", "mlp"):
+            raise ValueError(f"--granularity {self.granularity!r}: expected block, attention or mlp")
+        if self.num_blocks is None and self.max_metric_increase is None and self.max_metric_ratio is None:
+            raise ValueError("no budget: pass --num_blocks, --max_metric_increase, --max_metric_ratio, or several")
+        _at_least("num_blocks", self.num_blocks, 1)
+        _at_least("max_metric_increase", self.max_metric_increase, 0)
+        _at_least("max_metric_ratio", self.max_metric_ratio, 1)
+        for name in ("window", "calibration_windows", "eval_windows", "batch_size"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("generate_tokens", self.generate_tokens, 0)
+        _at_least("latency_repeats", self.latency_repeats, 0)
+
+
+def _text_splits(job: PruneJobArguments) -> tuple[list[str], list[str]]:
+    """Training text (calibration, healing) and held-out text (perplexity)."""
+    import datasets
+
+    if is_embedded_dataset(job.dataset):
+        data = load_embedded_dataset(job.dataset)
+    else:
+        path = Path(job.dataset)
+        if path.exists():
+            files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in DATA_FILE_SUFFIXES)
+            kind = {".jsonl": "json", ".txt": "text"}.get(files[0].suffix, files[0].suffix.lstrip("."))
+            data = datasets.load_dataset(kind, data_files=[str(f) for f in files])
+        else:
+            data = datasets.load_dataset(job.dataset)
+    if job.text_column not in data["train"].column_names:
+        raise ValueError(f"dataset {job.dataset!r} has no column {job.text_column!r} (its columns: "
+                         f"{', '.join(data['train'].column_names)}); name it with --text_column")
+    held_out = next((data[s] for s in ("test", "validation") if s in data), None)
+    if held_out is None:
+        split = data["train"].train_test_split(test_size=0.1, seed=0)
+        data, held_out = {"train": split["train"]}, split["test"]
+    return list(data["train"][job.text_column]), list(held_out[job.text_column])
+
+
+def generation_speed(models: list[Any], prompt: dict[str, Any], new_tokens: int, rounds: int) -> list[float]:
+    """Tokens per second of greedy generation with the KV cache, each model timed in turn in ``rounds``
+    interleaved rounds (median per model)."""
+    import torch
+
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for model in models:  # warm-up
+            model.generate(**prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        for _ in range(max(rounds, 1)):
+            for index, model in enumerate(models):
+                start = time.perf_counter()
+                model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               use_cache=True)
+                times[index].append(time.perf_counter() - start)
+    return [new_tokens * prompt["input_ids"].shape[0] / statistics.median(t) for t in times]
+
+
+def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, dict[str, Any]]:
+    """Score, remove, heal and measure a causal LM, then save it with its card and report in ``args.output_dir``
+    (``collapsed/`` and ``report/``) and push it when ``args.push_to_hub`` is set. Returns
+    ``(model, report, summary)``."""
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import heal, hub
+    from .distributed import is_main_process
+    from .metrics import perplexity
+    from .removal import collapse
+    from .scoring import score_blocks
+
+    _seed_everything(args)
+    with phase(f"loading {job.model} and {job.dataset}"):
+        source = embedded_model_path(job.model) if is_embedded(job.model) else job.model
+        model = AutoModelForCausalLM.from_pretrained(source).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        train_text, held_out_text = _text_splits(job)
+        calibration = lm_windows(train_text, tokenizer, window=job.window, max_windows=job.calibration_windows)
+        held_out = lm_windows(held_out_text, tokenizer, window=job.window, max_windows=job.eval_windows)
+        evaluation = DataLoader(held_out, batch_size=job.batch_size)
+    with phase(f"scoring the {job.granularity} units ({job.method})"):
+        scores = score_blocks(model, DataLoader(calibration, batch_size=job.batch_size), method=job.method,
+                              granularity=job.granularity, progress=not args.disable_tqdm)
+    with phase("removing under the budget (perplexity of each state)"):
+        collapsed, report = collapse(
+            model, scores, num_blocks=job.num_blocks, max_metric_increase=job.max_metric_increase,
+            max_metric_ratio=job.max_metric_ratio, eval_fn=lambda m: perplexity(m, evaluation),
+            higher_is_better=False, metric_name="perplexity", granularity=job.granularity,
+            latency_repeats=job.latency_repeats, method=f"prune ({job.method})", progress=not args.disable_tqdm)
+    final = collapsed
+    extra: dict[str, Any] = {"model": job.model, "dataset": job.dataset, "window": job.window,
+                             "calibration_windows": len(calibration), "eval_windows": len(held_out),
+                             "perplexity_before": report.before.metric, "perplexity_after_removal": report.after.metric}
+    if job.heal is not None and report.after.removed:
+        with phase(f"healing ({job.heal})"):
+            final = heal(collapsed, model, calibration, method=job.heal, args=args)
+            extra.update(heal=job.heal, perplexity_after_healing=perplexity(final, evaluation))
+    if job.generate_tokens:
+        with phase(f"timing generation ({job.generate_tokens} tokens, KV cache)"):
+            prompt = {k: v[:1, : min(32, job.window)] for k, v in next(iter(evaluation)).items() if k != "labels"}
+            speed = generation_speed([model, final], prompt, job.generate_tokens, job.latency_repeats)
+            extra.update(tokens_per_s_before=round(speed[0], 2), tokens_per_s_after=round(speed[1], 2),
+                         generation_speedup=round(speed[1] / speed[0], 3))
+    report.extra.update(extra)
+    output = Path(args.output_dir)
+    if is_main_process():
+        with phase(f"saving to {output}"):
+            hub.save_with_card(final, output / "collapsed", report, processor=tokenizer)
+            report.save(output / "report")
+        if args.push_to_hub and args.hub_model_id:
+            with phase(f"pushing to {args.hub_model_id}"):
+                hub.push_to_hub(final, args.hub_model_id, report=report, processor=tokenizer, token=args.hub_token)
+    return final, report, report.summary()

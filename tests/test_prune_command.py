@@ -1,0 +1,75 @@
+"""``hf-collapse prune`` end to end on a tiny random-init Llama that carries SmolLM2's real tokenizer, on the embedded
+BBC News text: scoring, removal under a budget, healing, perplexity, tokens/s, the saved model and its card."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import hf_collapse
+from hf_collapse.cli import main
+from hf_collapse.data import embedded_model_path
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                                         tie_word_embeddings=True))
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+FAST = ["--window", "32", "--calibration_windows", "8", "--eval_windows", "8", "--batch_size", "4",
+        "--generate_tokens", "4", "--latency_repeats", "1", "--disable_tqdm", "true"]
+
+
+@pytest.mark.slow
+def test_prune_removes_heals_measures_and_saves(tiny_llm, tmp_path, capsys):
+    code = main(["prune", "--model", str(tiny_llm), "--num_blocks", "2", "--method", "loss", "--heal", "linear",
+                 "--output_dir", str(tmp_path), *FAST])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "removed 2 blocks: perplexity" in out and "perplexity after healing (linear)" in out and "tokens/s" in out
+    report = hf_collapse.CollapseReport.load(tmp_path / "report")
+    assert len(report.removed) == 2 and report.metric_name == "perplexity" and not report.higher_is_better
+    extra = report.extra
+    assert extra["perplexity_before"] == report.before.metric and extra["perplexity_after_removal"] == report.after.metric
+    assert extra["perplexity_after_healing"] > 1 and extra["tokens_per_s_after"] > 0 and extra["heal"] == "linear"
+    saved = tmp_path / "collapsed"
+    assert {"README.md", "tradeoff.png", "config.json", "model.safetensors"} <= {p.name for p in saved.iterdir()}
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)  # plain reload: 3 layers, the healed weights
+    assert reloaded.config.num_hidden_layers == 3
+    assert json.loads((saved / "config.json").read_text())["hf_collapse"]["plain_reload_exact"]
+
+
+@pytest.mark.slow
+def test_prune_under_a_perplexity_budget_with_sublayers(tiny_llm, tmp_path, capsys):
+    code = main(["prune", "--model", str(tiny_llm), "--granularity", "attention", "--max_metric_ratio", "1.5",
+                 "--output_dir", str(tmp_path), *FAST])
+    assert code == 0
+    report = hf_collapse.CollapseReport.load(tmp_path / "report")
+    assert report.budget["max_metric_ratio"] == 1.5
+    assert all(s.metric <= 1.5 * report.before.metric for s in report.kept_steps)
+    assert all(".self_attn" in r["name"] for r in report.removed)
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
+    assert hf_collapse.collapse_record(reloaded) is not None
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--num_blocks", "0"], "--num_blocks must be >= 1, got 0"),
+    (["--max_metric_ratio", "0.5"], "--max_metric_ratio must be >= 1, got 0.5"),
+    ([], "no budget: pass --num_blocks, --max_metric_increase, --max_metric_ratio"),
+    (["--num_blocks", "1", "--heal", "magic"], "--heal 'magic': expected one of distill, lora, linear"),
+    (["--num_blocks", "1", "--method", "magic"], "--method 'magic': expected one of"),
+])
+def test_prune_refuses_bad_arguments_before_any_work(argv, expected, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["prune", *argv]) == 2
+    assert expected in capsys.readouterr().err

@@ -150,6 +150,7 @@ def test_example_text_task_is_small_reproducible_and_leaves_the_random_state_alo
 _CONTINUES = "its examples continue a session: they use {} built before"
 DOCTEST_NOT_RUN = {
     "hf_collapse.architectures.base": _CONTINUES.format("a model, its adapter, blocks and activation sites"),
+    "hf_collapse.healing": _CONTINUES.format("a teacher model, its collapsed student and their training data"),
     "hf_collapse.hub": _CONTINUES.format("a collapsed model, its report and a Hub repository"),
     "hf_collapse.lacoot.trainer": _CONTINUES.format("a model and a LaCoOTTrainer"),
     "hf_collapse.loading": _CONTINUES.format("a collapsed model saved in a folder or on the Hub"),

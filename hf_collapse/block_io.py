@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .architectures.base import Block, first_tensor
+from .architectures.base import Block, first_tensor, is_causal_lm
 from .names import resolve_names
 from .surgery import block_aliases, find_blocks
 
@@ -159,14 +159,6 @@ class BlockIO:
         self.remove()
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from .architectures.base import unwrap_model
-
-    return type(unwrap_model(model)).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-
-
 def feature_mask(model: nn.Module, batch: dict) -> torch.Tensor | None:
     """Which token positions of ``batch`` count in block features: real tokens (``attention_mask``) whose prediction
     is trained. With token-level ``labels`` (``-100`` on a prompt in SFT data, on unmasked tokens in masked LM), a
@@ -189,6 +181,6 @@ def feature_mask(model: nn.Module, batch: dict) -> torch.Tensor | None:
     if labels is None or ids is None or labels.shape != ids.shape:
         return mask
     trained = labels != -100
-    if _is_causal_lm(model):  # the feature at t predicts the token at t + 1; the last position predicts nothing
+    if is_causal_lm(model):  # the feature at t predicts the token at t + 1; the last position predicts nothing
         trained = torch.cat([trained[:, 1:], torch.zeros_like(trained[:, :1])], dim=1)
     return trained if mask is None else mask & trained

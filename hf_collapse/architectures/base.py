@@ -32,6 +32,7 @@ __all__ = [
     "register_architecture",
     "supported_families",
     "unregister_architecture",
+    "is_causal_lm",
     "unwrap_model",
 ]
 
@@ -197,6 +198,22 @@ def config_set(model: nn.Module, **values: Any) -> None:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` (through any wrapper) is a transformers causal LM: its logits at position t predict the
+    token at t + 1.
+
+    Example::
+
+        >>> from hf_collapse.architectures.base import is_causal_lm
+        >>> is_causal_lm(llama_for_causal_lm), is_causal_lm(bert_for_sequence_classification)   # doctest: +SKIP
+        (True, False)
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(unwrap_model(model)).__name__
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith("ForCausalLM")
 
 
 def unwrap_model(model: nn.Module, keep_peft: bool = False) -> nn.Module:

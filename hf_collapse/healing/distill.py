@@ -9,18 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from ..architectures.base import unwrap_model
+from ..architectures.base import is_causal_lm, unwrap_model
 from ..metrics import device_of, to_device
 
 __all__ = ["DistillationTrainer", "distillation_loss", "is_causal_lm", "logit_mask"]
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a transformers causal LM (its logits at position t predict token t + 1)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    name = type(unwrap_model(model)).__name__
-    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith("ForCausalLM")
 
 
 def logit_mask(inputs: dict[str, Any], logits: torch.Tensor, causal: bool) -> torch.Tensor | None:

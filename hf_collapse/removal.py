@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
 from typing import Any, Callable, Mapping
 
 from torch import nn
@@ -259,9 +258,7 @@ def collapse(
         current = trial
         alive.remove(name)
 
-    paired = [s.reference_latency_s for s in report.steps if s.reference_latency_s is not None]
-    if paired:  # the original was timed again beside every kept state: report its median over all those rounds
-        report.steps[0].latency_s = statistics.median([report.steps[0].latency_s, *paired])
+    report.pool_reference_latency()
     if current is model:
         logger.warning("the budget allowed no removal: returning an unmodified copy of the model")
         current = copy.deepcopy(unwrap_model(model, keep_peft=True))  # a LoRA-wrapped model stays wrapped

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,13 @@ class CollapseReport:
             "latency_spread": after.latency_spread,
             "latency_significant": after.latency_significant,
         }
+
+    def pool_reference_latency(self) -> None:
+        """Make step 0's latency the median of all its timings: the original was timed again beside every kept
+        state (``reference_latency_s``), so its own latency is best estimated over all those rounds."""
+        paired = [s.reference_latency_s for s in self.steps if s.reference_latency_s is not None]
+        if paired and self.steps and self.steps[0].latency_s is not None:
+            self.steps[0].latency_s = statistics.median([self.steps[0].latency_s, *paired])
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

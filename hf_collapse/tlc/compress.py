@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import os
 import shutil
-from statistics import median
 from pathlib import Path
 from typing import Any, Callable
 
@@ -294,9 +293,6 @@ def compress(
         raise
     finally:
         bar.close()
-    paired = [s.reference_latency_s for s in report.steps if s.reference_latency_s is not None]
-    if paired and report.steps[0].latency_s is not None:
-        # The original was timed again beside every kept state: report its median over all those rounds.
-        report.steps[0].latency_s = median([report.steps[0].latency_s, *paired])
+    report.pool_reference_latency()
     save_progress("finished", weights=False)
     return current, report

@@ -30,7 +30,7 @@ from .tlc import TLCConfig, compress
 
 __all__ = [
     "DEFAULT_LACOOT_TRAINING", "DEFAULT_TLC_TRAINING", "DEFAULT_TRAINING", "JobArguments", "LaCoOTJobArguments", "TLCJobArguments", "accuracy",
-    "default_lacoot_arguments", "prepare_task", "run_lacoot_job", "run_tlc_job",
+    "default_lacoot_arguments", "load_data_source", "prepare_task", "run_lacoot_job", "run_tlc_job",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,20 +137,29 @@ def _check_columns(name: str, columns: list[str], wanted: list[str]) -> None:
                          "name the right ones with --text_column / --label_column")
 
 
-def _load_dataset(name: str, label_column: str, text_column: str):
+def load_data_source(name: str):
+    """The splits of a dataset given on the command line: an embedded name, a local data file or folder (json,
+    jsonl, csv, parquet; a single .txt file as lines of text), or a Hub dataset name."""
     import datasets
 
     if is_embedded_dataset(name):
         return load_embedded_dataset(name)
     path = Path(name)
-    if path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in DATA_FILE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"no {'/'.join(DATA_FILE_SUFFIXES)} files in {path}")
-        kind = {".jsonl": "json"}.get(files[0].suffix, files[0].suffix.lstrip("."))
-        loaded = datasets.load_dataset(kind, data_files=[str(f) for f in files])
-    else:
-        loaded = datasets.load_dataset(name)
+    if not path.exists():
+        return datasets.load_dataset(name)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in DATA_FILE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(DATA_FILE_SUFFIXES)} files in {path}")
+    kind = {".jsonl": "json", ".txt": "text"}.get(files[0].suffix, files[0].suffix.lstrip("."))
+    return datasets.load_dataset(kind, data_files=[str(f) for f in files])
+
+
+def _load_dataset(name: str, label_column: str, text_column: str):
+    import datasets
+
+    if is_embedded_dataset(name):
+        return load_embedded_dataset(name)
+    loaded = load_data_source(name)
     columns = loaded["train"].column_names
     _check_columns(name, columns, [label_column] + ([] if "pixel_values" in columns else [text_column]))
     if "test" not in loaded:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .data import DATA_FILE_SUFFIXES, EMBEDDED_DATASETS, EMBEDDED_MODELS, check_source, embedded_model_path
-from .data import is_embedded, is_embedded_dataset, lm_windows, load_embedded_dataset
-from .jobs import _at_least, _seed_everything, phase
+from .data import is_embedded, lm_windows
+from .jobs import _at_least, _seed_everything, load_data_source, phase
 from .report import CollapseReport
 
 __all__ = ["DEFAULT_PRUNE_TRAINING", "PruneJobArguments", "generation_speed", "run_prune_job"]
@@ -81,18 +81,7 @@ class PruneJobArguments:
 
 def _text_splits(job: PruneJobArguments) -> tuple[list[str], list[str]]:
     """Training text (calibration, healing) and held-out text (perplexity)."""
-    import datasets
-
-    if is_embedded_dataset(job.dataset):
-        data = load_embedded_dataset(job.dataset)
-    else:
-        path = Path(job.dataset)
-        if path.exists():
-            files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in DATA_FILE_SUFFIXES)
-            kind = {".jsonl": "json", ".txt": "text"}.get(files[0].suffix, files[0].suffix.lstrip("."))
-            data = datasets.load_dataset(kind, data_files=[str(f) for f in files])
-        else:
-            data = datasets.load_dataset(job.dataset)
+    data = load_data_source(job.dataset)
     if job.text_column not in data["train"].column_names:
         raise ValueError(f"dataset {job.dataset!r} has no column {job.text_column!r} (its columns: "
                          f"{', '.join(data['train'].column_names)}); name it with --text_column")

@@ -185,3 +185,18 @@ def test_two_runs_with_the_same_seed_give_the_same_report(tmp_path, capsys):
         data = hf_collapse.CollapseReport.load(tmp_path / run / "report").to_dict()
         reports.append({k: data[k] for k in ("scores", "removed")} | {"metrics": [s["metric"] for s in data["steps"]]})
     assert reports[0] == reports[1]
+
+
+def test_load_data_source_reads_local_files_and_refuses_an_empty_folder(tmp_path):
+    from hf_collapse.jobs import load_data_source
+
+    (tmp_path / "lines.txt").write_text("first line\nsecond line\n")
+    assert load_data_source(str(tmp_path / "lines.txt"))["train"]["text"] == ["first line", "second line"]
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    (folder / "a.csv").write_text("text,label\nhello,0\nworld,1\n")
+    assert load_data_source(str(folder))["train"].column_names == ["text", "label"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no .json/.jsonl/.csv/.parquet files in"):
+        load_data_source(str(empty))

@@ -10,7 +10,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -208,13 +208,15 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float]:
 
 
 def compare_latency(models: Sequence[nn.Module], inputs: Mapping[str, Any], warmup: int = 2,
-                    rounds: int = 7, min_seconds: float = 0.05) -> LatencyComparison:
+                    rounds: int = 7, min_seconds: float = 0.05,
+                    call: Callable[[nn.Module, dict[str, Any]], Any] | None = None) -> LatencyComparison:
     """Time ``models`` side by side on ``inputs``: interleaved rounds, each round timing every model once (in a
     rotating order), so that a load that comes and goes on a shared machine hits all of them alike. The first
     model is the reference of the ratios.
 
     Each timing runs as many forward passes as make the reference take ``min_seconds`` (at least one), in eval mode
-    and inference mode (each model's train/eval mode is restored after).
+    and inference mode (each model's train/eval mode is restored after). ``call(model, inputs)`` times something else
+    than a forward pass, e.g. ``lambda m, x: m.generate(**x, max_new_tokens=32)``.
 
     Example (not run by doctest: it needs a collapsed model, and timings vary)::
 
@@ -235,7 +237,10 @@ def compare_latency(models: Sequence[nn.Module], inputs: Mapping[str, Any], warm
         synchronize()
         start = time.perf_counter()
         for _ in range(number):
-            first_tensor(models[index](**prepared[index]))
+            if call is None:
+                first_tensor(models[index](**prepared[index]))
+            else:
+                call(models[index], prepared[index])
         synchronize()
         return (time.perf_counter() - start) / number
 

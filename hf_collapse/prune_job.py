@@ -8,8 +8,6 @@ FLOPs and generation speed (tokens/s with the KV cache); saves the model with it
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,21 +91,16 @@ def _text_splits(job: PruneJobArguments) -> tuple[list[str], list[str]]:
 
 
 def generation_speed(models: list[Any], prompt: dict[str, Any], new_tokens: int, rounds: int) -> list[float]:
-    """Tokens per second of greedy generation with the KV cache, each model timed in turn in ``rounds``
-    interleaved rounds (median per model)."""
-    import torch
+    """Tokens per second of greedy generation with the KV cache, the models timed side by side in ``rounds``
+    interleaved rounds (:func:`hf_collapse.metrics.compare_latency`; median per model)."""
+    from .metrics import compare_latency
 
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for model in models:  # warm-up
-            model.generate(**prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)
-        for _ in range(max(rounds, 1)):
-            for index, model in enumerate(models):
-                start = time.perf_counter()
-                model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               use_cache=True)
-                times[index].append(time.perf_counter() - start)
-    return [new_tokens * prompt["input_ids"].shape[0] / statistics.median(t) for t in times]
+    def generate(model: Any, inputs: dict[str, Any]) -> Any:
+        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              use_cache=True)
+
+    timing = compare_latency(models, prompt, warmup=1, rounds=max(rounds, 1), min_seconds=0, call=generate)
+    return [new_tokens * prompt["input_ids"].shape[0] / seconds for seconds in timing.seconds]
 
 
 def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, dict[str, Any]]:

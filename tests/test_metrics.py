@@ -193,3 +193,14 @@ def test_counting_flops_leaves_a_training_model_untouched():
     assert metrics.forward_flops(model, metrics.example_inputs(model, batch_size=1)) > 0
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compare_latency_times_any_call_side_by_side():
+    """``call`` times something else than a forward pass (generation, here), with the same interleaved rounds."""
+    inputs = {"x": torch.randn(8, 256)}
+    calls = []
+    timing = metrics.compare_latency([Repeated(8), Repeated(1)], inputs, rounds=3, warmup=1, min_seconds=0,
+                                     call=lambda model, x: calls.append(model.times) or model(**x))
+    assert calls.count(1) == 4  # one warm-up pass and three rounds
+    assert calls.count(8) == 5  # the reference also has the pass that sizes the batching
+    assert timing.speedups[1] > 1

@@ -154,12 +154,16 @@ def test_reported_latencies_match_the_models_timed_alone_in_a_fresh_process(tmp_
         "inputs = torch.load(sys.argv[1] + '/inputs.pt')\n"
         "print(json.dumps({n: measure_latency(M.from_pretrained(sys.argv[1] + '/' + n).eval(), inputs, warmup=3,"
         " repeats=15) for n in ('original', 'collapsed')}))\n")
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    alone = json.loads(result.stdout.strip().splitlines()[-1])
-    for reported, name in ((report.summary()["latency_s_before"], "original"), (report.after.latency_s, "collapsed")):
-        assert 1 / 1.5 <= reported / alone[name] <= 1.5, (name, reported, alone[name])
+    reported = {"original": report.summary()["latency_s_before"], "collapsed": report.after.latency_s}
+    for attempt in range(2):  # a second fresh process if another job on the machine disturbed the first
+        result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        alone = json.loads(result.stdout.strip().splitlines()[-1])
+        within = all(1 / 1.5 <= reported[name] / alone[name] <= 1.5 for name in reported)
+        if within:
+            break
+    assert within, (reported, alone)
 
 
 def test_the_plot_says_everything_it_draws():
@@ -197,7 +201,7 @@ def test_counting_flops_leaves_a_training_model_untouched():
 
 def test_compare_latency_times_any_call_side_by_side():
     """``call`` times something else than a forward pass (generation, here), with the same interleaved rounds."""
-    inputs = {"x": torch.randn(8, 256)}
+    inputs = {"x": torch.randn(64, 256)}
     calls = []
     timing = metrics.compare_latency([Repeated(8), Repeated(1)], inputs, rounds=3, warmup=1, min_seconds=0,
                                      call=lambda model, x: calls.append(model.times) or model(**x))

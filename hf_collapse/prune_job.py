@@ -14,7 +14,7 @@ from typing import Any
 
 from .data import DATA_FILE_SUFFIXES, EMBEDDED_DATASETS, EMBEDDED_MODELS, check_source, embedded_model_path
 from .data import is_embedded, lm_windows
-from .jobs import _at_least, _seed_everything, load_data_source, phase
+from .jobs import _at_least, _seed_everything, phase, text_splits
 from .report import CollapseReport
 
 __all__ = ["DEFAULT_PRUNE_TRAINING", "PruneJobArguments", "generation_speed", "run_prune_job"]
@@ -77,19 +77,6 @@ class PruneJobArguments:
         _at_least("latency_repeats", self.latency_repeats, 0)
 
 
-def _text_splits(job: PruneJobArguments) -> tuple[list[str], list[str]]:
-    """Training text (calibration, healing) and held-out text (perplexity)."""
-    data = load_data_source(job.dataset)
-    if job.text_column not in data["train"].column_names:
-        raise ValueError(f"dataset {job.dataset!r} has no column {job.text_column!r} (its columns: "
-                         f"{', '.join(data['train'].column_names)}); name it with --text_column")
-    held_out = next((data[s] for s in ("test", "validation") if s in data), None)
-    if held_out is None:
-        split = data["train"].train_test_split(test_size=0.1, seed=0)
-        data, held_out = {"train": split["train"]}, split["test"]
-    return list(data["train"][job.text_column]), list(held_out[job.text_column])
-
-
 def generation_speed(models: list[Any], prompt: dict[str, Any], new_tokens: int, rounds: int) -> list[float]:
     """Tokens per second of greedy generation with the KV cache, the models timed side by side in ``rounds``
     interleaved rounds (:func:`hf_collapse.metrics.compare_latency`; median per model)."""
@@ -121,7 +108,7 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
         source = embedded_model_path(job.model) if is_embedded(job.model) else job.model
         model = AutoModelForCausalLM.from_pretrained(source).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
-        train_text, held_out_text = _text_splits(job)
+        train_text, held_out_text = text_splits(job.dataset, job.text_column)
         calibration = lm_windows(train_text, tokenizer, window=job.window, max_windows=job.calibration_windows)
         held_out = lm_windows(held_out_text, tokenizer, window=job.window, max_windows=job.eval_windows)
         evaluation = DataLoader(held_out, batch_size=job.batch_size)

@@ -1,5 +1,6 @@
-"""``hf-collapse prune`` end to end on a tiny random-init Llama that carries SmolLM2's real tokenizer, on the embedded
-BBC News text: scoring, removal under a budget, healing, perplexity, tokens/s, the saved model and its card."""
+"""``hf-collapse prune`` (and ``hf-collapse lacoot`` on a causal LM) end to end on a tiny random-init Llama that
+carries SmolLM2's real tokenizer, on the embedded BBC News text: scoring, removal under a budget, healing,
+perplexity, tokens/s, the saved model and its card."""
 
 import json
 
@@ -73,3 +74,45 @@ def test_prune_refuses_bad_arguments_before_any_work(argv, expected, capsys, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["prune", *argv]) == 2
     assert expected in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- hf-collapse lacoot on a causal LM
+
+
+@pytest.mark.slow
+def test_lacoot_command_on_a_causal_lm_trains_on_text_windows_and_collapses_under_a_perplexity_budget(
+        tiny_llm, tmp_path, capsys):
+    code = main(["lacoot", "--model", str(tiny_llm), "--dataset", "bbc_news", "--max_length", "32",
+                 "--eval_windows", "8", "--max_steps", "3", "--per_device_train_batch_size", "4",
+                 "--per_device_eval_batch_size", "4", "--eval_strategy", "no", "--num_blocks", "2",
+                 "--max_metric_ratio", "100", "--latency_repeats", "1", "--output_dir", str(tmp_path),
+                 "--disable_tqdm", "true"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "LaCoOT on" in out and "perplexity" in out
+    report = hf_collapse.CollapseReport.load(tmp_path / "report")
+    assert report.metric_name == "perplexity" and not report.higher_is_better
+    assert report.budget["max_metric_ratio"] == 100 and len(report.removed) == 2
+    assert report.extra["msw_weight"] == 0.1 and report.extra["eval_examples"] == 8
+    collapsed = AutoModelForCausalLM.from_pretrained(tmp_path / "collapsed")  # plain reload
+    assert collapsed.config.num_hidden_layers == 3
+    assert AutoTokenizer.from_pretrained(tmp_path / "collapsed").eos_token_id is not None
+
+
+def test_causal_lm_task_is_recognised_from_the_config_and_budgets_follow_the_task(tiny_llm):
+    from hf_collapse.jobs import LaCoOTJobArguments, TLCJobArguments, resolve_task, run_tlc_job
+
+    job = LaCoOTJobArguments(model=str(tiny_llm))
+    assert resolve_task(job) == "causal_lm" and resolve_task(LaCoOTJobArguments()) == "classification"
+    assert job.metric_budget("causal_lm") == {"max_metric_increase": None, "max_metric_ratio": 1.25}
+    assert LaCoOTJobArguments(max_metric_drop=2.0).metric_budget("causal_lm") == {
+        "max_metric_increase": 2.0, "max_metric_ratio": None}
+    assert job.metric_budget("classification") == {"max_metric_drop": 0.05}
+    with pytest.raises(ValueError, match="--max_metric_ratio is a perplexity budget"):
+        LaCoOTJobArguments(max_metric_ratio=1.5).metric_budget("classification")
+    with pytest.raises(ValueError, match="--task 'lm': expected one of auto, classification, causal_lm"):
+        LaCoOTJobArguments(task="lm")
+    with pytest.raises(ValueError, match="hf-collapse tlc runs classification tasks"):
+        TLCJobArguments(task="causal_lm")
+    with pytest.raises(ValueError, match="is a causal LM: hf-collapse tlc runs classification tasks"):
+        run_tlc_job(TLCJobArguments(model=str(tiny_llm)), None)

@@ -48,6 +48,7 @@ _LAZY_NAMES = {
     "push_to_hub": "hub",
     "LaCoOTArguments": "lacoot",
     "LaCoOTTrainer": "lacoot",
+    "MSWPenalty": "lacoot",
     "AutoCollapsedModel": "loading",
     "CollapseReport": "report",
     "CollapseStep": "report",

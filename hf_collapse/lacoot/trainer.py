@@ -6,6 +6,14 @@ averages the gradients of the per-rank penalties exactly as it averages the task
 extra communication on the hot path) is needed. The random directions that start the ascent are seeded by
 ``(args.seed, block index)``, identical on every rank.
 
+The penalty itself (block selection, hooks, warm-start directions, generators, their checkpoint state) is
+:class:`~hf_collapse.lacoot.penalty.MSWPenalty`, the same object a custom training loop uses: this module only adds
+the Trainer's scaling, logging, checkpoint files, scoring and collapse.
+
+Under FSDP (accelerate's ``fsdp_version: 2``) the hooks stay valid: they are registered on the unwrapped model's
+modules, which ``fully_shard`` keeps as the same objects, and the penalty reads only block activations, never
+parameters, so it works on sharded parameters as is.
+
 λ means one thing: the penalty is scaled exactly as the Trainer scales the task loss, so its weight relative to
 the task loss does not depend on gradient accumulation or on the number of processes, whether the model's loss
 is a local mean (sequence classifiers) or normalised by the Trainer's ``num_items_in_batch`` (causal LMs).
@@ -25,13 +33,13 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .. import compat
-from ..block_io import BlockIO, feature_mask, select_blocks
+from ..block_io import BlockIO
 from ..removal import collapse as collapse_model
 from ..removal import evaluate_model, metric_key
-from ..ot import max_sliced_wasserstein
 from ..report import CollapseReport
 from ..scoring import score_blocks
 from .arguments import LaCoOTArguments
+from .penalty import MSWPenalty
 
 __all__ = ["LaCoOTTrainer"]
 
@@ -79,13 +87,12 @@ class LaCoOTTrainer(Trainer):
                 f"LaCoOTTrainer needs LaCoOTArguments (TrainingArguments plus the msw_* settings), "
                 f"got {type(self.args).__name__}"
             )
-        # Hooks go on the unwrapped model: DDP / accelerate wrappers share its modules.
-        self.msw_blocks = select_blocks(self.model, self.args.msw_block_names)
-        self._block_io = BlockIO(self.model, self.msw_blocks)
-        self._directions: dict[str, torch.Tensor] = {}
-        self._generators = {
-            block.name: torch.Generator().manual_seed(self.args.seed + i) for i, block in enumerate(self.msw_blocks)
-        }
+        # Hooks go on the unwrapped model: DDP / accelerate wrappers and FSDP2 share its modules.
+        self.penalty = MSWPenalty(
+            self.model, self.args.msw_block_names, slicing=self.args.msw_slicing,
+            n_projections=self.args.msw_projections, ascent_steps=self.args.msw_ascent_steps,
+            reduction=self.args.msw_reduction, seed=self.args.seed,
+        )
         self._msw_sums: dict[str, float] = defaultdict(float)  # per block, since the last log
         self._msw_total = 0.0
         self._msw_steps = 0
@@ -93,6 +100,19 @@ class LaCoOTTrainer(Trainer):
         self.collapse_report: CollapseReport | None = None  # set by collapse(), used by the model card
         self.collapsed_model: nn.Module | None = None  # set by collapse(): what save_model / push_to_hub publish
         self.add_callback(_PenaltyCheckpointCallback(self))
+
+    @property
+    def msw_blocks(self):
+        """The penalized blocks (``self.penalty.blocks``)."""
+        return self.penalty.blocks
+
+    @property
+    def _block_io(self) -> BlockIO:
+        return self.penalty.block_io
+
+    @property
+    def _directions(self) -> dict[str, torch.Tensor]:
+        return self.penalty.directions
 
     # -- training --------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
@@ -111,9 +131,7 @@ class LaCoOTTrainer(Trainer):
 
     def _save_penalty_state(self, folder: Path) -> None:
         # Each rank warm-starts from directions fitted to its own batches: one file per rank.
-        state = {"directions": {name: d.detach().cpu() for name, d in self._directions.items()},
-                 "generators": {name: g.get_state() for name, g in self._generators.items()}}
-        torch.save(state, self._penalty_state_file(folder))
+        torch.save(self.penalty.state_dict(), self._penalty_state_file(folder))
 
     def _load_penalty_state(self, folder: Path) -> None:
         file = self._penalty_state_file(folder)
@@ -122,56 +140,19 @@ class LaCoOTTrainer(Trainer):
                            "exactly where an uninterrupted one would)", folder, file.name)
             return
         state = torch.load(file, map_location="cpu", weights_only=True)
-        unknown = set(state["generators"]) - set(self._generators)
-        if unknown:
-            raise ValueError(f"the penalty state in {file} is for other blocks ({sorted(unknown)}); this trainer "
-                             f"penalizes {sorted(self._generators)}")
-        self._directions = dict(state["directions"])
-        for name, generator_state in state["generators"].items():
-            self._generators[name].set_state(generator_state)
+        try:
+            self.penalty.load_state_dict(state)
+        except ValueError as error:
+            raise ValueError(f"{file}: {error}") from None
 
     def _penalty_active(self, model: nn.Module) -> bool:
         return self.args.msw_weight > 0 and model.training
 
-    def _warm_start(self, name: str, shape: torch.Size) -> torch.Tensor | None:
-        """The previous step's direction for this block, fitted to this batch's feature shape.
-
-        With dynamic padding the number of tokens changes between batches: the direction is cut or
-        zero-padded along the token axis and renormalized. Any other change of shape starts cold.
-        """
-        previous = self._directions.get(name)
-        if previous is None:
-            return None
-        if previous.shape != shape:
-            if previous.dim() != 2 or len(shape) != 2 or previous.shape[1] != shape[1]:
-                return None
-            fitted = previous.new_zeros(shape)
-            tokens = min(previous.shape[0], shape[0])
-            fitted[:tokens] = previous[:tokens]
-            if fitted.norm() < 1e-6:
-                return None
-            previous = fitted / fitted.norm()
-        return previous.flatten()
-
     def msw_penalty(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """The reduced MSW over the blocks recorded by the last forward pass, and each block's value."""
-        values = []
-        per_block = {}
-        for block in self.msw_blocks:
-            raw, raw_output = self._block_io.raw(block.name)
-            x, y = raw.flatten(1), raw_output.flatten(1)
-            warm = self._warm_start(block.name, raw.shape[1:])
-            distance, direction = max_sliced_wasserstein(
-                x, y, slicing=self.args.msw_slicing, n_projections=self.args.msw_projections,
-                ascent_steps=self.args.msw_ascent_steps, init_direction=None if warm is None else warm.to(x.device),
-                generator=self._generators[block.name], return_direction=True,
-            )
-            if self.args.msw_slicing == "ascent":
-                self._directions[block.name] = direction.reshape(raw.shape[1:])
-            values.append(distance)
-            per_block[block.name] = float(distance.detach())
-        stacked = torch.stack(values)
-        return (stacked.mean() if self.args.msw_reduction == "mean" else stacked.sum()), per_block
+        """The reduced MSW over the blocks recorded by the last forward pass, and each block's value
+        (:class:`MSWPenalty`'s call and :meth:`MSWPenalty.last_values`)."""
+        penalty = self.penalty()
+        return penalty, self.penalty.last_values()
 
     def _model_loss_uses_num_items(self, model: nn.Module, inputs: dict[str, Any]) -> bool:
         """Whether the model's own loss is normalised by ``num_items_in_batch`` (a causal LM's is) or ignores it
@@ -216,7 +197,7 @@ class LaCoOTTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         scale = self._penalty_scale(model, inputs, num_items_in_batch)
-        with self._block_io.capturing(attention_mask=feature_mask(model, inputs)):
+        with self.penalty.capture(inputs=inputs):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
         penalty, per_block = self.msw_penalty()

@@ -1,14 +1,32 @@
 """Agreement across DDP ranks: quantities that decide a model's structure are reduced over every rank, so that
-each rank removes the same blocks and collapses the same layers even though it saw only its own data shard."""
+each rank removes the same blocks and collapses the same layers even though it saw only its own data shard.
+
+Collapse after FSDP2: a model sharded with ``torch.distributed.fsdp.fully_shard`` holds only a shard of each
+parameter on each rank, while surgery and ``save_pretrained`` need the whole model. :func:`unsharded_copy` gathers
+it (a collective call: every rank calls it) into a plain model on the main process::
+
+    penalty = MSWPenalty(model)                   # before sharding: the hooks stay on the same modules
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    ...                                           # train with task loss + λ·penalty()
+    scores = hf_collapse.score_blocks(model, eval_loader, method="msw")   # every rank, its own shard: pooled
+    full = unsharded_copy(model)                  # every rank calls it; a plain model on rank 0, None elsewhere
+    if full is not None:
+        collapsed, report = hf_collapse.collapse(full, scores, num_blocks=2)
+        collapsed.save_pretrained("collapsed")     # reloads with plain from_pretrained
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["is_distributed", "is_main_process", "sum_across_ranks"]
+__all__ = ["full_state_dict", "is_distributed", "is_main_process", "sum_across_ranks", "unsharded_copy"]
 
 
 def is_distributed() -> bool:
@@ -60,3 +78,84 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     reduced = tensor.detach().to(device=device, dtype=torch.float64).clone()
     dist.all_reduce(reduced)
     return reduced.to(device=tensor.device, dtype=tensor.dtype)
+
+
+def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) state dict of a model sharded with FSDP2 (``fully_shard``), or of any other model.
+
+    A collective call under FSDP: every rank must call it. With ``cpu_offload=True`` (the default: the full model
+    never has to fit on an accelerator) the tensors land on the CPU of the main process only, and the other ranks get
+    an empty dict; with ``cpu_offload=False`` every rank gets every tensor on its device. This is
+    ``torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=
+    True, cpu_offload=cpu_offload))``; for a model that is not sharded it is a detached copy of ``model.state_dict()``.
+
+    Example::
+
+        >>> import torch
+        >>> from hf_collapse.distributed import full_state_dict
+        >>> sorted(full_state_dict(torch.nn.Linear(2, 3)))      # one process: the model's own state dict
+        ['bias', 'weight']
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return {name: tensor.detach().cpu().clone() if cpu_offload else tensor.detach().clone()
+                for name, tensor in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
+
+
+def _unsharded_class(model: nn.Module) -> type:
+    """The model's own class: ``fully_shard`` swaps a module's class for a subclass of ``(FSDPModule, cls)``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2: nothing can have been swapped
+        return type(model)
+    for cls in type(model).__mro__:
+        if not issubclass(cls, FSDPModule):
+            return cls
+    return type(model)  # pragma: no cover - FSDPModule itself is always in the MRO above `object`
+
+
+def unsharded_copy(model: nn.Module, factory: Callable[[], nn.Module] | None = None) -> nn.Module | None:
+    """A plain, unsharded copy of ``model`` on the main process (``None`` on the other ranks), ready for
+    ``hf_collapse.collapse`` / ``remove_blocks`` and ``save_pretrained``.
+
+    A collective call under FSDP: every rank must call it (see :func:`full_state_dict`). The copy is built on the CPU
+    by ``factory()`` when given, else from the model's config (``cls(config)`` for a transformers model,
+    ``cls.from_config(config)`` for a diffusers one, where ``cls`` is the class the model had before ``fully_shard``),
+    then loads the gathered state dict strictly (every tensor must match). ``model`` is untouched; the copy is in
+    ``model``'s train/eval mode.
+
+    Raises:
+        ValueError: when no ``factory`` is given and the model has no config to rebuild it from.
+
+    Example::
+
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from hf_collapse.distributed import unsharded_copy
+        >>> model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+        ...     num_attention_heads=2, intermediate_size=24))
+        >>> copy = unsharded_copy(model)              # under FSDP2: call it on every rank; None off the main process
+        >>> copy is not model and torch.equal(copy.classifier.weight, model.classifier.weight)
+        True
+    """
+    state = full_state_dict(model, cpu_offload=True)
+    if not is_main_process():
+        return None
+    if factory is not None:
+        copy = factory()
+    else:
+        cls, config = _unsharded_class(model), getattr(model, "config", None)
+        if config is None:
+            raise ValueError(f"{type(model).__name__} has no config to rebuild an unsharded copy from: pass "
+                             "factory=lambda: <a new, unsharded instance of the model>")
+        if hasattr(cls, "config_class"):  # transformers: cls(config)
+            copy = cls(config)
+        elif hasattr(cls, "from_config"):  # diffusers
+            copy = cls.from_config(config)
+        else:
+            raise ValueError(f"cannot rebuild {cls.__name__} from its config: pass factory=lambda: <a new, unsharded "
+                             "instance of the model>")
+    copy.load_state_dict(state, strict=True)
+    return copy.train(model.training)

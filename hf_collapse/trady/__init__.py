@@ -43,6 +43,8 @@ __all__ = [
     "LayerCost",
     "MemoryReport",
     "SELECTIONS",
+    "ShardedTrainingError",
+    "StepMemory",
     "TraDyCallback",
     "TraDyConfig",
     "TraDyLayer",
@@ -52,6 +54,7 @@ __all__ = [
     "memory_report",
     "peak_memory_bytes",
     "register_trady_with_peft",
+    "step_memory",
 ]
 
 PEFT_TYPE_NAME = "TRADY"
@@ -81,8 +84,9 @@ def register_trady_with_peft() -> None:
 from .callback import TraDyCallback  # noqa: E402
 from .config import SELECTIONS, TraDyConfig  # noqa: E402
 from .layer import ChannelSliceFunction, TraDyLayer  # noqa: E402
-from .memory import MemoryReport, memory_report, peak_memory_bytes  # noqa: E402
+from .memory import MemoryReport, StepMemory, memory_report, peak_memory_bytes, step_memory  # noqa: E402
 from .model import TraDyModel, calibrate, find_trady_model  # noqa: E402
 from .selection import LayerCost  # noqa: E402
+from .sharding import ShardedTrainingError  # noqa: E402
 
 register_trady_with_peft()

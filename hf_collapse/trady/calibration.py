@@ -19,6 +19,7 @@ from ..metrics import to_device
 from .config import TraDyConfig
 from .layer import TraDyLayer
 from .selection import candidate_layers, select_layers_by_rgn
+from .sharding import check_not_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class CalibrationMixin:
         the config. See :func:`calibrate`.
         """
         adapter_name = adapter_name or self._adapter()
+        check_not_sharded(self.model, action="calibrate")
         config: TraDyConfig = self.peft_config[adapter_name]
         layers = self.trady_layers(adapter_name)
         if config.selected_layers is not None:
@@ -203,6 +205,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], loss_fn: Optional[Callab
 
     Raises:
         ValueError: no loss, no batch, a budget too small for one channel, unknown ``selected_layers``.
+        hf_collapse.trady.sharding.ShardedTrainingError: under FSDP / DeepSpeed ZeRO / DTensor parameters (TraDy
+            supports one device and DDP).
 
     Example::
 

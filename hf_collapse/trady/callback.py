@@ -21,6 +21,7 @@ from transformers.trainer_callback import ExportableState
 from .. import compat
 from .model import TraDyModel, find_trady_model
 from .sampling import _optimizer_holds
+from .sharding import check_not_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ MULTI_PROCESS_MESSAGE = (
 class TraDyCallback(TrainerCallback, ExportableState):
     """Drives a TraDy adapter under a plain ``transformers.Trainer``, one process or DDP (``torchrun``).
 
-    * **Training begins**: an adapter that is not calibrated yet is calibrated on the first
+    * **Training begins**: under FSDP or DeepSpeed (the accelerator's mode, FSDP-wrapped modules, DTensor or ZeRO-3
+      parameters) training is refused (:mod:`~hf_collapse.trady.sharding`); an adapter that is not calibrated yet is calibrated on the first
       ``config.calibration_batches`` batches of the training data, in order (one process only: under DDP call
       :func:`~hf_collapse.trady.calibrate` before building the Trainer). Its trainable parameter was created empty
       at ``get_peft_model`` and the Trainer's optimizer already holds it: calibration gives it its size in place,
@@ -81,6 +83,7 @@ class TraDyCallback(TrainerCallback, ExportableState):
                        model: Any = None, optimizer: Any = None, train_dataloader: Any = None,
                        **kwargs: Any) -> None:
         tuner = find_trady_model(model)
+        check_not_sharded(tuner.model, trainer=kwargs.get("trainer"), action="train")
         self._tuner = tuner
         tuner.__dict__["_callback_attached"] = True
         saved = compat.saved_callback_state(state, type(self).__name__) if state.global_step > 0 else None
@@ -153,6 +156,7 @@ def attach_to_trainer(trainer: Any) -> TraDyCallback:
         trainer.add_callback(callback)
         logger.info("TraDy: attached a TraDyCallback to the Trainer (calibration, re-sampling, checkpointed state)")
     kwargs = compat.trainer_callback_kwargs(trainer)
+    check_not_sharded(find_trady_model(trainer.model).model, trainer=trainer, action="train")
     callback.on_train_begin(trainer.args, trainer.state, trainer.control, **kwargs)  # reads a resumed run's state
     compat.track_callback_state(trainer.state, callback)
     callback.on_epoch_begin(trainer.args, trainer.state, trainer.control, **kwargs)

@@ -19,7 +19,7 @@ __all__ = ["SELECTIONS", "TraDyConfig"]
 #: The channel-selection strategies: TraDy itself and the paper's baselines.
 SELECTIONS = ("trady", "static_topk_random", "full_random", "det_rgn")
 
-#: The budget used when neither ``memory_budget`` nor ``budget_ratio`` is given.
+#: The budget used when none of ``memory_budget``, ``budget_bytes`` and ``budget_ratio`` is given.
 DEFAULT_BUDGET_RATIO = 0.05
 
 
@@ -54,8 +54,14 @@ class TraDyConfig(PeftConfig):
             and the ``modules_to_save`` (the task head).
         exclude_modules: names or a regex of modules never to target.
         memory_budget: the budget in elements (weight-gradient plus activation elements per sample).
+        budget_bytes: the same budget in bytes: ``memory_budget`` times the element size of the target layers'
+            weights (4 in float32, 2 in bfloat16), i.e. the bytes of the selected channels' weight gradients plus
+            their saved input activations *per sample*. It bounds what TraDy adds to a training step, not the whole
+            step (parameters, optimizer state and the activations other layers keep to propagate gradients are
+            outside it): measure the whole step with :func:`~hf_collapse.trady.step_memory`.
         budget_ratio: the budget as a fraction of the cost of updating every channel of every target layer
-            (default 0.05 when ``memory_budget`` is not given).
+            (default 0.05 when neither ``memory_budget`` nor ``budget_bytes`` is given). Give at most one of
+            ``memory_budget``, ``budget_bytes`` and ``budget_ratio``.
         selection: one of ``"trady"``, ``"static_topk_random"``, ``"full_random"``, ``"det_rgn"``.
         coverage: fraction of the cumulative RGN that the kept layers must cover (0.97 in the paper).
         max_depth: only the last ``max_depth`` target layers (in forward order) may be selected. Backpropagation
@@ -91,6 +97,11 @@ class TraDyConfig(PeftConfig):
     )
     memory_budget: Optional[int] = field(
         default=None, metadata={"help": "Budget in elements: weight-gradient plus activation elements per sample."}
+    )
+    budget_bytes: Optional[int] = field(
+        default=None,
+        metadata={"help": "Budget in bytes: weight-gradient plus activation bytes per sample (memory_budget times the "
+                          "target weights' element size)."},
     )
     budget_ratio: Optional[float] = field(
         default=None,
@@ -137,8 +148,12 @@ class TraDyConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; accepted: {', '.join(SELECTIONS)}")
-        if self.memory_budget is not None and self.budget_ratio is not None:
-            raise ValueError("give memory_budget (elements) or budget_ratio (fraction), not both")
+        given = [name for name in ("memory_budget", "budget_bytes", "budget_ratio") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one budget: memory_budget (elements), budget_bytes (bytes) or budget_ratio "
+                             f"(fraction), not {' and '.join(given)}")
+        if self.budget_bytes is not None and (isinstance(self.budget_bytes, bool) or int(self.budget_bytes) <= 0):
+            raise ValueError(f"budget_bytes must be a positive number of bytes, got {self.budget_bytes!r}")
         if self.memory_budget is not None and (isinstance(self.memory_budget, bool) or int(self.memory_budget) <= 0):
             raise ValueError(f"memory_budget must be a positive number of elements, got {self.memory_budget!r}")
         if self.budget_ratio is not None and not 0.0 < float(self.budget_ratio) <= 1.0:
@@ -156,9 +171,11 @@ class TraDyConfig(PeftConfig):
 
     @property
     def budget_description(self) -> str:
-        """The budget as written by the user, e.g. ``"5% of all channels"`` or ``"120000 elements"``."""
+        """The budget as written by the user, e.g. ``"5% of all channels"`` or ``"120000 elements"`` or ``"480000 bytes"``."""
         if self.memory_budget is not None:
             return f"{int(self.memory_budget)} elements"
+        if self.budget_bytes is not None:
+            return f"{int(self.budget_bytes)} bytes"
         ratio = DEFAULT_BUDGET_RATIO if self.budget_ratio is None else float(self.budget_ratio)
         return f"{ratio:.4g} of the cost of every channel"
 

@@ -14,10 +14,17 @@ It also reports the weight-gradient elements, the FLOPs of the forward and backw
 ``torch.utils.flop_counter``), the analytic weight-derivative FLOPs, and, for a TraDy model, the paper's activation
 sparsity, weight-derivative sparsity and weight-derivative FLOPs reduction (relative to updating every channel of
 every target layer).
+
+:func:`step_memory` measures the *peak* memory of one whole training step (forward, backward and optimizer step)
+and splits it into parameters, gradients, optimizer state and activations (everything else live at the peak). On
+CUDA it reads the caching allocator's counters (``torch.cuda.max_memory_allocated``); on CPU it replays the
+allocation and free events the PyTorch profiler records (``profile_memory=True``), whose running sum peaks where
+the step does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -30,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .layer import TraDyLayer, channel_ops_for
 
-__all__ = ["MemoryReport", "memory_report", "peak_memory_bytes"]
+__all__ = ["MemoryReport", "PHASES", "StepMemory", "memory_report", "peak_memory_bytes", "step_memory"]
 
 
 @dataclass
@@ -341,3 +348,301 @@ def peak_memory_bytes(step: Callable[[], Any], device: Optional[torch.device | s
         current += event.nbytes()
         peak = max(peak, current)
     return int(peak)
+
+
+# ----------------------------------------------------------------------------------------------- peak of one step
+
+#: The phases of a training step, in order.
+PHASES = ("forward", "backward", "optimizer")
+
+
+@dataclass
+class StepMemory:
+    """The peak memory of one training step (forward + backward + optimizer step), measured, with its breakdown.
+
+    All sizes are bytes. ``peak_bytes`` is what the step holds at its highest point: the parameters and the optimizer
+    state (resident before the step), plus the most the step itself allocated at once. The parts:
+
+    * ``parameter_bytes``: parameters and buffers (each storage once);
+    * ``gradient_bytes``: the gradients the backward pass leaves (every trainable parameter's ``.grad``);
+    * ``optimizer_state_bytes``: the optimizer's state after the step (Adam's two moments, momentum...);
+    * ``activation_bytes``: the rest of the peak: activations saved for backward and temporaries. When the peak
+      comes in the forward pass no gradient exists yet, so none is subtracted; when it comes later every gradient
+      is counted as present (an upper bound on their share mid-backward).
+
+    ``saved_for_backward_bytes`` is measured on its own (what autograd keeps for backward, each storage once,
+    parameters excluded: :func:`memory_report`'s ``saved_bytes_total``), and ``phase_peak_bytes`` gives each phase's
+    own peak on the same scale as ``peak_bytes``.
+
+    Example::
+
+        >>> full = step_memory(model, batch)                                          # doctest: +SKIP
+        >>> sparse = step_memory(trady_model, batch)                                  # doctest: +SKIP
+        >>> print(sparse.to_markdown(reference=full))                                 # doctest: +SKIP
+    """
+
+    method: str
+    device: str
+    batch_size: int
+    optimizer: str
+    peak_bytes: int
+    parameter_bytes: int
+    trainable_parameter_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    activation_bytes: int
+    saved_for_backward_bytes: int
+    peak_phase: str
+    phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+    measured_with: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self, reference: Optional["StepMemory"] = None, references: Optional[Mapping[str, "StepMemory"]] = None
+                    ) -> str:
+        """A table in MiB: this step, and other steps beside it (``references``, e.g. ``{"full": full_report}``;
+        ``reference`` alone adds its ratio column)."""
+        columns = {self.method: self}
+        if references:
+            columns.update(references)
+        elif reference is not None:
+            columns[reference.method if reference.method != self.method else "reference"] = reference
+        rows = [("peak of a training step", "peak_bytes"), ("  parameters", "parameter_bytes"),
+                ("  gradients", "gradient_bytes"), ("  optimizer state", "optimizer_state_bytes"),
+                ("  activations and temporaries", "activation_bytes"),
+                ("saved for backward", "saved_for_backward_bytes")]
+        ratio = reference is not None and not references
+        head = "| MiB | " + " | ".join(columns) + " |" + (" ratio |" if ratio else "")
+        lines = [head, "|---|" + "---:|" * len(columns) + ("---:|" if ratio else "")]
+        for label, key in rows:
+            values = [getattr(c, key) for c in columns.values()]
+            line = f"| {label} | " + " | ".join(f"{v / 2**20:,.2f}" for v in values) + " |"
+            if ratio:
+                base = getattr(reference, key)
+                line += f" {getattr(self, key) / base:.3f} |" if base else " - |"
+            lines.append(line)
+        lines.append("| peak phase | " + " | ".join(c.peak_phase for c in columns.values()) + " |" +
+                     (" |" if ratio else ""))
+        return "\n".join(lines)
+
+
+def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        info = _storage(tensor)
+        if info is not None:
+            seen[info[0]] = max(seen.get(info[0], 0), info[1])
+    return sum(seen.values())
+
+
+def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
+    tensors = []
+    for state in getattr(optimizer, "state", {}).values():
+        if isinstance(state, Mapping):
+            tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+    return tensors
+
+
+@contextlib.contextmanager
+def _trady_counters_frozen(model: nn.Module):
+    """Measuring steps must not move a TraDy run along: its optimizer-step counter (and the re-sampling it may
+    trigger) is put back as it was."""
+    from .model import TraDyModel
+
+    tuners = [m for m in model.modules() if isinstance(m, TraDyModel)]
+    saved = []
+    for tuner in tuners:
+        for name, state in tuner._states.items():
+            config = tuner.peft_config[name]
+            saved.append((state, state.steps, state.last_version, state.warned_no_callback, config,
+                          config.resample_every_steps))
+            state.warned_no_callback = True  # no "not under a Trainer" warning for a measurement
+            config.resample_every_steps = None
+    try:
+        yield
+    finally:
+        for state, steps, version, warned, config, every in saved:
+            state.steps, state.last_version, state.warned_no_callback = steps, version, warned
+            config.resample_every_steps = every
+
+
+class _PhaseClock:
+    """Per-phase peaks of what the step allocated above its start: CUDA counters, or CPU profiler events."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peaks: dict[str, int] = {}
+        self._profile = None
+
+    @contextlib.contextmanager
+    def running(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            yield
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            yield
+        self._profile = prof
+        self._cpu_peaks()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            self.peaks[name] = int(torch.cuda.max_memory_allocated(self.device) - self._start)
+            return
+        with torch.profiler.record_function(f"hf_collapse::{name}"):
+            yield
+
+    def _cpu_peaks(self) -> None:
+        events = list(self._profile.profiler.kineto_results.events())
+        spans = {}
+        for event in events:
+            name = event.name()
+            if name.startswith("hf_collapse::"):
+                spans[name.split("::", 1)[1]] = (event.start_ns(), event.start_ns() + event.duration_ns())
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events
+                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        current = 0
+        for phase in PHASES:
+            if phase in spans:
+                self.peaks[phase] = 0
+        for time_ns, nbytes in memory:
+            current += nbytes
+            for phase, (start, end) in spans.items():
+                if start <= time_ns <= end:
+                    self.peaks[phase] = max(self.peaks[phase], current)
+
+
+def step_memory(model: nn.Module, batch: Mapping[str, Any], *,
+                optimizer_factory: Optional[Callable[[list[torch.nn.Parameter]], Any]] = None,
+                loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None, method: Optional[str] = None,
+                warmup_steps: int = 1, train_mode: bool = True) -> StepMemory:
+    """Measure the peak memory of one training step of ``model`` on ``batch``: forward, backward, optimizer step.
+
+    The step is a steady-state one, as in the middle of a training run: ``warmup_steps`` steps first create the
+    optimizer state, then the measured step starts with no gradients (``zero_grad(set_to_none=True)``, as the
+    Trainer does) and the optimizer state in place. The optimizer is a fresh one over the trainable parameters
+    (``optimizer_factory(params)``; default AdamW with learning rate 0, which allocates what any AdamW step does and
+    leaves the weights as they are). The model's gradients and a TraDy run's step counter are put back afterwards;
+    a factory with a non-zero learning rate changes the weights. A model with nothing to train is measured on its
+    forward pass alone (under ``torch.no_grad``: a frozen model's inference).
+
+    Measured on the device of the model's parameters: on CUDA with ``torch.cuda.max_memory_allocated`` (per phase,
+    after ``reset_peak_memory_stats``); on CPU from the allocation events of the PyTorch profiler, whose running sum
+    gives the peak. Either way the peak is the step's own allocations above its start, plus the parameters and the
+    optimizer state resident at its start.
+
+    Args:
+        model: any ``nn.Module`` called as ``model(**batch)`` (a ``PeftModel``, a transformers model...).
+        batch: the inputs, on the model's device, with labels unless ``loss_fn`` is given.
+        optimizer_factory: builds the optimizer from the trainable parameters.
+        loss_fn: ``loss_fn(outputs, batch) -> loss`` when the outputs carry no ``loss``.
+        method: a label (default: ``"trady"``, ``"peft"``, ``"full"`` or ``"frozen"``).
+        warmup_steps: steps before the measured one (0: the measured step creates the optimizer state).
+        train_mode: measure in training mode (dropout on).
+
+    Returns:
+        A :class:`StepMemory`.
+
+    Example::
+
+        >>> report = step_memory(trady_model, batch)                                  # doctest: +SKIP
+        >>> report.peak_bytes, report.optimizer_state_bytes                           # doctest: +SKIP
+    """
+    model = _unwrap(model)
+    parameters = list(model.parameters())
+    trainable = [p for p in parameters if p.requires_grad]
+    device = parameters[0].device if parameters else torch.device("cpu")
+    if method is None:
+        if not trainable:
+            method = "frozen"
+        elif any(isinstance(m, TraDyLayer) for m in model.modules()):
+            method = "trady"
+        elif any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            method = "peft"
+        else:
+            method = "full"
+    if optimizer_factory is None:
+        def optimizer_factory(params):
+            return torch.optim.AdamW(params, lr=0.0)
+    optimizer = optimizer_factory(trainable) if trainable else None
+    previous_grads = [p.grad for p in trainable]
+    was_training = model.training
+    saved: dict[int, int] = {}
+    parameter_storages = {info[0] for t in [*parameters, *model.buffers()] if (info := _storage(t)) is not None}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        info = _storage(tensor)
+        if info is not None and info[0] not in parameter_storages:
+            saved[info[0]] = max(saved.get(info[0], 0), info[1])
+        return tensor
+
+    def loss_of(outputs: Any) -> torch.Tensor:
+        loss = loss_fn(outputs, batch) if loss_fn is not None else getattr(outputs, "loss", None)
+        if loss is None:
+            raise ValueError("step_memory needs a loss: give a batch with labels or pass loss_fn(outputs, batch)")
+        return loss
+
+    def run_step(clock: Optional[_PhaseClock] = None) -> None:
+        phase = clock.phase if clock is not None else (lambda name: contextlib.nullcontext())
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        if not trainable:
+            with phase("forward"), torch.no_grad():
+                model(**batch)
+            return
+        with phase("forward"), saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = loss_of(model(**batch))
+        with phase("backward"):
+            loss.backward()
+            del loss
+        with phase("optimizer"):
+            optimizer.step()
+
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        model.train(train_mode)
+        with _trady_counters_frozen(model), torch.random.fork_rng(devices=devices):
+            for _ in range(max(0, int(warmup_steps))):
+                run_step()
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            saved.clear()
+            state_bytes = _unique_bytes(_optimizer_tensors(optimizer)) if optimizer is not None else 0
+            clock = _PhaseClock(device)
+            with clock.running():
+                run_step(clock)
+            gradient_bytes = _unique_bytes(p.grad for p in trainable if p.grad is not None)
+            state_after = _unique_bytes(_optimizer_tensors(optimizer)) if optimizer is not None else 0
+    finally:
+        model.train(was_training)
+        for p, grad in zip(trainable, previous_grads):
+            p.grad = grad
+    parameter_bytes = _unique_bytes([*parameters, *model.buffers()])
+    resident = parameter_bytes + state_bytes
+    phase_peaks = {name: resident + int(value) for name, value in clock.peaks.items()}
+    peak_phase = max(phase_peaks, key=lambda name: phase_peaks[name]) if phase_peaks else "forward"
+    peak = phase_peaks.get(peak_phase, resident)
+    optimizer_state = max(state_bytes, state_after)
+    present_gradients = 0 if peak_phase == "forward" else gradient_bytes
+    activation = max(0, peak - parameter_bytes - optimizer_state - present_gradients)
+    return StepMemory(
+        method=method, device=str(device), batch_size=_batch_size(batch),
+        optimizer=type(optimizer).__name__ if optimizer is not None else "none",
+        peak_bytes=int(peak), parameter_bytes=int(parameter_bytes),
+        trainable_parameter_bytes=int(_unique_bytes(trainable)), gradient_bytes=int(gradient_bytes),
+        optimizer_state_bytes=int(optimizer_state), activation_bytes=int(activation),
+        saved_for_backward_bytes=int(sum(saved.values())), peak_phase=peak_phase, phase_peak_bytes=phase_peaks,
+        measured_with="torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler memory events",
+    )

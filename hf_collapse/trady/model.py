@@ -34,6 +34,7 @@ from .calibration import NOT_CALIBRATED_MESSAGE, CalibrationMixin, calibrate
 from .injection import InjectionMixin, default_target_modules
 from .layer import TraDyLayer
 from .sampling import SamplingMixin, reset_optimizer_state
+from .sharding import check_not_sharded
 from .state_dict import StateDictMixin
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class TraDyModel(InjectionMixin, CalibrationMixin, SamplingMixin, StateDictMixin
         if self.peft_config[adapter_name].inference_mode:
             return
         trainer = compat.running_trainer()
+        if not self.__dict__.get("_sharding_checked"):
+            check_not_sharded(self.model, trainer=trainer, action="train")
+            self.__dict__["_sharding_checked"] = True
         if trainer is not None:
             from .callback import attach_to_trainer
 

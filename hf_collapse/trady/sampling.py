@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import compat
 from .config import DEFAULT_BUDGET_RATIO, TraDyConfig
+from .sharding import check_not_sharded
 from .selection import (
     LayerCost,
     budget_elements,
@@ -90,7 +91,10 @@ class SamplingMixin:
                              "hf_collapse.trady.calibrate(model, batches)")
         order = [n for n in positions if n in layers]
         costs = [LayerCost(n, layers[n].in_channels, layers[n].weight_per_channel, float(positions[n])) for n in order]
-        budget = budget_elements(costs, config.memory_budget, config.budget_ratio, DEFAULT_BUDGET_RATIO)
+        first = next(iter(layers.values())).get_base_layer().weight
+        budget = budget_elements(costs, config.memory_budget, config.budget_ratio, DEFAULT_BUDGET_RATIO,
+                                 budget_bytes=getattr(config, "budget_bytes", None),
+                                 bytes_per_element=first.element_size())
         candidates = candidate_layers(order, config.max_depth)
         if config.selection == "full_random":
             pool_names = candidates
@@ -113,9 +117,8 @@ class SamplingMixin:
                 f"the memory budget ({budget:.0f} elements, {config.budget_description}) cannot hold a single channel: "
                 f"the cheapest channel of the candidate layers ({cheapest.name}) costs {cheapest.channel_cost:.0f} "
                 f"elements ({cheapest.weight_per_channel} weight-gradient + {cheapest.positions:.0f} activation per "
-                "sample). Raise memory_budget or budget_ratio.")
+                "sample). Raise memory_budget, budget_bytes or budget_ratio.")
         capacity = flat_capacity(pool, budget)
-        first = next(iter(layers.values())).get_base_layer().weight
         requires_grad = not config.inference_mode
         if adapter_name not in self.trady_flat:
             self.trady_flat[adapter_name] = nn.Parameter(torch.zeros(0, dtype=first.dtype, device=first.device))
@@ -180,6 +183,7 @@ class SamplingMixin:
         """
         adapter_name = adapter_name or self._adapter()
         state = self._require_state(adapter_name)
+        check_not_sharded(self.model, action="re-sample (merge updates into the base weights)")
         self.__dict__["_callback_attached"] = True  # something drives the re-sampling: no warning
         new = self._draw(adapter_name, index)
         if new == self.current_selection(adapter_name):
@@ -225,7 +229,8 @@ class SamplingMixin:
         return list(self._require_state(adapter_name or self._adapter()).history)
 
     def budget_summary(self, adapter_name: Optional[str] = None) -> dict[str, Any]:
-        """The cost model's numbers for the current selection (elements, per sample)."""
+        """The cost model's numbers for the current selection (elements, per sample; ``*_bytes``: the same in bytes
+        of the target weights' dtype)."""
         adapter_name = adapter_name or self._adapter()
         state = self._require_state(adapter_name)
         selection = self.current_selection(adapter_name)
@@ -233,8 +238,11 @@ class SamplingMixin:
         used_weight = sum(len(ch) * by_name[n].weight_per_channel for n, ch in selection.items())
         used_activation = sum(len(ch) * by_name[n].positions for n, ch in selection.items())
         full = sum(c.full_cost for c in state.costs)
+        element_size = self.trady_flat[adapter_name].element_size()
         return {
             "budget_elements": state.budget,
+            "budget_bytes": state.budget * element_size,
+            "used_bytes": (used_weight + used_activation) * element_size,
             "used_elements": used_weight + used_activation,
             "used_weight_elements": used_weight,
             "used_activation_elements_per_sample": used_activation,

@@ -67,15 +67,21 @@ class LayerCost:
 
 
 def budget_elements(costs: Sequence[LayerCost], memory_budget: Optional[int], budget_ratio: Optional[float],
-                    default_ratio: float = 0.05) -> float:
-    """The budget in elements: ``memory_budget``, or ``budget_ratio`` of the cost of every channel of ``costs``.
+                    default_ratio: float = 0.05, budget_bytes: Optional[int] = None,
+                    bytes_per_element: int = 4) -> float:
+    """The budget in elements: ``memory_budget``, or ``budget_bytes / bytes_per_element``, or ``budget_ratio`` of the
+    cost of every channel of ``costs``.
 
     Example:
         >>> budget_elements([LayerCost("fc", 10, 4, 6.0)], None, 0.5)
         50.0
+        >>> budget_elements([LayerCost("fc", 10, 4, 6.0)], None, None, budget_bytes=200, bytes_per_element=4)
+        50.0
     """
     if memory_budget is not None:
         return float(memory_budget)
+    if budget_bytes is not None:
+        return float(budget_bytes) / int(bytes_per_element)
     ratio = default_ratio if budget_ratio is None else float(budget_ratio)
     return ratio * sum(c.full_cost for c in costs)
 

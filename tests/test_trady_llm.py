@@ -1,0 +1,227 @@
+"""TraDy on decoder LMs: Llama-style nn.Linear projections and GPT-2's transposed Conv1D, causal-LM batches with -100
+labels, gradient checkpointing (same loss and gradients), a Trainer run, and the peak memory of a training step."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers.pytorch_utils import Conv1D
+
+from hf_collapse.trady import ChannelSliceFunction, TraDyConfig, calibrate, find_trady_model, step_memory
+from hf_collapse.trady.layer import channel_ops_for
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama(seed=0, hidden=32, layers=3):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64, tie_word_embeddings=True))
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=3, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2))
+
+
+BUILDERS = {"llama": llama, "gpt2": gpt2}
+
+
+def lm_batch(seed=0, batch=3, seq=12, padded=4):
+    """Right-padded causal-LM batch: padding is masked out and labelled -100."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -padded:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def trady_lm(name, seed=0, **settings):
+    config = dict(task_type="CAUSAL_LM", budget_ratio=0.2)
+    config.update(settings)
+    model = get_peft_model(BUILDERS[name](seed).train(), TraDyConfig(**config))
+    calibrate(model, [lm_batch(s) for s in range(2)])
+    return model
+
+
+def flat_of(model):
+    return find_trady_model(model).trady_flat["default"]
+
+
+def flat_gradient(model, batch):
+    flat = flat_of(model)
+    flat.grad = None
+    loss = model(**batch).loss
+    loss.backward()
+    gradient = flat.grad.clone()
+    flat.grad = None
+    return loss.detach(), gradient
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+def test_default_targets_are_the_decoder_projections_not_the_lm_head():
+    llama_tuner = find_trady_model(trady_lm("llama"))
+    names = list(llama_tuner.trady_layers())
+    assert {n.rsplit(".", 1)[-1] for n in names} == set(LLAMA_LINEARS)
+    assert len(names) == 3 * len(LLAMA_LINEARS) and not any("lm_head" in n for n in names)
+    gpt2_tuner = find_trady_model(trady_lm("gpt2"))
+    assert {layer.ops.kind for layer in gpt2_tuner.trady_layers().values()} == {"conv1d"}
+    assert {n.rsplit(".", 1)[-1] for n in gpt2_tuner.trady_layers()} == {"c_attn", "c_proj", "c_fc"}
+
+
+def test_conv1d_channels_are_rows_of_its_transposed_weight():
+    torch.manual_seed(0)
+    conv = Conv1D(24, 16)  # GPT-2's Conv1D(nf=out, nx=in): weight (in=16, out=24), y = x @ W + b
+    ops = channel_ops_for(conv)
+    assert (ops.in_channels, ops.out_channels, ops.slice_shape(3)) == (16, 24, (3, 24))
+    x = torch.randn(2, 5, 16)
+    index = torch.tensor([1, 7, 12])
+    delta = (0.1 * torch.randn(3, 24)).requires_grad_(True)
+    weight = conv.weight.detach().clone()
+    weight[index] += delta.detach()
+    reference = weight.clone().requires_grad_(True)
+    (x @ reference + conv.bias).pow(2).sum().backward()
+    ChannelSliceFunction.apply(x, conv.weight, conv.bias, delta, index, ops).pow(2).sum().backward()
+    torch.testing.assert_close(delta.grad, reference.grad[index])  # the selected input channels' rows
+    with torch.no_grad():
+        torch.testing.assert_close(ChannelSliceFunction.apply(x, conv.weight, conv.bias, delta, index, ops),
+                                   x @ weight + conv.bias)
+
+
+# ----------------------------------------------------------------------------------------------- causal-LM steps
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_causal_lm_step_trains_only_selected_channels_and_merges_exactly(name):
+    model = trady_lm(name)
+    tuner = find_trady_model(model)
+    batch = lm_batch(5)
+    with torch.no_grad():  # a fresh adapter is the base model
+        base_loss = BUILDERS[name](0).train()(**batch).loss
+        assert torch.allclose(model(**batch).loss, base_loss, atol=1e-6)
+    selection = tuner.current_selection()
+    before = {n: layer.get_base_layer().weight.detach().clone() for n, layer in tuner.trady_layers().items()}
+    optimizer = torch.optim.SGD([flat_of(model)], lr=1.0)
+    model(**batch).loss.backward()
+    optimizer.step()
+    for layer_name, layer in tuner.trady_layers().items():
+        effective = layer.get_base_layer().weight + layer.get_delta_weight("default")
+        moved = layer.ops.channel_norms((effective - before[layer_name]).detach()).nonzero().flatten().tolist()
+        assert set(moved) <= set(selection.get(layer_name, [])), layer_name
+    assert flat_of(model).abs().sum() > 0
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        merged = model.merge_and_unload()
+        assert type(merged).__name__ == type(BUILDERS[name]()).__name__
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_padding_labelled_minus_100_does_not_reach_the_channel_gradients(name):
+    model = trady_lm(name)
+    batch = lm_batch(3)
+    other = dict(batch, input_ids=batch["input_ids"].clone())
+    other["input_ids"][1, -4:] = 7  # different tokens under the padding mask, still labelled -100
+    loss, gradient = flat_gradient(model, batch)
+    other_loss, other_gradient = flat_gradient(model, other)
+    assert gradient.abs().sum() > 0
+    torch.testing.assert_close(other_loss, loss)
+    torch.testing.assert_close(other_gradient, gradient)
+
+
+# ----------------------------------------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name, reentrant):
+    model = trady_lm(name)
+    batch = lm_batch(4)
+    loss, gradient = flat_gradient(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert model.base_model.model.is_gradient_checkpointing
+    model.train()
+    checkpointed_loss, checkpointed_gradient = flat_gradient(model, batch)
+    assert gradient.abs().sum() > 0
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(checkpointed_gradient, gradient, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_lowers_what_the_trady_step_keeps():
+    batch = lm_batch(0, batch=4, seq=32, padded=8)
+    plain = trady_lm("llama", budget_ratio=0.1)
+    checkpointed = trady_lm("llama", budget_ratio=0.1)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    without, with_checkpoints = step_memory(plain, batch), step_memory(checkpointed, batch)
+    assert with_checkpoints.saved_for_backward_bytes < 0.5 * without.saved_for_backward_bytes
+    assert with_checkpoints.peak_bytes < without.peak_bytes
+
+
+def _lm_dataset(n=12, seq=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (n, seq), generator=g)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                              "labels": ids.tolist()})
+
+
+@pytest.mark.parametrize("name,checkpointing_kwargs", [("llama", {"use_reentrant": False}), ("gpt2", None)])
+def test_trainer_with_gradient_checkpointing_trains_as_without(tmp_path, name, checkpointing_kwargs):
+    finals, losses = [], []
+    for checkpointing in (False, True):
+        model = get_peft_model(BUILDERS[name](0).train(), TraDyConfig(task_type="CAUSAL_LM", budget_ratio=0.2))
+        args = TrainingArguments(str(tmp_path / str(checkpointing)), max_steps=4, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, optim="sgd", gradient_checkpointing=checkpointing,
+                                 gradient_checkpointing_kwargs=checkpointing_kwargs, logging_steps=1,
+                                 report_to="none", save_strategy="no", seed=0, use_cpu=True,
+                                 disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=_lm_dataset())
+        trainer.train()  # calibrates itself on the first batches, as without checkpointing
+        assert model.base_model.model.is_gradient_checkpointing == checkpointing
+        losses.append([log["loss"] for log in trainer.state.log_history if "loss" in log])
+        finals.append(flat_of(model).detach().clone())
+    assert finals[0].abs().sum() > 0
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-4, atol=1e-6)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- peak memory of a step
+
+
+def test_peak_step_memory_orders_full_lora_trady_and_frozen():
+    batch = lm_batch(0, batch=4, seq=32, padded=8)
+    full = step_memory(llama(hidden=64), batch)
+    lora = step_memory(get_peft_model(llama(hidden=64), LoraConfig(r=8, target_modules=LLAMA_LINEARS,
+                                                                   task_type="CAUSAL_LM")), batch)
+    trady_model = get_peft_model(llama(hidden=64), TraDyConfig(task_type="CAUSAL_LM", budget_ratio=0.05))
+    calibrate(trady_model, [batch])
+    trady = step_memory(trady_model, batch)
+    frozen_model = llama(hidden=64).requires_grad_(False)
+    frozen = step_memory(frozen_model, batch)
+    assert (full.method, lora.method, trady.method, frozen.method) == ("full", "peft", "trady", "frozen")
+    assert full.peak_bytes > lora.peak_bytes > frozen.peak_bytes
+    assert full.peak_bytes > trady.peak_bytes > frozen.peak_bytes
+    # AdamW: two moments per trainable element; gradients: one per trainable element
+    assert full.gradient_bytes == full.trainable_parameter_bytes
+    assert full.trainable_parameter_bytes < full.parameter_bytes < full.trainable_parameter_bytes + 1024  # + buffers
+    assert full.optimizer_state_bytes == pytest.approx(2 * full.trainable_parameter_bytes, abs=8 * 64)
+    assert trady.gradient_bytes == flat_of(trady_model).numel() * 4 < 0.1 * full.gradient_bytes
+    assert lora.optimizer_state_bytes > trady.optimizer_state_bytes
+    assert frozen.gradient_bytes == frozen.optimizer_state_bytes == frozen.saved_for_backward_bytes == 0
+    for report in (full, lora, trady):
+        assert report.peak_bytes == max(report.phase_peak_bytes.values())
+        assert report.saved_for_backward_bytes > 0 and report.activation_bytes > 0
+        parts = report.parameter_bytes + report.optimizer_state_bytes + report.activation_bytes
+        parts += 0 if report.peak_phase == "forward" else report.gradient_bytes
+        assert parts == report.peak_bytes
+    table = trady.to_markdown(references={"full": full, "lora": lora, "trady": trady})
+    assert "| peak of a training step |" in table and "| trady | full | lora |" in table

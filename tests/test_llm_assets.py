@@ -183,3 +183,50 @@ def test_smollm2_converts_reloads_exactly_and_has_a_plausible_perplexity_on_bbc(
         assert torch.equal(again(input_ids=probe).logits, logits)
     # random weights would be near the vocabulary size (49,152)
     assert ppl < perplexity(transformers.AutoModelForCausalLM.from_config(model.config), batches) / 100
+
+
+@pytest.mark.slow
+def test_smollm2_loses_blocks_reloads_generates_and_heals(tmp_path):
+    """The chain on the real SmolLM2: score on BBC text, remove 4 of 30 blocks under the scores, reload with plain
+    ``from_pretrained``, generate with and without the KV cache, heal with LoRA on a few batches."""
+    pytest.importorskip("gguf")
+    transformers = pytest.importorskip("transformers")
+    import hf_collapse
+
+    folder = embedded_model_path("smollm2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    bbc = load_bbc_news()
+    calibration = lm_windows(bbc["train"]["text"], tokenizer, window=64, max_windows=8)
+    held_out = torch.utils.data.DataLoader(lm_windows(bbc["test"]["text"], tokenizer, window=64, max_windows=8),
+                                           batch_size=4)
+    scores = hf_collapse.score_blocks(model, torch.utils.data.DataLoader(calibration, batch_size=4),
+                                      method="block_influence", progress=False)
+    collapsed, report = hf_collapse.collapse(model, scores, num_blocks=4, eval_fn=lambda m: perplexity(m, held_out),
+                                             higher_is_better=False, metric_name="perplexity", latency_repeats=0,
+                                             progress=False)
+    assert collapsed.config.num_hidden_layers == 26 and model.config.num_hidden_layers == 30
+    before, after = report.before.metric, report.after.metric
+    assert before == pytest.approx(perplexity(model, held_out)) and before < after < 20 * before
+
+    collapsed.save_pretrained(tmp_path / "collapsed")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "collapsed").eval()
+    prompt = tokenizer(["The government said on Monday that"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**prompt).logits, collapsed(**prompt).logits, atol=1e-5)
+    greedy = dict(max_new_tokens=8, do_sample=False)
+    cached = reloaded.generate(**prompt, use_cache=True, **greedy)
+    assert torch.equal(cached, reloaded.generate(**prompt, use_cache=False, **greedy))
+
+    # LoRA healing for a few steps on the calibration windows: their own perplexity drops, the architecture stays
+    train_loader = torch.utils.data.DataLoader(calibration, batch_size=4)
+    args = transformers.TrainingArguments(str(tmp_path / "heal"), max_steps=6, per_device_train_batch_size=4,
+                                          learning_rate=2e-3, report_to="none", save_strategy="no",
+                                          disable_tqdm=True, seed=0)
+    healed = hf_collapse.heal(collapsed, None, calibration, method="lora", args=args)
+    assert perplexity(healed, train_loader) < perplexity(collapsed, train_loader)
+    assert healed.config.num_hidden_layers == 26
+    healed.save_pretrained(tmp_path / "healed")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "healed").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(**prompt).logits, healed.eval()(**prompt).logits, atol=1e-5)

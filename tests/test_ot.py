@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -9,7 +10,13 @@ import ot as pot
 import pytest
 import torch
 
-from hf_collapse.ot import max_sliced_wasserstein, random_directions, sliced_wasserstein
+from hf_collapse.ot import (
+    ASCENT_STARTS,
+    ASCENT_STEPS,
+    max_sliced_wasserstein,
+    random_directions,
+    sliced_wasserstein,
+)
 
 
 def pair(n: int = 40, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +101,99 @@ def test_ascent_escapes_the_high_dimensional_trap_of_random_slicing():
     # The mean shift alone is 0.5 * sqrt(2048) ~ 22.6 along the all-ones direction; random slices see ~1.5.
     assert ascent >= 10 * pot_value
     assert ascent >= 0.5 * math.sqrt(2048)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+@pytest.mark.parametrize("init", [False, True])
+def test_ascent_value_is_pots_1d_wasserstein_on_the_returned_unit_direction(p, init):
+    # A valid max-sliced value: the exact 1-D distance (POT's wasserstein_1d, float64) of a unit direction, hence a
+    # lower bound of the true max slice; never an estimate carried along by the ascent.
+    x, y = pair(n=64, d=512)
+    start = random_directions(512, 1, generator=gen(5))[0] if init else None
+    value, theta = max_sliced_wasserstein(x, y, p=p, init_direction=start, generator=gen(0), return_direction=True)
+    assert theta.norm().item() == pytest.approx(1.0, abs=1e-6)
+    xs, ys, t = x.double().numpy(), y.double().numpy(), theta.double().numpy()
+    expected = float(pot.wasserstein_1d(xs @ t, ys @ t, p=p)) ** (1.0 / p)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ascent_never_exceeds_the_true_max_slice_in_2d():
+    for seed in range(4):
+        x, y = pair(n=50, d=2, seed=seed)
+        assert max_sliced_wasserstein(x, y, generator=gen(seed), ascent_steps=20).item() <= pot_grid_max_2d(x, y) * (
+            1 + 1e-3
+        )
+
+
+def planted(n: int, d: int, seed: int = 123, spread: float = 3.0):
+    """Same means, one planted direction ``v`` along which y has ``sqrt(1 + spread^2)`` times x's spread."""
+    g = gen(seed)
+    v = torch.randn(d, generator=g)
+    v = v / v.norm()
+    x = torch.randn(n, d, generator=g)
+    y = torch.randn(n, d, generator=g) + spread * torch.randn(n, 1, generator=g) * v
+    return x, y, v
+
+
+def test_default_ascent_finds_a_planted_direction_that_random_slicing_misses():
+    x, y, v = planted(n=512, d=64)
+    pot_values = [
+        float(pot.sliced.max_sliced_wasserstein_distance(x.double().numpy(), y.double().numpy(), seed=s))
+        for s in range(5)
+    ]
+    value, theta = max_sliced_wasserstein(x, y, generator=gen(0), return_direction=True)  # defaults
+    assert value.item() >= 2 * max(pot_values)
+    assert abs(theta @ v).item() > 0.9  # it is the planted direction, not a lucky one
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_default_ascent_is_ten_times_pots_default_in_high_dimension(seed):
+    # The like-for-like comparison of benchmarks/bench_msw.py (float32 torch tensors to both), at a smaller d.
+    x, y = pair(n=128, d=4096, seed=seed)
+    pot_value = float(pot.sliced.max_sliced_wasserstein_distance(x, y, seed=seed))  # 50 random directions
+    assert max_sliced_wasserstein(x, y, generator=gen(seed)).item() >= 10 * pot_value
+
+
+def test_cold_start_includes_the_difference_of_the_means():
+    # With no ascent step the start is returned: on a shifted pair the mean-shift direction beats every random one.
+    x, y = pair(n=64, d=1024)
+    value, theta = max_sliced_wasserstein(x, y, ascent_steps=0, generator=gen(0), return_direction=True)
+    shift = x.mean(0) - y.mean(0)
+    assert abs(theta @ shift / shift.norm()).item() == pytest.approx(1.0, abs=1e-5)
+    assert value.item() >= 0.5 * math.sqrt(1024)
+
+
+@pytest.mark.parametrize("slicing", ["random", "ascent"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_no_host_synchronisation(slicing, warm, monkeypatch):
+    # Meta tensors carry no data: any .item(), float(), bool() or data-dependent branch on them raises. Running the
+    # whole call (and its backward) on them shows it can be queued on a GPU without waiting for the device.
+    monkeypatch.setattr(torch, "autocast", lambda **kwargs: contextlib.nullcontext())  # autocast refuses "meta"
+    x = torch.empty(30, 10, device="meta", requires_grad=True)
+    y = torch.empty(30, 10, device="meta")
+    init = torch.empty(10, device="meta") if warm and slicing == "ascent" else None
+    value, theta = max_sliced_wasserstein(
+        x, y, slicing=slicing, init_direction=init, ascent_steps=3, generator=gen(0), return_direction=True
+    )
+    assert value.shape == () and theta.shape == (10,)
+    value.backward()
+    assert x.grad.shape == (30, 10)
+
+
+def test_default_numbers_of_directions():
+    # slicing="random" keeps POT's 50 directions; the ascent's cold start draws a few (the mean shift does the rest).
+    x, y = pair()
+    dirs = random_directions(x.shape[1], 50, generator=gen(3))
+    assert max_sliced_wasserstein(x, y, slicing="random", generator=gen(3)).item() == pytest.approx(
+        max_sliced_wasserstein(x, y, slicing="random", directions=dirs).item(), rel=1e-6
+    )
+    starts = random_directions(x.shape[1], ASCENT_STARTS, generator=gen(3))
+    assert max_sliced_wasserstein(x, y, generator=gen(3)).item() == pytest.approx(
+        max_sliced_wasserstein(x, y, directions=starts).item(), rel=1e-6
+    )
+    assert max_sliced_wasserstein(x, y, generator=gen(3)).item() == pytest.approx(
+        max_sliced_wasserstein(x, y, generator=gen(3), ascent_steps=ASCENT_STEPS).item(), rel=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------------------------ metric properties
@@ -207,15 +307,17 @@ def test_gradient_flows_to_x_and_y_but_not_to_the_direction(slicing):
     assert y.grad is not None and y.grad.abs().sum() > 0
 
 
-def test_ascent_gradient_is_that_of_the_fixed_final_slice():
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_ascent_gradient_is_that_of_the_fixed_final_slice(p):
     x, y = pair(n=30, d=10)
     x.requires_grad_(True)
-    value, theta = max_sliced_wasserstein(x, y, generator=gen(0), return_direction=True)
-    (grad,) = torch.autograd.grad(value, x)
-    fixed = sliced_wasserstein(x, y, directions=theta[None])  # one slice: W_p on theta
-    (expected,) = torch.autograd.grad(fixed, x)
+    y.requires_grad_(True)
+    value, theta = max_sliced_wasserstein(x, y, p=p, generator=gen(0), return_direction=True)
+    grad_x, grad_y = torch.autograd.grad(value, (x, y))
+    fixed = sliced_wasserstein(x, y, p=p, directions=theta[None])  # one slice: W_p on theta, plain autograd
+    expected_x, expected_y = torch.autograd.grad(fixed, (x, y))
     assert value.item() == pytest.approx(fixed.item(), rel=1e-5)
-    assert torch.allclose(grad, expected, atol=1e-6)
+    assert torch.allclose(grad_x, expected_x, atol=1e-6) and torch.allclose(grad_y, expected_y, atol=1e-6)
 
 
 def test_sliced_gradient_flows():
@@ -251,8 +353,14 @@ def test_deterministic_with_the_same_seeded_generator(slicing):
     a, ta = max_sliced_wasserstein(x, y, slicing=slicing, generator=gen(7), return_direction=True)
     b, tb = max_sliced_wasserstein(x, y, slicing=slicing, generator=gen(7), return_direction=True)
     assert a.item() == b.item() and torch.equal(ta, tb)
-    _, tc = max_sliced_wasserstein(x, y, slicing=slicing, generator=gen(8), return_direction=True)
-    assert not torch.equal(ta, tc)  # the generator is what draws the directions
+    # The generator is what draws the random directions. For the ascent they are cold-start candidates beside the
+    # difference of the means, which wins on this shifted pair whatever the draw: compare the starts on a pair with
+    # no shift (scaled only), where a random candidate wins.
+    scaled = (x, (y - 0.5)) if slicing == "ascent" else (x, y)
+    steps = {"ascent_steps": 0} if slicing == "ascent" else {}
+    _, ta = max_sliced_wasserstein(*scaled, slicing=slicing, generator=gen(7), return_direction=True, **steps)
+    _, tc = max_sliced_wasserstein(*scaled, slicing=slicing, generator=gen(8), return_direction=True, **steps)
+    assert not torch.equal(ta, tc)
     assert sliced_wasserstein(x, y, generator=gen(7)).item() == sliced_wasserstein(x, y, generator=gen(7)).item()
 
 

@@ -20,13 +20,14 @@ it (a collective call: every rank calls it) into a plain model on the main proce
 from __future__ import annotations
 
 import os
+from copy import deepcopy
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["full_state_dict", "is_distributed", "is_main_process", "sum_across_ranks", "unsharded_copy"]
+__all__ = ["full_state_dict", "is_distributed", "is_main_process", "is_sharded", "sum_across_ranks", "unsharded_copy"]
 
 
 def is_distributed() -> bool:
@@ -80,6 +81,27 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return reduced.to(device=tensor.device, dtype=tensor.dtype)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds sharded parameters: FSDP2 (``fully_shard``: ``DTensor`` parameters) or FSDP1 (a
+    ``FullyShardedDataParallel`` module anywhere in it). Surgery and ``save_pretrained`` need an
+    :func:`unsharded_copy` of such a model.
+
+    Example::
+
+        >>> import torch
+        >>> from hf_collapse.distributed import is_sharded
+        >>> is_sharded(torch.nn.Linear(2, 3))
+        False
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return (any(isinstance(p, DTensor) for p in model.parameters())
+            or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()))
+
+
 def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, torch.Tensor]:
     """The whole (unsharded) state dict of a model sharded with FSDP2 (``fully_shard``), or of any other model.
 
@@ -105,22 +127,28 @@ def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, tor
 
 
 def _unsharded_class(model: nn.Module) -> type:
-    """The model's own class: ``fully_shard`` swaps a module's class for a subclass of ``(FSDPModule, cls)``."""
+    """The model's own class: ``fully_shard`` swaps a module's class for a subclass of ``(FSDPModule, cls)``; FSDP1
+    wraps the module instead."""
     try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2: nothing can have been swapped
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a torch without FSDP: nothing can have been swapped
         return type(model)
+    while isinstance(model, FullyShardedDataParallel):
+        model = model.module
     for cls in type(model).__mro__:
         if not issubclass(cls, FSDPModule):
             return cls
     return type(model)  # pragma: no cover - FSDPModule itself is always in the MRO above `object`
 
 
-def unsharded_copy(model: nn.Module, factory: Callable[[], nn.Module] | None = None) -> nn.Module | None:
+def unsharded_copy(model: nn.Module, factory: Callable[[], nn.Module] | None = None,
+                   all_ranks: bool = False) -> nn.Module | None:
     """A plain, unsharded copy of ``model`` on the main process (``None`` on the other ranks), ready for
     ``hf_collapse.collapse`` / ``remove_blocks`` and ``save_pretrained``.
 
-    A collective call under FSDP: every rank must call it (see :func:`full_state_dict`). The copy is built on the CPU
+    A collective call under FSDP: every rank must call it (see :func:`full_state_dict`). ``all_ranks=True`` gives
+    every rank its own copy (the full tensors are then gathered on each rank's device first), for code that collapses
+    on every rank, deterministically, as under DDP. The copy is built on the CPU
     by ``factory()`` when given, else from the model's config (``cls(config)`` for a transformers model,
     ``cls.from_config(config)`` for a diffusers one, where ``cls`` is the class the model had before ``fully_shard``),
     then loads the gathered state dict strictly (every tensor must match). ``model`` is untouched; the copy is in
@@ -140,8 +168,8 @@ def unsharded_copy(model: nn.Module, factory: Callable[[], nn.Module] | None = N
         >>> copy is not model and torch.equal(copy.classifier.weight, model.classifier.weight)
         True
     """
-    state = full_state_dict(model, cpu_offload=True)
-    if not is_main_process():
+    state = full_state_dict(model, cpu_offload=not all_ranks)
+    if not all_ranks and not is_main_process():
         return None
     if factory is not None:
         copy = factory()
@@ -150,10 +178,10 @@ def unsharded_copy(model: nn.Module, factory: Callable[[], nn.Module] | None = N
         if config is None:
             raise ValueError(f"{type(model).__name__} has no config to rebuild an unsharded copy from: pass "
                              "factory=lambda: <a new, unsharded instance of the model>")
-        if hasattr(cls, "config_class"):  # transformers: cls(config)
-            copy = cls(config)
+        if hasattr(cls, "config_class"):  # transformers: cls(config), a config of its own
+            copy = cls(deepcopy(config))
         elif hasattr(cls, "from_config"):  # diffusers
-            copy = cls.from_config(config)
+            copy = cls.from_config(deepcopy(config))
         else:
             raise ValueError(f"cannot rebuild {cls.__name__} from its config: pass factory=lambda: <a new, unsharded "
                              "instance of the model>")

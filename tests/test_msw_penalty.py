@@ -297,6 +297,11 @@ def test_fsdp2_two_ranks_trains_with_the_penalty_then_collapses_and_reloads(tmp_
     # Gathered on rank 0: the unsharded copy is the sharded model; collapsed, saved, reloaded with plain transformers.
     assert ranks[0]["copy_vs_sharded"] < 1e-6
     assert ranks[0]["removed"] == [min(ranks[0]["scores"], key=ranks[0]["scores"].get)]
+    for name, tensor in ranks[0]["trained"].items():  # unsharded_copy(all_ranks=True): the whole model on each rank
+        assert torch.equal(ranks[0]["everywhere"][name], tensor) and torch.equal(ranks[1]["everywhere"][name], tensor)
+    # LaCoOTTrainer.collapse on the sharded model: every rank collapses a gathered copy, identically.
+    assert ranks[0]["trainer_removed"] == ranks[1]["trainer_removed"] == ranks[0]["removed"]
+    assert ranks[0]["trainer_metrics"] == ranks[1]["trainer_metrics"] and len(ranks[0]["trainer_metrics"]) == 2
     reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "collapsed").eval()
     assert reloaded.config.num_hidden_layers == 2
     with torch.no_grad():

@@ -21,6 +21,7 @@ is a local mean (sequence classifiers) or normalised by the Trainer's ``num_item
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import defaultdict
@@ -34,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .. import compat
 from ..block_io import BlockIO
+from ..distributed import is_sharded, unsharded_copy
 from ..removal import collapse as collapse_model
 from ..removal import evaluate_model, metric_key
 from ..report import CollapseReport
@@ -232,7 +234,12 @@ class LaCoOTTrainer(Trainer):
         )
 
     def evaluate_model(self, model: nn.Module, eval_dataset=None) -> dict[str, float]:
-        """Evaluate another model (e.g. a collapsed one) with this trainer's data, collator and metrics."""
+        """Evaluate another model (e.g. a collapsed one) with this trainer's data, collator and metrics.
+
+        Under FSDP the evaluating Trainer shards what it evaluates, in place: it then evaluates a copy, so that
+        ``model`` stays a plain model that surgery can go on editing."""
+        if self.is_fsdp_enabled or is_sharded(model):
+            model = copy.deepcopy(model)
         return evaluate_model(model, self.args, eval_dataset if eval_dataset is not None else self.eval_dataset,
                               data_collator=self.data_collator, processing_class=self.processing_class,
                               compute_metrics=self.compute_metrics, compute_loss_func=self.compute_loss_func)
@@ -250,7 +257,9 @@ class LaCoOTTrainer(Trainer):
         The metric is ``args.metric_for_best_model`` (default: ``accuracy`` when ``compute_metrics`` is set,
         else the loss), evaluated on ``eval_dataset`` (default: the trainer's). Returns a new model and its
         :class:`CollapseReport`; the trained model is untouched. Call it on every rank under DDP (it is
-        deterministic) and save on the main process only (``trainer.is_world_process_zero()``).
+        deterministic) and save on the main process only (``trainer.is_world_process_zero()``). Under FSDP the
+        sharded model is first gathered into a plain copy on every rank (:func:`hf_collapse.distributed.unsharded_copy`):
+        surgery needs whole tensors.
         """
         scores = scores if scores is not None else self.block_scores(eval_dataset)
         metric_name, higher_is_better = metric_key(self.args, self.compute_metrics is not None)
@@ -263,8 +272,11 @@ class LaCoOTTrainer(Trainer):
             return float(metrics[metric_name])
 
         collapse_kwargs.setdefault("progress", not self.args.disable_tqdm)
+        model = self.model
+        if is_sharded(model):  # every rank gets the whole model and collapses it identically, as under DDP
+            model = unsharded_copy(self.model_wrapped, all_ranks=True)  # FSDP1 gathers through its root wrapper
         collapsed, report = collapse_model(
-            self.model, scores, num_blocks=num_blocks, max_metric_drop=max_metric_drop,
+            model, scores, num_blocks=num_blocks, max_metric_drop=max_metric_drop,
             eval_fn=eval_fn if needs_eval else None, higher_is_better=higher_is_better,
             metric_name=metric_name.removeprefix("eval_"), method="LaCoOT", **collapse_kwargs,
         )

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 import hf_collapse  # noqa: E402
 from hf_collapse import MSWPenalty  # noqa: E402
-from hf_collapse.distributed import full_state_dict, unsharded_copy  # noqa: E402
-from toy_training import PadOnlyCollator, tiny_bert, toy_dataset  # noqa: E402
+from hf_collapse.distributed import full_state_dict, is_sharded, unsharded_copy  # noqa: E402
+from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # noqa: E402
 
 STEPS, BATCH, LAMBDA, LR = 4, 4, 0.5, 0.1
 
@@ -92,9 +92,24 @@ def main(out: str) -> None:
     with torch.no_grad():
         sharded_logits = model(**probe).logits  # a collective forward: every rank runs it
     full = unsharded_copy(model)
+    everywhere = unsharded_copy(model, all_ranks=True)  # each rank its own whole copy
+    assert is_sharded(model) and not is_sharded(everywhere)
+
+    # LaCoOTTrainer.collapse on the sharded model (hooks registered after sharding, this time): it gathers a whole
+    # copy on every rank, and every rank removes the same block with the same metrics.
+    args = hf_collapse.LaCoOTArguments(os.path.join(out, "trainer"), report_to=[], use_cpu=True, seed=0,
+                                       disable_tqdm=True, ddp_backend="gloo", per_device_eval_batch_size=8)
+    trainer = hf_collapse.LaCoOTTrainer(model=model, args=args, eval_dataset=toy_dataset(16, seed=5),
+                                        data_collator=PadOnlyCollator(), compute_metrics=accuracy)
+    _, trainer_report = trainer.collapse(num_blocks=1, scores=scores, latency_repeats=0)
+    assert is_sharded(model)  # the trained model is untouched
+    trainer.penalty.remove()
     result = {"rank": rank, "world_size": dist.get_world_size(), "history": history, "block_grads": block_grads,
               "trained": trained, "moved_by_penalty": moved_by_penalty, "scores": scores,
-              "same_history": same_history, "sharded_logits": sharded_logits}
+              "same_history": same_history, "sharded_logits": sharded_logits,
+              "everywhere": {k: v.detach().clone() for k, v in everywhere.state_dict().items()},
+              "trainer_removed": [r["name"] for r in trainer_report.removed],
+              "trainer_metrics": [s.metric for s in trainer_report.steps]}
     if rank == 0:
         assert full is not None and not isinstance(full.classifier.weight, DTensor)
         single, _, single_history = train(LAMBDA, shard=False, same_data=True, rank=0)

@@ -15,9 +15,10 @@ from hf_collapse.block_io import BlockIO
 from hf_collapse import metrics
 from tiny_models import CASES_BY_NAME
 
-FAMILIES = ["llama", "qwen2", "gemma2", "gpt_neox"]
+FAMILIES = ["llama", "qwen2", "gemma2", "gpt_neox", "gpt2"]
 # The linear that ends each branch, relative to the layer: zeroing it (weight and bias) makes the branch output 0.
-BRANCH_END = {"attention": {"gpt_neox": "attention.dense"}, "mlp": {"gpt_neox": "mlp.dense_4h_to_h"}}
+BRANCH_END = {"attention": {"gpt_neox": "attention.dense", "gpt2": "attn.c_proj"},
+              "mlp": {"gpt_neox": "mlp.dense_4h_to_h", "gpt2": "mlp.c_proj"}}
 DEFAULT_END = {"attention": "self_attn.o_proj", "mlp": "mlp.down_proj"}
 PROMPT = torch.tensor([[5, 17, 42, 8, 23, 61]])
 

@@ -24,7 +24,7 @@ from torch import nn
 from .base import (ArchitectureAdapter, Block, config_get, config_set, count_parameters, register_architecture,
                    replace_children)
 from .common import mlp_site, renumber_layer_idx, text_inputs
-from .sublayers import SUBLAYER_KINDS, ZeroAttention, ZeroMLP, is_removed_sublayer
+from .sublayers import ResidualSublayers, causal_attention_name, mlp_name
 
 logger = logging.getLogger(__name__)
 
@@ -35,26 +35,11 @@ NOT_PER_LAYER = frozenset({
 })
 # Top-level config lists of layer *indices* (not one entry per layer): remapped to the new positions.
 INDEX_LISTS = frozenset({"mlp_only_layers"})
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
 SIMPLE = (bool, int, float, str, type(None))
 
 
-def _causal_attention(layer: nn.Module) -> str | None:
-    for name, child in layer.named_children():
-        if getattr(child, "is_causal", None) is True:
-            return name
-    return None
-
-
-def _mlp(layer: nn.Module) -> str | None:
-    for name, child in layer.named_children():
-        if name in MLP_NAMES or type(child).__name__.endswith("MLP"):
-            return name
-    return None
-
-
 def _is_decoder_layer(layer: nn.Module) -> bool:
-    return _causal_attention(layer) is not None and _mlp(layer) is not None
+    return causal_attention_name(layer) is not None and mlp_name(layer) is not None
 
 
 def find_layers_attr(backbone: nn.Module) -> str | None:
@@ -69,41 +54,11 @@ def find_layers_attr(backbone: nn.Module) -> str | None:
     return found if has_norm else None
 
 
-def _branch_norms(layer: nn.Module) -> dict[str, tuple[list[str], list[str]]]:
-    """``{"attention": (pre-norms, post-norms), "mlp": (...)}``: the norms of ``layer`` that only feed (pre) or
-    only follow (post) each residual branch, by the names transformers' decoder layers use.
-
-    Raises ``ValueError`` when ``layer`` has a norm these rules do not place: its role is unknown, and removing a
-    branch while keeping it could silently change the function.
-    """
-    names = [name for name, _ in layer.named_children()]
-
-    def present(*candidates: str) -> list[str]:
-        return [c for c in candidates if c in names]
-
-    if "pre_feedforward_layernorm" in names:  # Gemma 2/3: a norm before and after each branch
-        roles = {"attention": (present("input_layernorm"), present("post_attention_layernorm")),
-                 "mlp": (present("pre_feedforward_layernorm"), present("post_feedforward_layernorm"))}
-    elif "input_layernorm" not in names and "post_feedforward_layernorm" in names:  # OLMo2: norms after branches
-        roles = {"attention": ([], present("post_attention_layernorm")),
-                 "mlp": ([], present("post_feedforward_layernorm"))}
-    else:  # pre-norm layers (Llama, Qwen, Mistral, Phi3, GPT-NeoX, ...): post_attention_layernorm feeds the MLP
-        roles = {"attention": (present("input_layernorm"), []),
-                 "mlp": (present("post_attention_layernorm"), present("post_feedforward_layernorm"))}
-    placed = {n for pre, post in roles.values() for n in (*pre, *post)}
-    unplaced = [n for n, child in layer.named_children()
-                if n not in placed and ("norm" in n.lower() or "norm" in type(child).__name__.lower())]
-    if unplaced:
-        raise ValueError(f"{type(layer).__name__} has norms {unplaced} whose branch (attention or MLP) hf_collapse "
-                         "cannot tell: sub-layer removal is not supported for this family; remove whole blocks")
-    return roles
-
-
 def _settings(module: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and isinstance(v, SIMPLE)}
 
 
-class DecoderAdapter(ArchitectureAdapter):
+class DecoderAdapter(ResidualSublayers, ArchitectureAdapter):
     family = "decoder"
     legacy_families = ("llama",)  # the name of this family in hf_collapse 0.1 records (Llama, Qwen2, Mistral)
     description = ("decoder-only causal LMs recognised by structure (layers with causal self-attention and an "
@@ -124,6 +79,9 @@ class DecoderAdapter(ArchitectureAdapter):
 
     def layers(self, backbone: nn.Module) -> nn.ModuleList:
         return getattr(backbone, self.layers_attr(backbone))
+
+    def layers_prefix(self, backbone: nn.Module) -> str:
+        return self.layers_attr(backbone)
 
     def blocks(self, backbone: nn.Module) -> list[Block]:
         attr = self.layers_attr(backbone)
@@ -155,49 +113,6 @@ class DecoderAdapter(ArchitectureAdapter):
             base_values.setdefault(key, list(old) if isinstance(old, tuple) else copy.deepcopy(old))
         config_set(backbone, **updates)
 
-    sublayer_kinds = SUBLAYER_KINDS
-
-    def _branch(self, layer: nn.Module, kind: str) -> str:
-        return _causal_attention(layer) if kind == "attention" else _mlp(layer)
-
-    def sublayers(self, backbone: nn.Module, kind: str) -> list[Block]:
-        """One unit per layer whose ``kind`` branch is still there: the branch module with the norms that only
-        feed / follow it. Its input is the residual stream entering the branch, its output that stream plus the
-        branch's output (``output_adds_input``). A layer whose other branch was removed already lists its last
-        branch as not removable: removing it would empty the layer, which is a block removal."""
-        attr = self.layers_attr(backbone)
-        other = "mlp" if kind == "attention" else "attention"
-        units = []
-        for i, layer in enumerate(getattr(backbone, attr)):
-            branch = self._branch(layer, kind)
-            module = getattr(layer, branch)
-            if is_removed_sublayer(module):
-                continue
-            pre, post = _branch_norms(layer)[kind]
-            prefix = f"{attr}.{i}"
-            name = f"{prefix}.{branch}"
-            emptied = is_removed_sublayer(getattr(layer, self._branch(layer, other)))
-            units.append(Block(
-                name=name, path=name, stage=0, index=i, kind=kind, output_adds_input=True,
-                params=count_parameters(module) + sum(count_parameters(getattr(layer, n)) for n in (*pre, *post)),
-                input_path=f"{prefix}.{pre[0]}" if pre else name,
-                output_path=f"{prefix}.{post[-1]}" if post else name,
-                extra_paths=tuple(f"{prefix}.{n}" for n in (*pre, *post)),
-                removable=not emptied,
-                reason=f"the {other} of {prefix} was removed already: remove the whole block {prefix!r} instead"
-                if emptied else ""))
-        return units
-
-    def remove_sublayers(self, backbone: nn.Module, units: list[Block]) -> None:
-        layers = self.layers(backbone)
-        for unit in units:
-            layer = layers[unit.index]
-            pre, post = _branch_norms(layer)[unit.kind]
-            branch = self._branch(layer, unit.kind)
-            setattr(layer, branch, ZeroAttention(layer_idx=unit.index) if unit.kind == "attention" else ZeroMLP())
-            for norm in (*pre, *post):  # a norm that only feeds / follows the branch: x + 0 needs none of it
-                setattr(layer, norm, nn.Identity())
-
     def config_expresses(self, backbone, base_values, history):
         """Build the architecture from the updated config on ``meta`` and compare every per-layer setting."""
         try:
@@ -225,8 +140,8 @@ class DecoderAdapter(ArchitectureAdapter):
         sites = []
         for block in self.blocks(backbone):
             layer = backbone.get_submodule(block.name)
-            mlp_name = _mlp(layer)
-            mlp = getattr(layer, mlp_name)
+            mlp_child = mlp_name(layer)
+            mlp = getattr(layer, mlp_child)
             children = dict(mlp.named_children())
             activation = next((n for n, c in children.items() if not isinstance(c, nn.Linear)), None)
             linears = [n for n, c in children.items() if isinstance(c, nn.Linear)]
@@ -238,8 +153,8 @@ class DecoderAdapter(ArchitectureAdapter):
                 producer, consumer, gated = "gate_up_proj", linears[-1], True
             else:  # act(fc_in(x)) -> fc_out
                 producer, consumer, gated = linears[0], linears[-1], False
-            sites.append(mlp_site(block.name, f"{mlp_name}.{activation}", f"{mlp_name}.{producer}",
-                                  f"{mlp_name}.{consumer}", gated=gated))
+            sites.append(mlp_site(block.name, f"{mlp_child}.{activation}", f"{mlp_child}.{producer}",
+                                  f"{mlp_child}.{consumer}", gated=gated))
         return sites
 
     def example_inputs(self, model, batch_size=1, seq_len=128):

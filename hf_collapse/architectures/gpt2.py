@@ -1,12 +1,14 @@
-"""GPT-2 decoders: ``h[i]``, depth in ``n_layer``."""
+"""GPT-2 decoders: ``h[i]``, depth in ``n_layer``; attention (``ln_1`` + ``attn``) and MLP (``ln_2`` + ``mlp``)
+sub-layers as units too."""
 
 from __future__ import annotations
 
 from .base import register_architecture
 from .common import LayerListAdapter, mlp_site, text_inputs
+from .sublayers import ResidualSublayers
 
 
-class GPT2Adapter(LayerListAdapter):
+class GPT2Adapter(ResidualSublayers, LayerListAdapter):
     family = "gpt2"
     description = "GPT-2 decoders (h[i])"
     model_types = ("gpt2",)

@@ -7,6 +7,7 @@ Default: the real pretrained all-MiniLM-L6-v2 on the embedded dialog-topic task 
     python examples/lacoot_custom_loop.py --output_dir outputs/custom_loop --max_steps 20
     accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml \\
         examples/lacoot_custom_loop.py --output_dir outputs/custom_loop_fsdp --max_steps 200
+    # 2-process DDP on CPU: ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 examples/lacoot_custom_loop.py ...
 
 The three LaCoOT lines are marked ``# LaCoOT``: create the penalty before ``accelerator.prepare`` (its hooks stay on
 the model's own modules under DDP and FSDP2), run the forward pass inside ``penalty.capture``, add

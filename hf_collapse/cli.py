@@ -115,11 +115,39 @@ def job_command(method: str, argv: Sequence[str]) -> int:
     return 0
 
 
+def trady_command(argv: Sequence[str]) -> int:
+    """``hf-collapse trady [job flags] [TrainingArguments flags]``: memory-budgeted fine-tuning with TraDy."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from . import trady_job
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):
+            raise UsageError(message)
+
+    parser = Parser((trady_job.TraDyJobArguments, TrainingArguments), prog="hf-collapse trady",
+                    description=COMMANDS["trady"], allow_abbrev=False)
+    parser.set_defaults(**trady_job.DEFAULT_TRADY_TRAINING)
+    job, args, unknown = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
+    if unknown:
+        raise UsageError(_unknown_flags_message(parser, unknown))
+    _, summary = trady_job.run_trady_job(job, args)
+    print(f"\nTraDy on {job.model} / {job.dataset} ({summary['task']}; budget {summary['budget']}; "
+          f"{summary['train_steps']} steps, lr {args.learning_rate:g})\n")
+    print(trady_job.memory_markdown(summary))
+    print(f"held-out {summary['metric_name']}: {summary['metric_before']:.4f} -> {summary['metric_after']:.4f}")
+    saved = ", ".join(f"{path} ({what})" for what, path in summary.get("saved", {}).items())
+    print(f"saved: {saved}, {args.output_dir}/memory_report.json, {args.output_dir}/memory_report.md")
+    return 0
+
+
 COMMANDS = {
     "lacoot": "LaCoOT end to end: fine-tune with the MSW penalty, collapse blocks under a metric budget, save",
     "tlc": "TLC end to end: fine-tune, collapse activation layers and fuse the linear maps, save",
     "prune": "depth compression of a causal LM: score, remove under a block count or perplexity budget, heal, "
              "measure perplexity and tokens/s, save (and push)",
+    "trady": "memory-budgeted fine-tuning with TraDy: calibrate, train the sampled channels, measure the peak memory "
+             "of a training step against full fine-tuning, save the adapter (and the merged model)",
 }
 
 
@@ -160,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
+        if argv[:1] == ["trady"]:
+            return trady_command(argv[1:])
         if argv[:1] and argv[0] in COMMANDS:
             return job_command(argv[0], argv[1:])
         args = build_parser().parse_args(argv)

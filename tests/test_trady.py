@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 import tiny_models
 from toy_training import PadOnlyCollator, tiny_bert, toy_dataset
 from hf_collapse import trady
+from hf_collapse.trady import memory
 from hf_collapse.trady import (
     ChannelSliceFunction,
     LayerCost,
@@ -393,7 +394,10 @@ def test_save_reload_and_merge_and_unload_are_exact(tmp_path):
 
 @pytest.mark.parametrize("settings,error,message", [
     (dict(selection="best"), ValueError, "unknown selection 'best'; accepted: trady, static_topk_random"),
-    (dict(memory_budget=10, budget_ratio=0.1), ValueError, "not both"),
+    (dict(memory_budget=10, budget_ratio=0.1), ValueError, "give one budget.*not memory_budget and budget_ratio"),
+    (dict(budget_bytes=40, budget_ratio=0.1), ValueError, "not budget_bytes and budget_ratio"),
+    (dict(budget_bytes=40, memory_budget=10), ValueError, "not memory_budget and budget_bytes"),
+    (dict(budget_bytes=0), ValueError, "budget_bytes must be a positive number of bytes"),
     (dict(budget_ratio=1.5), ValueError, r"budget_ratio must be in \(0, 1\]"),
     (dict(memory_budget=0), ValueError, "memory_budget must be a positive"),
     (dict(coverage=0), ValueError, "coverage"),
@@ -730,3 +734,167 @@ def test_resumed_trainer_run_ends_where_the_uninterrupted_one_does(tmp_path, mod
     base = {n: layer.get_base_layer().weight for n, layer in find_trady_model(full).trady_layers().items()}
     for name, layer in find_trady_model(resumed).trady_layers().items():
         torch.testing.assert_close(layer.get_base_layer().weight, base[name], rtol=0, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------- budgets in bytes
+
+
+def test_a_budget_in_bytes_is_the_element_budget_times_the_element_size():
+    by_elements = trady_bert(budget_ratio=None, memory_budget=3000)
+    by_bytes = trady_bert(budget_ratio=None, budget_bytes=4 * 3000)  # float32 weights: 4 bytes per element
+    assert by_bytes.peft_config["default"].budget_description == "12000 bytes"
+    assert find_trady_model(by_bytes).current_selection() == find_trady_model(by_elements).current_selection()
+    summary = find_trady_model(by_bytes).budget_summary()
+    assert summary["budget_elements"] == 3000 and summary["budget_bytes"] == 12000
+    assert summary["capacity"] == find_trady_model(by_elements).budget_summary()["capacity"]
+    assert 0 < summary["used_bytes"] <= summary["budget_bytes"]
+    assert summary["used_bytes"] == 4 * summary["used_elements"]
+    torch.manual_seed(0)
+    half = get_peft_model(tiny_models.bert().to(torch.bfloat16), TraDyConfig(task_type="SEQ_CLS", budget_bytes=6000))
+    calibrate(half, [bert_batch()])
+    assert find_trady_model(half).budget_summary()["budget_elements"] == 3000  # bfloat16: 2 bytes per element
+    with pytest.raises(ValueError, match="12 bytes.*cannot hold a single channel"):
+        trady_bert(budget_ratio=None, budget_bytes=12)
+
+
+# ----------------------------------------------------------------------------------------------- peak step memory
+
+
+def test_step_memory_of_a_linear_matches_the_hand_computation():
+    """Linear(256 -> 1024), 2048 rows, loss (y * c).sum(). Forward allocates y and y * c (8 MiB each) while the
+    parameter (1 MiB) and, after warm-up, AdamW's two moments (2 MiB) are resident: the peak is the forward's,
+    parameters + state + 16 MiB. Backward leaves a 1 MiB gradient; with the input frozen nothing else is kept."""
+    mib = 2**20
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 1024, bias=False)
+    x, c = torch.randn(2048, 256), torch.randn(2048, 1024)
+    weight = linear.weight.detach().clone()
+
+    def loss_fn(outputs, batch):
+        return (outputs * c).sum()
+
+    sgd = memory.step_memory(linear, {"input": x}, loss_fn=loss_fn,
+                             optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert (sgd.parameter_bytes, sgd.gradient_bytes, sgd.optimizer_state_bytes) == (mib, mib, 0)
+    assert sgd.peak_phase == "forward" and sgd.peak_bytes == pytest.approx(17 * mib, abs=64)
+    assert sgd.activation_bytes == pytest.approx(16 * mib, abs=64)
+    assert sgd.saved_for_backward_bytes == 10 * mib  # autograd keeps x (for the weight gradient) and c
+    assert torch.equal(linear.weight, weight) is False  # lr 0.1 did move the weight (the factory's choice)
+    linear.weight.data.copy_(weight)
+    adamw = memory.step_memory(linear, {"input": x}, loss_fn=loss_fn)  # AdamW, lr 0: the weights stay
+    assert torch.equal(linear.weight, weight) and linear.weight.grad is None
+    assert adamw.optimizer_state_bytes == pytest.approx(2 * mib, abs=16)  # exp_avg, exp_avg_sq (+ step)
+    assert adamw.peak_bytes == pytest.approx(19 * mib, abs=64) and adamw.optimizer == "AdamW"
+    assert set(adamw.phase_peak_bytes) == {"forward", "backward", "optimizer"}
+    linear.requires_grad_(False)
+    frozen = memory.step_memory(linear, {"input": x}, loss_fn=loss_fn)  # inference: y alone
+    assert frozen.method == "frozen" and frozen.peak_bytes == pytest.approx(9 * mib, abs=64)
+    assert frozen.gradient_bytes == frozen.optimizer_state_bytes == 0
+
+
+def test_step_memory_leaves_a_trady_run_where_it_was():
+    model = trady_bert(resample_every_steps=1)
+    tuner = find_trady_model(model)
+    before = (copy.deepcopy(tuner.current_selection()), tuner._states["default"].steps,
+              tuner.trady_flat["default"].detach().clone(), effective_weights(model))
+    report = memory.step_memory(model, bert_batch(), warmup_steps=2)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # the flat parameter and the head
+    assert report.method == "trady" and report.gradient_bytes == 4 * trainable
+    assert tuner.current_selection() == before[0] and tuner._states["default"].steps == before[1]
+    assert torch.equal(tuner.trady_flat["default"], before[2]) and tuner.trady_flat["default"].grad is None
+    for name, weight in effective_weights(model).items():
+        assert torch.equal(weight, before[3][name])
+    assert model.peft_config["default"].resample_every_steps == 1
+    assert "| peak of a training step |" in report.to_markdown()
+
+
+# ----------------------------------------------------------------------------------------------- sharding refusals
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A real 1-process gloo group on CPU, destroyed afterwards (fully_shard needs a process group)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _fully_shard(peft_model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in peft_model.base_model.model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(peft_model, mesh=mesh)
+    assert any(isinstance(p, DTensor) for p in peft_model.parameters())
+
+
+def test_fully_sharded_parameters_are_refused_at_calibration_and_training(one_process_group):
+    fresh = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
+    _fully_shard(fresh)
+    with pytest.raises(trady.ShardedTrainingError, match=r"TraDy cannot calibrate under FSDP2 \(fully_shard"
+                                                         r".*Supported: a single device .* and DDP"):
+        calibrate(fresh, [bert_batch()])
+    calibrated = trady_bert()  # calibrated on one device, then sharded
+    _fully_shard(calibrated)
+    with pytest.raises(trady.ShardedTrainingError, match="TraDy cannot train under FSDP2"):
+        calibrated(**bert_batch()).loss.backward()
+    with pytest.raises(trady.ShardedTrainingError, match="cannot re-sample .* under FSDP2"):
+        find_trady_model(calibrated).resample(1)
+
+
+def test_zero3_partitioned_parameters_are_refused():
+    # DeepSpeed is not installed here: a ZeRO-3 parameter is recognised by the `ds_id` attribute DeepSpeed gives it.
+    model = trady_bert()
+    find_trady_model(model).model.bert.encoder.layer[0].attention.self.query.base_layer.weight.ds_id = 3
+    with pytest.raises(trady.ShardedTrainingError, match="DeepSpeed ZeRO-3 partitioned parameters"):
+        calibrate(model, [bert_batch()])
+
+
+def test_trainer_under_fsdp_or_deepspeed_is_refused_at_start(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    from hf_collapse.trady.callback import attach_to_trainer
+
+    def set_mode(kind):  # as accelerate does: AcceleratorState() copies PartialState's shared state when created
+        monkeypatch.setattr(PartialState(), "distributed_type", kind)
+        monkeypatch.setattr(AcceleratorState(), "distributed_type", kind)
+
+    # accelerate reports FSDP / DeepSpeed only on accelerators, and Trainer.train() then prepares the model for them
+    # (which needs one) before any callback runs. So the mode is set on accelerate's real process-wide state, with its
+    # real enum, beside a real Trainer, and the two ways TraDy starts under a Trainer are driven as train() drives
+    # them: the Trainer's own callback handler's on_train_begin, and the attachment at the first training forward.
+    calibrated = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
+    calibrate(calibrated, _toy_calibration_batches())
+    trainer = _toy_trainer(tmp_path / "callback", calibrated, [TraDyCallback()], max_steps=1)
+    fresh = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
+    auto_trainer = _toy_trainer(tmp_path / "auto", fresh, max_steps=1)  # (a Trainer resets accelerate's state)
+    assert AcceleratorState().initialized
+    set_mode(DistributedType.FSDP)
+    with pytest.raises(trady.ShardedTrainingError, match="TraDy cannot train under FSDP .accelerate's "
+                                                         r"distributed_type is FSDP.*Supported: .*DDP"):
+        trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    with pytest.raises(trady.ShardedTrainingError, match="distributed_type is FSDP"):
+        attach_to_trainer(auto_trainer)
+    assert not find_trady_model(fresh).is_calibrated()  # refused before calibrating
+    set_mode(DistributedType.DEEPSPEED)
+    with pytest.raises(trady.ShardedTrainingError, match="TraDy cannot calibrate under DeepSpeed"):
+        calibrate(fresh, _toy_calibration_batches())
+    set_mode(DistributedType.NO)  # one device: supported (DDP under torchrun: tests/test_trady_distributed.py)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+    # The flags a Trainer sets from its accelerator's plugins, on a real Trainer (a double of the accelerator part).
+    for attribute, named in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+        trainer = _toy_trainer(tmp_path / attribute, get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS")),
+                               max_steps=1)
+        monkeypatch.setattr(trainer, attribute, True)
+        with pytest.raises(trady.ShardedTrainingError, match=f"TraDy cannot train under {named} .the Trainer"):
+            attach_to_trainer(trainer)

@@ -1,0 +1,100 @@
+"""``hf-collapse trady`` end to end on a tiny random-init Llama that carries SmolLM2's real tokenizer, on the embedded
+BBC News text: calibration, training, the peak-step memory report (TraDy against full fine-tuning), the adapter
+(reloaded with PeftModel.from_pretrained) and the merged model (reloaded with plain from_pretrained)."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import hf_collapse.trady  # noqa: F401 - registers TRADY with peft, for PeftModel.from_pretrained
+from hf_collapse.cli import main
+from hf_collapse.data import embedded_model_path
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                                         tie_word_embeddings=True))
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# 8 windows at batch 4: 2 steps per epoch, so 4 steps re-sample once (merged channels go into the adapter)
+FAST = ["--window", "32", "--train_windows", "8", "--eval_windows", "4", "--max_steps", "4",
+        "--per_device_train_batch_size", "4", "--calibration_batches", "2", "--disable_tqdm", "true",
+        "--logging_steps", "1", "--learning_rate", "0.01"]
+
+
+def test_trady_command_trains_measures_and_saves_a_reloadable_adapter_and_merged_model(tiny_llm, tmp_path, capsys):
+    code = main(["trady", "--model", str(tiny_llm), "--budget_ratio", "0.1", "--merge", "true",
+                 "--output_dir", str(tmp_path), *FAST])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "TraDy on" in out and "| peak of a training step |" in out and "held-out perplexity:" in out
+    report = json.loads((tmp_path / "memory_report.json").read_text())
+    assert report["task"] == "causal_lm" and report["train_steps"] == 4 and report["train_examples"] == 8
+    assert report["metric_before"] > 1 and report["metric_after"] > 1
+    assert report["budget"] == "0.1 of the cost of every channel" and report["selected_layers"]
+    trady, full = report["step_memory"]["trady"], report["step_memory"]["full"]
+    assert trady["method"] == "trady" and full["method"] == "full"
+    assert trady["peak_bytes"] < full["peak_bytes"] and report["peak_ratio_to_full"] < 1
+    assert trady["optimizer_state_bytes"] < 0.2 * full["optimizer_state_bytes"]
+    for step in (trady, full):
+        assert step["peak_bytes"] >= step["parameter_bytes"] + step["optimizer_state_bytes"]
+    assert 0 < report["budget_summary"]["used_bytes"] <= report["budget_summary"]["budget_bytes"]
+    markdown = (tmp_path / "memory_report.md").read_text()
+    assert "## Peak memory of one training step" in markdown and "| trady | full |" in markdown
+
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("trady_merged_index" in key for key in saved)  # the epoch boundary re-sampled and merged
+    adapter = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    adapter = PeftModel.from_pretrained(adapter, tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # plain transformers
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    original = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
+    inputs = AutoTokenizer.from_pretrained(tmp_path / "merged")(["The markets rose sharply on Monday."],
+                                                               return_tensors="pt")
+    with torch.no_grad():
+        expected = merged(**inputs).logits
+        torch.testing.assert_close(adapter(**inputs).logits, expected, rtol=0, atol=1e-5)
+        assert not torch.allclose(original(**inputs).logits, expected, atol=1e-4)  # training did change it
+
+
+def test_trady_command_takes_a_budget_in_bytes_without_the_full_comparison(tiny_llm, tmp_path):
+    code = main(["trady", "--model", str(tiny_llm), "--budget_bytes", "400000", "--compare_full", "false",
+                 "--output_dir", str(tmp_path), *FAST])
+    assert code == 0
+    report = json.loads((tmp_path / "memory_report.json").read_text())
+    assert report["budget"] == "400000 bytes" and report["budget_summary"]["budget_bytes"] == 400000
+    assert set(report["step_memory"]) == {"trady"} and "peak_ratio_to_full" not in report
+    assert (tmp_path / "adapter" / "adapter_config.json").exists() and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], "no budget: pass --budget_ratio (a fraction of every channel's cost, e.g. 0.05) or --budget_bytes"),
+    (["--budget_ratio", "0.1", "--budget_bytes", "1000"], "two budgets: pass --budget_ratio or --budget_bytes"),
+    (["--budget_ratio", "1.5"], "--budget_ratio must be in (0, 1], got 1.5"),
+    (["--budget_bytes", "0"], "--budget_bytes must be >= 1, got 0"),
+    (["--budget_ratio", "0.1", "--selection", "best"], "--selection 'best': expected one of trady, static_topk_random"),
+    (["--budget_ratio", "0.1", "--task", "seq2seq"], "--task 'seq2seq': expected one of auto, classification"),
+    (["--budget_ratio", "0.1", "--max_depth", "0"], "--max_depth must be >= 1, got 0"),
+    (["--budget_ratio", "0.1", "--model", "no_such_model"], "model 'no_such_model' is not a local path"),
+    (["--budget_ratio", "0.1", "--budget_ratoi", "2"], "unrecognized arguments: --budget_ratoi 2; did you mean "
+                                                        "--budget_ratio?"),
+])
+def test_trady_command_refuses_bad_arguments_before_any_work(argv, expected, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["trady", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-collapse: error: ") and expected in err and len(err.strip().splitlines()) == 1

@@ -72,6 +72,7 @@ __all__ = [
     "DistillationTrainer",
     "LaCoOTArguments",
     "LaCoOTTrainer",
+    "MSWPenalty",
     "TLCConfig",
     "TraDyCallback",
     "TraDyConfig",

@@ -363,16 +363,11 @@ def _collapse_causal_lm(trainer: LaCoOTTrainer, held_out, job: LaCoOTJobArgument
     from torch.utils.data import DataLoader
 
     from .metrics import perplexity
-    from .removal import collapse
 
     evaluation = DataLoader(held_out, batch_size=trainer.args.per_device_eval_batch_size)
-    collapsed, report = collapse(
-        trainer.model, trainer.block_scores(), num_blocks=job.num_blocks, latency_repeats=job.latency_repeats,
-        eval_fn=lambda model: perplexity(model, evaluation), higher_is_better=False, metric_name="perplexity",
-        method="LaCoOT", progress=not trainer.args.disable_tqdm, **budget)
-    report.extra.update(msw_weight=trainer.args.msw_weight, msw_slicing=trainer.args.msw_slicing,
-                        max_steps=trainer.args.max_steps, learning_rate=trainer.args.learning_rate)
-    return collapsed, report
+    return trainer.collapse(num_blocks=job.num_blocks, latency_repeats=job.latency_repeats,
+                            eval_fn=lambda model: perplexity(model, evaluation), higher_is_better=False,
+                            metric_name="perplexity", **budget)
 
 
 def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[str, Any]]:

@@ -58,7 +58,7 @@ def test_every_public_name_resolves_lazily():
     names = out["names"]
     assert set(names) == {
         "ActivationSite", "ArchitectureAdapter", "AutoCollapsedModel", "Block", "CollapseReport", "CollapseStep",
-        "LaCoOTArguments", "LaCoOTTrainer", "TLCConfig", "TraDyCallback", "TraDyConfig", "TraDyModel",
+        "LaCoOTArguments", "LaCoOTTrainer", "MSWPenalty", "TLCConfig", "TraDyCallback", "TraDyConfig", "TraDyModel",
         "adapter_for", "collapse", "collapse_record", "find_blocks", "hub", "heal", "DistillationTrainer",
         "push_to_hub", "register_architecture",
         "remove_blocks", "score_blocks", "supported_families", "tlc", "trady", "unregister_architecture"}

@@ -26,7 +26,7 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -250,12 +250,16 @@ class LaCoOTTrainer(Trainer):
         max_metric_drop: float | None = None,
         eval_dataset=None,
         scores: dict[str, float] | None = None,
+        eval_fn: Callable[[nn.Module], float] | None = None,
         **collapse_kwargs: Any,
     ) -> tuple[nn.Module, CollapseReport]:
         """Remove the blocks with the smallest MSW, under a block count and/or a metric budget.
 
         The metric is ``args.metric_for_best_model`` (default: ``accuracy`` when ``compute_metrics`` is set,
-        else the loss), evaluated on ``eval_dataset`` (default: the trainer's). Returns a new model and its
+        else the loss), evaluated on ``eval_dataset`` (default: the trainer's). ``eval_fn`` (``model -> float``)
+        replaces that evaluation, e.g. held-out perplexity for a causal LM
+        (``eval_fn=lambda m: perplexity(m, loader), higher_is_better=False, metric_name="perplexity",
+        max_metric_ratio=1.2``). Other keywords go to :func:`hf_collapse.collapse`. Returns a new model and its
         :class:`CollapseReport`; the trained model is untouched. Call it on every rank under DDP (it is
         deterministic) and save on the main process only (``trainer.is_world_process_zero()``). Under FSDP the
         sharded model is first gathered into a plain copy on every rank (:func:`hf_collapse.distributed.unsharded_copy`):
@@ -263,13 +267,16 @@ class LaCoOTTrainer(Trainer):
         """
         scores = scores if scores is not None else self.block_scores(eval_dataset)
         metric_name, higher_is_better = metric_key(self.args, self.compute_metrics is not None)
-        needs_eval = max_metric_drop is not None or self.eval_dataset is not None or eval_dataset is not None
+        metric_name = collapse_kwargs.pop("metric_name", None) or metric_name.removeprefix("eval_")
+        higher_is_better = collapse_kwargs.pop("higher_is_better", higher_is_better)
+        needs_eval = eval_fn is not None or max_metric_drop is not None or self.eval_dataset is not None \
+            or eval_dataset is not None
 
-        def eval_fn(model: nn.Module) -> float:
+        def trainer_eval_fn(model: nn.Module) -> float:
             metrics = self.evaluate_model(model, eval_dataset)
-            if metric_name not in metrics:
-                raise ValueError(f"evaluation returned no {metric_name!r}; got {sorted(metrics)}")
-            return float(metrics[metric_name])
+            if f"eval_{metric_name}" not in metrics:
+                raise ValueError(f"evaluation returned no {'eval_' + metric_name!r}; got {sorted(metrics)}")
+            return float(metrics[f"eval_{metric_name}"])
 
         collapse_kwargs.setdefault("progress", not self.args.disable_tqdm)
         model = self.model
@@ -277,8 +284,8 @@ class LaCoOTTrainer(Trainer):
             model = unsharded_copy(self.model_wrapped, all_ranks=True)  # FSDP1 gathers through its root wrapper
         collapsed, report = collapse_model(
             model, scores, num_blocks=num_blocks, max_metric_drop=max_metric_drop,
-            eval_fn=eval_fn if needs_eval else None, higher_is_better=higher_is_better,
-            metric_name=metric_name.removeprefix("eval_"), method="LaCoOT", **collapse_kwargs,
+            eval_fn=(eval_fn or trainer_eval_fn) if needs_eval else None, higher_is_better=higher_is_better,
+            metric_name=metric_name, method="LaCoOT", **collapse_kwargs,
         )
         report.extra.update({
             "msw_weight": self.args.msw_weight, "msw_slicing": self.args.msw_slicing,

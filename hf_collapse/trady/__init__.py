@@ -32,6 +32,16 @@ probabilities, norm statistics, activation functions' inputs, dropout masks): me
 that part alone is 65% of full fine-tuning's saved bytes on MiniLM (batch 32 x 20 tokens) and 70-85% on a tiny
 RoBERTa, so at a 5% budget TraDy's total is about 0.6x full fine-tuning's, not 0.05x. Restricting the selection to
 the top of the network (``max_depth``) is what shrinks that part: backpropagation stops at the lowest selected layer.
+:func:`step_memory` measures the whole peak of a training step (parameters, gradients, optimizer state,
+activations), where TraDy's small gradients and optimizer state show.
+
+Decoder LMs: the default targets are every ``nn.Linear`` projection (Llama-style q/k/v/o/gate/up/down) or GPT-2
+``Conv1D`` except the LM head, trained on causal-LM batches (``-100`` labels are ignored as usual). Gradient
+checkpointing (``gradient_checkpointing_enable()`` or ``TrainingArguments(gradient_checkpointing=True)``, reentrant
+or not) gives the same loss and gradients and composes with TraDy's savings. The budget can be given in bytes
+(``TraDyConfig(budget_bytes=...)``). TraDy runs on one device or under DDP; under FSDP, DeepSpeed ZeRO or DTensor
+parameters it refuses at calibration and when training starts (:mod:`~hf_collapse.trady.sharding`). The command
+``hf-collapse trady`` does all of this on a causal LM in one go.
 """
 
 from __future__ import annotations

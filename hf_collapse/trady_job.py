@@ -132,6 +132,8 @@ def _prepare(job: TraDyJobArguments, task: str):
     shared = JobArguments(model=job.model, dataset=job.dataset, text_column=job.text_column,
                           label_column=job.label_column, max_length=job.window, task="classification")
     model, data, processor, collator = prepare_task(shared, "classification")
+    if getattr(model.config, "pad_token_id", None) is None and getattr(processor, "pad_token_id", None) is not None:
+        model.config.pad_token_id = processor.pad_token_id  # decoder classifiers pool the last non-padding token
     return model, data["train"], data["test"], processor, collator
 
 

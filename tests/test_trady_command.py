@@ -98,3 +98,15 @@ def test_trady_command_refuses_bad_arguments_before_any_work(argv, expected, cap
     assert main(["trady", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hf-collapse: error: ") and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_trady_command_fine_tunes_a_classifier_on_a_labelled_dataset(tiny_llm, tmp_path, capsys):
+    code = main(["trady", "--model", str(tiny_llm), "--task", "classification", "--budget_ratio", "0.1",
+                 "--compare_full", "false", "--output_dir", str(tmp_path), *FAST])
+    assert code == 0
+    assert "held-out accuracy:" in capsys.readouterr().out
+    report = json.loads((tmp_path / "memory_report.json").read_text())
+    assert report["task"] == "classification" and report["metric_name"] == "accuracy"
+    assert 0 <= report["metric_after"] <= 1 and report["train_steps"] == 4
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in (config["modules_to_save"] or [])

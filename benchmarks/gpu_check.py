@@ -1,7 +1,7 @@
 """The GPU lane in one command: every method end to end on CUDA, each check printed pass / fail.
 
-On the real all-MiniLM-L6-v2 and the embedded dialog topics (a few hundred examples, a few steps, so that the
-whole lane takes a few minutes on one GPU):
+On the real all-MiniLM-L6-v2 and the embedded dialog topics (a few hundred examples, a few steps), and the real
+SmolLM2-135M on BBC News text, so that the whole lane takes a few minutes on one GPU:
 
 * LaCoOT: ``LaCoOTTrainer`` trains, scores and collapses on the GPU; ``save_model`` publishes the collapsed model,
   which plain ``from_pretrained`` reloads to the same outputs; a run resumed from a checkpoint ends where the
@@ -9,7 +9,10 @@ whole lane takes a few minutes on one GPU):
 * TLC: ``tlc.compress`` (statistics, calibration losses, fine-tuning) runs with the model on the GPU, and
   ``AutoCollapsedModel`` reloads the result exactly;
 * TraDy: ``get_peft_model`` + a plain ``Trainer`` (calibrating itself) trains TraDy channels on the GPU, and the
-  saved adapter reloads exactly with ``PeftModel.from_pretrained``.
+  saved adapter reloads exactly with ``PeftModel.from_pretrained``;
+* SmolLM2: a LaCoOTTrainer step against a plain Trainer step (target <= 1.15x); generation tokens/s with 8 of 30
+  blocks removed against the intact model (target >= 0.9x the depth ratio), the pruned model reloaded by plain
+  ``from_pretrained``.
 
     python benchmarks/gpu_check.py                 # on a machine with CUDA; exits 1 if a check fails
     python benchmarks/gpu_check.py --allow-cpu     # the same lane on the CPU (slow; to test the script itself)
@@ -131,8 +134,104 @@ def check_trady(args, folder: Path) -> str:
     return f"{changed} encoder tensors updated under a 5% budget; adapter reload error {error:.1e}"
 
 
+def _smollm2(args, windows: int, window: int):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_collapse.data import embedded_model_path, lm_windows, load_bbc_news
+
+    folder = embedded_model_path("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer, lm_windows(load_bbc_news()["train"]["text"], tokenizer, window=window, max_windows=windows)
+
+
+class _StepTimes:
+    """A TrainerCallback that records the wall time of each training step (synchronising the device first)."""
+
+    def __init__(self, device: str):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                outer._sync()
+                outer.start = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                outer._sync()
+                outer.times.append(time.perf_counter() - outer.start)
+
+        self.device, self.times, self.start, self.callback = device, [], 0.0, Callback()
+
+    def _sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def median(self, skip: int) -> float:
+        kept = sorted(self.times[skip:])
+        return kept[len(kept) // 2]
+
+
+def check_lacoot_overhead_llm(args, folder: Path) -> str:
+    """A LaCoOTTrainer step against a plain Trainer step on SmolLM2 (batch 8 x 256 tokens, bf16 on CUDA): the
+    penalty's cost, median step times after warm-up, the two runs one after the other on the same device."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from hf_collapse import LaCoOTArguments, LaCoOTTrainer
+
+    steps, warmup = args.llm_steps, 3
+    model, _, train = _smollm2(args, windows=8 * (steps + warmup), window=256)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    medians = {}
+    for name, (trainer_class, args_class, extra) in {
+            "Trainer": (Trainer, TrainingArguments, {}),
+            "LaCoOTTrainer": (LaCoOTTrainer, LaCoOTArguments, {"msw_weight": 1e-4})}.items():
+        model.load_state_dict(state)
+        timer = _StepTimes(args.device)
+        training = args_class(str(folder / name), per_device_train_batch_size=8, max_steps=steps + warmup,
+                            learning_rate=1e-5, bf16=args.device == "cuda", report_to=[], disable_tqdm=True,
+                            save_strategy="no", use_cpu=args.device == "cpu", seed=0, **extra)
+        trainer_class(model=model, args=training, train_dataset=train, data_collator=default_data_collator,
+                      callbacks=[timer.callback]).train()
+        medians[name] = timer.median(warmup)
+    ratio = medians["LaCoOTTrainer"] / medians["Trainer"]
+    assert ratio <= 1.15, f"LaCoOT step {ratio:.2f}x a Trainer step (target <= 1.15x)"
+    return (f"step {medians['Trainer'] * 1e3:.0f} ms -> {medians['LaCoOTTrainer'] * 1e3:.0f} ms with the penalty on "
+            f"30 blocks: x{ratio:.3f} (target <= 1.15)")
+
+
+def check_generation_llm(args, folder: Path) -> str:
+    """Greedy generation with the KV cache, SmolLM2 intact vs 8 of 30 blocks removed (block influence on BBC text),
+    timed side by side; the collapsed model saved, reloaded with plain from_pretrained, generating the same tokens."""
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM
+
+    import hf_collapse
+    from hf_collapse.prune_job import generation_speed
+
+    model, tokenizer, windows = _smollm2(args, windows=16, window=128)
+    model = model.to(args.device).eval()
+    scores = hf_collapse.score_blocks(model, DataLoader(windows, batch_size=8), method="block_influence",
+                                      progress=False)
+    pruned = hf_collapse.remove_blocks(model, sorted(scores, key=scores.get)[:8])
+    prompt = {k: v[:1, :32].to(args.device) for k, v in windows[:1].items() if k != "labels"}
+    intact, smaller = generation_speed([model, pruned], prompt, new_tokens=64, rounds=5)
+    pruned.save_pretrained(folder / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder / "pruned").to(args.device).eval()
+    greedy = dict(max_new_tokens=16, do_sample=False)
+    assert torch.equal(reloaded.generate(**prompt, **greedy), pruned.generate(**prompt, **greedy)), \
+        "the reloaded model generates other tokens"
+    speedup, depth_ratio = smaller / intact, 30 / 22
+    assert speedup >= 0.9 * depth_ratio, f"x{speedup:.2f} is below 0.9 x the depth ratio {depth_ratio:.2f}"
+    return (f"{intact:.0f} -> {smaller:.0f} tokens/s (x{speedup:.2f}, depth ratio x{depth_ratio:.2f}); reload "
+            "generates the same tokens")
+
+
 CHECKS: dict[str, Callable] = {"LaCoOT train + collapse + save + resume": check_lacoot,
-                               "TLC compress + reload": check_tlc, "TraDy train + adapter reload": check_trady}
+                               "TLC compress + reload": check_tlc, "TraDy train + adapter reload": check_trady,
+                               "SmolLM2: LaCoOT step overhead": check_lacoot_overhead_llm,
+                               "SmolLM2: tokens/s with 8 of 30 blocks removed": check_generation_llm}
 
 
 def main() -> int:
@@ -141,6 +240,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--train-size", type=int, default=512)
     parser.add_argument("--eval-size", type=int, default=128)
+    parser.add_argument("--llm-steps", type=int, default=10, help="timed training steps on SmolLM2 per trainer")
+    parser.add_argument("--only", nargs="+", help="run only the checks whose name contains one of these words")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gpu_check.txt"))
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,10 +251,12 @@ def main() -> int:
     from hf_collapse.metrics import hardware_description
 
     lines = [f"hf_collapse GPU lane on {hardware_description(args.device)}, torch {torch.__version__}", "",
-             f"| check | result | seconds | details |", "| --- | --- | ---: | --- |"]
+             "| check | result | seconds | details |", "| --- | --- | ---: | --- |"]
     print("\n".join(lines), flush=True)
     failures = 0
-    for name, check in CHECKS.items():
+    checks = {name: check for name, check in CHECKS.items()
+              if not args.only or any(word.lower() in name.lower() for word in args.only)}
+    for name, check in checks.items():
         start = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as tmp, redirect_stdout(io.StringIO()):
@@ -166,7 +269,7 @@ def main() -> int:
         line = f"| {name} | {result} | {time.perf_counter() - start:.0f} | {details} |"
         lines.append(line)
         print(line, flush=True)
-    summary = f"\n{len(CHECKS) - failures} passed, {failures} failed"
+    summary = f"\n{len(checks) - failures} passed, {failures} failed"
     lines.append(summary)
     print(summary)
     if args.device == "cuda":

@@ -88,6 +88,12 @@ def job_command(method: str, argv: Sequence[str]) -> int:
         def error(self, message: str):
             raise UsageError(message)
 
+    if method == "lacoot" and not {"-h", "--help"} & set(argv):
+        # The training defaults depend on the task, which the job flags decide (a causal LM trains on text windows
+        # with a much smaller λ): read those first.
+        task_parser = Parser(job_class, allow_abbrev=False)
+        task_job, _ = task_parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
+        defaults = jobs.lacoot_training_defaults(jobs.resolve_task(task_job))
     parser = Parser((job_class, args_class), prog=f"hf-collapse {method}", description=COMMANDS[method],
                     allow_abbrev=False)
     parser.set_defaults(**defaults)

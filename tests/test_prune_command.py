@@ -93,7 +93,7 @@ def test_lacoot_command_on_a_causal_lm_trains_on_text_windows_and_collapses_unde
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert report.metric_name == "perplexity" and not report.higher_is_better
     assert report.budget["max_metric_ratio"] == 100 and len(report.removed) == 2
-    assert report.extra["msw_weight"] == 0.1 and report.extra["eval_examples"] == 8
+    assert report.extra["msw_weight"] == 1e-4 and report.extra["eval_examples"] == 8  # the causal-LM default λ
     collapsed = AutoModelForCausalLM.from_pretrained(tmp_path / "collapsed")  # plain reload
     assert collapsed.config.num_hidden_layers == 3
     assert AutoTokenizer.from_pretrained(tmp_path / "collapsed").eos_token_id is not None

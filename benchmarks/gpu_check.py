@@ -12,7 +12,8 @@ SmolLM2-135M on BBC News text, so that the whole lane takes a few minutes on one
   saved adapter reloads exactly with ``PeftModel.from_pretrained``;
 * SmolLM2: a LaCoOTTrainer step against a plain Trainer step (target <= 1.15x); generation tokens/s with 8 of 30
   blocks removed against the intact model (target >= 0.9x the depth ratio), the pruned model reloaded by plain
-  ``from_pretrained``.
+  ``from_pretrained``; the peak memory of a training step (``torch.cuda.max_memory_allocated``) of TraDy at 5%,
+  LoRA r=8 and full fine-tuning.
 
     python benchmarks/gpu_check.py                 # on a machine with CUDA; exits 1 if a check fails
     python benchmarks/gpu_check.py --allow-cpu     # the same lane on the CPU (slow; to test the script itself)
@@ -228,10 +229,38 @@ def check_generation_llm(args, folder: Path) -> str:
             "generates the same tokens")
 
 
+def check_peak_memory_llm(args, folder: Path) -> str:
+    """Peak memory of one training step of SmolLM2 (batch 2 x 256 tokens) from ``torch.cuda.max_memory_allocated``
+    (``hf_collapse.trady.step_memory``): full fine-tuning, LoRA r=8 and TraDy at a 5% budget, built as
+    ``bench_trady_llm.py`` builds them (the same projections)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_trady_llm import build
+
+    from hf_collapse.trady import step_memory
+
+    _, _, windows = _smollm2(args, windows=8, window=256)
+    batches = [dict(windows[i:i + 2]) for i in range(0, 8, 2)]  # TraDy calibrates on these (CPU), then moves
+    settings = SimpleNamespace(lora_r=8, budget_ratio=0.05, max_depth=None)
+    peaks = {}
+    for method in ("full", "lora", "trady"):
+        model = build(method, settings, batches)[0].to(args.device)
+        peaks[method] = step_memory(model, {k: v.to(args.device) for k, v in batches[0].items()}).peak_bytes
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    full, lora, trady = (peaks[m] / 2**20 for m in ("full", "lora", "trady"))
+    assert trady < lora < full, f"peak MiB: full {full:.0f}, LoRA {lora:.0f}, TraDy {trady:.0f}"
+    return (f"peak step MiB: full {full:.0f}, LoRA r=8 {lora:.0f}, TraDy 5% {trady:.0f} "
+            f"({trady / full:.2f}x full, {trady / lora:.2f}x LoRA; target <= 0.4x full, below LoRA)")
+
+
 CHECKS: dict[str, Callable] = {"LaCoOT train + collapse + save + resume": check_lacoot,
                                "TLC compress + reload": check_tlc, "TraDy train + adapter reload": check_trady,
                                "SmolLM2: LaCoOT step overhead": check_lacoot_overhead_llm,
-                               "SmolLM2: tokens/s with 8 of 30 blocks removed": check_generation_llm}
+                               "SmolLM2: tokens/s with 8 of 30 blocks removed": check_generation_llm,
+                               "SmolLM2: peak step memory, TraDy vs LoRA vs full": check_peak_memory_llm}
 
 
 def main() -> int:

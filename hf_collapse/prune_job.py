@@ -47,7 +47,9 @@ class PruneJobArguments:
     max_metric_ratio: float | None = field(default=None, metadata={"help": "Perplexity may grow by this factor."})
     heal: str | None = field(default=None, metadata={"help": f"Healing after removal: {', '.join(HEALING)}."})
     window: int = field(default=128, metadata={"help": "Tokens per calibration / evaluation window."})
-    calibration_windows: int = field(default=32, metadata={"help": "Windows of training text for scoring/healing."})
+    calibration_windows: int = field(default=32, metadata={"help": "Windows of training text for scoring."})
+    heal_windows: int = field(default=512, metadata={
+        "help": "Windows of training text for healing (linear: the fit's calibration; distill/lora: training data)."})
     eval_windows: int = field(default=32, metadata={"help": "Held-out windows for perplexity."})
     batch_size: int = field(default=8, metadata={"help": "Windows per batch for scoring and perplexity."})
     generate_tokens: int = field(default=32, metadata={"help": "Tokens generated to measure tokens/s (0: skip)."})
@@ -71,7 +73,7 @@ class PruneJobArguments:
         _at_least("num_blocks", self.num_blocks, 1)
         _at_least("max_metric_increase", self.max_metric_increase, 0)
         _at_least("max_metric_ratio", self.max_metric_ratio, 1)
-        for name in ("window", "calibration_windows", "eval_windows", "batch_size"):
+        for name in ("window", "calibration_windows", "heal_windows", "eval_windows", "batch_size"):
             _at_least(name, getattr(self, name), 1)
         _at_least("generate_tokens", self.generate_tokens, 0)
         _at_least("latency_repeats", self.latency_repeats, 0)
@@ -127,8 +129,10 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
                              "perplexity_before": report.before.metric, "perplexity_after_removal": report.after.metric}
     if job.heal is not None and report.after.removed:
         with phase(f"healing ({job.heal})"):
-            final = heal(collapsed, model, calibration, method=job.heal, args=args)
-            extra.update(heal=job.heal, perplexity_after_healing=perplexity(final, evaluation))
+            healing = lm_windows(train_text, tokenizer, window=job.window, max_windows=job.heal_windows)
+            final = heal(collapsed, model, healing, method=job.heal, args=args)
+            extra.update(heal=job.heal, heal_windows=len(healing),
+                         perplexity_after_healing=perplexity(final, evaluation))
     if job.generate_tokens:
         with phase(f"timing generation ({job.generate_tokens} tokens, KV cache)"):
             prompt = {k: v[:1, : min(32, job.window)] for k, v in next(iter(evaluation)).items() if k != "labels"}

@@ -27,7 +27,7 @@ def tiny_llm(tmp_path_factory):
     return folder
 
 
-FAST = ["--window", "32", "--calibration_windows", "8", "--eval_windows", "8", "--batch_size", "4",
+FAST = ["--window", "32", "--calibration_windows", "8", "--heal_windows", "16", "--eval_windows", "8", "--batch_size", "4",
         "--generate_tokens", "4", "--latency_repeats", "1", "--disable_tqdm", "true"]
 
 
@@ -43,6 +43,7 @@ def test_prune_removes_heals_measures_and_saves(tiny_llm, tmp_path, capsys):
     extra = report.extra
     assert extra["perplexity_before"] == report.before.metric and extra["perplexity_after_removal"] == report.after.metric
     assert extra["perplexity_after_healing"] > 1 and extra["tokens_per_s_after"] > 0 and extra["heal"] == "linear"
+    assert extra["heal_windows"] == 16
     saved = tmp_path / "collapsed"
     assert {"README.md", "tradeoff.png", "config.json", "model.safetensors"} <= {p.name for p in saved.iterdir()}
     reloaded = AutoModelForCausalLM.from_pretrained(saved)  # plain reload: 3 layers, the healed weights

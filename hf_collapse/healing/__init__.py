@@ -40,7 +40,7 @@ def heal(student: nn.Module, teacher: nn.Module | None, train_dataset, method: s
             ``"lora"`` — peft LoRA on the linears of the kept blocks, merged back (kwargs ``r``, ``lora_alpha``,
             ``lora_dropout``, ``target_modules`` and ``Trainer`` arguments);
             ``"linear"`` — training-free least-squares replacement of each removed span folded into the preceding
-            block's projection (kwargs ``data_collator``, ``calibration_batches`` (4), ``ridge`` (1e-3); see
+            block's projection (kwargs ``data_collator``, ``calibration_batches`` (16), ``ridge`` (1e-3); see
             :mod:`hf_collapse.healing.linear` for the formulation).
         args: ``transformers.TrainingArguments`` (required by ``"distill"`` and ``"lora"``; for ``"linear"``
             only its batch size is read).

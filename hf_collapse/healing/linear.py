@@ -158,8 +158,13 @@ def _heal_span(student: nn.Module, teacher: nn.Module, span: RemovedSpan, batche
 
 
 def linear(student: nn.Module, teacher: nn.Module, train_dataset, args=None, *, data_collator=None,
-           calibration_batches: int = 4, ridge: float = 1e-3) -> nn.Module:
+           calibration_batches: int = 16, ridge: float = 1e-3) -> nn.Module:
     """Replace each removed span by a least-squares linear map folded into the preceding block (in place).
+
+    The fit has ``d x d`` unknowns per span (``d`` the hidden size): give it many more calibration tokens than ``d``.
+    On SmolLM2 (``d`` = 576) with 8 of 30 blocks removed, 16 batches of 8 windows of 128 tokens took held-out
+    perplexity from 101.8 to 63.6; 4 batches of 8 (4k tokens) helped less, and 4 windows (512 tokens, fewer than
+    ``d``) made a model with 2 blocks removed far worse (20.4 to 221).
 
     ``student`` is changed in place (:func:`hf_collapse.heal` passes a copy); ``args`` (optional) gives the
     calibration batch size (``per_device_train_batch_size``).

@@ -31,7 +31,7 @@ from .tlc import TLCConfig, compress
 
 __all__ = [
     "DEFAULT_LACOOT_LM_TRAINING", "DEFAULT_LACOOT_TRAINING", "DEFAULT_TLC_TRAINING", "DEFAULT_TRAINING", "TASKS",
-    "JobArguments", "LaCoOTJobArguments", "TLCJobArguments", "accuracy", "default_lacoot_arguments",
+    "JobArguments", "LMJobArguments", "LaCoOTJobArguments", "TLCJobArguments", "accuracy", "default_lacoot_arguments",
     "lacoot_training_defaults", "load_data_source", "prepare_task", "resolve_task", "run_lacoot_job", "run_tlc_job",
     "text_splits",
 ]
@@ -67,6 +67,8 @@ class JobArguments:
         "help": "classification (a head on labelled data, accuracy) or causal_lm (next-token prediction on the text "
                 "cut into windows, perplexity); auto: causal_lm when the model is a causal LM."})
     eval_windows: int = field(default=64, metadata={"help": "causal_lm: held-out windows for perplexity."})
+    train_windows: int | None = field(default=None, metadata={
+        "help": "causal_lm: at most this many training windows (default: all of the training text)."})
     latency_repeats: int = field(
         default=10, metadata={"help": "Interleaved rounds timing each state beside the original (0: no latency)."}
     )
@@ -82,8 +84,25 @@ class JobArguments:
         _at_least("max_length", self.max_length, 1)
         _at_least("latency_repeats", self.latency_repeats, 0)
         _at_least("eval_windows", self.eval_windows, 1)
+        _at_least("train_windows", self.train_windows, 1)
         if self.task not in TASKS:
             raise ValueError(f"--task {self.task!r}: expected one of {', '.join(TASKS)}")
+
+
+@dataclass
+class LMJobArguments:
+    """The model and the text of the causal-LM commands (``hf-collapse prune``, ``hf-collapse trady``)."""
+
+    model: str = field(default="smollm2", metadata={"help": "Embedded model name, local folder or Hub model id."})
+    dataset: str = field(default="bbc_news", metadata={
+        "help": f"Embedded dataset ({', '.join(EMBEDDED_DATASETS)}), a local text file/folder "
+                f"({', '.join(DATA_FILE_SUFFIXES)}) or a Hub dataset name."})
+    text_column: str = field(default="text", metadata={"help": "Text column."})
+
+    def __post_init__(self):
+        check_source("model", self.model, list(EMBEDDED_MODELS), "a saved model folder")
+        check_source("dataset", self.dataset, list(EMBEDDED_DATASETS),
+                     f"a data file or folder ({', '.join(DATA_FILE_SUFFIXES)})")
 
 
 @dataclass
@@ -268,11 +287,11 @@ def _seed_everything(args) -> None:
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
 
-def _model_source(job: JobArguments) -> str:
+def _model_source(job: JobArguments | LMJobArguments) -> str:
     return str(embedded_model_path(job.model)) if is_embedded(job.model) else job.model
 
 
-def resolve_task(job: JobArguments) -> str:
+def resolve_task(job: JobArguments | LMJobArguments) -> str:
     """``job.task``, with ``auto`` resolved from the model's config: ``causal_lm`` when its architecture is a causal
     LM (``...ForCausalLM``, ``...LMHeadModel``), else ``classification``."""
     if job.task != "auto":
@@ -294,7 +313,7 @@ def _prepare_causal_lm_task(job: JobArguments):
     tokenizer = AutoTokenizer.from_pretrained(source)
     train_text, held_out_text = text_splits(job.dataset, job.text_column)
     data = datasets.DatasetDict(
-        train=lm_windows(train_text, tokenizer, window=job.max_length),
+        train=lm_windows(train_text, tokenizer, window=job.max_length, max_windows=job.train_windows),
         test=lm_windows(held_out_text, tokenizer, window=job.max_length, max_windows=job.eval_windows))
     return AutoModelForCausalLM.from_pretrained(source), data, tokenizer, default_data_collator
 

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import DATA_FILE_SUFFIXES, EMBEDDED_DATASETS, EMBEDDED_MODELS, check_source, embedded_model_path
-from .data import is_embedded, lm_windows
-from .jobs import _at_least, _seed_everything, phase, text_splits
+from .data import embedded_model_path, is_embedded, lm_windows
+from .jobs import LMJobArguments, _at_least, _seed_everything, phase, text_splits
 from .report import CollapseReport
 
 __all__ = ["DEFAULT_PRUNE_TRAINING", "PruneJobArguments", "generation_speed", "run_prune_job"]
@@ -31,14 +30,9 @@ DEFAULT_PRUNE_TRAINING: dict[str, Any] = dict(
 
 
 @dataclass
-class PruneJobArguments:
+class PruneJobArguments(LMJobArguments):
     """The ``hf-collapse prune`` flags besides ``TrainingArguments`` (which configure healing by training)."""
 
-    model: str = field(default="smollm2", metadata={"help": "Embedded model name, local folder or Hub model id."})
-    dataset: str = field(default="bbc_news", metadata={
-        "help": f"Embedded dataset ({', '.join(EMBEDDED_DATASETS)}), a local text file/folder "
-                f"({', '.join(DATA_FILE_SUFFIXES)}) or a Hub dataset name."})
-    text_column: str = field(default="text", metadata={"help": "Text column."})
     method: str = field(default="block_influence", metadata={
         "help": "Scorer: block_influence, angular, loss (SLEB), msw, random."})
     granularity: str = field(default="block", metadata={"help": "Units: block, attention or mlp."})
@@ -56,9 +50,7 @@ class PruneJobArguments:
     latency_repeats: int = field(default=3, metadata={"help": "Interleaved rounds of each speed measurement."})
 
     def __post_init__(self):
-        check_source("model", self.model, list(EMBEDDED_MODELS), "a saved model folder")
-        check_source("dataset", self.dataset, list(EMBEDDED_DATASETS),
-                     f"a data file or folder ({', '.join(DATA_FILE_SUFFIXES)})")
+        super().__post_init__()
         from .scoring import DATA_FREE, SCORERS
 
         methods = [*SCORERS, "loss", *DATA_FREE]

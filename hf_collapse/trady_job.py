@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import DATA_FILE_SUFFIXES, EMBEDDED_DATASETS, EMBEDDED_MODELS, check_source, embedded_model_path
-from .data import is_embedded
-from .jobs import TASKS, _at_least, _seed_everything, phase
+from .jobs import TASKS, JobArguments, LMJobArguments, _at_least, _seed_everything, phase, prepare_task, resolve_task
 
 __all__ = ["DEFAULT_TRADY_TRAINING", "TraDyJobArguments", "run_trady_job"]
 
@@ -34,17 +32,12 @@ DEFAULT_TRADY_TRAINING: dict[str, Any] = dict(
 
 
 @dataclass
-class TraDyJobArguments:
+class TraDyJobArguments(LMJobArguments):
     """The ``hf-collapse trady`` flags besides ``TrainingArguments``."""
 
-    model: str = field(default="smollm2", metadata={"help": "Embedded model name, local folder or Hub model id."})
-    dataset: str = field(default="bbc_news", metadata={
-        "help": f"Embedded dataset ({', '.join(EMBEDDED_DATASETS)}), a local text file/folder "
-                f"({', '.join(DATA_FILE_SUFFIXES)}) or a Hub dataset name."})
     task: str = field(default="auto", metadata={
         "help": "causal_lm (next-token prediction on text windows), classification (a head on labelled data) or "
                 "auto (causal_lm when the model is a causal LM)."})
-    text_column: str = field(default="text", metadata={"help": "Text column."})
     label_column: str = field(default="label", metadata={"help": "Label column (classification)."})
     budget_ratio: float | None = field(default=None, metadata={
         "help": "Budget as a fraction of the cost of updating every channel of every target layer (e.g. 0.05)."})
@@ -67,9 +60,7 @@ class TraDyJobArguments:
         "help": "Also measure the peak step memory of full fine-tuning (same batch, AdamW) for comparison."})
 
     def __post_init__(self):
-        check_source("model", self.model, list(EMBEDDED_MODELS), "a saved model folder")
-        check_source("dataset", self.dataset, list(EMBEDDED_DATASETS),
-                     f"a data file or folder ({', '.join(DATA_FILE_SUFFIXES)})")
+        super().__post_init__()
         from .trady.config import SELECTIONS
 
         if self.task not in TASKS:
@@ -98,41 +89,14 @@ class TraDyJobArguments:
         return names or None
 
 
-def _source(job: TraDyJobArguments) -> str:
-    return str(embedded_model_path(job.model)) if is_embedded(job.model) else job.model
-
-
-def _task(job: TraDyJobArguments) -> str:
-    if job.task != "auto":
-        return job.task
-    from transformers import AutoConfig
-
-    architectures = getattr(AutoConfig.from_pretrained(_source(job)), "architectures", None) or []
-    return "causal_lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else "classification"
-
-
 def _prepare(job: TraDyJobArguments, task: str):
-    """``(model, train dataset, held-out dataset, processor, collator)`` for the task."""
-    from transformers import default_data_collator
-
-    if task == "causal_lm":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .data import lm_windows
-        from .jobs import text_splits
-
-        source = _source(job)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        train_text, held_out_text = text_splits(job.dataset, job.text_column)
-        train = lm_windows(train_text, tokenizer, window=job.window, max_windows=job.train_windows)
-        held_out = lm_windows(held_out_text, tokenizer, window=job.window, max_windows=job.eval_windows)
-        return AutoModelForCausalLM.from_pretrained(source), train, held_out, tokenizer, default_data_collator
-    from .jobs import JobArguments, prepare_task
-
+    """``(model, train dataset, held-out dataset, processor, collator)`` for the task (:func:`jobs.prepare_task`)."""
     shared = JobArguments(model=job.model, dataset=job.dataset, text_column=job.text_column,
-                          label_column=job.label_column, max_length=job.window, task="classification")
-    model, data, processor, collator = prepare_task(shared, "classification")
-    if getattr(model.config, "pad_token_id", None) is None and getattr(processor, "pad_token_id", None) is not None:
+                          label_column=job.label_column, max_length=job.window, task=task,
+                          eval_windows=job.eval_windows, train_windows=job.train_windows)
+    model, data, processor, collator = prepare_task(shared, task)
+    if task == "classification" and getattr(model.config, "pad_token_id", None) is None \
+            and getattr(processor, "pad_token_id", None) is not None:
         model.config.pad_token_id = processor.pad_token_id  # decoder classifiers pool the last non-padding token
     return model, data["train"], data["test"], processor, collator
 
@@ -204,7 +168,7 @@ def run_trady_job(job: TraDyJobArguments, args) -> tuple[Any, dict[str, Any]]:
     from .trady import TraDyConfig, calibrate, find_trady_model, step_memory
 
     _seed_everything(args)
-    task = _task(job)
+    task = resolve_task(job)
     with phase(f"loading {job.model} and {job.dataset} ({task})"):
         model, train, held_out, processor, collator = _prepare(job, task)
     batch = _first_batch(train, collator, args.per_device_train_batch_size)

@@ -5,26 +5,16 @@ perplexity, tokens/s, the saved model and its card."""
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_collapse
 from hf_collapse.cli import main
-from hf_collapse.data import embedded_model_path
+from tiny_models import save_tiny_llm_with_smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
-                                         tie_word_embeddings=True))
-    folder = tmp_path_factory.mktemp("tiny-llm")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llm_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llm"), num_hidden_layers=5)
 
 
 FAST = ["--window", "32", "--calibration_windows", "8", "--heal_windows", "16", "--eval_windows", "8", "--batch_size", "4",

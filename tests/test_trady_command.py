@@ -7,25 +7,16 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_collapse.trady  # noqa: F401 - registers TRADY with peft, for PeftModel.from_pretrained
 from hf_collapse.cli import main
-from hf_collapse.data import embedded_model_path
+from tiny_models import save_tiny_llm_with_smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
-                                         tie_word_embeddings=True))
-    folder = tmp_path_factory.mktemp("tiny-llm")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llm_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llm"), num_hidden_layers=3)
 
 
 # 8 windows at batch 4: 2 steps per epoch, so 4 steps re-sample once (merged channels go into the adapter)

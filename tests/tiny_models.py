@@ -313,3 +313,21 @@ def output_of(model, inputs) -> torch.Tensor:
         if value is not None:
             return value
     return out[0]
+
+
+def save_tiny_llm_with_smollm2_tokenizer(folder, num_hidden_layers: int):
+    """Save a tiny random-init Llama that carries SmolLM2's real tokenizer (and its vocabulary size) in ``folder``:
+    what the LLM commands need to run end to end in seconds on the embedded BBC News text."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_collapse.data import embedded_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=num_hidden_layers, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=128,
+                                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

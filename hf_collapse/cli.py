@@ -88,12 +88,14 @@ def job_command(method: str, argv: Sequence[str]) -> int:
         def error(self, message: str):
             raise UsageError(message)
 
-    if method == "lacoot" and not {"-h", "--help"} & set(argv):
-        # The training defaults depend on the task, which the job flags decide (a causal LM trains on text windows
-        # with a much smaller λ): read those first.
-        task_parser = Parser(job_class, allow_abbrev=False)
-        task_job, _ = task_parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
-        defaults = jobs.lacoot_training_defaults(jobs.resolve_task(task_job))
+    training_defaults = {"lacoot": lambda job: jobs.lacoot_training_defaults(jobs.resolve_task(job)),
+                         "prune": lambda job: prune_job.prune_training_defaults(job.heal)}
+    if method in training_defaults and not {"-h", "--help"} & set(argv):
+        # The training defaults depend on job flags (lacoot: a causal LM trains on text windows with a much smaller
+        # λ; prune: LoRA heals with a larger learning rate than distillation): read those first.
+        first = Parser(job_class, allow_abbrev=False)
+        job_only, _ = first.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
+        defaults = training_defaults[method](job_only)
     parser = Parser((job_class, args_class), prog=f"hf-collapse {method}", description=COMMANDS[method],
                     allow_abbrev=False)
     parser.set_defaults(**defaults)

@@ -107,3 +107,11 @@ def test_causal_lm_task_is_recognised_from_the_config_and_budgets_follow_the_tas
         TLCJobArguments(task="causal_lm")
     with pytest.raises(ValueError, match="is a causal LM: hf-collapse tlc runs classification tasks"):
         run_tlc_job(TLCJobArguments(model=str(tiny_llm)), None)
+
+
+def test_prune_training_defaults_follow_the_healing_method():
+    from hf_collapse.prune_job import DEFAULT_PRUNE_TRAINING, prune_training_defaults
+
+    assert prune_training_defaults("lora")["learning_rate"] == 5e-4
+    assert prune_training_defaults("distill") == prune_training_defaults(None) == DEFAULT_PRUNE_TRAINING
+    assert DEFAULT_PRUNE_TRAINING["learning_rate"] == 5e-5

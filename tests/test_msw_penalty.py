@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_collapse import LaCoOTArguments, LaCoOTTrainer, MSWPenalty
 from hf_collapse.block_io import BlockIO, feature_mask
 from hf_collapse.ot import max_sliced_wasserstein
-from toy_training import PadOnlyCollator, tiny_bert, toy_dataset
+from toy_training import PadOnlyCollator, penalized_loop, tiny_bert, toy_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS = [f"bert.encoder.layer.{i}" for i in range(3)]
@@ -163,19 +163,6 @@ def test_ignored_labels_are_excluded_in_a_causal_lm():
 
 
 # ------------------------------------------------------------------------------------------------ training loops
-def plain_loop(model, penalty, batches, weight=0.5, optimizer=None, lr=5e-3):
-    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    history = []
-    for batch in batches:
-        with penalty.capture(inputs=batch):
-            loss = model(**batch).loss
-        loss = loss + weight * penalty()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        history.append(penalty.last_values())
-    return history, optimizer
 
 
 def test_accelerate_loop_is_the_plain_loop_and_lowers_the_msw():
@@ -183,7 +170,7 @@ def test_accelerate_loop_is_the_plain_loop_and_lowers_the_msw():
     from accelerate.state import AcceleratorState, GradientState
 
     reference_model = tiny_bert()
-    reference, _ = plain_loop(reference_model, MSWPenalty(reference_model, seed=0), list(loader()) * 2)
+    reference, _ = penalized_loop(reference_model, MSWPenalty(reference_model, seed=0), list(loader()) * 2)
 
     try:
         accelerator = Accelerator(cpu=True)
@@ -231,10 +218,10 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path, slicing):
         return model, MSWPenalty(model, slicing=slicing, n_projections=5, ascent_steps=1, seed=0)
 
     full_model, penalty = fresh()
-    full, _ = plain_loop(full_model, penalty, batches)
+    full, _ = penalized_loop(full_model, penalty, batches)
 
     model, penalty = fresh()
-    first, optimizer = plain_loop(model, penalty, batches[:3])
+    first, optimizer = penalized_loop(model, penalty, batches[:3])
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "penalty": penalty.state_dict()},
                tmp_path / "checkpoint.pt")
 
@@ -246,7 +233,7 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path, slicing):
             penalty.load_state_dict(checkpoint["penalty"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        return plain_loop(model, penalty, batches[3:], optimizer=optimizer)[0], model
+        return penalized_loop(model, penalty, batches[3:], optimizer=optimizer)[0], model
 
     rest, resumed = resume(True)
     assert first + rest == full  # bit for bit: same directions, same draws

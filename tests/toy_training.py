@@ -41,3 +41,20 @@ def toy_dataset(n=16, seed=0):
 
 def accuracy(prediction):
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def penalized_loop(model, penalty, batches, weight=0.5, optimizer=None, lr=5e-3):
+    """Train ``model`` on ``batches`` with task loss + ``weight`` x ``penalty()`` (an MSWPenalty) in a plain PyTorch
+    loop (AdamW by default). Returns the per-step ``penalty.last_values()`` and the optimizer."""
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    history = []
+    for batch in batches:
+        with penalty.capture(inputs=batch):
+            loss = model(**batch).loss
+        loss = loss + weight * penalty()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(penalty.last_values())
+    return history, optimizer

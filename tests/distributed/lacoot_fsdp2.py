@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 import hf_collapse  # noqa: E402
 from hf_collapse import MSWPenalty  # noqa: E402
 from hf_collapse.distributed import full_state_dict, is_sharded, unsharded_copy  # noqa: E402
-from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # noqa: E402
+from toy_training import PadOnlyCollator, accuracy, penalized_loop, tiny_bert, toy_dataset  # noqa: E402
 
 STEPS, BATCH, LAMBDA, LR = 4, 4, 0.5, 0.1
 
@@ -38,18 +38,9 @@ def train(weight: float, shard: bool, same_data: bool, rank: int):
         for layer in model.bert.encoder.layer:
             fully_shard(layer)
         fully_shard(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    model.train()
-    history = []
-    for step in range(STEPS):
-        batch = batch_for(step, rank, same_data)
-        with penalty.capture(inputs=batch):
-            loss = model(**batch).loss
-        loss = loss + weight * penalty()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        history.append(penalty.last_values())
+    batches = [batch_for(step, rank, same_data) for step in range(STEPS)]
+    history, _ = penalized_loop(model, penalty, batches, weight=weight,
+                                optimizer=torch.optim.SGD(model.parameters(), lr=LR))
     return model, penalty, history
 
 

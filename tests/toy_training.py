@@ -58,3 +58,14 @@ def penalized_loop(model, penalty, batches, weight=0.5, optimizer=None, lr=5e-3)
         optimizer.zero_grad()
         history.append(penalty.last_values())
     return history, optimizer
+
+
+def finish_distributed() -> None:
+    """End a torchrun test script cleanly: wait for every rank, then destroy the process group. A rank that exits
+    while gloo's threads still run can abort at interpreter shutdown ("terminate called without an active
+    exception", SIGABRT), failing the run after all its work succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

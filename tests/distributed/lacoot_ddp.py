@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from hf_collapse import LaCoOTArguments, LaCoOTTrainer, push_to_hub  # noqa: E402
 from hf_collapse.hub import save_with_card  # noqa: E402
-from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # noqa: E402
+from toy_training import finish_distributed, PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -52,3 +52,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish_distributed()

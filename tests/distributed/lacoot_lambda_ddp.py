@@ -10,6 +10,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from test_lacoot_lifecycle import TASKS, _one_step  # noqa: E402
+from toy_training import finish_distributed  # noqa: E402
 
 out = sys.argv[1]
 for task in TASKS:
@@ -18,3 +19,4 @@ for task in TASKS:
         if int(os.environ["RANK"]) == 0:
             assert dist.get_world_size() == 2
             torch.save(weights, os.path.join(out, f"{task}_{weight}.pt"))
+finish_distributed()

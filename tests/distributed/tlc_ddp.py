@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 import hf_collapse  # noqa: E402
 from hf_collapse.tlc import TLCConfig, compress  # noqa: E402
-from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # noqa: E402
+from toy_training import finish_distributed, PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # noqa: E402
 
 
 class Crash(RuntimeError):
@@ -68,3 +68,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish_distributed()

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from toy_training import PadOnlyCollator, tiny_bert, toy_dataset  # noqa: E402
+from toy_training import finish_distributed, PadOnlyCollator, tiny_bert, toy_dataset  # noqa: E402
 from hf_collapse.trady import TraDyCallback, TraDyConfig, calibrate, find_trady_model  # noqa: E402
 
 
@@ -65,3 +65,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    finish_distributed()

@@ -12,7 +12,7 @@ import difflib
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 # OpenMP threads that spin while they wait turn every other process on a shared machine into a 10-40x slowdown
 # of each forward pass (measured: MiniLM 45 ms alone, 900 ms beside one busy process), which ruins training time and
@@ -68,15 +68,37 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def job_command(method: str, argv: Sequence[str]) -> int:
-    """``hf-collapse lacoot|tlc [job flags] [TrainingArguments flags]``, parsed by ``HfArgumentParser``."""
-    from transformers import HfArgumentParser, TrainingArguments
+def _parse_job_flags(method: str, job_class: type, args_class: type, defaults: dict[str, Any],
+                     argv: Sequence[str], defaults_for_job: Callable[[Any], dict[str, Any]] | None = None):
+    """``(job, training_args)`` of ``hf-collapse <method>``, parsed by ``HfArgumentParser`` with ``defaults``; every
+    mistake is a :class:`UsageError`. With ``defaults_for_job``, the training defaults depend on the job flags,
+    which are read first."""
+    from transformers import HfArgumentParser
 
-    from . import jobs
+    class Parser(HfArgumentParser):
+        def error(self, message: str):
+            raise UsageError(message)
+
+    if defaults_for_job is not None and not {"-h", "--help"} & set(argv):
+        job_only, _ = Parser(job_class, allow_abbrev=False).parse_args_into_dataclasses(
+            list(argv), return_remaining_strings=True)
+        defaults = defaults_for_job(job_only)
+    parser = Parser((job_class, args_class), prog=f"hf-collapse {method}", description=COMMANDS[method],
+                    allow_abbrev=False)
+    parser.set_defaults(**defaults)
+    job, args, unknown = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
+    if unknown:
+        raise UsageError(_unknown_flags_message(parser, unknown))
+    return job, args
+
+
+def job_command(method: str, argv: Sequence[str]) -> int:
+    """``hf-collapse lacoot|tlc|prune [job flags] [TrainingArguments flags]``, parsed by ``HfArgumentParser``."""
+    from transformers import TrainingArguments
+
+    from . import jobs, prune_job
     from .lacoot import LaCoOTArguments
     from .report import describe_speedup, format_count
-
-    from . import prune_job
 
     job_class, args_class, defaults, run = {
         "lacoot": (jobs.LaCoOTJobArguments, LaCoOTArguments, jobs.DEFAULT_LACOOT_TRAINING, jobs.run_lacoot_job),
@@ -84,24 +106,11 @@ def job_command(method: str, argv: Sequence[str]) -> int:
         "prune": (prune_job.PruneJobArguments, TrainingArguments, prune_job.DEFAULT_PRUNE_TRAINING,
                   prune_job.run_prune_job),
     }[method]
-    class Parser(HfArgumentParser):
-        def error(self, message: str):
-            raise UsageError(message)
-
-    training_defaults = {"lacoot": lambda job: jobs.lacoot_training_defaults(jobs.resolve_task(job)),
-                         "prune": lambda job: prune_job.prune_training_defaults(job.heal)}
-    if method in training_defaults and not {"-h", "--help"} & set(argv):
-        # The training defaults depend on job flags (lacoot: a causal LM trains on text windows with a much smaller
-        # λ; prune: LoRA heals with a larger learning rate than distillation): read those first.
-        first = Parser(job_class, allow_abbrev=False)
-        job_only, _ = first.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
-        defaults = training_defaults[method](job_only)
-    parser = Parser((job_class, args_class), prog=f"hf-collapse {method}", description=COMMANDS[method],
-                    allow_abbrev=False)
-    parser.set_defaults(**defaults)
-    job, args, unknown = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
-    if unknown:
-        raise UsageError(_unknown_flags_message(parser, unknown))
+    # lacoot: a causal LM trains on text windows with a much smaller λ; prune: LoRA heals with a larger learning
+    # rate than distillation.
+    defaults_for_job = {"lacoot": lambda job: jobs.lacoot_training_defaults(jobs.resolve_task(job)),
+                        "prune": lambda job: prune_job.prune_training_defaults(job.heal)}.get(method)
+    job, args = _parse_job_flags(method, job_class, args_class, defaults, argv, defaults_for_job)
     _, report, summary = run(job, args)
     setting = {"lacoot": lambda: f"λ = {args.msw_weight}",
                "tlc": lambda: f"{job.finetune_steps} fine-tuning steps per layer",
@@ -125,20 +134,12 @@ def job_command(method: str, argv: Sequence[str]) -> int:
 
 def trady_command(argv: Sequence[str]) -> int:
     """``hf-collapse trady [job flags] [TrainingArguments flags]``: memory-budgeted fine-tuning with TraDy."""
-    from transformers import HfArgumentParser, TrainingArguments
+    from transformers import TrainingArguments
 
     from . import trady_job
 
-    class Parser(HfArgumentParser):
-        def error(self, message: str):
-            raise UsageError(message)
-
-    parser = Parser((trady_job.TraDyJobArguments, TrainingArguments), prog="hf-collapse trady",
-                    description=COMMANDS["trady"], allow_abbrev=False)
-    parser.set_defaults(**trady_job.DEFAULT_TRADY_TRAINING)
-    job, args, unknown = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
-    if unknown:
-        raise UsageError(_unknown_flags_message(parser, unknown))
+    job, args = _parse_job_flags("trady", trady_job.TraDyJobArguments, TrainingArguments,
+                                 trady_job.DEFAULT_TRADY_TRAINING, argv)
     _, summary = trady_job.run_trady_job(job, args)
     print(f"\nTraDy on {job.model} / {job.dataset} ({summary['task']}; budget {summary['budget']}; "
           f"{summary['train_steps']} steps, lr {args.learning_rate:g})\n")

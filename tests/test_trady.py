@@ -792,6 +792,19 @@ def test_step_memory_of_a_linear_matches_the_hand_computation():
     assert frozen.gradient_bytes == frozen.optimizer_state_bytes == 0
 
 
+def test_peak_memory_bytes_is_the_most_a_step_held_at_once():
+    """Two 1 MiB tensors alive together, then one freed and a third allocated: the peak is 2 MiB, not 3."""
+    mib = 2**20
+
+    def step():
+        a, b = torch.empty(mib // 4), torch.empty(mib // 4)
+        del a
+        c = torch.empty(mib // 4)
+        return b, c
+
+    assert memory.peak_memory_bytes(step) == pytest.approx(2 * mib, abs=64)
+
+
 def test_step_memory_leaves_a_trady_run_where_it_was():
     model = trady_bert(resample_every_steps=1)
     tuner = find_trady_model(model)

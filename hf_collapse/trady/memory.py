@@ -329,25 +329,10 @@ def peak_memory_bytes(step: Callable[[], Any], device: Optional[torch.device | s
 
         >>> peak = peak_memory_bytes(lambda: model(**batch).loss.backward())   # doctest: +SKIP
     """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
+    clock = _PhaseClock(torch.device(device) if device is not None else torch.device("cpu"))
+    with clock.running(), clock.phase("step"):
         step()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - start)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() ==
-              torch.autograd.DeviceType.CPU]
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return int(peak)
+    return clock.peaks["step"]
 
 
 # ----------------------------------------------------------------------------------------------- peak of one step
@@ -514,9 +499,7 @@ class _PhaseClock:
         memory = sorted((e.start_ns(), e.nbytes()) for e in events
                         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
         current = 0
-        for phase in PHASES:
-            if phase in spans:
-                self.peaks[phase] = 0
+        self.peaks.update({phase: 0 for phase in spans})
         for time_ns, nbytes in memory:
             current += nbytes
             for phase, (start, end) in spans.items():

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import embedded_model_path, is_embedded, lm_windows
-from .jobs import LMJobArguments, _at_least, _seed_everything, phase, text_splits
+from .data import lm_windows
+from .jobs import LMJobArguments, _at_least, _model_source, _seed_everything, phase, text_splits
 from .report import CollapseReport
 
 __all__ = ["DEFAULT_PRUNE_TRAINING", "PruneJobArguments", "generation_speed", "prune_training_defaults",
@@ -109,7 +109,7 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
 
     _seed_everything(args)
     with phase(f"loading {job.model} and {job.dataset}"):
-        source = embedded_model_path(job.model) if is_embedded(job.model) else job.model
+        source = _model_source(job)
         model = AutoModelForCausalLM.from_pretrained(source).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
         train_text, held_out_text = text_splits(job.dataset, job.text_column)

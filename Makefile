@@ -25,7 +25,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # OpenMP threads wait passively: spinning ones slow every forward pass 10-40x whenever another process is busy.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test benchmark clean
+.PHONY: install demo test quality style benchmark clean
 
 $(DEPS_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,19 @@ install: $(INSTALLED_STAMP)
 demo: $(INSTALLED_STAMP)
 	$(BIN)/hf-collapse lacoot
 
-test: $(INSTALLED_STAMP)
+# The architecture's rules, as transformers, peft and diffusers check theirs: ruff (lint and format, configured in
+# pyproject.toml) and import-linter's contracts (the layers, no import cycle), on the source tree.
+quality: $(DEPS_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports
+
+# Apply ruff's fixes and format.
+style: $(DEPS_STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: quality $(INSTALLED_STAMP)
 	mkdir -p $(TEST_RUN_DIR)
 	cd $(TEST_RUN_DIR) && HF_COLLAPSE_TESTS_AGAINST_INSTALL=1 $(abspath $(BIN))/python -m pytest -q \
 		-c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(PYTEST_RUN_ARGS)

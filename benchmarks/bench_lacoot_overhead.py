@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 
 from hf_collapse import LaCoOTArguments, LaCoOTTrainer
 from hf_collapse.data import embedded_model_path, load_dialog_topics, tokenize_text_dataset
@@ -71,13 +77,21 @@ def main() -> None:
     blocks = len(trainers["lacoot"].msw_blocks)
     ascent_steps = trainers["lacoot"].args.msw_ascent_steps
     result = {
-        "model": "all-MiniLM-L6-v2 + classification head", "batch": args.batch,
-        "tokens": int(batch["input_ids"].shape[1]), "blocks_penalized": blocks, "msw_ascent_steps": ascent_steps,
-        "hardware": hardware_description(), "plain_step_s": round(plain, 4), "lacoot_step_s": round(lacoot, 4),
-        "ratio": round(lacoot / plain, 3), "target": "<= 1.25",
+        "model": "all-MiniLM-L6-v2 + classification head",
+        "batch": args.batch,
+        "tokens": int(batch["input_ids"].shape[1]),
+        "blocks_penalized": blocks,
+        "msw_ascent_steps": ascent_steps,
+        "hardware": hardware_description(),
+        "plain_step_s": round(plain, 4),
+        "lacoot_step_s": round(lacoot, 4),
+        "ratio": round(lacoot / plain, 3),
+        "target": "<= 1.25",
     }
-    print(f"training step, batch {args.batch} x {result['tokens']} tokens, {blocks} blocks penalized, "
-          f"{ascent_steps} ascent steps, on {result['hardware']}")
+    print(
+        f"training step, batch {args.batch} x {result['tokens']} tokens, {blocks} blocks penalized, "
+        f"{ascent_steps} ascent steps, on {result['hardware']}"
+    )
     print(f"  plain Trainer  {plain * 1e3:8.1f} ms")
     print(f"  LaCoOTTrainer  {lacoot * 1e3:8.1f} ms")
     print(f"  ratio {lacoot / plain:.3f} (target <= 1.25)")

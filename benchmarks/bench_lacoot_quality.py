@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 import hf_collapse
+from hf_collapse.commands.lacoot import default_lacoot_arguments
 from hf_collapse.data import embedded_model_path, load_dialog_topics, tokenize_text_dataset
-from hf_collapse.jobs import accuracy, default_lacoot_arguments
+from hf_collapse.data.tasks import accuracy
 
 
 def plot(results: dict, path: Path) -> None:
@@ -68,19 +69,36 @@ def main() -> None:
     def train(weight: float):
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
         with tempfile.TemporaryDirectory() as out:
-            training = default_lacoot_arguments(output_dir=out, msw_weight=weight, num_train_epochs=args.epochs,
-                                                learning_rate=args.learning_rate, eval_strategy="no",
-                                                disable_tqdm=True, logging_strategy="no")
-            trainer = hf_collapse.LaCoOTTrainer(model=model, args=training, train_dataset=data["train"],
-                                                eval_dataset=data["test"], data_collator=collator,
-                                                processing_class=tokenizer, compute_metrics=accuracy)
+            training = default_lacoot_arguments(
+                output_dir=out,
+                msw_weight=weight,
+                num_train_epochs=args.epochs,
+                learning_rate=args.learning_rate,
+                eval_strategy="no",
+                disable_tqdm=True,
+                logging_strategy="no",
+            )
+            trainer = hf_collapse.LaCoOTTrainer(
+                model=model,
+                args=training,
+                train_dataset=data["train"],
+                eval_dataset=data["test"],
+                data_collator=collator,
+                processing_class=tokenizer,
+                compute_metrics=accuracy,
+            )
             trainer.train()
         return trainer
 
     def curve(trainer, model, scores):
         _, report = hf_collapse.collapse(
-            model, scores, num_blocks=args.max_k, latency_repeats=0, progress=False,
-            eval_fn=lambda m: trainer.evaluate_model(m)["eval_accuracy"])
+            model,
+            scores,
+            num_units=args.max_k,
+            latency_repeats=0,
+            progress=False,
+            eval_fn=lambda m: trainer.evaluate_model(m)["eval_accuracy"],
+        )
         return [round(s.metric, 4) for s in report.steps], [s.unit for s in report.steps[1:]]
 
     results = {}
@@ -92,18 +110,23 @@ def main() -> None:
         scores = hf_collapse.score_blocks(plain.model, loader, method=method, progress=False)
         results[f"finetuned_{method}"] = curve(plain, plain.model, scores)
 
-    print(f"accuracy after removing k of 6 MiniLM blocks (dialog topics, λ = {args.msw_weight}, "
-          f"{args.epochs} epochs, lr {args.learning_rate})")
+    print(
+        f"accuracy after removing k of 6 MiniLM blocks (dialog topics, λ = {args.msw_weight}, "
+        f"{args.epochs} epochs, lr {args.learning_rate})"
+    )
     print(f"{'scoring':<28}" + "".join(f"{'k=' + str(k):>9}" for k in range(args.max_k + 1)) + "   removed")
     for name, (accuracies, removed) in results.items():
         print(f"{name:<28}" + "".join(f"{a:>9.4f}" for a in accuracies) + "   " + ", ".join(removed))
-    best = all(results["lacoot_msw"][0][k] >= max(r[0][k] for r in results.values())
-               for k in range(1, args.max_k + 1))
+    best = all(results["lacoot_msw"][0][k] >= max(r[0][k] for r in results.values()) for k in range(1, args.max_k + 1))
     print(f"LaCoOT keeps the highest accuracy at every k in 1..{args.max_k}: {best}")
     summary = {
-        "msw_weight": args.msw_weight, "epochs": args.epochs, "learning_rate": args.learning_rate,
-        "accuracy_by_k": {k: v[0] for k, v in results.items()}, "removed": {k: v[1] for k, v in results.items()},
-        "lacoot_best_at_every_k": best}
+        "msw_weight": args.msw_weight,
+        "epochs": args.epochs,
+        "learning_rate": args.learning_rate,
+        "accuracy_by_k": {k: v[0] for k, v in results.items()},
+        "removed": {k: v[1] for k, v in results.items()},
+        "lacoot_best_at_every_k": best,
+    }
     Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, Path(args.output).with_suffix(".png"))
 

@@ -64,9 +64,9 @@ def bench(n: int, d: int, repeats: int, warmup: int, n_projections: int, seed: i
     runs = {"pot_f64": [], "pot_torch": [], "ours": []}
     for r in range(-warmup, repeats):  # interleaved; the first `warmup` rounds are discarded
         round_ = {
-            "pot_f64": timed(lambda: pot(x64, y64, r + warmup), gap),
-            "pot_torch": timed(lambda: pot(xt, yt, r + warmup), gap),
-            "ours": timed(lambda: ours(r + warmup), gap),
+            "pot_f64": timed(lambda r=r: pot(x64, y64, r + warmup), gap),
+            "pot_torch": timed(lambda r=r: pot(xt, yt, r + warmup), gap),
+            "ours": timed(lambda r=r: ours(r + warmup), gap),
         }
         if r >= 0:
             for key, run in round_.items():
@@ -100,31 +100,41 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--projections", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gap", type=float, default=0.3,
-                        help="seconds of sleep before each timed call, so that numpy's OpenBLAS threads and torch's "
-                             "OpenMP threads, which spin for a while after work, do not steal each other's cores")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.3,
+        help="seconds of sleep before each timed call, so that numpy's OpenBLAS threads and torch's "
+        "OpenMP threads, which spin for a while after work, do not steal each other's cores",
+    )
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "bench_msw.json"))
     args = parser.parse_args()
 
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
     rows = [bench(n, d, args.repeats, args.warmup, args.projections, args.seed, args.gap) for n, d in sizes]
 
-    print(f"max-sliced W2, shifted and scaled pair (x ~ N(0,I), y = 2x' + 0.5); median of {args.repeats} interleaved "
-          f"repeats; POT = ot.sliced.max_sliced_wasserstein_distance, {args.projections} random projections, on float64 "
-          "numpy (f64) and on our float32 torch tensors (torch); ours = hf_collapse.ot.max_sliced_wasserstein "
-          "defaults on float32 torch; ratios are ours / POT")
-    header = (f"{'n':>5} {'d':>6} | {'POT f64':>8} {'POT torch':>9} {'ours':>7} | {'POT f64 ms':>10} "
-              f"{'POT torch ms':>12} {'ours ms':>8} | {'vs f64: value':>13} {'time':>6} | {'vs torch: value':>15} "
-              f"{'time':>6}")
+    print(
+        f"max-sliced W2, shifted and scaled pair (x ~ N(0,I), y = 2x' + 0.5); median of {args.repeats} interleaved "
+        f"repeats; POT = ot.sliced.max_sliced_wasserstein_distance, {args.projections} random projections, on float64 "
+        "numpy (f64) and on our float32 torch tensors (torch); ours = hf_collapse.ot.max_sliced_wasserstein "
+        "defaults on float32 torch; ratios are ours / POT"
+    )
+    header = (
+        f"{'n':>5} {'d':>6} | {'POT f64':>8} {'POT torch':>9} {'ours':>7} | {'POT f64 ms':>10} "
+        f"{'POT torch ms':>12} {'ours ms':>8} | {'vs f64: value':>13} {'time':>6} | {'vs torch: value':>15} "
+        f"{'time':>6}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         f64, tch = row["vs_pot_f64"], row["vs_pot_torch"]
-        print(f"{row['n']:>5} {row['d']:>6} | {row['pot_f64']['value_median']:>8.3f} "
-              f"{row['pot_torch']['value_median']:>9.3f} {row['ours']['value_median']:>7.2f} | "
-              f"{row['pot_f64']['time_median_s'] * 1e3:>10.1f} {row['pot_torch']['time_median_s'] * 1e3:>12.1f} "
-              f"{row['ours']['time_median_s'] * 1e3:>8.1f} | {f64['value_ratio']:>12.1f}x {f64['time_ratio']:>5.2f}x | "
-              f"{tch['value_ratio']:>14.1f}x {tch['time_ratio']:>5.2f}x")
+        print(
+            f"{row['n']:>5} {row['d']:>6} | {row['pot_f64']['value_median']:>8.3f} "
+            f"{row['pot_torch']['value_median']:>9.3f} {row['ours']['value_median']:>7.2f} | "
+            f"{row['pot_f64']['time_median_s'] * 1e3:>10.1f} {row['pot_torch']['time_median_s'] * 1e3:>12.1f} "
+            f"{row['ours']['time_median_s'] * 1e3:>8.1f} | {f64['value_ratio']:>12.1f}x {f64['time_ratio']:>5.2f}x | "
+            f"{tch['value_ratio']:>14.1f}x {tch['time_ratio']:>5.2f}x"
+        )
 
     target_row = next((r for r in rows if (r["n"], r["d"]) == (TARGET["n"], TARGET["d"])), None)
     verdict = None
@@ -136,22 +146,26 @@ def main() -> None:
         verdict = {"value_ok": value_ok, "time_ok": time_ok, "met": value_ok and time_ok}
         time_note = "met" if time_ok else f"MISSED by {time_ratio / TARGET['max_time_ratio']:.2f}x"
         rounds = like["time_ratio_rounds"]
-        print(f"\ntarget at n={TARGET['n']}, d={TARGET['d']}, like for like (POT given the same float32 torch tensors): "
-              f"ours >= {TARGET['min_value_ratio']:g}x POT's value in <= {TARGET['max_time_ratio']:g}x its time -> "
-              f"value {value_ratio:.1f}x ({'met' if value_ok else 'MISSED'}), time {time_ratio:.2f}x ({time_note}; "
-              f"per-round ratios {rounds[0]:.2f}x .. {rounds[-1]:.2f}x)")
+        print(
+            f"\ntarget at n={TARGET['n']}, d={TARGET['d']}, like for like (POT given the same float32 torch tensors): "
+            f"ours >= {TARGET['min_value_ratio']:g}x POT's value in <= {TARGET['max_time_ratio']:g}x its time -> "
+            f"value {value_ratio:.1f}x ({'met' if value_ok else 'MISSED'}), time {time_ratio:.2f}x ({time_note}; "
+            f"per-round ratios {rounds[0]:.2f}x .. {rounds[-1]:.2f}x)"
+        )
         f64 = target_row["vs_pot_f64"]
         print(f"  against POT on float64 numpy: value {f64['value_ratio']:.1f}x, time {f64['time_ratio']:.2f}x")
-    print(f"  timing: {args.gap:g} s of sleep before each timed call (see --gap); "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    print(
+        f"  timing: {args.gap:g} s of sleep before each timed call (see --gap); "
+        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
 
     result = {
         "benchmark": "max-sliced Wasserstein: POT random slicing vs hf_collapse ascent",
         "data": "x ~ N(0, I), y = 2 x' + 0.5, x' independent N(0, I); numpy default_rng(seed)",
         "pot": f"ot.sliced.max_sliced_wasserstein_distance(n_projections={args.projections}), POT {ot.__version__}",
         "ours": "hf_collapse.ot.max_sliced_wasserstein defaults (slicing='ascent': mean-shift + 4 random starts, "
-                "2 ascent steps)",
+        "2 ascent steps)",
         "time_ratio_reference": "target: pot_torch (POT on the same float32 torch tensors); also reported: pot_f64",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "repeats": args.repeats,

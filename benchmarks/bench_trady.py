@@ -61,17 +61,28 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--lr_sparse", type=float, default=1e-3, help="static and TraDy (10x full)")
     parser.add_argument("--lr_lora", type=float, default=1e-3)
     parser.add_argument("--lora_r", type=int, default=8)
-    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
-                        help="AdamW for every method (as DESIGN.md's measurement), or plain SGD (the paper's choice)")
-    parser.add_argument("--resample_every_steps", type=int, default=None,
-                        help="re-sample TraDy's channels every N steps instead of every epoch")
+    parser.add_argument(
+        "--optimizer",
+        choices=["adamw", "sgd"],
+        default="adamw",
+        help="AdamW for every method (as DESIGN.md's measurement), or plain SGD (the paper's choice)",
+    )
+    parser.add_argument(
+        "--resample_every_steps",
+        type=int,
+        default=None,
+        help="re-sample TraDy's channels every N steps instead of every epoch",
+    )
     parser.add_argument("--timing_rounds", type=int, default=5)
     parser.add_argument("--eval_every_epoch", action="store_true", help="test accuracy after every epoch")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="data split, calibration and measurement batches")
-    parser.add_argument("--seeds", default="0,1,2",
-                        help="training runs per method (head init, batch order, TraDy draws); accuracy is their mean")
+    parser.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="training runs per method (head init, batch order, TraDy draws); accuracy is their mean",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.path.join(RESULTS, "bench_trady"))
     return parser.parse_args()
@@ -108,8 +119,8 @@ def bucketed_batches(rows, batch_size, epoch, seed):
     chunk = batch_size * 50
     batches = []
     for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: len(rows[i]["input_ids"]))
-        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+        part = sorted(order[start : start + chunk], key=lambda i: len(rows[i]["input_ids"]))
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
     rng.shuffle(batches)
     return batches
 
@@ -124,8 +135,9 @@ def to_device(batch, device):
 def base_model(num_labels, seed):
     torch.manual_seed(seed)
     hf_logging.set_verbosity_error()
-    model = AutoModelForSequenceClassification.from_pretrained(embedded_model_path("minilm"), num_labels=num_labels,
-                                                               dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        embedded_model_path("minilm"), num_labels=num_labels, dtype=torch.float32
+    )
     hf_logging.set_verbosity_warning()
     return model
 
@@ -137,12 +149,18 @@ def build(method, args, num_labels, targets, calibration, seed=None):
     if method == "full":
         return model, args.lr_full
     if method == "lora":
-        config = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                            target_modules=targets)
+        config = LoraConfig(
+            task_type="SEQ_CLS", r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=targets
+        )
         return get_peft_model(model, config), args.lr_lora
     selection = "static_topk_random" if method == "static" else "trady"
-    config = TraDyConfig(task_type="SEQ_CLS", budget_ratio=args.budget_ratio, selection=selection,
-                         seed=seed, resample_every_steps=args.resample_every_steps if method == "trady" else None)
+    config = TraDyConfig(
+        task_type="SEQ_CLS",
+        budget_ratio=args.budget_ratio,
+        selection=selection,
+        seed=seed,
+        resample_every_steps=args.resample_every_steps if method == "trady" else None,
+    )
     model = get_peft_model(model, config)
     calibrate(model, [to_device(b, args.device) for b in calibration])
     find_trady_model(model).resample(0)  # the epoch-0 draw (already current): this script drives re-sampling
@@ -157,8 +175,12 @@ def optimizer_for(model, lr, kind="adamw"):
 
 
 def optimizer_state_bytes(optimizer):
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
-               if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
 
 
 def train_step(model, optimizer, batch):
@@ -182,13 +204,16 @@ def measure(methods, args, num_labels, targets, calibration, batch):
         model.train()
         report = memory_report(model, batch, target_modules=targets if method == "full" else None, method=method)
         train_step(model, optimizers[method], batch)  # warm-up: allocates the optimizer state
-        peak = peak_memory_bytes(lambda: train_step(model, optimizers[method], batch), args.device)
-        results[method] = {"report": report, "peak_step_bytes": peak,
-                           "optimizer_state_bytes": optimizer_state_bytes(optimizers[method]),
-                           "trainable_elements": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                           "times": []}
+        peak = peak_memory_bytes(lambda m=model, o=optimizers[method]: train_step(m, o, batch), args.device)
+        results[method] = {
+            "report": report,
+            "peak_step_bytes": peak,
+            "optimizer_state_bytes": optimizer_state_bytes(optimizers[method]),
+            "trainable_elements": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "times": [],
+        }
     for round_index in range(args.timing_rounds):
-        order = list(methods[round_index % len(methods):]) + list(methods[:round_index % len(methods)])
+        order = list(methods[round_index % len(methods) :]) + list(methods[: round_index % len(methods)])
         for method in order:
             model, _ = built[method]
             if args.device.startswith("cuda"):
@@ -209,7 +234,7 @@ def accuracy(model, rows, collator, args):
     correct = 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     for start in range(0, len(order), 128):
-        chunk = [rows[i] for i in order[start:start + 128]]
+        chunk = [rows[i] for i in order[start : start + 128]]
         batch = to_device(collate(collator, chunk), args.device)
         correct += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
     model.train()
@@ -230,9 +255,13 @@ def train(method, args, num_labels, targets, calibration, train_rows, test_rows,
             batch = to_device(collate(collator, [train_rows[i] for i in indices]), args.device)
             losses.append(float(train_step(model, optimizer, batch).detach()))
         last = epoch == args.epochs - 1
-        history.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses),
-                        "accuracy": accuracy(model, test_rows, collator, args)
-                        if args.eval_every_epoch or last else None})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": sum(losses) / len(losses),
+                "accuracy": accuracy(model, test_rows, collator, args) if args.eval_every_epoch or last else None,
+            }
+        )
         shown = "" if history[-1]["accuracy"] is None else f", test accuracy {history[-1]['accuracy']:.4f}"
         print(f"  {method:6s} seed {seed} epoch {epoch + 1}: train loss {history[-1]['loss']:.4f}{shown}", flush=True)
     seconds = time.perf_counter() - start
@@ -250,8 +279,10 @@ def table(results, methods):
     def ratio(value, key):
         return f" ({value / full[key]:.3f})" if full else ""
 
-    header = ("| method | saved for backward: weight-derivative | total | peak step memory | optimizer state | "
-              "trainable | step time | accuracy (mean ± std over seeds) |")
+    header = (
+        "| method | saved for backward: weight-derivative | total | peak step memory | optimizer state | "
+        "trainable | step time | accuracy (mean ± std over seeds) |"
+    )
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in methods:
         r = results[m]
@@ -265,7 +296,8 @@ def table(results, methods):
             f"| {r['peak_step_bytes'] / 2**20:.2f} MiB{ratio(r['peak_step_bytes'], 'peak_step_bytes')} "
             f"| {r['optimizer_state_bytes'] / 2**20:.2f} MiB | {r['trainable_elements']:,} "
             f"| {r['step_seconds'] * 1000:.0f} ms{step_ratio} | {r.get('accuracy', float('nan')):.4f} "
-            f"± {r.get('accuracy_std', 0.0):.4f} |")
+            f"± {r.get('accuracy_std', 0.0):.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -284,20 +316,27 @@ def targets_check(results):
     check("total saved bytes below LoRA's (same modules)", total_lora < 1, f"{total_lora:.3f}x LoRA")
     peak_full = trady["peak_step_bytes"] / full["peak_step_bytes"]
     peak_lora = trady["peak_step_bytes"] / lora["peak_step_bytes"]
-    check("peak step memory below full fine-tuning's and LoRA's", peak_full < 1 and peak_lora < 1,
-          f"{peak_full:.3f}x full, {peak_lora:.3f}x LoRA")
+    check(
+        "peak step memory below full fine-tuning's and LoRA's",
+        peak_full < 1 and peak_lora < 1,
+        f"{peak_full:.3f}x full, {peak_lora:.3f}x LoRA",
+    )
     step = trady["step_seconds"] / full["step_seconds"]
     check("step time no more than full fine-tuning's", step <= 1.0, f"{step:.2f}x full")
     per_seed = " / ".join(f"{t:.3f} vs {f:.3f}" for t, f in zip(trady["accuracies"], full["accuracies"]))
     gap = full["accuracy"] - trady["accuracy"]
-    check("accuracy within 2 points of full fine-tuning", gap <= 0.02,
-          f"TraDy {trady['accuracy']:.4f} vs full {full['accuracy']:.4f} ({-gap * 100:+.1f} points; per seed "
-          f"{per_seed})")
+    check(
+        "accuracy within 2 points of full fine-tuning",
+        gap <= 0.02,
+        f"TraDy {trady['accuracy']:.4f} vs full {full['accuracy']:.4f} ({-gap * 100:+.1f} points; per seed {per_seed})",
+    )
     over_static = trady["accuracy"] - static["accuracy"]
-    check("accuracy above static selection", over_static > 0,
-          f"TraDy {trady['accuracy']:.4f} vs static {static['accuracy']:.4f} ({over_static * 100:+.1f} points; per "
-          f"seed " + " / ".join(f"{t:.3f} vs {s:.3f}" for t, s in zip(trady["accuracies"], static["accuracies"]))
-          + ")")
+    check(
+        "accuracy above static selection",
+        over_static > 0,
+        f"TraDy {trady['accuracy']:.4f} vs static {static['accuracy']:.4f} ({over_static * 100:+.1f} points; per "
+        f"seed " + " / ".join(f"{t:.3f} vs {s:.3f}" for t, s in zip(trady["accuracies"], static["accuracies"])) + ")",
+    )
     return checks
 
 
@@ -311,9 +350,12 @@ def main() -> None:
     rng = random.Random(args.seed)
     calibration = [collate(collator, rng.sample(train_rows, args.batch_size)) for _ in range(4)]
     fixed_batch = collate(collator, random.Random(args.seed + 1).sample(train_rows, args.batch_size))
-    print(f"MiniLM on dialog topics: {len(train_rows)} train / {len(test_rows)} test, {num_labels} topics; "
-          f"{len(targets)} target modules; budget {args.budget_ratio:.0%}; device {args.device}; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"MiniLM on dialog topics: {len(train_rows)} train / {len(test_rows)} test, {num_labels} topics; "
+        f"{len(targets)} target modules; budget {args.budget_ratio:.0%}; device {args.device}; "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     print(f"fixed measurement batch: {tuple(fixed_batch['input_ids'].shape)} tokens", flush=True)
 
     results = measure(methods, args, num_labels, targets, calibration, fixed_batch)
@@ -322,35 +364,51 @@ def main() -> None:
     if trady_probe is not None:
         tuner = find_trady_model(trady_probe)
         config = trady_probe.peft_config["default"]
-        selection_info = {"selected_layers": config.selected_layers, "layers": len(tuner.trady_layers()),
-                          "budget": tuner.budget_summary()}
-        print(f"TraDy kept {len(config.selected_layers)} of {len(tuner.trady_layers())} layers "
-              f"(coverage {config.coverage}); lowest trained: {results['trady']['report'].lowest_trained_layer}")
+        selection_info = {
+            "selected_layers": config.selected_layers,
+            "layers": len(tuner.trady_layers()),
+            "budget": tuner.budget_summary(),
+        }
+        print(
+            f"TraDy kept {len(config.selected_layers)} of {len(tuner.trady_layers())} layers "
+            f"(coverage {config.coverage}); lowest trained: {results['trady']['report'].lowest_trained_layer}"
+        )
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     for method in methods:
         print(f"training {method} ...", flush=True)
-        runs = [train(method, args, num_labels, targets, calibration, train_rows, test_rows, collator, seed)
-                for seed in seeds]
+        runs = [
+            train(method, args, num_labels, targets, calibration, train_rows, test_rows, collator, seed)
+            for seed in seeds
+        ]
         accuracies = [run["accuracy"] for run in runs]
-        results[method].update({
-            "accuracy": statistics.mean(accuracies),
-            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "accuracies": accuracies, "seeds": seeds, "runs": runs,
-            "train_seconds": statistics.mean(run["train_seconds"] for run in runs)})
+        results[method].update(
+            {
+                "accuracy": statistics.mean(accuracies),
+                "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                "accuracies": accuracies,
+                "seeds": seeds,
+                "runs": runs,
+                "train_seconds": statistics.mean(run["train_seconds"] for run in runs),
+            }
+        )
 
     print()
     print(table(results, methods))
     print()
     rep = results["trady"]["report"] if "trady" in results else None
     if rep is not None:
-        print(f"TraDy (paper's metrics, vs updating every channel of every target layer): activation sparsity "
-              f"{rep.activation_sparsity:.4f}, weight-derivative sparsity {rep.weight_derivative_sparsity:.4f}, "
-              f"weight-derivative FLOPs reduction {rep.weight_derivative_flops_reduction:.4f}")
+        print(
+            f"TraDy (paper's metrics, vs updating every channel of every target layer): activation sparsity "
+            f"{rep.activation_sparsity:.4f}, weight-derivative sparsity {rep.weight_derivative_sparsity:.4f}, "
+            f"weight-derivative FLOPs reduction {rep.weight_derivative_flops_reduction:.4f}"
+        )
     if rep is not None and "full" in results:
         full_rep = results["full"]["report"]
-        print(f"Full fine-tuning keeps {full_rep.saved_bytes_propagation / full_rep.saved_bytes_total:.1%} of its "
-              f"saved bytes to propagate gradients (softmax, norms, GELU inputs, dropout masks): TraDy cannot "
-              f"remove that part unless max_depth keeps backpropagation near the top.")
+        print(
+            f"Full fine-tuning keeps {full_rep.saved_bytes_propagation / full_rep.saved_bytes_total:.1%} of its "
+            f"saved bytes to propagate gradients (softmax, norms, GELU inputs, dropout masks): TraDy cannot "
+            f"remove that part unless max_depth keeps backpropagation near the top."
+        )
     checks = targets_check(results) if all(m in results for m in METHODS) else []
     if checks:
         print()
@@ -361,11 +419,22 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     print(f"\nwall time {elapsed / 60:.1f} min")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    serializable = {m: {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in r.items()}
-                    for m, r in results.items()}
+    serializable = {
+        m: {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in r.items()} for m, r in results.items()
+    }
     with open(args.out + ".json", "w") as handle:
-        json.dump({"settings": vars(args), "results": serializable, "targets": checks, "trady": selection_info,
-                   "wall_seconds": elapsed}, handle, indent=2, default=str)
+        json.dump(
+            {
+                "settings": vars(args),
+                "results": serializable,
+                "targets": checks,
+                "trady": selection_info,
+                "wall_seconds": elapsed,
+            },
+            handle,
+            indent=2,
+            default=str,
+        )
 
 
 if __name__ == "__main__":

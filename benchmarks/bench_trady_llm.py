@@ -78,19 +78,37 @@ def build(method: str, args, calibration_batches):
     model.config.use_cache = False
     info: dict = {}
     if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                 target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=args.lora_r,
+                lora_alpha=2 * args.lora_r,
+                lora_dropout=0.0,
+                target_modules=PROJECTIONS,
+                task_type="CAUSAL_LM",
+            ),
+        )
     elif method.startswith("trady"):
-        model = get_peft_model(model, TraDyConfig(task_type="CAUSAL_LM", budget_ratio=args.budget_ratio,
-                                                  target_modules=PROJECTIONS, seed=0,
-                                                  max_depth=args.max_depth if method == "trady_top" else None))
+        model = get_peft_model(
+            model,
+            TraDyConfig(
+                task_type="CAUSAL_LM",
+                budget_ratio=args.budget_ratio,
+                target_modules=PROJECTIONS,
+                seed=0,
+                max_depth=args.max_depth if method == "trady_top" else None,
+            ),
+        )
         start = time.perf_counter()
         summary = calibrate(model, calibration_batches)
         info["calibration_s"] = round(time.perf_counter() - start, 1)
         budget = find_trady_model(model).budget_summary()
-        info.update(selected_layers=len(summary["selected_layers"]), channels=budget["channels"],
-                    layers_with_channels=budget["layers_with_channels"],
-                    lowest_layer=next(iter(find_trady_model(model).current_selection()), None))
+        info.update(
+            selected_layers=len(summary["selected_layers"]),
+            channels=budget["channels"],
+            layers_with_channels=budget["layers_with_channels"],
+            lowest_layer=next(iter(find_trady_model(model).current_selection()), None),
+        )
     model.train()
     return model, info
 
@@ -107,19 +125,23 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
     news = load_bbc_news()
-    train = lm_windows(news["train"]["text"], tokenizer, window=args.seq_len,
-                       max_windows=args.steps * args.batch_size)
-    held_out = lm_windows(news["test"]["text"], tokenizer, window=args.seq_len, max_windows=args.eval_windows)
+    train = lm_windows(
+        news["train"]["text"], tokenizer, max_length=args.seq_len, max_windows=args.steps * args.batch_size
+    )
+    held_out = lm_windows(news["test"]["text"], tokenizer, max_length=args.seq_len, max_windows=args.eval_windows)
     batches = list(DataLoader(train, batch_size=args.batch_size, shuffle=False))
     evaluation = DataLoader(held_out, batch_size=4)
     lrs = {"full": args.lr_full, "lora": args.lr_lora, "trady": args.lr_trady, "trady_top": args.lr_trady}
     results: dict[str, dict] = {}
     base_loss = None
-    print(f"SmolLM2-135M on BBC News, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"SmolLM2-135M on BBC News, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
     for method in methods:
         torch.manual_seed(0)
-        model, info = build(method, args, batches[:args.calibration_batches])
+        model, info = build(method, args, batches[: args.calibration_batches])
         if base_loss is None:
             base_loss = held_out_loss(model, evaluation)  # every method starts from the same function
             print(f"held-out loss before fine-tuning: {base_loss:.4f}", flush=True)
@@ -137,60 +159,92 @@ def main() -> None:
             losses.append(loss.item())
         final = held_out_loss(model, evaluation)
         results[method] = dict(
-            lr=lrs[method], trainable_elements=sum(p.numel() for p in trainable), **info,
-            peak_bytes=memory.peak_bytes, parameter_bytes=memory.parameter_bytes, gradient_bytes=memory.gradient_bytes,
-            optimizer_state_bytes=memory.optimizer_state_bytes, activation_bytes=memory.activation_bytes,
-            saved_for_backward_bytes=memory.saved_for_backward_bytes, peak_phase=memory.peak_phase,
-            step_s=statistics.median(times[1:] if len(times) > 1 else times), train_loss_first=losses[0],
-            train_loss_last5=statistics.mean(losses[-5:]), held_out_loss=final)
-        print(f"{method}: peak {memory.peak_bytes / 2**20:.0f} MiB, step {results[method]['step_s']:.2f} s, "
-              f"held-out loss {final:.4f}", flush=True)
+            lr=lrs[method],
+            trainable_elements=sum(p.numel() for p in trainable),
+            **info,
+            peak_bytes=memory.peak_bytes,
+            parameter_bytes=memory.parameter_bytes,
+            gradient_bytes=memory.gradient_bytes,
+            optimizer_state_bytes=memory.optimizer_state_bytes,
+            activation_bytes=memory.activation_bytes,
+            saved_for_backward_bytes=memory.saved_for_backward_bytes,
+            peak_phase=memory.peak_phase,
+            step_s=statistics.median(times[1:] if len(times) > 1 else times),
+            train_loss_first=losses[0],
+            train_loss_last5=statistics.mean(losses[-5:]),
+            held_out_loss=final,
+        )
+        print(
+            f"{method}: peak {memory.peak_bytes / 2**20:.0f} MiB, step {results[method]['step_s']:.2f} s, "
+            f"held-out loss {final:.4f}",
+            flush=True,
+        )
         del model, optimizer, trainable
         gc.collect()
 
     mib = 2**20
-    header = (f"| method | lr | trainable | peak MiB | params | grads | optimizer state | activations+temp | "
-              f"saved for backward | peak phase | step s | held-out loss |")
+    header = (
+        "| method | lr | trainable | peak MiB | params | grads | optimizer state | activations+temp | "
+        "saved for backward | peak phase | step s | held-out loss |"
+    )
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for method, r in results.items():
-        lines.append(f"| {method} | {r['lr']:g} | {r['trainable_elements']:,} | {r['peak_bytes'] / mib:,.0f} | "
-                     f"{r['parameter_bytes'] / mib:,.0f} | {r['gradient_bytes'] / mib:,.1f} | "
-                     f"{r['optimizer_state_bytes'] / mib:,.1f} | {r['activation_bytes'] / mib:,.0f} | "
-                     f"{r['saved_for_backward_bytes'] / mib:,.0f} | {r['peak_phase']} | {r['step_s']:.2f} | "
-                     f"{r['held_out_loss']:.4f} |")
+        lines.append(
+            f"| {method} | {r['lr']:g} | {r['trainable_elements']:,} | {r['peak_bytes'] / mib:,.0f} | "
+            f"{r['parameter_bytes'] / mib:,.0f} | {r['gradient_bytes'] / mib:,.1f} | "
+            f"{r['optimizer_state_bytes'] / mib:,.1f} | {r['activation_bytes'] / mib:,.0f} | "
+            f"{r['saved_for_backward_bytes'] / mib:,.0f} | {r['peak_phase']} | {r['step_s']:.2f} | "
+            f"{r['held_out_loss']:.4f} |"
+        )
     checks, targets = {}, []
     for name in ("trady", "trady_top"):
         if name not in results:
             continue
         if "full" in results:
             value = checks[f"{name}_peak_over_full"] = results[name]["peak_bytes"] / results["full"]["peak_bytes"]
-            targets.append(f"{name} peak / full FT peak = {value:.3f} (target <= 0.4): "
-                           f"{'met' if value <= 0.4 else 'NOT met'}")
+            targets.append(
+                f"{name} peak / full FT peak = {value:.3f} (target <= 0.4): {'met' if value <= 0.4 else 'NOT met'}"
+            )
         if "lora" in results:
             value = checks[f"{name}_peak_over_lora"] = results[name]["peak_bytes"] / results["lora"]["peak_bytes"]
             targets.append(f"{name} peak / LoRA peak = {value:.3f} (target < 1): {'met' if value < 1 else 'NOT met'}")
             value = checks[f"{name}_loss_over_lora"] = results[name]["held_out_loss"] / results["lora"]["held_out_loss"]
-            targets.append(f"{name} held-out loss / LoRA's = {value:.3f} (target <= 1.05): "
-                           f"{'met' if value <= 1.05 else 'NOT met'}")
+            targets.append(
+                f"{name} held-out loss / LoRA's = {value:.3f} (target <= 1.05): {'met' if value <= 1.05 else 'NOT met'}"
+            )
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    text = "\n".join([
-        f"SmolLM2-135M-Instruct fine-tuned on BBC News windows ({args.steps} steps, batch {args.batch_size} x "
-        f"{args.seq_len} tokens, AdamW), {device}; held-out loss on {args.eval_windows} test windows "
-        f"(before fine-tuning: {base_loss:.4f}).",
-        f"TraDy: budget {args.budget_ratio:g} of every channel's cost"
-        + "".join(f"; {name}: {results[name]['channels']} channels in {results[name]['layers_with_channels']} "
-                  f"layers (calibration {results[name]['calibration_s']} s)" for name in ("trady", "trady_top")
-                  if name in results) + f" (trady_top: max_depth {args.max_depth}).",
-        "Peak: one steady-state step (forward + backward + optimizer) on the first batch, measured by "
-        "hf_collapse.trady.step_memory; step time: median of the training loop (shared machine: noisy).",
-        "", *lines, "", *targets, ""])
+    text = "\n".join(
+        [
+            f"SmolLM2-135M-Instruct fine-tuned on BBC News windows ({args.steps} steps, batch {args.batch_size} x "
+            f"{args.seq_len} tokens, AdamW), {device}; held-out loss on {args.eval_windows} test windows "
+            f"(before fine-tuning: {base_loss:.4f}).",
+            f"TraDy: budget {args.budget_ratio:g} of every channel's cost"
+            + "".join(
+                f"; {name}: {results[name]['channels']} channels in {results[name]['layers_with_channels']} "
+                f"layers (calibration {results[name]['calibration_s']} s)"
+                for name in ("trady", "trady_top")
+                if name in results
+            )
+            + f" (trady_top: max_depth {args.max_depth}).",
+            "Peak: one steady-state step (forward + backward + optimizer) on the first batch, measured by "
+            "hf_collapse.trady.step_memory; step time: median of the training loop (shared machine: noisy).",
+            "",
+            *lines,
+            "",
+            *targets,
+            "",
+        ]
+    )
     print("\n" + text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".txt", "w") as handle:
         handle.write(text)
     with open(args.out + ".json", "w") as handle:
-        json.dump({"settings": vars(args), "base_held_out_loss": base_loss, "results": results, "checks": checks},
-                  handle, indent=2)
+        json.dump(
+            {"settings": vars(args), "base_held_out_loss": base_loss, "results": results, "checks": checks},
+            handle,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

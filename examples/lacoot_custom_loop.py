@@ -37,7 +37,7 @@ def parse_args():
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--msw_weight", type=float, default=0.5, help="λ, the weight of the MSW penalty.")
     parser.add_argument("--max_length", type=int, default=64)
-    parser.add_argument("--num_blocks", type=int, default=2, help="How many blocks to remove.")
+    parser.add_argument("--num_units", type=int, default=2, help="How many blocks to remove.")
     parser.add_argument("--eval_examples", type=int, default=128, help="Held-out examples for scores and accuracy.")
     parser.add_argument("--log_every", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -65,8 +65,11 @@ def main():
     labels = data["train"].features["label"].names
     source = args.model_name_or_path or embedded_model_path("minilm")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    data = data.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=args.max_length),
-                    batched=True, remove_columns=["text"])
+    data = data.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=args.max_length),
+        batched=True,
+        remove_columns=["text"],
+    )
     held_out = data["test"].select(range(min(args.eval_examples, len(data["test"]))))
     collator = DataCollatorWithPadding(tokenizer)
     train_loader = DataLoader(data["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator)
@@ -89,9 +92,16 @@ def main():
             optimizer.zero_grad()
             step += 1
             if step % args.log_every == 0 or step == args.max_steps:
-                accelerator.print(json.dumps({"step": step, "loss": round(float(task_loss.detach()), 4),
-                                              "msw_total": round(float(msw.detach()), 4),
-                                              **{f"msw/{k}": round(v, 4) for k, v in penalty.last_values().items()}}))
+                accelerator.print(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": round(float(task_loss.detach()), 4),
+                            "msw_total": round(float(msw.detach()), 4),
+                            **{f"msw/{k}": round(v, 4) for k, v in penalty.last_values().items()},
+                        }
+                    )
+                )
             if step >= args.max_steps:
                 break
     penalty.remove()
@@ -104,8 +114,15 @@ def main():
     if full is not None:
         full.to(accelerator.device)
         collapsed, report = hf_collapse.collapse(
-            full, scores, num_blocks=args.num_blocks, eval_fn=lambda m: accuracy(m, eval_loader, accelerator.device),
-            metric_name="accuracy", method="LaCoOT", latency_repeats=3, progress=False)
+            full,
+            scores,
+            num_units=args.num_units,
+            eval_fn=lambda m: accuracy(m, eval_loader, accelerator.device),
+            metric_name="accuracy",
+            method="LaCoOT",
+            latency_repeats=3,
+            progress=False,
+        )
         print(report.to_markdown())
         collapsed.save_pretrained(f"{args.output_dir}/collapsed")
         tokenizer.save_pretrained(f"{args.output_dir}/collapsed")

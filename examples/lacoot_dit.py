@@ -22,7 +22,7 @@ from hf_collapse.data import load_digits_images
 class ScriptArguments:
     image_size: int = 16
     num_layers: int = 6
-    num_blocks: int = 2  # blocks to remove
+    num_units: int = 2  # blocks to remove
     seed_eval_noise: int = 1234
 
 
@@ -41,8 +41,12 @@ class DenoisingCollator:
         else:
             noise = torch.randn_like(images)
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(features),))
-        return {"hidden_states": self.scheduler.add_noise(images, noise, timesteps), "timestep": timesteps,
-                "class_labels": torch.tensor([int(f["label"]) for f in features]), "labels": noise}
+        return {
+            "hidden_states": self.scheduler.add_noise(images, noise, timesteps),
+            "timestep": timesteps,
+            "class_labels": torch.tensor([int(f["label"]) for f in features]),
+            "labels": noise,
+        }
 
 
 def denoising_loss(outputs, labels, num_items_in_batch=None):
@@ -57,23 +61,35 @@ def main():
     data = load_digits_images(image_size=script.image_size, num_channels=1)
     generator = torch.Generator().manual_seed(script.seed_eval_noise)
     test = data["test"]
-    test = test.add_column("noise", torch.randn(len(test), 1, script.image_size, script.image_size,
-                                                generator=generator).tolist())
+    test = test.add_column(
+        "noise", torch.randn(len(test), 1, script.image_size, script.image_size, generator=generator).tolist()
+    )
     test = test.add_column("timestep", torch.randint(0, 1000, (len(test),), generator=generator).tolist())
 
     torch.manual_seed(args.seed)
-    model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=1,
-                                  num_layers=script.num_layers, sample_size=script.image_size, patch_size=2,
-                                  num_embeds_ada_norm=10)
-    trainer = hf_collapse.LaCoOTTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=test,
-                                        data_collator=DenoisingCollator(DDPMScheduler(num_train_timesteps=1000)),
-                                        compute_loss_func=denoising_loss)
+    model = DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=1,
+        num_layers=script.num_layers,
+        sample_size=script.image_size,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
+    trainer = hf_collapse.LaCoOTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=test,
+        data_collator=DenoisingCollator(DDPMScheduler(num_train_timesteps=1000)),
+        compute_loss_func=denoising_loss,
+    )
     trainer.train()
-    collapsed, report = trainer.collapse(num_blocks=script.num_blocks)
+    collapsed, report = trainer.collapse(num_units=script.num_units)
     if trainer.is_world_process_zero():
         print(report.to_markdown())
         before, after = report.summary()["metric_before"], report.summary()["metric_after"]
-        print(f"held-out denoising loss: {before:.4f} -> {after:.4f} after removing {script.num_blocks} blocks")
+        print(f"held-out denoising loss: {before:.4f} -> {after:.4f} after removing {script.num_units} blocks")
         collapsed.save_pretrained(f"{args.output_dir}/collapsed")
         report.save(f"{args.output_dir}/report")
 

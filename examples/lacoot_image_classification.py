@@ -12,11 +12,11 @@ No pretrained vision weights are needed: a small model is built from its config 
 from dataclasses import dataclass, field
 
 import numpy as np
+from small_vision_models import small_model
 from transformers import AutoModelForImageClassification, HfArgumentParser
 
 import hf_collapse
 from hf_collapse.data import load_digits_images
-from small_vision_models import small_model
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ScriptArguments:
     arch: str = field(default="resnet", metadata={"choices": ["resnet", "swin", "mobilenet_v2"]})
     model_name_or_path: str = ""
     image_size: int = 32
-    max_metric_drop: float = 0.02
+    max_metric_delta: float = 0.02
 
 
 def main():
@@ -33,17 +33,19 @@ def main():
     labels = data["train"].features["label"].names
     if script.model_name_or_path:
         model = AutoModelForImageClassification.from_pretrained(
-            script.model_name_or_path, num_labels=len(labels), ignore_mismatched_sizes=True)
+            script.model_name_or_path, num_labels=len(labels), ignore_mismatched_sizes=True
+        )
     else:
         model = small_model(script.arch, script.image_size, len(labels))
 
     def accuracy(prediction):
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
-    trainer = hf_collapse.LaCoOTTrainer(model=model, args=args, train_dataset=data["train"],
-                                        eval_dataset=data["test"], compute_metrics=accuracy)
+    trainer = hf_collapse.LaCoOTTrainer(
+        model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"], compute_metrics=accuracy
+    )
     trainer.train()
-    collapsed, report = trainer.collapse(max_metric_drop=script.max_metric_drop)
+    collapsed, report = trainer.collapse(max_metric_delta=script.max_metric_delta)
     if trainer.is_world_process_zero():
         print(report.to_markdown())
         collapsed.save_pretrained(f"{args.output_dir}/collapsed")

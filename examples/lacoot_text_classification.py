@@ -22,10 +22,11 @@ from hf_collapse.data import embedded_model_path, load_dialog_topics
 @dataclass
 class ScriptArguments:
     model_name_or_path: str = field(default="", metadata={"help": "Default: the embedded all-MiniLM-L6-v2."})
-    dataset_name: str = field(default="", metadata={"help": "A datasets name with text/label columns. Default: "
-                                                            "the embedded dialog topics."})
+    dataset_name: str = field(
+        default="", metadata={"help": "A datasets name with text/label columns. Default: the embedded dialog topics."}
+    )
     max_length: int = 64
-    max_metric_drop: float = field(default=0.02, metadata={"help": "Accuracy the collapse may cost."})
+    max_metric_delta: float = field(default=0.02, metadata={"help": "Accuracy the collapse may cost."})
 
 
 def main():
@@ -34,21 +35,34 @@ def main():
     labels = data["train"].features["label"].names
     source = script.model_name_or_path or embedded_model_path("minilm")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    data = data.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=script.max_length),
-                    batched=True, remove_columns=["text"])
+    data = data.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=script.max_length),
+        batched=True,
+        remove_columns=["text"],
+    )
     model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        source,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
 
     def accuracy(prediction):
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
     trainer = hf_collapse.LaCoOTTrainer(
-        model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
-        data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, compute_metrics=accuracy)
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=accuracy,
+    )
     trainer.train()
 
     # Every rank collapses (deterministically); only the main process writes.
-    collapsed, report = trainer.collapse(max_metric_drop=script.max_metric_drop)
+    collapsed, report = trainer.collapse(max_metric_delta=script.max_metric_delta)
     if trainer.is_world_process_zero():
         print(report.to_markdown())
         collapsed.save_pretrained(f"{args.output_dir}/collapsed")

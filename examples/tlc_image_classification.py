@@ -7,21 +7,23 @@ data) trained on scikit-learn's digits, then its activation layers collapsed and
 from dataclasses import dataclass, field
 
 import numpy as np
+from small_vision_models import small_model
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 import hf_collapse
 from hf_collapse.data import load_digits_images
-from small_vision_models import small_model
 
 
 @dataclass
 class ScriptArguments:
     arch: str = field(default="swin", metadata={"choices": ["swin", "resnet", "mobilenet_v2"]})
     image_size: int = 32
-    target_layers: int = 3
+    num_units: int = 3
     finetune_steps: int = 20
-    resume_from: str | None = field(default=None, metadata={
-        "help": "Continue an interrupted compress run from its progress folder (<output_dir>/tlc_progress)."})
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "Continue an interrupted compress run from its progress folder (<output_dir>/tlc_progress)."},
+    )
 
 
 def main():
@@ -33,9 +35,10 @@ def main():
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
     Trainer(model=model, args=args, train_dataset=data["train"]).train()
-    config = hf_collapse.TLCConfig(target_layers=script.target_layers, finetune_steps=script.finetune_steps)
-    compressed, report = hf_collapse.tlc.compress(model, config, data["train"], data["test"], args,
-                                                  compute_metrics=accuracy, resume_from=script.resume_from)
+    config = hf_collapse.TLCConfig(num_units=script.num_units, finetune_steps=script.finetune_steps)
+    compressed, report = hf_collapse.tlc.compress(
+        model, config, data["train"], data["test"], args, compute_metrics=accuracy, resume_from=script.resume_from
+    )
     if args.process_index == 0:
         print(report.to_markdown())
         compressed.save_pretrained(f"{args.output_dir}/compressed")

@@ -30,11 +30,13 @@ from hf_collapse.data import embedded_model_path, load_dialog_topics, tokenize_t
 @dataclass
 class ScriptArguments:
     model_name_or_path: str = field(default="", metadata={"help": "Default: the embedded all-MiniLM-L6-v2."})
-    target_layers: int = 3
+    num_units: int = 3
     finetune_steps: int = 20
-    max_metric_drop: float | None = None
-    resume_from: str | None = field(default=None, metadata={
-        "help": "Continue an interrupted compress run from its progress folder (<output_dir>/tlc_progress)."})
+    max_metric_delta: float | None = None
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "Continue an interrupted compress run from its progress folder (<output_dir>/tlc_progress)."},
+    )
 
 
 def main():
@@ -43,18 +45,28 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(source)
     raw = load_dialog_topics()
     data = tokenize_text_dataset(raw, tokenizer, max_length=64)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(raw["train"].features["label"].names))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=len(raw["train"].features["label"].names)
+    )
     collator = DataCollatorWithPadding(tokenizer)
 
     def accuracy(prediction):
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
     Trainer(model=model, args=args, train_dataset=data["train"], data_collator=collator).train()
-    config = hf_collapse.TLCConfig(target_layers=script.target_layers, finetune_steps=script.finetune_steps,
-                                   max_metric_drop=script.max_metric_drop)
-    compressed, report = hf_collapse.tlc.compress(model, config, data["train"], data["test"], args,
-                                                  data_collator=collator, compute_metrics=accuracy,
-                                                  resume_from=script.resume_from)
+    config = hf_collapse.TLCConfig(
+        num_units=script.num_units, finetune_steps=script.finetune_steps, max_metric_delta=script.max_metric_delta
+    )
+    compressed, report = hf_collapse.tlc.compress(
+        model,
+        config,
+        data["train"],
+        data["test"],
+        args,
+        data_collator=collator,
+        compute_metrics=accuracy,
+        resume_from=script.resume_from,
+    )
     if args.process_index == 0:
         print(report.to_markdown())
         compressed.save_pretrained(f"{args.output_dir}/compressed")  # reload with hf_collapse.AutoCollapsedModel

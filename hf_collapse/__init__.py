@@ -3,7 +3,8 @@
 TraDy (a peft method)::
 
     model = peft.get_peft_model(model, hf_collapse.TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05))
-    Trainer(model=model, args=args, train_dataset=train).train()   # calibrates itself, re-samples every epoch
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[hf_collapse.TraDyCallback()]).train()
+    # the callback calibrates the adapter when training begins and re-samples its channels every epoch
     # to reload: `import hf_collapse.trady` (registers TraDy with peft), then PeftModel.from_pretrained(...)
 
 LaCoOT::
@@ -11,7 +12,7 @@ LaCoOT::
     args = hf_collapse.LaCoOTArguments("out", msw_weight=1.0, num_train_epochs=3)
     trainer = hf_collapse.LaCoOTTrainer(model=model, args=args, train_dataset=train, eval_dataset=test)
     trainer.train()
-    collapsed, report = trainer.collapse(max_metric_drop=0.02)
+    collapsed, report = trainer.collapse(max_metric_delta=0.02)   # or num_units=3
 
 All of it stands on depth surgery that reloads exactly::
 
@@ -50,6 +51,7 @@ _LAZY_NAMES = {
     "LaCoOTTrainer": "lacoot",
     "MSWPenalty": "lacoot",
     "AutoCollapsedModel": "loading",
+    "Budget": "budget",
     "CollapseReport": "report",
     "CollapseStep": "report",
     "score_blocks": "scoring",
@@ -67,6 +69,7 @@ __all__ = [
     "ArchitectureAdapter",
     "AutoCollapsedModel",
     "Block",
+    "Budget",
     "CollapseReport",
     "CollapseStep",
     "DistillationTrainer",

@@ -6,8 +6,8 @@ model (through DDP / peft wrappers), on the modules the adapter names as each bl
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -16,7 +16,13 @@ from .architectures.base import Block, first_tensor, is_causal_lm
 from .names import resolve_names
 from .surgery import block_aliases, find_blocks
 
-__all__ = ["BlockIO", "feature_mask", "select_blocks"]
+__all__ = ["BlockIO", "DATA_PARALLEL_MESSAGE", "feature_mask", "select_blocks"]
+
+DATA_PARALLEL_MESSAGE = (
+    "torch.nn.DataParallel runs replicas of the model in threads that share hf_collapse's forward hooks, so the block "
+    "features they record overwrite one another. Run one process per device instead: `torchrun --nproc_per_node N "
+    "script.py` or `accelerate launch` (the Trainer then uses DistributedDataParallel, which hf_collapse supports)."
+)
 
 
 def select_blocks(model: nn.Module, names: str | Sequence[str] = "auto", granularity: str = "block") -> list[Block]:
@@ -70,41 +76,58 @@ class BlockIO:
         self._mask: torch.Tensor | None = None
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
+        self._without_grad: set[str] = set()
+        self._grad_at_start = False
         self._adds_input = {block.name: block.output_adds_input for block in self.blocks}
         # Paths from find_blocks(model) are valid in `model` itself; DDP / peft wrappers share the module objects.
         root = model
+        if isinstance(root, nn.DataParallel):
+            raise ValueError(DATA_PARALLEL_MESSAGE)
         self._handles = []
+        self._output_modules: dict[str, nn.Module] = {}
         for block in self.blocks:
-            self._handles.append(root.get_submodule(block.input_path).register_forward_pre_hook(
-                self._input_hook(block.name), with_kwargs=True))
-            self._handles.append(root.get_submodule(block.output_path).register_forward_hook(
-                self._output_hook(block.name)))
+            self._handles.append(
+                root.get_submodule(block.input_path).register_forward_pre_hook(
+                    self._input_hook(block.name, root.get_submodule(block.input_path)), with_kwargs=True
+                )
+            )
+            output_module = root.get_submodule(block.output_path)
+            self._output_modules[block.name] = output_module
+            self._handles.append(output_module.register_forward_hook(self._output_hook(block.name, output_module)))
 
     def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach() if self.detach else tensor
 
-    def _input_hook(self, name: str):
+    def _input_hook(self, name: str, registered: nn.Module):
         def hook(module, args, kwargs):
             if self._active:
+                if module is not registered:  # a replica made by nn.DataParallel shares the original's hooks (a deep
+                    raise RuntimeError(DATA_PARALLEL_MESSAGE)  # copy too, but copies run outside capturing())
                 tensor = first_tensor(args) if args else first_tensor(kwargs.get("hidden_states", kwargs))
                 if tensor is not None:
                     self._inputs[name] = self._keep(tensor)
+
         return hook
 
-    def _output_hook(self, name: str):
+    def _output_hook(self, name: str, registered: nn.Module):
         def hook(module, args, output):
             if self._active:
+                if module is not registered:
+                    raise RuntimeError(DATA_PARALLEL_MESSAGE)
                 tensor = first_tensor(output)
                 if tensor is not None:
                     self._outputs[name] = self._keep(tensor)
+                    if self._grad_at_start and not torch.is_grad_enabled():
+                        self._without_grad.add(name)
+
         return hook
 
     @contextmanager
-    def capturing(self, attention_mask: torch.Tensor | None = None) -> Iterator["BlockIO"]:
+    def capturing(self, attention_mask: torch.Tensor | None = None) -> Iterator[BlockIO]:
         """Record block inputs/outputs during the forward passes run inside this context."""
-        self._inputs.clear()
-        self._outputs.clear()
+        self.clear()
         self._mask = attention_mask
+        self._grad_at_start = torch.is_grad_enabled()
         self._active = True
         try:
             yield self
@@ -136,6 +159,25 @@ class BlockIO:
         x, y = self.raw(name)
         return x.flatten(1), y.flatten(1)
 
+    def recorded_without_grad(self) -> list[str]:
+        """The blocks whose output was recorded with autograd off inside a capture that began with it on, although
+        the module that produced it has trainable parameters: what happens inside a layer checkpointed with
+        ``use_reentrant=True`` (its forward runs under ``torch.no_grad()``), where a sub-layer's output is recorded.
+        A penalty on them has no gradient to those parameters. (A whole forward pass run under ``no_grad``, e.g. to
+        measure, is not flagged.)"""
+        return [
+            name
+            for name in self.captured()
+            if name in self._without_grad and any(p.requires_grad for p in self._output_modules[name].parameters())
+        ]
+
+    def clear(self) -> None:
+        """Forget the recorded tensors (and the autograd graph they hold on to)."""
+        self._inputs.clear()
+        self._outputs.clear()
+        self._without_grad.clear()
+        self._mask = None
+
     def token_mask(self, name: str) -> torch.Tensor | None:
         """``(batch, tokens)`` boolean mask of real tokens for sequence features, else ``None``."""
         x = self._inputs.get(name)
@@ -149,10 +191,9 @@ class BlockIO:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._inputs.clear()
-        self._outputs.clear()
+        self.clear()
 
-    def __enter__(self) -> "BlockIO":
+    def __enter__(self) -> BlockIO:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -169,8 +210,8 @@ def feature_mask(model: nn.Module, batch: dict) -> torch.Tensor | None:
 
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> from hf_collapse.block_io import feature_mask
-        >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-        ...                                      num_attention_heads=2, num_key_value_heads=1))
+        >>> llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+        ...                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
         >>> ids = torch.tensor([[5, 6, 7, 8]])
         >>> feature_mask(llama, {"input_ids": ids, "labels": torch.tensor([[-100, -100, 7, 8]])})
         tensor([[False,  True,  True, False]])

@@ -19,8 +19,8 @@ Checked with: peft 0.21, torch 2.13, transformers 5.24, accelerate 1.15.
 from __future__ import annotations
 
 import enum
-import sys
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
     "CompatibilityError",
@@ -32,18 +32,23 @@ __all__ = [
     "peft_method_registered",
     "register_peft_method",
     # torch
+    "compiled_original",
     "conv2d_forward",
+    "module_tables",
+    "profiler_events",
     "register_optimizer_step_post_hook",
     "resize_parameter_",
+    "strip_fsdp_prefix",
     "tensor_version",
     # accelerate
+    "forget_accelerate_preparation",
     "unwrap_optimizer",
+    # Python
+    "parser_option_strings",
     # transformers
-    "running_trainer",
+    "no_split_modules",
     "saved_callback_state",
-    "track_callback_state",
-    "trainer_callback_kwargs",
-    "trainer_callbacks",
+    "trainer_task_loss_multiplier",
 ]
 
 
@@ -52,8 +57,10 @@ class CompatibilityError(RuntimeError):
 
 
 def _broken(library: str, what: str) -> CompatibilityError:
-    return CompatibilityError(f"hf_collapse does not support the installed {library}: {what}. Please report this "
-                              "(with the library's version), or install the version hf_collapse was tested with.")
+    return CompatibilityError(
+        f"hf_collapse does not support the installed {library}: {what}. Please report this "
+        "(with the library's version), or install the version hf_collapse was tested with."
+    )
 
 
 # =============================================================================================================
@@ -66,8 +73,7 @@ PEFT_TUNER_HOOKS: dict[str, tuple[str, ...]] = {
     "_pre_injection_hook": ("self", "model", "config", "adapter_name"),
     "_post_injection_hook": ("self", "model", "config", "adapter_name"),
     "_prepare_adapter_config": ("self", "peft_config", "model_config"),
-    "_create_and_replace": ("self", "peft_config", "adapter_name", "target", "target_name", "parent",
-                            "current_key"),
+    "_create_and_replace": ("self", "peft_config", "adapter_name", "target", "target_name", "parent", "current_key"),
     "_replace_module": ("self", "parent", "child_name", "new_module", "child"),
     "_get_adapter_state_dict": ("model", "config", "adapter_name", "state_dict", "unwanted_adapter_names"),
     "_remap_adapter_state_dict_for_load": ("model", "config", "adapter_name", "state_dict"),
@@ -186,6 +192,35 @@ def conv2d_forward(module: Any, x: Any, weight: Any, bias: Any) -> Any:
     return module._conv_forward(x, weight, bias)
 
 
+def compiled_original(model: Any) -> Any:
+    """The module ``torch.compile`` wrapped, or ``None`` when ``model`` is not a compiled module.
+
+    Assumes: ``torch.compile`` returns an ``OptimizedModule`` holding the original as ``_orig_mod``.
+    """
+    return getattr(model, "_orig_mod", None)
+
+
+def module_tables(module: Any) -> tuple[dict, dict, dict]:
+    """The dicts in which ``module`` keeps its children, parameters and buffers (live: changing them changes it).
+
+    Assumes: ``torch.nn.Module`` stores them in ``_modules``, ``_parameters`` and ``_buffers``, which ``setattr`` and
+    ``register_*`` fill (stable since torch 1.0).
+    """
+    return module._modules, module._parameters, module._buffers
+
+
+def profiler_events(profile: Any) -> list:
+    """The raw events a finished ``torch.profiler.profile`` recorded (each with ``name()``, ``start_ns()``,
+    ``duration_ns()``, ``nbytes()`` and ``device_type()``), allocation events (``"[memory]"``) included.
+
+    Assumes: ``profile.profiler.kineto_results.events()`` (the public ``key_averages`` drops allocation events).
+    """
+    results = getattr(getattr(profile, "profiler", None), "kineto_results", None)
+    if results is None:
+        raise _broken("torch", "torch.profiler.profile has no profiler.kineto_results")
+    return list(results.events())
+
+
 def register_optimizer_step_post_hook(hook: Any) -> Any:
     """A hook run after every ``optimizer.step()`` of every torch optimizer; returns the removable handle.
 
@@ -217,6 +252,14 @@ def resize_parameter_(parameter: Any, numel: int) -> None:
         parameter.grad = None
 
 
+def strip_fsdp_prefix(name: str) -> str:
+    """A module name without the ``_fsdp_wrapped_module.`` that FSDP1's wrapper puts in front of it.
+
+    Assumes: ``torch.distributed.fsdp.FullyShardedDataParallel`` keeps the wrapped module as ``_fsdp_wrapped_module``.
+    """
+    return name.replace("_fsdp_wrapped_module.", "")
+
+
 # =============================================================================================================
 # accelerate
 # =============================================================================================================
@@ -236,78 +279,57 @@ def unwrap_optimizer(optimizer: Any) -> Iterator[Any]:
         current = getattr(current, "optimizer", None)
 
 
+def forget_accelerate_preparation(model: Any) -> None:
+    """Unmark ``model`` as prepared by an ``Accelerator``.
+
+    Assumes: accelerate marks a model it prepared with the instance attribute ``_is_accelerate_prepared`` and never
+    wraps a marked model (or a deep copy of it) again: a later fine-tuning Trainer would then train without DDP.
+    """
+    vars(model).pop("_is_accelerate_prepared", None)
+
+
+# =============================================================================================================
+# Python's standard library
+# =============================================================================================================
+
+
+def parser_option_strings(parser: Any) -> list[str]:
+    """Every option string (``--flag``) an ``argparse`` parser accepts, for suggesting the closest to a typo.
+
+    Assumes: ``argparse.ArgumentParser`` keeps its actions in ``_actions`` (unchanged since Python 3.2).
+    """
+    return [option for action in parser._actions for option in action.option_strings]
+
+
 # =============================================================================================================
 # transformers
 # =============================================================================================================
+
+
+def no_split_modules(model: Any) -> list[str]:
+    """The module classes ``model`` declares must stay whole on one device (for accelerate's device maps).
+
+    Assumes: transformers models declare them in the class attribute ``_no_split_modules`` (what ``device_map="auto"``
+    of ``from_pretrained`` reads).
+    """
+    return list(getattr(model, "_no_split_modules", None) or [])
+
 
 def trainer_task_loss_multiplier(trainer: Any, num_items_in_batch: Any) -> int:
     """The factor by which ``Trainer.compute_loss`` multiplies the model's loss (transformers 5): the number of
     processes over the tensor-parallel size when it passes ``num_items_in_batch`` and averages tokens across devices,
     ``n_gpu`` under ``nn.DataParallel``; else 1. LaCoOT scales its penalty by the same rule."""
     args = trainer.args
-    if (args.average_tokens_across_devices and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func)
-            and num_items_in_batch is not None):
+    if (
+        args.average_tokens_across_devices
+        and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func)
+        and num_items_in_batch is not None
+    ):
         return trainer.accelerator.num_processes // trainer.get_tp_size() if args.n_gpu <= 1 else args.n_gpu
     return 1
 
 
-#: Methods of ``transformers.Trainer`` from which it calls the model's forward during training.
-TRAINER_FORWARD_CALLERS = ("compute_loss", "training_step")
-
-
-def running_trainer(max_depth: int = 64) -> Optional[Any]:
-    """The ``transformers.Trainer`` whose training step is calling the code that calls this, or ``None``.
-
-    It lets a model notice that a Trainer drives it, without the user passing the Trainer around. Returns
-    ``None`` when transformers' Trainer was never imported (nothing is imported here).
-
-    Assumes: the Trainer calls the model from its methods ``compute_loss`` / ``training_step`` (subclasses that
-    override them keep those names), so the caller's frame has the Trainer as ``self``.
-    """
-    module = sys.modules.get("transformers.trainer")
-    trainer_cls = getattr(module, "Trainer", None)
-    if trainer_cls is None:
-        return None
-    frame = sys._getframe(1)
-    depth = 0
-    while frame is not None and depth < max_depth:
-        if frame.f_code.co_name in TRAINER_FORWARD_CALLERS:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, trainer_cls):
-                return candidate
-        frame = frame.f_back
-        depth += 1
-    return None
-
-
-def trainer_callbacks(trainer: Any) -> list:
-    """The callbacks attached to ``trainer`` (the list itself).
-
-    Assumes: ``Trainer.callback_handler.callbacks`` is the list ``add_callback`` appends to.
-    """
-    handler = getattr(trainer, "callback_handler", None)
-    callbacks = getattr(handler, "callbacks", None)
-    if not isinstance(callbacks, list):
-        raise _broken("transformers", "Trainer.callback_handler.callbacks is not a list of callbacks")
-    return callbacks
-
-
-def trainer_callback_kwargs(trainer: Any) -> dict:
-    """The keyword arguments the Trainer passes to its callbacks' events (``model``, ``optimizer``,
-    ``lr_scheduler``, ``train_dataloader``, ...), for calling a callback's event outside the Trainer's loop.
-
-    Assumes: ``Trainer.callback_handler`` holds them as attributes (set in ``_prepare_for_training``, before
-    ``on_train_begin``).
-    """
-    handler = trainer.callback_handler
-    names = ("model", "processing_class", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader")
-    missing = [name for name in names if not hasattr(handler, name)]
-    if missing:
-        raise _broken("transformers", f"Trainer.callback_handler has no {', '.join(missing)}")
-    return {name: getattr(handler, name) for name in names}
-
-
-def saved_callback_state(trainer_state: Any, callback_name: str) -> Optional[dict]:
+def saved_callback_state(trainer_state: Any, callback_name: str) -> dict | None:
     """The ``attributes`` a checkpoint saved for the (first) callback of class ``callback_name``, or ``None``.
 
     Assumes: ``TrainerState.stateful_callbacks`` maps a callback's class name to ``callback.state()`` (a dict with
@@ -320,18 +342,9 @@ def saved_callback_state(trainer_state: Any, callback_name: str) -> Optional[dic
     if saved is None:
         return None
     if not isinstance(saved, dict) or "attributes" not in saved:
-        raise _broken("transformers", f"TrainerState.stateful_callbacks[{callback_name!r}] is {type(saved).__name__}, "
-                                      "not the {'args', 'attributes'} dict of ExportableState.state()")
+        raise _broken(
+            "transformers",
+            f"TrainerState.stateful_callbacks[{callback_name!r}] is {type(saved).__name__}, "
+            "not the {'args', 'attributes'} dict of ExportableState.state()",
+        )
     return saved["attributes"]
-
-
-def track_callback_state(trainer_state: Any, callback: Any) -> None:
-    """Make a callback added after training began part of what the Trainer checkpoints.
-
-    Assumes: the Trainer fills ``TrainerState.stateful_callbacks`` (class name -> ``callback.state()``) when training
-    begins, and at each checkpoint updates only the names already there (a callback added later raises KeyError).
-    """
-    stateful = getattr(trainer_state, "stateful_callbacks", None)
-    if not isinstance(stateful, dict):
-        raise _broken("transformers", "TrainerState.stateful_callbacks is not a dict")
-    stateful.setdefault(type(callback).__name__, callback.state())

@@ -20,14 +20,22 @@ it (a collective call: every rank calls it) into a plain model on the main proce
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from copy import deepcopy
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["full_state_dict", "is_distributed", "is_main_process", "is_sharded", "sum_across_ranks", "unsharded_copy"]
+__all__ = [
+    "full_state_dict",
+    "is_distributed",
+    "is_main_process",
+    "is_sharded",
+    "sum_across_ranks",
+    "unsharded_copy",
+    "world_size",
+]
 
 
 def is_distributed() -> bool:
@@ -40,6 +48,18 @@ def is_distributed() -> bool:
         False
     """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """The number of processes of the initialized process group (1 without one).
+
+    Example::
+
+        >>> from hf_collapse.distributed import world_size
+        >>> world_size()                  # one process, or before init_process_group
+        1
+    """
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main_process() -> bool:
@@ -98,8 +118,9 @@ def is_sharded(model: nn.Module) -> bool:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed support
         return False
-    return (any(isinstance(p, DTensor) for p in model.parameters())
-            or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()))
+    return any(isinstance(p, DTensor) for p in model.parameters()) or any(
+        isinstance(m, FullyShardedDataParallel) for m in model.modules()
+    )
 
 
 def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, torch.Tensor]:
@@ -121,8 +142,10 @@ def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, tor
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not (dist.is_available() and dist.is_initialized()):
-        return {name: tensor.detach().cpu().clone() if cpu_offload else tensor.detach().clone()
-                for name, tensor in model.state_dict().items()}
+        return {
+            name: tensor.detach().cpu().clone() if cpu_offload else tensor.detach().clone()
+            for name, tensor in model.state_dict().items()
+        }
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
 
 
@@ -141,8 +164,9 @@ def _unsharded_class(model: nn.Module) -> type:
     return type(model)  # pragma: no cover - FSDPModule itself is always in the MRO above `object`
 
 
-def unsharded_copy(model: nn.Module, factory: Callable[[], nn.Module] | None = None,
-                   all_ranks: bool = False) -> nn.Module | None:
+def unsharded_copy(
+    model: nn.Module, factory: Callable[[], nn.Module] | None = None, all_ranks: bool = False
+) -> nn.Module | None:
     """A plain, unsharded copy of ``model`` on the main process (``None`` on the other ranks), ready for
     ``hf_collapse.collapse`` / ``remove_blocks`` and ``save_pretrained``.
 
@@ -176,14 +200,18 @@ def unsharded_copy(model: nn.Module, factory: Callable[[], nn.Module] | None = N
     else:
         cls, config = _unsharded_class(model), getattr(model, "config", None)
         if config is None:
-            raise ValueError(f"{type(model).__name__} has no config to rebuild an unsharded copy from: pass "
-                             "factory=lambda: <a new, unsharded instance of the model>")
+            raise ValueError(
+                f"{type(model).__name__} has no config to rebuild an unsharded copy from: pass "
+                "factory=lambda: <a new, unsharded instance of the model>"
+            )
         if hasattr(cls, "config_class"):  # transformers: cls(config), a config of its own
             copy = cls(deepcopy(config))
         elif hasattr(cls, "from_config"):  # diffusers
             copy = cls.from_config(deepcopy(config))
         else:
-            raise ValueError(f"cannot rebuild {cls.__name__} from its config: pass factory=lambda: <a new, unsharded "
-                             "instance of the model>")
+            raise ValueError(
+                f"cannot rebuild {cls.__name__} from its config: pass factory=lambda: <a new, unsharded "
+                "instance of the model>"
+            )
     copy.load_state_dict(state, strict=True)
     return copy.train(model.training)

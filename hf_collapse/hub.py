@@ -34,8 +34,10 @@ def _template_text() -> str:
     try:
         return TEMPLATE.read_text(encoding="utf-8")
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"the model card template {TEMPLATE} is missing: this hf_collapse install is "
-                                "incomplete (reinstall the package; the template ships as package data)") from error
+        raise FileNotFoundError(
+            f"the model card template {TEMPLATE} is missing: this hf_collapse install is "
+            "incomplete (reinstall the package; the template ships as package data)"
+        ) from error
 
 
 def _library(model: nn.Module) -> str:
@@ -59,8 +61,11 @@ def collapsed_components(pipeline: Any) -> dict[str, nn.Module]:
         >>> list(hf_collapse.hub.collapsed_components(pipe))
         ['transformer']
     """
-    return {name: component for name, component in pipeline.components.items()
-            if isinstance(component, nn.Module) and collapse_record(component) is not None}
+    return {
+        name: component
+        for name, component in pipeline.components.items()
+        if isinstance(component, nn.Module) and collapse_record(component) is not None
+    }
 
 
 def plain_reload_exact(model: Any) -> bool:
@@ -84,10 +89,12 @@ def _pipeline_loading_code(pipeline: Any, repo_or_path: str) -> str:
     replayed = _components_to_replay(pipeline)
     lines = ["import hf_collapse  # pip install hf_collapse"] if replayed else []
     lines += [f"from diffusers import {cls}", ""]
-    lines += [f"{name} = hf_collapse.AutoCollapsedModel.from_pretrained(\"{repo_or_path}\", subfolder=\"{name}\")"
-              for name in replayed]
+    lines += [
+        f'{name} = hf_collapse.AutoCollapsedModel.from_pretrained("{repo_or_path}", subfolder="{name}")'
+        for name in replayed
+    ]
     components = "".join(f", {name}={name}" for name in replayed)
-    lines.append(f"pipe = {cls}.from_pretrained(\"{repo_or_path}\"{components})")
+    lines.append(f'pipe = {cls}.from_pretrained("{repo_or_path}"{components})')
     return "\n".join(lines)
 
 
@@ -112,13 +119,18 @@ def loading_code(model: Any, repo_or_path: str) -> str:
         config = model.peft_config[model.active_adapter]
         base = config.base_model_name_or_path or "<the base model>"
         library = model_class_name(model).split(".")[0]
-        return (f"import hf_collapse.trady  # registers TraDy with peft\nfrom peft import PeftModel\nfrom {library} import {cls}\n\n"
-                f"base = {cls}.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"{repo_or_path}\")")
+        return (
+            "import hf_collapse.trady  # registers TraDy with peft\nfrom peft import PeftModel\n"
+            f"from {library} import {cls}\n\n"
+            f'base = {cls}.from_pretrained("{base}")\nmodel = PeftModel.from_pretrained(base, "{repo_or_path}")'
+        )
     library = _library(model)
     if plain_reload_exact(model):
-        return f"from {library} import {cls}\n\nmodel = {cls}.from_pretrained(\"{repo_or_path}\")"
-    return ("import hf_collapse  # pip install hf_collapse\n\n"
-            f"model = hf_collapse.AutoCollapsedModel.from_pretrained(\"{repo_or_path}\")  # -> {cls}")
+        return f'from {library} import {cls}\n\nmodel = {cls}.from_pretrained("{repo_or_path}")'
+    return (
+        "import hf_collapse  # pip install hf_collapse\n\n"
+        f'model = hf_collapse.AutoCollapsedModel.from_pretrained("{repo_or_path}")  # -> {cls}'
+    )
 
 
 def _count_of(count: int, unit_name: str) -> str:
@@ -128,22 +140,46 @@ def _count_of(count: int, unit_name: str) -> str:
 
 def _table(report: CollapseReport) -> str:
     s = report.summary()
-    rows = [("parameters", format_count(s["params_before"]), format_count(s["params_after"]),
-             f"{s['params_before'] / s['params_after']:.2f}x fewer"),
-            ("forward FLOPs", format_count(s["flops_before"]), format_count(s["flops_after"]),
-             f"{s['flops_ratio']:.2f}x fewer" if s["flops_ratio"] else "")]
+    rows = [
+        (
+            "parameters",
+            format_count(s["params_before"]),
+            format_count(s["params_after"]),
+            f"{s['params_before'] / s['params_after']:.2f}x fewer",
+        ),
+        (
+            "forward FLOPs",
+            format_count(s["flops_before"]),
+            format_count(s["flops_after"]),
+            f"{s['flops_ratio']:.2f}x fewer" if s["flops_ratio"] else "",
+        ),
+    ]
     if s["latency_s_before"] and s["latency_s_after"]:
-        rows.append(("latency (ms)", f"{s['latency_s_before'] * 1e3:.2f}", f"{s['latency_s_after'] * 1e3:.2f}",
-                     describe_speedup(s)))
+        rows.append(
+            (
+                "latency (ms)",
+                f"{s['latency_s_before'] * 1e3:.2f}",
+                f"{s['latency_s_after'] * 1e3:.2f}",
+                describe_speedup(s),
+            )
+        )
     if s["metric_before"] is not None and s["metric_after"] is not None:
-        rows.append((report.metric_name or "metric", f"{s['metric_before']:.4f}", f"{s['metric_after']:.4f}",
-                     f"{s['metric_after'] - s['metric_before']:+.4f}"))
+        rows.append(
+            (
+                report.metric_name or "metric",
+                f"{s['metric_before']:.4f}",
+                f"{s['metric_after']:.4f}",
+                f"{s['metric_after'] - s['metric_before']:+.4f}",
+            )
+        )
     lines = ["| | before | after | change |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
-    lines.append(f"\n{_count_of(s['removed'], report.unit_name)} removed. FLOPs counted with "
-                 "`torch.utils.flop_counter` on "
-                 "one example input; latency is the median of timed runs after warm-up, the collapsed and the original "
-                 f"model timed side by side in interleaved rounds, on {report.hardware or 'n/a'}.")
+    lines.append(
+        f"\n{_count_of(s['removed'], report.unit_name)} removed. FLOPs counted with "
+        "`torch.utils.flop_counter` on "
+        "one example input; latency is the median of timed runs after warm-up, the collapsed and the original "
+        f"model timed side by side in interleaved rounds, on {report.hardware or 'n/a'}."
+    )
     return "\n".join(lines)
 
 
@@ -174,19 +210,34 @@ def model_card(
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    method = report.method if report else (str(next(iter(model.peft_config.values())).peft_type)
-                                           if is_peft_model(model) else "hf_collapse")
+    method = (
+        report.method
+        if report
+        else (str(next(iter(model.peft_config.values())).peft_type) if is_peft_model(model) else "hf_collapse")
+    )
     tags = ["hf-collapse", method.lower()]
     eval_results = None
     if report is not None and report.after.metric is not None and report.metric_name:
-        eval_results = [EvalResult(task_type="other", dataset_type=(datasets or ["custom"])[0],
-                                   dataset_name=str(report.extra.get("dataset", (datasets or ["custom"])[0])),
-                                   metric_type=report.metric_name, metric_value=float(report.after.metric))]
+        eval_results = [
+            EvalResult(
+                task_type="other",
+                dataset_type=(datasets or ["custom"])[0],
+                dataset_name=str(report.extra.get("dataset", (datasets or ["custom"])[0])),
+                metric_type=report.metric_name,
+                metric_value=float(report.after.metric),
+            )
+        ]
     name = model_name or (repo_id.split("/")[-1] if repo_id else f"{type(unwrap_model(model)).__name__}-collapsed")
     if base_model is None and is_peft_model(model):
         base_model = next(iter(model.peft_config.values())).base_model_name_or_path
-    card_data = ModelCardData(base_model=base_model, library_name=_library(model), tags=tags, datasets=datasets,
-                              model_name=name, eval_results=eval_results)
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name=_library(model),
+        tags=tags,
+        datasets=datasets,
+        model_name=name,
+        eval_results=eval_results,
+    )
     if report is not None:
         extra = ", ".join(f"{k} = {v}" for k, v in report.extra.items() if v is not None)
         removed = "\n".join(f"- `{r['name']}` (score {r['score']:.4g})" for r in report.removed)
@@ -194,8 +245,10 @@ def model_card(
         removed_count = _count_of(report.after.removed, report.unit_name)
         summary = f"{described} with {removed_count} removed by {method}."
         if _is_pipeline(model):
-            summary = (f"A {type(model).__name__} whose `{_reported_component(model, report)}` component, a "
-                       f"{described}, has {removed_count} removed by {method}. The tables below are that component's.")
+            summary = (
+                f"A {type(model).__name__} whose `{_reported_component(model, report)}` component, a "
+                f"{described}, has {removed_count} removed by {method}. The tables below are that component's."
+            )
         kwargs = dict(
             summary=summary,
             compression_table=_table(report),
@@ -204,51 +257,71 @@ def model_card(
             training=training or f"Method: {method}. Budget: {report.budget}. Settings: {extra or 'n/a'}.",
         )
     else:
-        kwargs = dict(summary=f"{type(unwrap_model(model)).__name__} prepared with hf_collapse.",
-                      compression_table="No collapse report was given.", removed_list="", plot="",
-                      training=training or "")
+        kwargs = dict(
+            summary=f"{type(unwrap_model(model)).__name__} prepared with hf_collapse.",
+            compression_table="No collapse report was given.",
+            removed_list="",
+            plot="",
+            training=training or "",
+        )
     target = repo_id or "path/to/this/folder"
-    note = ("This repository holds a peft adapter: load it onto its base model with `PeftModel.from_pretrained`."
-            if is_peft_model(model) else
-            _pipeline_note(model) if _is_pipeline(model) else
-            "The config expresses the change, so plain `from_pretrained` rebuilds the model exactly."
-            if plain_reload_exact(model) else
-            "The config alone cannot express this change (it is recorded under the `hf_collapse` key of "
-            "`config.json`): load it with `hf_collapse.AutoCollapsedModel`, which replays the recorded edits.")
+    note = (
+        "This repository holds a peft adapter: load it onto its base model with `PeftModel.from_pretrained`."
+        if is_peft_model(model)
+        else _pipeline_note(model)
+        if _is_pipeline(model)
+        else "The config expresses the change, so plain `from_pretrained` rebuilds the model exactly."
+        if plain_reload_exact(model)
+        else "The config alone cannot express this change (it is recorded under the `hf_collapse` key of "
+        "`config.json`): load it with `hf_collapse.AutoCollapsedModel`, which replays the recorded edits."
+    )
     recorded = collapsed_components(model) if _is_pipeline(model) else collapse_record(model) is not None
     if _library(model) == "diffusers" and plain_reload_exact(model) and recorded:
         note += _DIFFUSERS_RECORD_NOTE
-    content_kwargs = dict(model_name=name, method=method, loading_code=loading_code(model, target),
-                          loading_note=note, **kwargs)
+    content_kwargs = dict(
+        model_name=name, method=method, loading_code=loading_code(model, target), loading_note=note, **kwargs
+    )
     return ModelCard.from_template(card_data, template_str=_template_text(), **content_kwargs)
 
 
-_DIFFUSERS_RECORD_NOTE = (" diffusers logs that it ignores the `hf_collapse` config attribute while loading: that "
-                          "attribute is the record of the edits (metadata), not needed to rebuild the model.")
+_DIFFUSERS_RECORD_NOTE = (
+    " diffusers logs that it ignores the `hf_collapse` config attribute while loading: that "
+    "attribute is the record of the edits (metadata), not needed to rebuild the model."
+)
 
 
 def _reported_component(pipeline: Any, report: CollapseReport) -> str:
     collapsed = collapsed_components(pipeline)
     matching = [name for name, c in collapsed.items() if model_class_name(c) == report.model_class]
     if not matching:
-        raise ValueError(f"the report is about a {report.model_class}, but the pipeline has no collapsed component "
-                         f"of that class (collapsed: {sorted(collapsed) or 'none'})")
+        raise ValueError(
+            f"the report is about a {report.model_class}, but the pipeline has no collapsed component "
+            f"of that class (collapsed: {sorted(collapsed) or 'none'})"
+        )
     return matching[0]
 
 
 def _pipeline_note(pipeline: Any) -> str:
     replayed = _components_to_replay(pipeline)
     if not replayed:
-        return ("The components' configs express the change, so the pipeline's plain `from_pretrained` rebuilds it "
-                "exactly.")
+        return (
+            "The components' configs express the change, so the pipeline's plain `from_pretrained` rebuilds it exactly."
+        )
     names = ", ".join(f"`{name}`" for name in replayed)
-    return (f"The config of {names} alone cannot express this change (it is recorded under the `hf_collapse` key of "
-            "its `config.json`): load that component with `hf_collapse.AutoCollapsedModel` (it replays the recorded "
-            "edits) and pass it to the pipeline's `from_pretrained`.")
+    return (
+        f"The config of {names} alone cannot express this change (it is recorded under the `hf_collapse` key of "
+        "its `config.json`): load that component with `hf_collapse.AutoCollapsedModel` (it replays the recorded "
+        "edits) and pass it to the pipeline's `from_pretrained`."
+    )
 
 
-def save_with_card(model: Any, folder: str | os.PathLike, report: CollapseReport | None = None,
-                   processor: Any = None, **card_kwargs: Any) -> Path:
+def save_with_card(
+    model: Any,
+    folder: str | os.PathLike,
+    report: CollapseReport | None = None,
+    processor: Any = None,
+    **card_kwargs: Any,
+) -> Path:
     """``save_pretrained`` the model (and processor), its card as ``README.md``, and the report's plot.
 
     ``model`` may be a diffusers pipeline whose component was collapsed: the pipeline is saved as a whole (its
@@ -305,6 +378,7 @@ def push_to_hub(
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_with_card(model, tmp, report, processor, repo_id=repo_id, **card_kwargs)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                                 repo_type="model")
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model"
+        )
     return getattr(info, "commit_url", None) or str(info)

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from . import compat
 from .architectures.base import adapter_for
-from .surgery import EDIT_OPS, RECORD_KEY, validate_record
+from .surgery import RECORD_KEY, edit_op, validate_record
 
 __all__ = ["AutoCollapsedModel"]
 
@@ -36,9 +37,13 @@ def _download(repo_id: str, subfolder: str, revision, cache_dir, token) -> Path:
 
     prefix = f"{subfolder}/" if subfolder else ""
     siblings = HfApi(token=token).model_info(repo_id, revision=revision).siblings or []
-    wanted = [s.rfilename for s in siblings if s.rfilename.startswith(prefix)
-              and s.rfilename[len(prefix):].split("/")[0] == s.rfilename[len(prefix):]
-              and (s.rfilename.endswith(".safetensors") or s.rfilename.endswith(".json"))]
+    wanted = [
+        s.rfilename
+        for s in siblings
+        if s.rfilename.startswith(prefix)
+        and s.rfilename[len(prefix) :].split("/")[0] == s.rfilename[len(prefix) :]
+        and (s.rfilename.endswith(".safetensors") or s.rfilename.endswith(".json"))
+    ]
     if f"{prefix}config.json" not in wanted:
         raise FileNotFoundError(f"no {prefix}config.json in the Hub repository {repo_id!r}")
     paths = [hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir, token=token) for name in wanted]
@@ -71,7 +76,9 @@ def _weight_variant(name: str) -> tuple[str, str | None] | None:
 
 
 def _load_state_dict(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
-    files = sorted(p for p in folder.glob("*.safetensors") if (found := _weight_variant(p.name)) and found[1] == variant)
+    files = sorted(
+        p for p in folder.glob("*.safetensors") if (found := _weight_variant(p.name)) and found[1] == variant
+    )
     if not files:
         what = f"variant {variant!r} " if variant else ""
         raise FileNotFoundError(f"no safetensors weights {what}in {folder} (expected model.safetensors or shards)")
@@ -84,7 +91,9 @@ def _load_state_dict(folder: Path, variant: str | None = None) -> dict[str, torc
 def _tied_names(model: nn.Module) -> dict[str, set[str]]:
     """For each parameter/buffer object, every name it is reachable by (tied weights share one object)."""
     names: dict[int, set[str]] = {}
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    ):
         names.setdefault(id(tensor), set()).add(name)
     return {name: group for group in names.values() for name in group}
 
@@ -92,7 +101,7 @@ def _tied_names(model: nn.Module) -> dict[str, set[str]]:
 def _replay(model: nn.Module, edits: list[dict[str, Any]]) -> None:
     for edit in edits:
         try:
-            EDIT_OPS[edit["op"]].replay(model, edit)
+            edit_op(edit["op"]).replay(model, edit)
         except (ValueError, KeyError, AttributeError) as error:
             raise ValueError(f"cannot replay the recorded edit {edit}: {error}") from error
 
@@ -129,8 +138,15 @@ def _load_transformers(cls: type, folder: Path, record: dict[str, Any], **kwargs
 
 #: Options of diffusers' ``ModelMixin.from_pretrained`` that the replaying loader honours (``low_cpu_mem_usage``
 #: only changes how weights are loaded, not the result).
-_DIFFUSERS_OPTIONS = ("dtype", "torch_dtype", "device_map", "max_memory", "variant", "use_safetensors",
-                      "low_cpu_mem_usage")
+_DIFFUSERS_OPTIONS = (
+    "dtype",
+    "torch_dtype",
+    "device_map",
+    "max_memory",
+    "variant",
+    "use_safetensors",
+    "low_cpu_mem_usage",
+)
 _DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -152,17 +168,19 @@ def _place(model: nn.Module, device_map: Any, max_memory: Any) -> nn.Module:
         return model
     if isinstance(device_map, dict) and set(device_map) == {""}:
         device_map = device_map[""]
-    if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str)
-                                                      and device_map not in _DEVICE_MAP_STRATEGIES):
+    if isinstance(device_map, (int, torch.device)) or (
+        isinstance(device_map, str) and device_map not in _DEVICE_MAP_STRATEGIES
+    ):
         return model.to(torch.device(device_map))
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
     if isinstance(device_map, str):
-        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        no_split = compat.no_split_modules(model)
         if device_map != "sequential":
-            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
-                                             low_zero=device_map == "balanced_low_0")
+            max_memory = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+            )
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     if not isinstance(device_map, dict):
         raise TypeError(f"device_map must be a device, a dict or one of {_DEVICE_MAP_STRATEGIES}, got {device_map!r}")
@@ -171,15 +189,19 @@ def _place(model: nn.Module, device_map: Any, max_memory: Any) -> nn.Module:
     return dispatch_model(model, device_map=device_map)
 
 
-def _load_diffusers(cls: type, folder: Path, config_dict: dict[str, Any], record: dict[str, Any],
-                    **kwargs: Any) -> nn.Module:
+def _load_diffusers(
+    cls: type, folder: Path, config_dict: dict[str, Any], record: dict[str, Any], **kwargs: Any
+) -> nn.Module:
     unknown = sorted(set(kwargs) - set(_DIFFUSERS_OPTIONS))
     if unknown:
-        raise TypeError(f"AutoCollapsedModel.from_pretrained of a collapsed diffusers model does not support "
-                        f"{unknown}; supported: {', '.join(_DIFFUSERS_OPTIONS)}, subfolder, revision, cache_dir, token")
+        raise TypeError(
+            f"AutoCollapsedModel.from_pretrained of a collapsed diffusers model does not support "
+            f"{unknown}; supported: {', '.join(_DIFFUSERS_OPTIONS)}, subfolder, revision, cache_dir, token"
+        )
     if kwargs.get("use_safetensors") is False:
-        raise ValueError("hf_collapse saves and loads collapsed models as safetensors only: use_safetensors=False "
-                         "cannot be honoured")
+        raise ValueError(
+            "hf_collapse saves and loads collapsed models as safetensors only: use_safetensors=False cannot be honoured"
+        )
     requested = kwargs.get("dtype", None)
     requested = requested if requested is not None else kwargs.get("torch_dtype", None)
     if requested is not None and requested != "auto" and not isinstance(requested, torch.dtype):
@@ -191,8 +213,11 @@ def _load_diffusers(cls: type, folder: Path, config_dict: dict[str, Any], record
     _replay(model, record["edits"])
     state = _load_state_dict(folder, kwargs.get("variant"))
     # Without a dtype (or with "auto"), the model takes the dtype of the saved weights, as transformers' "auto".
-    dtype = requested if isinstance(requested, torch.dtype) else \
-        next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    dtype = (
+        requested
+        if isinstance(requested, torch.dtype)
+        else next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    )
     if dtype is not None:
         _cast(model, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -260,7 +285,8 @@ class AutoCollapsedModel:
         folder = _model_folder(pretrained_model_name_or_path, subfolder, revision, cache_dir, token)
         config_dict = json.loads((folder / "config.json").read_text())
         declared = (
-            f"diffusers.{config_dict['_class_name']}" if "_class_name" in config_dict
+            f"diffusers.{config_dict['_class_name']}"
+            if "_class_name" in config_dict
             else f"transformers.{(config_dict.get('architectures') or ['AutoModel'])[0]}"
         )
         record = config_dict.get(RECORD_KEY)

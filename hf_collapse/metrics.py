@@ -9,33 +9,28 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .architectures.base import adapter_for, first_tensor
+from .architectures.base import adapter_for, count_parameters, first_tensor
 
-__all__ = ["LatencyComparison", "compare_latency", "count_parameters", "example_inputs", "forward_flops",
-           "hardware_description", "measure_latency", "module_flops", "perplexity"]
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (shared parameters counted once); only trainable ones with ``trainable_only``.
-
-    Example::
-
-        >>> from transformers import AutoModel
-        >>> from hf_collapse.data import embedded_model_path
-        >>> model = AutoModel.from_pretrained(embedded_model_path("minilm"))   # all-MiniLM-L6-v2, a BertModel
-        >>> from hf_collapse.metrics import count_parameters
-        >>> count_parameters(model)                             # all-MiniLM-L6-v2
-        22713216
-        >>> trainable = count_parameters(peft_model, trainable_only=True)   # a peft model   # doctest: +SKIP
-    """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+__all__ = [
+    "LatencyComparison",
+    "compare_latency",
+    "count_parameters",
+    "example_inputs",
+    "forward_flops",
+    "hardware_description",
+    "measure_latency",
+    "measure_step",
+    "module_flops",
+    "perplexity",
+]
 
 
 def example_inputs(model: nn.Module, batch_size: int = 1, seq_len: int = 128) -> dict[str, Any]:
@@ -108,8 +103,10 @@ def module_flops(model: nn.Module, inputs: Mapping[str, Any], paths: Iterable[st
     known = {name for name, _ in model.named_modules()}
     unknown = [path for path in paths if path not in known]
     if unknown:
-        raise ValueError(f"no module at {unknown} in {type(model).__name__} (paths are relative to the model "
-                         f"passed, e.g. a Block's .path rather than its .name under a task head)")
+        raise ValueError(
+            f"no module at {unknown} in {type(model).__name__} (paths are relative to the model "
+            f"passed, e.g. a Block's .path rather than its .name under a task head)"
+        )
     counter = FlopCounterMode(display=False)
     was_training = model.training
     model.eval()  # no dropout, and no BatchNorm statistics touched (or refused, at batch size 1)
@@ -207,9 +204,14 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float]:
     return (q[0], q[2])
 
 
-def compare_latency(models: Sequence[nn.Module], inputs: Mapping[str, Any], warmup: int = 2,
-                    rounds: int = 7, min_seconds: float = 0.05,
-                    call: Callable[[nn.Module, dict[str, Any]], Any] | None = None) -> LatencyComparison:
+def compare_latency(
+    models: Sequence[nn.Module],
+    inputs: Mapping[str, Any],
+    warmup: int = 2,
+    rounds: int = 7,
+    min_seconds: float = 0.05,
+    call: Callable[[nn.Module, dict[str, Any]], Any] | None = None,
+) -> LatencyComparison:
     """Time ``models`` side by side on ``inputs``: interleaved rounds, each round timing every model once (in a
     rotating order), so that a load that comes and goes on a shared machine hits all of them alike. The first
     model is the reference of the ratios.
@@ -261,9 +263,12 @@ def compare_latency(models: Sequence[nn.Module], inputs: Mapping[str, Any], warm
         for m, mode in zip(models, modes):
             m.train(mode)
     ratios = [[ref / t for ref, t in zip(times[0], model_times)] for model_times in times]
-    return LatencyComparison(seconds=[statistics.median(t) for t in times],
-                             speedups=[statistics.median(r) for r in ratios],
-                             spreads=[_quartiles(r) for r in ratios], rounds=rounds)
+    return LatencyComparison(
+        seconds=[statistics.median(t) for t in times],
+        speedups=[statistics.median(r) for r in ratios],
+        spreads=[_quartiles(r) for r in ratios],
+        rounds=rounds,
+    )
 
 
 def hardware_description(device: torch.device | str | nn.Module | None = None) -> str:
@@ -289,16 +294,69 @@ def hardware_description(device: torch.device | str | nn.Module | None = None) -
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def measure_step(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    latency_repeats: int,
+    reference: nn.Module | None = None,
+    flops: int | None = None,
+) -> dict[str, Any]:
+    """Parameters, FLOPs and (when ``latency_repeats > 0``) latency of ``model`` on ``inputs``.
+
+    With a ``reference`` (the uncollapsed model), the two are timed side by side in ``latency_repeats`` interleaved
+    rounds (:func:`hf_collapse.metrics.compare_latency`), and the result carries the speed-up over the reference with
+    its spread: a ratio that survives a busy machine. Without one, ``latency_s`` is a plain median. Measured in eval
+    mode (the train/eval mode is restored after); latency fields are ``None`` when ``latency_repeats`` is 0. ``flops``,
+    when known (e.g. derived from a first count), is taken as is instead of counting a forward pass again.
+
+    Example::
+
+        >>> from transformers import AutoModel
+        >>> from hf_collapse.data import embedded_model_path
+        >>> from hf_collapse.metrics import example_inputs, measure_step
+        >>> model = AutoModel.from_pretrained(embedded_model_path("minilm"))   # all-MiniLM-L6-v2, a BertModel
+        >>> measure_step(model, example_inputs(model), latency_repeats=0)
+        {'params': 22713216, 'flops': 2718203904, 'latency_s': None}
+        >>> collapsed = hf_collapse.remove_blocks(model, ["encoder.layer.5"])   # doctest: +SKIP
+        >>> timed = measure_step(collapsed, example_inputs(model), latency_repeats=7, reference=model)  # doctest: +SKIP
+        >>> timed["latency_speedup"]    # timed side by side: machine-dependent   # doctest: +SKIP
+        1.2
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        measured: dict[str, Any] = {
+            "params": count_parameters(model),
+            "flops": forward_flops(model, inputs) if flops is None else int(flops),
+            "latency_s": None,
+        }
+        if latency_repeats and reference is not None:
+            timing = compare_latency([reference, model], inputs, rounds=latency_repeats)
+            measured.update(
+                latency_s=timing.seconds[1],
+                latency_speedup=timing.speedups[1],
+                latency_spread=list(timing.spreads[1]),
+                reference_latency_s=timing.seconds[0],
+            )
+        elif latency_repeats:
+            measured["latency_s"] = measure_latency(model, inputs, warmup=2, repeats=latency_repeats)
+        return measured
+    finally:
+        model.train(was_training)
+
+
 def perplexity(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> float:
     """Token-weighted perplexity of a causal LM: ``exp`` of the mean next-token cross-entropy over every counted
     token of every batch (not the mean of per-batch perplexities or losses, so batch sizes do not matter).
 
     Each batch is a mapping with ``input_ids``, optionally ``attention_mask`` and ``labels`` (other entries, e.g.
     ``token_type_ids``, are passed to the model). Without ``labels``, the targets are the ``input_ids``. Positions
-    whose label is ``-100`` or whose ``attention_mask`` is 0 (padding) are not counted. As in ``transformers``'s
-    causal LMs, the logits at position ``t`` predict the label at ``t + 1`` (the labels are not shifted by the
-    caller). Runs under ``torch.inference_mode`` in eval mode (the model's mode is put back), on the model's device;
-    the sums are accumulated in float64.
+    whose label is ``-100`` or whose ``attention_mask`` is 0 (padding) are not counted, nor is a token predicted from a
+    padding position. Padded batches give the perplexity of their sequences unpadded, left padding (what decoder
+    tokenizers use for generation) included: position ids then follow the mask, unless the batch gives its own. As in
+    ``transformers``'s causal LMs, the logits at position ``t`` predict the label at ``t + 1`` (the labels are not
+    shifted by the caller). Runs under ``torch.inference_mode`` in eval mode (the model's mode is put back), on the
+    model's device; the sums are accumulated in float64.
 
     Args:
         model: a causal LM whose output has ``logits`` (``(batch, seq, vocab)``).
@@ -323,11 +381,13 @@ def perplexity(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> float:
         >>> perplexity(model, DataLoader(windows, batch_size=8))   # measured: 35.8   # doctest: +SKIP
         35.8...
     """
+    import inspect
     import math
 
     import torch.nn.functional as F
 
     device = device_of(model)
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     total_nll = torch.zeros((), dtype=torch.float64)
     total_tokens = 0
     was_training = model.training
@@ -342,10 +402,15 @@ def perplexity(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> float:
                 labels = (input_ids if labels is None else labels).clone()
                 if mask is not None:
                     labels = labels.masked_fill(mask == 0, -100)
+                    if "position_ids" not in inputs and takes_positions and bool((mask == 0).any()):
+                        # Left padding: a row's first real token is at position 0, as it would be unpadded.
+                        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
                 logits = model(**inputs).logits
                 targets = labels[:, 1:]
                 logits = logits[:, :-1]
                 counted = targets != -100
+                if mask is not None:  # a token predicted from a padding position (left padding) is not counted
+                    counted &= mask[:, :-1].bool()
                 if not bool(counted.any()):
                     continue
                 total_nll += F.cross_entropy(logits[counted].float(), targets[counted], reduction="sum").double().cpu()

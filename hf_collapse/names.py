@@ -3,7 +3,8 @@ refuses the same mistakes with the same words, listing what is accepted."""
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 __all__ = ["resolve_names"]
 
@@ -15,8 +16,14 @@ def _shown(names: Iterable[str], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def resolve_names(requested: Iterable[str], known: Mapping[str, T], kind: str, *,
-                  aliases: Mapping[str, str] | None = None, where: str = "this model") -> list[T]:
+def resolve_names(
+    requested: Iterable[str],
+    known: Mapping[str, T],
+    kind: str,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    where: str = "this model",
+) -> list[T]:
     """The objects named by ``requested``, in the order given.
 
     Args:

@@ -49,7 +49,6 @@ and the result is a 0-dim float32 tensor through which gradients flow back to ``
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import torch
 
@@ -78,8 +77,8 @@ ASCENT_STEPS = 2
 def random_directions(
     d: int,
     n: int,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[Union[torch.device, str]] = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``n`` directions drawn uniformly on the unit sphere of ``R^d``, as the rows of an ``(n, d)`` tensor.
@@ -104,8 +103,8 @@ def sliced_wasserstein(
     y: torch.Tensor,
     n_projections: int = 50,
     p: float = 2,
-    directions: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    directions: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Sliced Wasserstein-p distance ``(mean_l W_p^p(x @ theta_l, y @ theta_l)) ** (1 / p)``.
 
@@ -128,14 +127,14 @@ def max_sliced_wasserstein(
     x: torch.Tensor,
     y: torch.Tensor,
     slicing: str = "ascent",
-    n_projections: Optional[int] = None,
+    n_projections: int | None = None,
     ascent_steps: int = ASCENT_STEPS,
     p: float = 2,
-    directions: Optional[torch.Tensor] = None,
-    init_direction: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    directions: torch.Tensor | None = None,
+    init_direction: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     return_direction: bool = False,
-) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Max-sliced Wasserstein-p distance ``max_theta W_p(x @ theta, y @ theta)`` over unit directions ``theta``.
 
     ``slicing="random"``: the max over ``n_projections`` random directions (default 50, as POT), or the rows of
@@ -401,6 +400,7 @@ def _ascend(
         proj_u = torch.stack([x @ u, y @ u])[:, :, None]  # with proj: the projections of the whole great circle
         power = torch.atan2(tangent_norm, radial.clamp_min(0.0))
         angles = torch.cat([power * scale * halvings, grid])
+        best = angles[0]  # set by every stage (the first does not read it)
         for stage in range(_REFINE + 1):
             if stage:  # zoom in around the best angle so far: still no product with the data
                 gaps = (angles - best).abs()

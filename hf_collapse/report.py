@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .budget import Budget
+
 __all__ = ["CollapseReport", "CollapseStep", "describe_speedup", "format_count"]
 
 
@@ -147,14 +149,14 @@ class CollapseReport:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CollapseReport":
+    def from_dict(cls, data: dict[str, Any]) -> CollapseReport:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         kwargs["steps"] = [CollapseStep(**step) for step in data.get("steps", [])]
         return cls(**kwargs)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CollapseReport":
+    def load(cls, path: str | Path) -> CollapseReport:
         path = Path(path)
         return cls.from_dict(json.loads((path / "report.json" if path.is_dir() else path).read_text()))
 
@@ -166,8 +168,13 @@ class CollapseReport:
             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
         ]
         for s in self.steps:
-            speedup = describe_speedup({"latency_speedup": s.latency_speedup, "latency_spread": s.latency_spread,
-                                        "latency_significant": s.latency_significant})
+            speedup = describe_speedup(
+                {
+                    "latency_speedup": s.latency_speedup,
+                    "latency_spread": s.latency_spread,
+                    "latency_significant": s.latency_significant,
+                }
+            )
             lines.append(
                 f"| {s.removed} | {s.unit or '(original)'} | {_fmt(s.score)} | {_fmt(s.metric)} | {s.params:,} | "
                 f"{format_count(s.flops)} | {_fmt(s.latency_s * 1e3 if s.latency_s is not None else None, 2)} | "
@@ -179,18 +186,8 @@ class CollapseReport:
 
     def _metric_limits(self) -> list[tuple[float, str]]:
         """The metric values the budget allows, with their legend labels (none without a metric budget)."""
-        budget, before = self.budget or {}, self.before.metric
-        if before is None:
-            return []
-        limits = []
-        drop = budget.get("max_metric_drop", budget.get("max_metric_increase"))
-        if drop is not None:
-            sign = "-" if self.higher_is_better else "+"
-            limits.append((before - drop if self.higher_is_better else before + drop, f"budget ({sign}{drop:g})"))
-        ratio = budget.get("max_metric_ratio")
-        if ratio is not None:
-            limits.append((before / ratio if self.higher_is_better else before * ratio, f"budget (x{ratio:g})"))
-        return limits
+        budget = Budget.from_dict(self.budget or {}, self.higher_is_better)
+        return budget.metric_limits(self.before.metric) if budget is not None else []
 
     def plot(self, path: str | Path) -> Path:
         """Write the trade-off plot (metric and latency against units removed, the metric budget as a line, the
@@ -219,8 +216,13 @@ class CollapseReport:
             ax.set_ylabel(self.metric_name or "metric", color="tab:blue")
             rejected = [s for s in self.steps if not s.kept]
             if rejected:
-                ax.plot([s.removed for s in rejected], [s.metric for s in rejected], "x", color="tab:red",
-                        label="rejected (over budget)")
+                ax.plot(
+                    [s.removed for s in rejected],
+                    [s.metric for s in rejected],
+                    "x",
+                    color="tab:red",
+                    label="rejected (over budget)",
+                )
             for limit, label in self._metric_limits():
                 ax.axhline(limit, color="tab:red", linestyle=":", linewidth=1, label=label)
         else:
@@ -231,8 +233,13 @@ class CollapseReport:
         handles, labels = ax.get_legend_handles_labels()
         if any(s.latency_s is not None for s in steps):
             twin = ax.twinx()
-            twin.plot(xs, [s.latency_s * 1e3 if s.latency_s else None for s in steps], "s--", color="tab:orange",
-                      label="latency (ms)")
+            twin.plot(
+                xs,
+                [s.latency_s * 1e3 if s.latency_s else None for s in steps],
+                "s--",
+                color="tab:orange",
+                label="latency (ms)",
+            )
             twin.set_ylabel("latency (ms)", color="tab:orange")
             extra_handles, extra_labels = twin.get_legend_handles_labels()
             handles, labels = handles + extra_handles, labels + extra_labels

@@ -16,18 +16,19 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures.base import Block
 from .block_io import BlockIO, feature_mask, select_blocks
 from .distributed import is_main_process, sum_across_ranks
 from .metrics import device_of, to_device
 from .ot import max_sliced_wasserstein
-from .architectures.base import Block
-from .surgery import find_blocks, remove_blocks
+from .surgery import find_blocks, remove_blocks, reverted
 
 __all__ = ["SCORERS", "loss_scores", "model_inputs", "score_blocks"]
 
@@ -126,13 +127,14 @@ def score_blocks(
         >>> collapsed, report = hf_collapse.collapse(model, scores, num_blocks=2)
     """
     if method not in SCORERS and method not in DATA_FREE and method != "loss":
-        raise ValueError(f"unknown scoring method {method!r}; available: "
-                         f"{', '.join([*SCORERS, 'loss', *DATA_FREE])}")
+        raise ValueError(f"unknown scoring method {method!r}; available: {', '.join([*SCORERS, 'loss', *DATA_FREE])}")
     chosen = select_blocks(model, blocks, granularity)
     if method == "loss":
         if dataloader is None:
-            raise ValueError("method 'loss' measures the calibration loss without each unit: pass a dataloader of "
-                             "batches with labels")
+            raise ValueError(
+                "method 'loss' measures the calibration loss without each unit: pass a dataloader of "
+                "batches with labels"
+            )
         return loss_scores(model, dataloader, chosen, max_batches=max_batches, progress=progress)
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
@@ -216,16 +218,88 @@ def _loss(outputs: Any) -> float:
     return float(loss)
 
 
+def _without(model: nn.Module, unit: Block, batch: Mapping[str, Any]) -> float:
+    """The loss of ``model`` on ``batch`` with ``unit`` really removed: in place, then put back (no copy)."""
+    with reverted(model):
+        remove_blocks(model, [unit.name], inplace=True)
+        return _loss(model(**batch))
+
+
+def _replayed(
+    model: nn.Module,
+    all_blocks: Sequence[Block],
+    position: Mapping[str, int],
+    unit: Block,
+    outputs: Mapping[str, Any],
+    batch: Mapping[str, Any],
+) -> float:
+    """The loss without ``unit`` from its input on: the blocks before it return what they returned in the full
+    forward pass (recorded in ``outputs``), ``unit`` returns its input."""
+    swapped = {b.path: _swap(model, b.path, _Replay(outputs[b.name])) for b in all_blocks[: position[unit.name]]}
+    swapped[unit.path] = _swap(model, unit.path, _Skip(outputs[unit.name]))
+    try:
+        return _loss(model(**batch))
+    finally:
+        for path, original in swapped.items():
+            _swap(model, path, original)
+
+
+def _replay_is_exact(
+    model: nn.Module,
+    all_blocks: Sequence[Block],
+    position: Mapping[str, int],
+    units: Sequence[Block],
+    outputs: Mapping[str, Any],
+    batch: Mapping[str, Any],
+) -> bool:
+    """Whether replaying the prefix gives the true removal's loss, checked on the first and the last unit: the last
+    has the longest replayed prefix, where a model that records something in the blocks it skips (MoE router logits
+    for an auxiliary loss) or that a removal changes beyond the block (a UNet skip pair) shows the difference."""
+    checked = [units[0]] + ([units[-1]] if len(units) > 1 else [])
+    for unit in checked:
+        if unit.name not in outputs:  # a sub-layer unit: its removal is not one block's
+            return False
+        try:
+            fast = _replayed(model, all_blocks, position, unit, outputs, batch)
+        except Exception as error:  # noqa: BLE001 - any failure of the shortcut means: measure the true removal
+            logger.info(
+                "loss scoring: replaying the blocks before %s fails (%s: %s); measuring every candidate by "
+                "removing it in place",
+                unit.name,
+                type(error).__name__,
+                error,
+            )
+            return False
+        exact = _without(model, unit, batch)
+        if not abs(fast - exact) <= 1e-4 * max(1.0, abs(exact)):
+            logger.info(
+                "loss scoring: replaying the blocks before %s is not exact for this model (%s vs %s); "
+                "measuring every candidate by removing it in place",
+                unit.name,
+                fast,
+                exact,
+            )
+            return False
+    return True
+
+
 @torch.no_grad()
-def loss_scores(model: nn.Module, dataloader: Iterable[Mapping[str, torch.Tensor]], units: Sequence[Block],
-                max_batches: int | None = None, progress: bool = True) -> dict[str, float]:
+def loss_scores(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    units: Sequence[Block],
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
     """SLEB's criterion: the calibration loss of the model with each unit removed (lower: removed first).
 
     One forward pass per candidate and batch, from the input of the removed block on: the blocks before it replay
     what they returned in one full forward pass, so only the blocks after it run again. This shortcut is checked
-    once against the true removal (``remove_blocks``) on the first batch; where it does not hold (sub-layer units,
-    a removal that changes more than the block, e.g. a UNet skip pair), every candidate is measured on a copy with
-    the unit really removed. Losses are averaged over batches weighted by batch size and pooled over DDP ranks.
+    against the true removal on the first batch, on the first unit and on the last (whose replayed prefix is the
+    longest); where it does not hold (sub-layer units, a model whose skipped blocks record something the loss needs,
+    e.g. MoE router logits, a removal that changes more than the block, e.g. a UNet skip pair), every candidate is
+    measured with the unit really removed, in place and put back (:func:`hf_collapse.surgery.reverted`): no copy of
+    the model is ever made. Losses are averaged over batches weighted by batch size and pooled over DDP ranks.
 
     Example::
 
@@ -245,33 +319,27 @@ def loss_scores(model: nn.Module, dataloader: Iterable[Mapping[str, torch.Tensor
             batch = model_inputs(model, batch)
             size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
             outputs: dict[str, Any] = {}
-            handles = [model.get_submodule(b.path).register_forward_hook(
-                lambda module, args, output, name=b.name: outputs.__setitem__(name, output)) for b in all_blocks]
-            try:
-                model(**batch)
-            finally:
-                for handle in handles:
-                    handle.remove()
+            if shortcut is not False:
+                handles = [
+                    model.get_submodule(b.path).register_forward_hook(
+                        lambda module, args, output, name=b.name, kept=outputs: kept.__setitem__(name, output)
+                    )
+                    for b in all_blocks
+                ]
+                try:
+                    model(**batch)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                if shortcut is None:
+                    shortcut = _replay_is_exact(model, all_blocks, position, units, outputs, batch)
             for unit in units:
-                fast = None
-                if shortcut is not False and unit.name in outputs:
-                    swapped = {b.path: _swap(model, b.path, _Replay(outputs[b.name]))
-                               for b in all_blocks[:position[unit.name]]}
-                    swapped[unit.path] = _swap(model, unit.path, _Skip(outputs[unit.name]))
-                    try:
-                        fast = _loss(model(**batch))
-                    finally:
-                        for path, original in swapped.items():
-                            _swap(model, path, original)
-                if shortcut is not True:
-                    exact = _loss(remove_blocks(model, [unit.name]).eval()(**batch))
-                    if shortcut is None:
-                        shortcut = fast is not None and abs(fast - exact) <= 1e-4 * max(1.0, abs(exact))
-                        if not shortcut:
-                            logger.info("loss scoring: replaying the prefix is not exact for this model (%s vs %s); "
-                                        "measuring every candidate on a copy without it", fast, exact)
-                    fast = exact if not shortcut else fast
-                totals[unit.name] += size * fast
+                loss = (
+                    _replayed(model, all_blocks, position, unit, outputs, batch)
+                    if shortcut
+                    else _without(model, unit, batch)
+                )
+                totals[unit.name] += size * loss
             weight += size
     finally:
         model.train(was_training)

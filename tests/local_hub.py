@@ -71,8 +71,7 @@ ROUTES = [  # (method, pattern on the still-quoted path, handler name)
     ("GET", re.compile(rf"^/api/{_TYPE}/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$"), "tree"),
     ("GET", re.compile(rf"^/api/{_TYPE}/{_REPO}(?:/revision/(?P<rev>[^/]+))?$"), "repo_info"),
     ("GET", re.compile(rf"^/(?:(?P<kind>datasets|spaces)/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
-    ("HEAD", re.compile(rf"^/(?:(?P<kind>datasets|spaces)/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"),
-     "resolve"),
+    ("HEAD", re.compile(rf"^/(?:(?P<kind>datasets|spaces)/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
 ]
 
 
@@ -121,8 +120,9 @@ class Repo:
         for commit_id, files in self.commits:
             if commit_id == revision:
                 return commit_id, files
-        raise HubError(404, f"Invalid rev id: {revision} (the local hub knows main and its commit ids)",
-                       "RevisionNotFound")
+        raise HubError(
+            404, f"Invalid rev id: {revision} (the local hub knows main and its commit ids)", "RevisionNotFound"
+        )
 
 
 class LocalHub:
@@ -151,7 +151,7 @@ class LocalHub:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every answer carries Content-Length
-    server: "Server"
+    server: Server
 
     def log_message(self, *args):  # quiet: the tests read stdout for the port only
         pass
@@ -171,13 +171,22 @@ class Handler(BaseHTTPRequestHandler):
                         return getattr(self, name)(**args)
             raise HubError(404, f"not served by the local hub: {method} {unquote(raw_path)}")
         except HubError as error:
-            self._send(error.status, json.dumps({"error": error.message}).encode(), "application/json",
-                       {"X-Error-Code": error.code, "X-Error-Message": error.message,
-                        "X-Repo-Commit": error.commit}, head=method == "HEAD")
+            self._send(
+                error.status,
+                json.dumps({"error": error.message}).encode(),
+                "application/json",
+                {"X-Error-Code": error.code, "X-Error-Message": error.message, "X-Repo-Commit": error.commit},
+                head=method == "HEAD",
+            )
         except Exception as error:  # a bug here, or a request it cannot parse: say so rather than hang up
             message = f"local hub error on {method} {unquote(raw_path)}: {type(error).__name__}: {error}"
-            self._send(500, json.dumps({"error": message}).encode(), "application/json",
-                       {"X-Error-Message": message[:500]}, head=method == "HEAD")
+            self._send(
+                500,
+                json.dumps({"error": message}).encode(),
+                "application/json",
+                {"X-Error-Message": message[:500]},
+                head=method == "HEAD",
+            )
 
     def do_GET(self):
         self._dispatch("GET")
@@ -194,8 +203,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._dispatch("DELETE")
 
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None,
-              head: bool = False) -> None:
+    def _send(
+        self, status: int, body: bytes, content_type: str, headers: dict | None = None, head: bool = False
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -251,35 +261,60 @@ class Handler(BaseHTTPRequestHandler):
         repo_id = f"{request.get('organization') or USER}/{request.get('name')}"
         repo = self.hub.repo(request.get("type", "model") + "s", repo_id, True)
         del self.hub.repos[(repo.kind, repo_id)]
-        shutil.rmtree(self.hub.store / repo_id if repo.kind == "models" else self.hub.store / repo.kind / repo_id,
-                      ignore_errors=True)
+        shutil.rmtree(
+            self.hub.store / repo_id if repo.kind == "models" else self.hub.store / repo.kind / repo_id,
+            ignore_errors=True,
+        )
         self._json({})
 
     def whoami(self):
         self._need_token()
-        self._json({"type": "user", "name": USER, "fullname": USER, "orgs": [],
-                    "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}}})
+        self._json(
+            {
+                "type": "user",
+                "name": USER,
+                "fullname": USER,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
+            }
+        )
 
     def list_models(self):
         query = parse_qs(self.query)
         author, search = query.get("author", [""])[0], query.get("search", [""])[0]
-        self._json([{"id": repo.repo_id, "modelId": repo.repo_id, "private": repo.private}
-                    for (kind, repo_id), repo in sorted(self.hub.repos.items())
-                    if kind == "models" and (self.authorized or not repo.private)
-                    and (not author or repo_id.split("/")[0] == author) and search in repo_id.split("/")[1]])
+        self._json(
+            [
+                {"id": repo.repo_id, "modelId": repo.repo_id, "private": repo.private}
+                for (kind, repo_id), repo in sorted(self.hub.repos.items())
+                if kind == "models"
+                and (self.authorized or not repo.private)
+                and (not author or repo_id.split("/")[0] == author)
+                and search in repo_id.split("/")[1]
+            ]
+        )
 
     def repo_info(self, kind, repo, rev="main"):
         repository = self.hub.repo(kind, repo, self.authorized)
         commit_id, files = repository.at(rev)
-        self._json({"id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit_id,
-                    "private": repository.private, "disabled": False, "gated": False, "tags": [],
-                    "siblings": [{"rfilename": path} for path in sorted(files)]})
+        self._json(
+            {
+                "id": repo,
+                "modelId": repo,
+                "author": repo.split("/")[0],
+                "sha": commit_id,
+                "private": repository.private,
+                "disabled": False,
+                "gated": False,
+                "tags": [],
+                "siblings": [{"rfilename": path} for path in sorted(files)],
+            }
+        )
 
     def tree(self, kind, repo, rev, path=""):
         commit_id, files = self.hub.repo(kind, repo, self.authorized).at(rev)
         prefix = path.strip("/") + "/" if path.strip("/") else ""
         recursive = "recursive=true" in self.query.lower() or "recursive=1" in self.query
-        under = {p[len(prefix):]: data for p, data in files.items() if p.startswith(prefix)}
+        under = {p[len(prefix) :]: data for p, data in files.items() if p.startswith(prefix)}
         if prefix and not under:
             raise HubError(404, f"{path} does not exist in {repo} at {commit_id}", "EntryNotFound", commit_id)
         entries, folders = [], set()
@@ -291,8 +326,13 @@ class Handler(BaseHTTPRequestHandler):
                 data = under[rest]
                 entries.append({"type": "file", "oid": git_blob_id(data), "size": len(data), "path": prefix + rest})
         for folder in sorted(folders):
-            entries.append({"type": "directory", "oid": hashlib.sha1(f"{commit_id}/{prefix}{folder}".encode())
-                            .hexdigest(), "path": prefix + folder})
+            entries.append(
+                {
+                    "type": "directory",
+                    "oid": hashlib.sha1(f"{commit_id}/{prefix}{folder}".encode()).hexdigest(),
+                    "path": prefix + folder,
+                }
+            )
         self._json(entries)
 
     # --- publishing -----------------------------------------------------------------------------------
@@ -323,9 +363,19 @@ class Handler(BaseHTTPRequestHandler):
         self._need_token()
         _, files = self.hub.repo(kind, repo, True).at(rev)
         request = json.loads(self.body or b"{}")
-        self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                               "oid": git_blob_id(files[f["path"]]) if f["path"] in files else None}
-                              for f in request.get("files", [])]})
+        self._json(
+            {
+                "files": [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "regular",
+                        "shouldIgnore": False,
+                        "oid": git_blob_id(files[f["path"]]) if f["path"] in files else None,
+                    }
+                    for f in request.get("files", [])
+                ]
+            }
+        )
 
     def commit(self, kind, repo, rev):
         self._need_token()
@@ -346,8 +396,9 @@ class Handler(BaseHTTPRequestHandler):
                     raise HubError(412, f"parent commit {parent} is not the head of main")
             elif key == "file":
                 content = value["content"]
-                files[checked_path(value["path"])] = (base64.b64decode(content) if value.get("encoding") == "base64"
-                                        else content.encode())
+                files[checked_path(value["path"])] = (
+                    base64.b64decode(content) if value.get("encoding") == "base64" else content.encode()
+                )
             elif key == "deletedFile":
                 if files.pop(value["path"], None) is None:
                     raise HubError(404, f"A file with this name doesn't exist: {value['path']}", "EntryNotFound")
@@ -360,8 +411,14 @@ class Handler(BaseHTTPRequestHandler):
         commit_id = repository.add_commit(files, message)
         self.hub.mirror(repository)
         prefix = "" if kind == "models" else f"{kind}/"
-        self._json({"commitUrl": self._url(f"{prefix}{repo}/commit/{commit_id}"), "commitOid": commit_id,
-                    "pullRequestUrl": None, "success": True})
+        self._json(
+            {
+                "commitUrl": self._url(f"{prefix}{repo}/commit/{commit_id}"),
+                "commitOid": commit_id,
+                "pullRequestUrl": None,
+                "success": True,
+            }
+        )
 
     # --- downloads ------------------------------------------------------------------------------------
     def resolve(self, repo, rev, path, kind="models"):
@@ -369,9 +426,13 @@ class Handler(BaseHTTPRequestHandler):
         if path not in files:
             raise HubError(404, f"Entry not found: {path} in {repo} at {commit_id}", "EntryNotFound", commit_id)
         data = files[path]
-        self._send(200, data, "application/octet-stream",
-                   {"ETag": f'"{git_blob_id(data)}"', "X-Repo-Commit": commit_id, "Accept-Ranges": "none"},
-                   head=self.command == "HEAD")
+        self._send(
+            200,
+            data,
+            "application/octet-stream",
+            {"ETag": f'"{git_blob_id(data)}"', "X-Repo-Commit": commit_id, "Accept-Ranges": "none"},
+            head=self.command == "HEAD",
+        )
 
 
 class Server(ThreadingHTTPServer):
@@ -400,8 +461,12 @@ def serve(store: str | os.PathLike, port: int = 0, max_seconds: float = 600.0) -
 def running_hub(store: str | os.PathLike, max_seconds: float = 600.0):
     """Start the local hub in a subprocess storing under ``store``; yield its endpoint URL; stop it."""
     errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would block the server
-    process = subprocess.Popen([sys.executable, __file__, str(store), "0", "--max-seconds", str(max_seconds)],
-                               stdout=subprocess.PIPE, stderr=errors, text=True)
+    process = subprocess.Popen(
+        [sys.executable, __file__, str(store), "0", "--max-seconds", str(max_seconds)],
+        stdout=subprocess.PIPE,
+        stderr=errors,
+        text=True,
+    )
     try:
         line = process.stdout.readline().strip()
         if not line.isdigit():
@@ -455,8 +520,11 @@ class HubTarget:
             return Path(store) / repo_id
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, token=self.token, cache_dir=tempfile.mkdtemp(),
-                                      ignore_patterns=[".gitattributes"]))
+        return Path(
+            snapshot_download(
+                repo_id, token=self.token, cache_dir=tempfile.mkdtemp(), ignore_patterns=[".gitattributes"]
+            )
+        )
 
 
 def delete_test_repos(prefix: str) -> list[str]:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny_models import CASES, CASES_BY_NAME, output_of
 from transformers import (
     DistilBertConfig,
     DistilBertForSequenceClassification,
@@ -13,15 +14,40 @@ from transformers import (
 
 import hf_collapse
 from hf_collapse.architectures.common import LayerListAdapter
-from tiny_models import CASES, CASES_BY_NAME, output_of
 
 FAMILIES = {
-    "bert": "bert", "roberta": "bert", "xlm_roberta": "bert", "vit": "vit", "swin": "swin",
-    "resnet_basic": "resnet", "resnet_bottleneck": "resnet", "mobilenet_v2": "mobilenet_v2", "gpt2": "gpt2",
-    "gpt2_scaled": "gpt2", "dit": "dit", "transformer2d": "dit", "unet": "unet_2d_condition",
+    "bert": "bert",
+    "roberta": "bert",
+    "xlm_roberta": "bert",
+    "vit": "vit",
+    "swin": "swin",
+    "resnet_basic": "resnet",
+    "resnet_bottleneck": "resnet",
+    "mobilenet_v2": "mobilenet_v2",
+    "gpt2": "gpt2",
+    "gpt2_scaled": "gpt2",
+    "dit": "dit",
+    "transformer2d": "dit",
+    "unet": "unet_2d_condition",
 }
-DECODERS = ("llama", "qwen2", "mistral", "qwen3", "mistral_sliding", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox",
-            "smollm3", "granite", "qwen2_moe")
+DECODERS = (
+    "llama",
+    "qwen2",
+    "mistral",
+    "qwen3",
+    "mistral_sliding",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+    "gpt_neox",
+    "smollm3",
+    "granite",
+    "qwen2_moe",
+    "mixtral",
+    "deepseek_v3",
+    "llama4",
+)
 FAMILIES.update({name: "decoder" for name in DECODERS})
 
 
@@ -44,7 +70,7 @@ def test_family_blocks_and_paths(case):
 def test_activation_sites_connect_real_layers(case):
     model = case.build()
     sites = hf_collapse.adapter_for(model).activation_sites(hf_collapse.adapter_for(model).backbone(model))
-    assert sites
+    assert sites or case.name == "mixtral"  # every MLP of a Mixtral is a mixture of experts: nothing to linearize
     backbone = hf_collapse.adapter_for(model).backbone(model)
     block_names = {b.name for b in hf_collapse.adapter_for(model).blocks(backbone)}
     for site in sites:
@@ -66,9 +92,14 @@ def test_activation_sites_connect_real_layers(case):
         assert not any(site.gated for site in sites)
 
 
-@pytest.mark.parametrize("model_cls,case_name,prefix", [
-    (RobertaModel, "roberta", "roberta."), (SwinModel, "swin", "swin."), (LlamaModel, "llama", "model."),
-])
+@pytest.mark.parametrize(
+    "model_cls,case_name,prefix",
+    [
+        (RobertaModel, "roberta", "roberta."),
+        (SwinModel, "swin", "swin."),
+        (LlamaModel, "llama", "model."),
+    ],
+)
 def test_task_head_and_bare_backbone_share_block_names(model_cls, case_name, prefix):
     """Names are paths in the model passed; the backbone-relative spelling (local_name) is shared and accepted."""
     head = CASES_BY_NAME[case_name].build()
@@ -138,5 +169,8 @@ def test_decoder_generates_with_kv_cache_after_removal_and_reload(case_name, tmp
     uncached = collapsed.generate(prompt, use_cache=False, **settings)
     assert torch.equal(cached, uncached)
     collapsed.save_pretrained(tmp_path)
-    for reloaded in (hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path), type(collapsed).from_pretrained(tmp_path)):
+    for reloaded in (
+        hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path),
+        type(collapsed).from_pretrained(tmp_path),
+    ):
         assert torch.equal(reloaded.generate(prompt, use_cache=True, **settings), cached)

@@ -5,15 +5,15 @@ import subprocess
 import sys
 
 import pytest
+from tiny_models import CASES_BY_NAME
 
 import hf_collapse
-from hf_collapse.cli import main
+from hf_collapse.commands import main
 from hf_collapse.data import embedded_model_path
-from tiny_models import CASES_BY_NAME
 
 
 def test_inspect_minilm_lists_its_six_encoder_blocks(capsys):
-    assert main(["inspect", "minilm", "--seq-len", "32"]) == 0
+    assert main(["inspect", "minilm", "--max_length", "32"]) == 0
     out = capsys.readouterr().out
     assert "family: bert" in out
     rows = [line for line in out.splitlines() if line.startswith("encoder.layer.")]
@@ -40,17 +40,39 @@ def test_inspect_a_collapsed_folder(tmp_path, capsys):
 
 
 def test_console_script_reports_errors_cleanly(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "hf_collapse.cli", "inspect", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_collapse.commands", "inspect", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "hf-collapse: error: no config.json" in result.stderr
 
 
 def test_lacoot_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
     """The README's main job with a tiny step budget: real MiniLM, real dialog lines, train, collapse, save."""
-    code = main(["lacoot", "--output_dir", str(tmp_path), "--max_steps", "3", "--per_device_train_batch_size", "8",
-                 "--eval_strategy", "no", "--num_blocks", "2", "--max_metric_drop", "1.0", "--latency_repeats", "1",
-                 "--disable_tqdm", "true"])
+    code = main(
+        [
+            "lacoot",
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "8",
+            "--eval_strategy",
+            "no",
+            "--num_units",
+            "2",
+            "--max_metric_delta",
+            "1.0",
+            "--latency_repeats",
+            "1",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     out = captured.out
@@ -60,13 +82,15 @@ def test_lacoot_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
         "hf-collapse: loading minilm and dialog_topics",
         "hf-collapse: training with the LaCoOT penalty (λ = 0.1, 1486 examples)",
         "hf-collapse: scoring the blocks, then removing them under the budget (evaluating and timing each state)",
-        f"hf-collapse: saving to {tmp_path}"]
+        f"hf-collapse: saving to {tmp_path}",
+    ]
     assert sum(": done in " in line for line in phases) == 4
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert len(report.removed) == 2 and report.metric_name == "accuracy"
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
     assert reloaded.config.num_hidden_layers == 4 and reloaded.config.num_labels == 19
     from transformers import AutoTokenizer
+
     assert AutoTokenizer.from_pretrained(tmp_path / "collapsed")("hello")["input_ids"]
 
 
@@ -76,9 +100,29 @@ def test_lacoot_command_rejects_unknown_flags(capsys):
 
 
 def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
-    code = main(["tlc", "--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "8",
-                 "--eval_strategy", "no", "--target_layers", "1", "--finetune_steps", "0",
-                 "--calibration_batches", "2", "--latency_repeats", "1", "--disable_tqdm", "true"])
+    code = main(
+        [
+            "tlc",
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--eval_strategy",
+            "no",
+            "--num_units",
+            "1",
+            "--finetune_steps",
+            "0",
+            "--calibration_batches",
+            "2",
+            "--latency_repeats",
+            "1",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "TLC on minilm / dialog_topics" in out and "removed 1 activation layers" in out
@@ -88,21 +132,36 @@ def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
     assert hf_collapse.collapse_record(reloaded)["edits"][0]["op"] == "linearize"
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["inspect", "./no_such_model"], "model './no_such_model': no such file or folder, and not a Hub id; expected an "
-                                     "embedded model (minilm, smollm2)"),
-    (["inspect", "someone/some-model"], "the Hub is off (HF_HUB_OFFLINE=1)"),
-    (["lacoot", "--model", "minilmx"], "model 'minilmx' is not a local path, and the Hub is off"),
-    (["lacoot", "--dataset", "no_such_dataset"], "expected an embedded dataset (dialog_topics, digits, bbc_news), a "
-                                                 "data file or folder (.json, .jsonl, .csv, .parquet)"),
-    (["lacoot", "--max_metric_drop", "-1"], "--max_metric_drop must be >= 0, got -1"),
-    (["lacoot", "--num_blocks", "0"], "--num_blocks must be >= 1, got 0"),
-    (["lacoot", "--max_metric_drop", "lots"], "argument --max_metric_drop/--max-metric-drop: invalid float value: 'lots'"),
-    (["inspect", "minilm", "--seq_len", "8"], "unrecognized arguments: --seq_len 8 (see `hf-collapse --help`)"),
-    (["tlc", "--target_layers", "0"], "--target_layers must be >= 1, got 0"),
-    (["lacoot", "--msw_weight", "-2"], "msw_weight must be >= 0"),
-    (["lacoot", "--num_train_epoch", "1"], "unrecognized arguments: --num_train_epoch 1; did you mean --num_train_epochs?"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (
+            ["inspect", "./no_such_model"],
+            "model './no_such_model': no such file or folder, and not a Hub id; expected an "
+            "embedded model (minilm, smollm2)",
+        ),
+        (["inspect", "someone/some-model"], "the Hub is off (HF_HUB_OFFLINE=1)"),
+        (["lacoot", "--model", "minilmx"], "model 'minilmx' is not a local path, and the Hub is off"),
+        (
+            ["lacoot", "--dataset", "no_such_dataset"],
+            "expected an embedded dataset (dialog_topics, digits, bbc_news), a "
+            "data file or folder (.json, .jsonl, .csv, .parquet)",
+        ),
+        (["lacoot", "--max_metric_delta", "-1"], "--max_metric_delta must be >= 0, got -1"),
+        (["lacoot", "--num_units", "0"], "--num_units must be >= 1, got 0"),
+        (
+            ["lacoot", "--max_metric_delta", "lots"],
+            "argument --max_metric_delta/--max-metric-delta: invalid float value: 'lots'",
+        ),
+        (["inspect", "minilm", "--seq_len", "8"], "unrecognized arguments: --seq_len 8 (see `hf-collapse --help`)"),
+        (["tlc", "--num_units", "0"], "--num_units must be >= 1, got 0"),
+        (["lacoot", "--msw_weight", "-2"], "msw_weight must be >= 0"),
+        (
+            ["lacoot", "--num_train_epoch", "1"],
+            "unrecognized arguments: --num_train_epoch 1; did you mean --num_train_epochs?",
+        ),
+    ],
+)
 def test_mistakes_get_one_line_and_exit_2_before_any_work(argv, expected, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(argv) == 2
@@ -125,8 +184,10 @@ def test_dataset_files_are_checked(tmp_path, capsys, monkeypatch):
     data = tmp_path / "data.csv"
     data.write_text("sentence,topic\n" + "".join(f"line {i},{i % 2}\n" for i in range(20)))
     assert main(["lacoot", "--dataset", str(data), "--output_dir", str(tmp_path / "out")]) == 2
-    assert ("dataset '%s' has no column 'label' (its columns: sentence, topic); name the right ones with "
-            "--text_column / --label_column" % data) in capsys.readouterr().err
+    assert (
+        f"dataset '{data}' has no column 'label' (its columns: sentence, topic); name the right ones with "
+        "--text_column / --label_column"
+    ) in capsys.readouterr().err
 
 
 def test_debug_shows_the_traceback(capsys, monkeypatch):
@@ -137,10 +198,17 @@ def test_debug_shows_the_traceback(capsys, monkeypatch):
 
 def test_a_bad_value_exits_2_within_seconds_from_the_console_script():
     """Checked at parse time: nothing is loaded or trained before the refusal."""
-    result = subprocess.run([sys.executable, "-m", "hf_collapse.cli", "lacoot", "--max_metric_drop", "-1"],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 2 and result.stderr.strip() == \
-        "hf-collapse: error: --max_metric_drop must be >= 0, got -1"
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_collapse.commands", "lacoot", "--max_metric_delta", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert (
+        result.returncode == 2
+        and result.stderr.strip() == "hf-collapse: error: --max_metric_delta must be >= 0, got -1"
+    )
 
 
 def test_tlc_command_resumes_an_interrupted_run(tmp_path, capsys, monkeypatch):
@@ -148,7 +216,7 @@ def test_tlc_command_resumes_an_interrupted_run(tmp_path, capsys, monkeypatch):
     fine-tuned starting point the first run kept (no second fine-tuning of the starting model)."""
     from transformers import TrainerCallback
 
-    from hf_collapse import jobs
+    from hf_collapse.commands import tlc as tlc_command
 
     class Crash(TrainerCallback):
         seen = 0
@@ -158,15 +226,33 @@ def test_tlc_command_resumes_an_interrupted_run(tmp_path, capsys, monkeypatch):
             if Crash.seen == 2:
                 raise RuntimeError("simulated crash")
 
-    real = jobs.compress
-    flags = ["tlc", "--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "8",
-             "--eval_strategy", "no", "--target_layers", "2", "--finetune_steps", "1", "--calibration_batches", "2",
-             "--latency_repeats", "0", "--disable_tqdm", "true"]
-    monkeypatch.setattr(jobs, "compress", lambda *a, **k: real(*a, callbacks=[Crash()], **k))
+    real = tlc_command.compress
+    flags = [
+        "tlc",
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--eval_strategy",
+        "no",
+        "--num_units",
+        "2",
+        "--finetune_steps",
+        "1",
+        "--calibration_batches",
+        "2",
+        "--latency_repeats",
+        "0",
+        "--disable_tqdm",
+        "true",
+    ]
+    monkeypatch.setattr(tlc_command, "compress", lambda *a, **k: real(*a, callbacks=[Crash()], **k))
     assert main(flags) == 2
     assert "simulated crash" in capsys.readouterr().err
     assert (tmp_path / "finetuned" / "config.json").is_file() and (tmp_path / "tlc_progress").is_dir()
-    monkeypatch.setattr(jobs, "compress", real)
+    monkeypatch.setattr(tlc_command, "compress", real)
     kept = (tmp_path / "finetuned" / "model.safetensors").stat().st_mtime_ns
     assert main(flags + ["--resume_from", str(tmp_path / "tlc_progress")]) == 0, capsys.readouterr().err
     assert (tmp_path / "finetuned" / "model.safetensors").stat().st_mtime_ns == kept  # not fine-tuned again
@@ -179,16 +265,35 @@ def test_two_runs_with_the_same_seed_give_the_same_report(tmp_path, capsys):
     seed gives the same training, scores, metrics and removals. Latency is timing, not compared."""
     reports = []
     for run in ("a", "b"):
-        assert main(["lacoot", "--output_dir", str(tmp_path / run), "--max_steps", "4", "--per_device_train_batch_size",
-                     "8", "--eval_strategy", "no", "--max_metric_drop", "0.05", "--latency_repeats", "0",
-                     "--disable_tqdm", "true"]) == 0
+        assert (
+            main(
+                [
+                    "lacoot",
+                    "--output_dir",
+                    str(tmp_path / run),
+                    "--max_steps",
+                    "4",
+                    "--per_device_train_batch_size",
+                    "8",
+                    "--eval_strategy",
+                    "no",
+                    "--max_metric_delta",
+                    "0.05",
+                    "--latency_repeats",
+                    "0",
+                    "--disable_tqdm",
+                    "true",
+                ]
+            )
+            == 0
+        )
         data = hf_collapse.CollapseReport.load(tmp_path / run / "report").to_dict()
         reports.append({k: data[k] for k in ("scores", "removed")} | {"metrics": [s["metric"] for s in data["steps"]]})
     assert reports[0] == reports[1]
 
 
 def test_load_data_source_reads_local_files_and_refuses_an_empty_folder(tmp_path):
-    from hf_collapse.jobs import load_data_source
+    from hf_collapse.data.tasks import load_data_source
 
     (tmp_path / "lines.txt").write_text("first line\nsecond line\n")
     assert load_data_source(str(tmp_path / "lines.txt"))["train"]["text"] == ["first line", "second line"]

@@ -67,17 +67,17 @@ def test_base_tuner_still_has_the_hooks_trady_overrides(hook):
     assert hasattr(BaseTuner, hook), f"peft's BaseTuner no longer calls {hook}"
     expected = compat.PEFT_TUNER_HOOKS[hook]
     peft_params = tuple(inspect.signature(getattr(BaseTuner, hook)).parameters)
-    assert peft_params[:len(expected)] == expected
+    assert peft_params[: len(expected)] == expected
     assert getattr(trady.TraDyModel, hook) is not getattr(BaseTuner, hook)  # TraDy overrides it
 
 
 def test_peft_calls_the_state_dict_hooks_on_save_and_load():
+    import tiny_models
     from peft import get_peft_model, set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
-
-    import tiny_models
-    from hf_collapse.trady import TraDyConfig, calibrate
     from test_trady import bert_batch
+
+    from hf_collapse.trady import TraDyConfig, calibrate
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
@@ -138,8 +138,9 @@ def test_conv2d_forward_with_another_weight():
     x = torch.randn(2, 3, 7, 7)
     assert torch.equal(compat.conv2d_forward(conv, x, conv.weight, conv.bias), conv(x))
     other = torch.randn_like(conv.weight)
-    torch.testing.assert_close(compat.conv2d_forward(conv, x, other, None),
-                               torch.nn.functional.conv2d(x, other, None, 2, 1, 1))
+    torch.testing.assert_close(
+        compat.conv2d_forward(conv, x, other, None), torch.nn.functional.conv2d(x, other, None, 2, 1, 1)
+    )
 
 
 def test_optimizer_step_post_hook_fires_for_every_torch_optimizer():
@@ -189,99 +190,83 @@ def test_accelerated_optimizer_keeps_the_wrapped_one_in_optimizer():
 
 
 def _trainer(tmp_path, model, **settings):
+    from toy_training import PadOnlyCollator, toy_dataset
     from transformers import Trainer, TrainingArguments
 
-    from toy_training import PadOnlyCollator, toy_dataset
-
-    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, max_steps=2,
-                             per_device_train_batch_size=4, save_strategy="no", **settings)
+    args = TrainingArguments(
+        str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        **settings,
+    )
     return Trainer(model=model, args=args, train_dataset=toy_dataset(8), data_collator=PadOnlyCollator())
 
 
-def test_the_trainer_is_found_from_inside_the_models_forward(tmp_path):
-    from toy_training import tiny_bert
+def test_saved_callback_state(tmp_path):
+    from transformers import EarlyStoppingCallback, TrainerState
 
-    found = []
-
-    class Spy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = tiny_bert()
-
-        def forward(self, **inputs):
-            found.append(compat.running_trainer())
-            return self.inner(**inputs)
-
-    assert compat.running_trainer() is None
-    trainer = _trainer(tmp_path, Spy(), remove_unused_columns=False)
-    trainer.train()
-    assert len(found) == 2 and all(t is trainer for t in found)
-
-
-def test_callbacks_list_and_saved_callback_state(tmp_path):
-    from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState
-
-    from toy_training import tiny_bert
-
-    trainer = _trainer(tmp_path, tiny_bert())
-    callbacks = compat.trainer_callbacks(trainer)
-    extra = TrainerCallback()
-    trainer.add_callback(extra)
-    assert callbacks[-1] is extra
     state = TrainerState(stateful_callbacks=[EarlyStoppingCallback(3)])
     state.save_to_json(str(tmp_path / "state.json"))
     loaded = TrainerState.load_from_json(str(tmp_path / "state.json"))
     assert compat.saved_callback_state(loaded, "EarlyStoppingCallback") == {"early_stopping_patience_counter": 0}
     assert compat.saved_callback_state(loaded, "Absent") is None
-    compat.track_callback_state(loaded, EarlyStoppingCallback(5))  # already tracked: kept
-    assert compat.saved_callback_state(loaded, "EarlyStoppingCallback") == {"early_stopping_patience_counter": 0}
 
 
-def test_a_callback_added_during_training_is_checkpointed_once_tracked(tmp_path):
-    """The Trainer updates, at each checkpoint, the callback states it recorded when training began."""
-    from transformers import EarlyStoppingCallback, TrainerCallback
-
-    from toy_training import tiny_bert
-
-    class AddLater(TrainerCallback):
-        def __init__(self, trainer):
-            self.trainer = trainer
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                late = EarlyStoppingCallback(7)
-                late.early_stopping_patience_counter = 2
-                self.trainer.add_callback(late)
-                compat.track_callback_state(state, late)
-
-    trainer = _trainer(tmp_path, tiny_bert(), save_steps=2)
-    trainer.args.save_strategy = "steps"
-    trainer.add_callback(AddLater(trainer))
-    trainer.train()
-    from transformers import TrainerState
-
-    saved = TrainerState.load_from_json(str(tmp_path / "checkpoint-2" / "trainer_state.json"))
-    assert compat.saved_callback_state(saved, "EarlyStoppingCallback") == {"early_stopping_patience_counter": 2}
+def test_module_tables_are_the_live_dicts_of_children_parameters_and_buffers():
+    module = nn.BatchNorm1d(3)
+    module.extra = nn.Linear(2, 2)
+    children, parameters, buffers = compat.module_tables(module)
+    assert children["extra"] is module.extra and parameters["weight"] is module.weight
+    assert buffers["running_mean"] is module.running_mean
+    del children["extra"]
+    assert not hasattr(module, "extra")  # live: the module changed
 
 
-def test_callback_event_kwargs_are_those_the_trainer_passes(tmp_path):
-    from transformers import TrainerCallback
+def test_compiled_original_and_no_split_modules():
+    linear = nn.Linear(2, 2)
+    assert compat.compiled_original(linear) is None
+    assert compat.compiled_original(torch.compile(linear)) is linear
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from toy_training import tiny_bert
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=30,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    assert compat.no_split_modules(llama) == ["LlamaDecoderLayer"] and compat.no_split_modules(linear) == []
 
-    seen = {}
 
-    class Spy(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            seen["passed"] = kwargs
-            seen["compat"] = compat.trainer_callback_kwargs(trainer)
+def test_profiler_events_include_allocations():
+    from torch.profiler import ProfilerActivity, profile
 
-    trainer = _trainer(tmp_path, tiny_bert())
-    trainer.add_callback(Spy())
-    trainer.train()
-    assert seen["passed"].keys() >= seen["compat"].keys()
-    assert all(seen["passed"][k] is v for k, v in seen["compat"].items())
-    assert seen["compat"]["optimizer"] is not None and seen["compat"]["train_dataloader"] is not None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.zeros(1024, 1024)
+    events = compat.profiler_events(prof)
+    assert any(e.name() == "[memory]" and e.nbytes() >= 4 * 2**20 for e in events)
+
+
+def test_parser_option_strings_and_fsdp_prefix_and_accelerate_mark():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max_length")
+    assert "--max_length" in compat.parser_option_strings(parser)
+    assert compat.strip_fsdp_prefix("_fsdp_wrapped_module.model._fsdp_wrapped_module.layers.0") == "model.layers.0"
+    from accelerate import Accelerator
+
+    model = Accelerator(cpu=True).prepare(nn.Linear(2, 2))
+    assert getattr(model, "_is_accelerate_prepared", False)
+    compat.forget_accelerate_preparation(model)
+    assert not getattr(model, "_is_accelerate_prepared", False)
 
 
 @pytest.mark.parametrize("processes", [1, 3])
@@ -292,8 +277,16 @@ def test_compute_loss_multiplies_the_models_loss_as_lacoot_assumes(tmp_path, mon
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=30,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     trainer = _trainer(tmp_path, model)
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: processes))
     ids = torch.tensor([[3, 4, 5, 6, 7]])

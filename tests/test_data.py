@@ -141,7 +141,9 @@ def test_tokenize_with_real_minilm_tokenizer(dialog, minilm_tokenizer):
     first = tokenized["train"][0]["input_ids"]
     assert first[0] == minilm_tokenizer.cls_token_id and first[-1] == minilm_tokenizer.sep_token_id
     assert minilm_tokenizer.decode(first, skip_special_tokens=True) == (
-        minilm_tokenizer.decode(minilm_tokenizer(dialog["train"][0]["text"])["input_ids"][:11], skip_special_tokens=True)
+        minilm_tokenizer.decode(
+            minilm_tokenizer(dialog["train"][0]["text"])["input_ids"][:11], skip_special_tokens=True
+        )
     )
     with pytest.raises(KeyError, match="sentence"):
         tokenize_text_dataset(dialog, minilm_tokenizer, text_column="sentence")
@@ -188,7 +190,7 @@ def test_bbc_news_splits_sizes_and_sorted_classes(bbc):
 
 def test_bbc_news_splits_are_disjoint_real_articles(bbc):
     seen = {}
-    for name, split in bbc.items():
+    for split in bbc.values():
         for text, label in zip(split["text"], split["label"]):
             assert text and text == text.strip() and "\ufffd" not in text
             assert text not in seen or seen[text] == label  # the corpus repeats a few articles, with their class
@@ -197,7 +199,7 @@ def test_bbc_news_splits_are_disjoint_real_articles(bbc):
     train_texts, test_texts = set(bbc["train"]["text"]), set(bbc["test"]["text"])
     assert len(train_texts & test_texts) <= 50  # only the corpus's own duplicates can be in both
     # a real article, in its class, the title on the first line; the one Windows-1252 file decoded (a pound sign)
-    everything = {t: l for split in bbc.values() for t, l in zip(split["text"], split["label"])}
+    everything = {t: y for split in bbc.values() for t, y in zip(split["text"], split["label"])}
     timewarner = [t for t in everything if t.startswith("Ad sales boost Time Warner profit\n")]
     assert len(timewarner) == 1 and BBC_CLASSES[everything[timewarner[0]]] == "business"
     mutu = [t for t in everything if t.startswith("Chelsea sack Mutu\n")]
@@ -212,7 +214,8 @@ def test_bbc_news_is_deterministic_and_seeded(bbc):
         assert list(again[split]["label"]) == list(bbc[split]["label"])
     assert list(other["test"]["text"]) != list(bbc["test"]["text"])
     assert sorted(t for split in other.values() for t in split["text"]) == sorted(
-        t for split in bbc.values() for t in split["text"])
+        t for split in bbc.values() for t in split["text"]
+    )
     sized = load_bbc_news(validation_size=100, test_size=200)
     assert (len(sized["train"]), len(sized["validation"]), len(sized["test"])) == (1925, 100, 200)
     assert is_embedded_dataset("bbc_news")
@@ -227,31 +230,32 @@ def test_lm_windows_concatenate_texts_with_eos_and_cut_full_windows(minilm_token
     expected = []
     for text in texts:
         expected += tok(text, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]  # no eos: [SEP]
-    windows = lm_windows(texts, tok, window=5)
+    windows = lm_windows(texts, tok, max_length=5)
     assert len(windows) == len(expected) // 5
     got = [int(i) for row in windows["input_ids"] for i in row]
     assert got == expected[: 5 * len(windows)]  # in order, the tail dropped
     for row in windows:
         assert row["input_ids"].shape == (5,) and row["input_ids"].dtype == torch.int64
         assert torch.equal(row["labels"], row["input_ids"]) and bool(row["attention_mask"].all())
-    plain = lm_windows(texts, tok, window=5, separator=None)
+    plain = lm_windows(texts, tok, max_length=5, separator=None)
     assert [int(i) for row in plain["input_ids"] for i in row] == [
-        i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]][: 5 * len(plain)]
-    assert len(lm_windows(texts, tok, window=5, max_windows=2)) == 2
+        i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]
+    ][: 5 * len(plain)]
+    assert len(lm_windows(texts, tok, max_length=5, max_windows=2)) == 2
 
 
 def test_lm_windows_batches_and_refusals(bbc, minilm_tokenizer):
-    windows = lm_windows(bbc["test"]["text"], minilm_tokenizer, window=64, max_windows=20)
+    windows = lm_windows(bbc["test"]["text"], minilm_tokenizer, max_length=64, max_windows=20)
     assert len(windows) == 20
-    again = lm_windows(bbc["test"]["text"], minilm_tokenizer, window=64, max_windows=20)
+    again = lm_windows(bbc["test"]["text"], minilm_tokenizer, max_length=64, max_windows=20)
     assert torch.equal(windows[:]["input_ids"], again[:]["input_ids"])
     batch = next(iter(torch.utils.data.DataLoader(windows, batch_size=8)))
     assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape == (8, 64)
-    with pytest.raises(ValueError, match="window"):
-        lm_windows(["a b c"], minilm_tokenizer, window=1)
+    with pytest.raises(ValueError, match="max_length"):
+        lm_windows(["a b c"], minilm_tokenizer, max_length=1)
     with pytest.raises(ValueError, match="fewer than 64 tokens"):
-        lm_windows(["too short"], minilm_tokenizer, window=64)
+        lm_windows(["too short"], minilm_tokenizer, max_length=64)
     with pytest.raises(ValueError, match="max_windows"):
-        lm_windows(["a b c"], minilm_tokenizer, window=2, max_windows=0)
+        lm_windows(["a b c"], minilm_tokenizer, max_length=2, max_windows=0)
     with pytest.raises(ValueError, match="separator"):
-        lm_windows(["a b c"], minilm_tokenizer, window=2, separator="bos")
+        lm_windows(["a b c"], minilm_tokenizer, max_length=2, separator="bos")

@@ -8,20 +8,40 @@ record says it is exact, ``AutoCollapsedModel`` always) generates the same.
 
 import pytest
 import torch
-
-import hf_collapse
 from tiny_models import CASES_BY_NAME, plain_exact
 
-DECODERS = ["llama", "qwen2", "mistral", "qwen3", "mistral_sliding", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox",
-            "smollm3", "granite", "qwen2_moe"]
+import hf_collapse
+
+DECODERS = [
+    "llama",
+    "qwen2",
+    "mistral",
+    "qwen3",
+    "mistral_sliding",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+    "gpt_neox",
+    "smollm3",
+    "granite",
+    "qwen2_moe",
+]
 PAIRS = [(name, removal) for name in DECODERS for removal in CASES_BY_NAME[name].removals]
 IDS = [f"{name}-{'+'.join(removal)}" for name, removal in PAIRS]
 PROMPT = torch.tensor([[5, 17, 42, 8, 23, 61]])
 
 
 def _generate(model, use_cache):
-    out = model.generate(PROMPT, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=use_cache,
-                         return_dict_in_generate=True, output_logits=True)
+    out = model.generate(
+        PROMPT,
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        use_cache=use_cache,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     return out.sequences, torch.stack(out.logits)
 
 
@@ -32,9 +52,17 @@ def _layers(model):
 
 def _layer_settings(layer):
     """The per-layer settings a layer was built with (sliding window, rope on/off, MoE or dense MLP, ...)."""
-    return [(type(m).__name__, {k: v for k, v in vars(m).items() if k in (
-        "sliding_window", "is_sliding", "layer_type", "use_rope", "attention_type", "scaling")})
-        for m in layer.modules()]
+    return [
+        (
+            type(m).__name__,
+            {
+                k: v
+                for k, v in vars(m).items()
+                if k in ("sliding_window", "is_sliding", "layer_type", "use_rope", "attention_type", "scaling")
+            },
+        )
+        for m in layer.modules()
+    ]
 
 
 @pytest.mark.parametrize("case_name,removal", PAIRS, ids=IDS)
@@ -45,8 +73,11 @@ def test_removal_keeps_per_layer_settings_and_kv_cache(case_name, removal, tmp_p
     config = model.config
     n = config.num_hidden_layers
     kept = [i for i in range(n) if f"layers.{i}" not in removal]
-    per_layer = {k: list(v) for k, v in vars(config).items()
-                 if isinstance(v, (list, tuple)) and len(v) == n and k not in ("architectures", "eos_token_id")}
+    per_layer = {
+        k: list(v)
+        for k, v in vars(config).items()
+        if isinstance(v, (list, tuple)) and len(v) == n and k not in ("architectures", "eos_token_id")
+    }
     before = [_layer_settings(layer) for layer in _layers(model)]
 
     collapsed = hf_collapse.remove_blocks(model, removal)
@@ -79,18 +110,62 @@ def test_removal_keeps_per_layer_settings_and_kv_cache(case_name, removal, tmp_p
 
 
 def test_a_pattern_the_config_cannot_express_is_recorded_as_such(tmp_path):
-    """Qwen2-MoE picks a dense or an expert MLP from each layer's index: removing one layer moves the later ones
-    onto the other kind, which no config field can express. The record says so, and it is true."""
-    case = CASES_BY_NAME["qwen2_moe"]
-    collapsed = hf_collapse.remove_blocks(case.build(), ["layers.1"])
+    """Ernie-4.5-MoE picks a dense or an expert MLP from each layer's index parity (moe_layer_interval), with no
+    config field that lists the layers: removing one layer moves the later ones onto the other kind. The record says
+    so, and it is true; AutoCollapsedModel still rebuilds the model exactly."""
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Ernie4_5_MoeForCausalLM(
+        Ernie4_5_MoeConfig(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            moe_num_experts=4,
+            moe_k=2,
+            moe_layer_interval=2,
+            moe_layer_start_index=0,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+    ).eval()
+    collapsed = hf_collapse.remove_blocks(model, ["model.layers.1"])
     assert hf_collapse.collapse_record(collapsed)["plain_reload_exact"] is False
     collapsed.save_pretrained(tmp_path)
     plain, info = type(collapsed).from_pretrained(tmp_path, output_loading_info=True)
     assert info["missing_keys"] and info["unexpected_keys"]  # the layers were rebuilt as the other MLP kind
     exact = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path)
-    inputs = case.inputs()
+    inputs = CASES_BY_NAME["llama"].inputs()
     with torch.no_grad():
         torch.testing.assert_close(exact(**inputs).logits, collapsed(**inputs).logits, atol=1e-5, rtol=0)
+
+
+def test_layer_patterns_the_config_can_spell_are_remapped(tmp_path):
+    """Config fields that list or count layers follow a removal, so that plain from_pretrained rebuilds the collapsed
+    model: Qwen2-MoE's sparse step becomes an explicit mlp_only_layers, DeepSeek-V3's dense prefix
+    (first_k_dense_replace) shrinks, Llama4's moe_layers are renumbered."""
+    expected = {
+        "qwen2_moe": ("layers.1", {"decoder_sparse_step": 1, "mlp_only_layers": [0, 1, 3]}),
+        "deepseek_v3": ("layers.0", {"first_k_dense_replace": 1}),
+        "llama4": ("layers.0", {"moe_layers": [0, 2]}),
+    }
+    for name, (removed, fields) in expected.items():
+        case = CASES_BY_NAME[name]
+        collapsed = hf_collapse.remove_blocks(case.build(), [removed])
+        assert hf_collapse.collapse_record(collapsed)["plain_reload_exact"] is True, name
+        for key, value in fields.items():
+            assert getattr(collapsed.config, key) == value, (name, key)
+        collapsed.save_pretrained(tmp_path / name)
+        plain, info = type(collapsed).from_pretrained(tmp_path / name, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], name
+        with torch.no_grad():
+            torch.testing.assert_close(
+                plain.eval()(**case.inputs()).logits, collapsed(**case.inputs()).logits, atol=1e-5, rtol=0
+            )
 
 
 def test_structure_not_model_type_decides():
@@ -99,6 +174,7 @@ def test_structure_not_model_type_decides():
     model.config.model_type = "some_future_decoder"
     assert hf_collapse.adapter_for(model).family == "decoder"
     from transformers import DistilBertConfig, DistilBertModel
+
     encoder = DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, hidden_dim=32))
     with pytest.raises(ValueError, match="does not know"):
         hf_collapse.adapter_for(encoder)
@@ -106,6 +182,7 @@ def test_structure_not_model_type_decides():
 
 def test_task_heads_and_bare_backbones_are_decoders():
     from transformers import Gemma3TextModel, Qwen3ForSequenceClassification
+
     gemma = CASES_BY_NAME["gemma3"].build()
     bare = Gemma3TextModel(gemma.config)
     assert [b.name for b in hf_collapse.find_blocks(bare)] == [f"layers.{i}" for i in range(5)]

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from local_hub import running_hub
 
 HERE = os.path.dirname(__file__)
@@ -19,8 +18,16 @@ HERE = os.path.dirname(__file__)
 
 def torchrun(script: str, *args: str, env: dict | None = None, timeout: int = 600) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(HERE, "distributed", script), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(HERE, "distributed", script),
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
@@ -33,8 +40,11 @@ def _same_weights(ranks):
 @pytest.mark.slow
 def test_lacoot_trainer_ddp_two_ranks(tmp_path):
     with running_hub(tmp_path / "hub") as endpoint:  # also push from both ranks: only the main process may publish
-        torchrun("lacoot_ddp.py", str(tmp_path),
-                 env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")})
+        torchrun(
+            "lacoot_ddp.py",
+            str(tmp_path),
+            env={"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")},
+        )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     _same_weights(ranks)

@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from tiny_models import llama
+from toy_training import PadOnlyCollator, tiny_bert, toy_dataset
 from transformers import TrainingArguments, default_data_collator
 
 import hf_collapse
 from hf_collapse.healing import DistillationTrainer, distillation_loss, heal, logit_mask, removed_spans
-from tiny_models import llama
-from toy_training import PadOnlyCollator, tiny_bert, toy_dataset
 
 
 def lm_dataset(n=32, seq=12, seed=1):
@@ -51,9 +51,19 @@ def bert_pair():
 
 
 def training_args(tmp_path, steps=30, lr=3e-3, batch=8):
-    return TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=steps, learning_rate=lr,
-                             per_device_train_batch_size=batch, report_to=[], save_strategy="no", logging_steps=1,
-                             use_cpu=True, seed=0, disable_tqdm=True, lr_scheduler_type="constant")
+    return TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=steps,
+        learning_rate=lr,
+        per_device_train_batch_size=batch,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
 
 
 def batch_of(kind, n=16):
@@ -117,6 +127,7 @@ def assert_plain_copy(healed, student):
 
 # --- linear --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_linear_replacement_brings_the_student_closer_to_the_teacher(kind, llama_pair, bert_pair, tmp_path):
     teacher, student, dataset, collator = setup(kind, llama_pair if kind == "llama" else bert_pair)
@@ -145,6 +156,45 @@ def test_linear_replacement_brings_the_student_closer_to_the_teacher(kind, llama
     assert_reloads_exactly(healed, tmp_path, batch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_replacement_heals_half_precision_models(dtype, llama_pair, tmp_path):
+    """LLMs are loaded in bf16 / fp16: the fit is solved in float64 and the self-check allows the dtype's rounding,
+    while a block that scales its branch (Granite's residual_multiplier) is still refused in that dtype."""
+    teacher, student = (model.to(dtype) for model in copy.deepcopy(llama_pair))
+    healed = heal(
+        student, teacher, lm_dataset(), method="linear", data_collator=default_data_collator, calibration_batches=4
+    )
+    assert healed.dtype == dtype and student.dtype == dtype
+    batch = batch_of("llama", 32)
+    mask = batch["attention_mask"].bool()
+
+    def last_hidden(model):
+        with torch.no_grad():
+            return model(**batch, output_hidden_states=True).hidden_states[-1][mask].float()
+
+    target = last_hidden(teacher)
+    assert (last_hidden(healed) - target).pow(2).mean() < 0.9 * (last_hidden(student) - target).pow(2).mean()
+    healed.save_pretrained(tmp_path / "healed")
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "healed")
+    assert reloaded.dtype == dtype
+    saved = reloaded.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in healed.state_dict().items() if k in saved)  # the folded weights
+
+    from tiny_models import granite
+
+    torch.manual_seed(0)
+    scaled = granite().eval().to(dtype)
+    with pytest.raises(ValueError, match="does not add its Linear output to the stream unchanged"):
+        heal(
+            hf_collapse.remove_blocks(scaled, ["model.layers.2"]),
+            scaled,
+            lm_dataset(),
+            method="linear",
+            data_collator=default_data_collator,
+            calibration_batches=4,
+        )
+
+
 def test_linear_removed_spans_follow_the_record_across_edits():
     torch.manual_seed(0)
     teacher = llama().eval()
@@ -171,6 +221,7 @@ def test_linear_refusals(llama_pair, bert_pair):
     with pytest.raises(ValueError, match="remove_sublayers"):
         heal(sub, teacher, dataset, method="linear")
     from tiny_models import gpt2
+
     gpt_teacher = gpt2().eval()
     gpt_student = hf_collapse.remove_blocks(gpt_teacher, ["transformer.h.2"])
     with pytest.raises(ValueError, match="no projection a linear replacement can be folded into exactly"):
@@ -196,16 +247,26 @@ def test_bad_input_is_refused(llama_pair, bert_pair, tmp_path):
 
 # --- distillation --------------------------------------------------------------------------------------------
 
+
 def test_distillation_loss_ignores_padding_and_masked_labels_with_the_causal_shift():
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
-    inputs = {"attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
-              "labels": torch.tensor([[1, 2, -100, 4, 5], [1, 2, 3, -100, -100]])}
+    inputs = {
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+        "labels": torch.tensor([[1, 2, -100, 4, 5], [1, 2, 3, -100, -100]]),
+    }
     causal_mask = logit_mask(inputs, student, causal=True)
     # Position t predicts label t + 1: row 0 drops position 1 (label 2 is -100), row 1 keeps positions 0 and 1.
     assert causal_mask.tolist() == [[True, False, True, True], [True, True, False, False]]
-    assert logit_mask(inputs, student, causal=False).tolist() == [[True, True, False, True, True],
-                                                                  [True, True, True, False, False]]
+    assert logit_mask(inputs, student, causal=False).tolist() == [
+        [True, True, False, True, True],
+        [True, True, True, False, False],
+    ]
+    left = {"attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])}  # left padding: position 1 is a
+    assert logit_mask(left, student, causal=True).tolist() == [
+        [False, False, True, True],  # pad predicting the first
+        [True, True, True, True],
+    ]  # real token: not counted
     loss = distillation_loss(student[:, :-1], teacher[:, :-1], causal_mask, 2.0)
     changed = student.clone()
     changed[0, 1, 0] += 5.0  # excluded: its target is -100
@@ -223,8 +284,16 @@ def test_distill_reduces_the_kl_to_the_teacher(kind, llama_pair, bert_pair, tmp_
     before, teacher_before = state(student), state(teacher)
     batch = batch_of(kind, 32)
     causal = kind == "llama"
-    healed = heal(student, teacher, dataset, method="distill", args=training_args(tmp_path, steps=25, lr=5e-4),
-                  data_collator=collator, temperature=2.0, alpha=1.0)
+    healed = heal(
+        student,
+        teacher,
+        dataset,
+        method="distill",
+        args=training_args(tmp_path, steps=25, lr=5e-4),
+        data_collator=collator,
+        temperature=2.0,
+        alpha=1.0,
+    )
     assert_plain_copy(healed, student)
     assert_same_state(state(student), before)
     assert_same_state(state(teacher), teacher_before)
@@ -237,9 +306,14 @@ def test_distill_reduces_the_kl_to_the_teacher(kind, llama_pair, bert_pair, tmp_
 def test_distillation_trainer_on_its_own_with_hidden_state_matching(llama_pair, tmp_path):
     teacher, student = llama_pair
     student = copy.deepcopy(student)
-    trainer = DistillationTrainer(model=student, teacher=teacher, args=training_args(tmp_path, steps=3),
-                                  train_dataset=lm_dataset(), data_collator=default_data_collator,
-                                  hidden_weight=1.0)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=training_args(tmp_path, steps=3),
+        train_dataset=lm_dataset(),
+        data_collator=default_data_collator,
+        hidden_weight=1.0,
+    )
     assert trainer.causal
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
@@ -247,13 +321,21 @@ def test_distillation_trainer_on_its_own_with_hidden_state_matching(llama_pair, 
 
 # --- LoRA ----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_lora_lowers_the_loss_and_merges_into_the_kept_blocks(kind, llama_pair, bert_pair, tmp_path):
     teacher, student, dataset, collator = setup(kind, llama_pair if kind == "llama" else bert_pair)
     before = state(student)
     batch = batch_of(kind, 32)
-    healed = heal(student, teacher, dataset, method="lora", args=training_args(tmp_path, steps=30, lr=1e-2),
-                  data_collator=collator, r=4)
+    healed = heal(
+        student,
+        teacher,
+        dataset,
+        method="lora",
+        args=training_args(tmp_path, steps=30, lr=1e-2),
+        data_collator=collator,
+        r=4,
+    )
     assert_plain_copy(healed, student)
     assert_same_state(state(student), before)
     after = state(healed)
@@ -271,8 +353,16 @@ def test_lora_lowers_the_loss_and_merges_into_the_kept_blocks(kind, llama_pair, 
 def test_lora_target_modules_restrict_the_changed_weights(llama_pair, tmp_path):
     teacher, student = llama_pair
     before = state(student)
-    healed = heal(student, teacher, lm_dataset(), method="lora", args=training_args(tmp_path, steps=2, lr=1e-2),
-                  data_collator=default_data_collator, r=2, target_modules=["q_proj"])
+    healed = heal(
+        student,
+        teacher,
+        lm_dataset(),
+        method="lora",
+        args=training_args(tmp_path, steps=2, lr=1e-2),
+        data_collator=default_data_collator,
+        r=2,
+        target_modules=["q_proj"],
+    )
     changed = {k for k, v in state(healed).items() if not torch.equal(v, before[k])}
     assert changed and all(k.endswith("self_attn.q_proj.weight") for k in changed), changed
     with pytest.raises(ValueError, match="no nn.Linear"):

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from local_hub import REAL_HUB_SWITCH, REPO_PREFIX, running_hub
+from tiny_models import CASES_BY_NAME
 
 import hf_collapse
 from hf_collapse.hub import loading_code, model_card
-from local_hub import REAL_HUB_SWITCH, REPO_PREFIX, running_hub
-from tiny_models import CASES_BY_NAME
 
 
 @pytest.fixture
@@ -31,9 +31,14 @@ def hub(tmp_path, monkeypatch):
         prefix = f"hf-collapse-test-{uuid.uuid4().hex[:8]}-"
         monkeypatch.setenv(REPO_PREFIX, prefix)  # the round-trip scripts name their repositories with it
         yield tmp_path / "hub", os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        cleanup = subprocess.run([sys.executable, "-c", f"import local_hub; local_hub.delete_test_repos({prefix!r})"],
-                                 cwd=Path(__file__).parent, env={**os.environ, "HF_HUB_OFFLINE": "0"},
-                                 capture_output=True, text=True, timeout=300)
+        cleanup = subprocess.run(
+            [sys.executable, "-c", f"import local_hub; local_hub.delete_test_repos({prefix!r})"],
+            cwd=Path(__file__).parent,
+            env={**os.environ, "HF_HUB_OFFLINE": "0"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert cleanup.returncode == 0, f"could not delete the {prefix}* test repositories: {cleanup.stderr[-2000:]}"
         return
     with running_hub(tmp_path / "hub") as endpoint:
@@ -42,10 +47,20 @@ def hub(tmp_path, monkeypatch):
 
 def test_push_and_pull_through_the_hub(hub, tmp_path):
     store, endpoint = hub
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"),
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
-    result = subprocess.run([sys.executable, str(Path(__file__).parent / "hub" / "push_roundtrip.py"), str(store)],
-                            capture_output=True, text=True, timeout=600, env=env)
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "hub" / "push_roundtrip.py"), str(store)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     findings = json.loads(result.stdout.strip().splitlines()[-1])
     for name, found in findings.items():
@@ -54,8 +69,16 @@ def test_push_and_pull_through_the_hub(hub, tmp_path):
         library = "diffusers" if name.startswith("dit") else "transformers"
         weights = "diffusion_pytorch_model.safetensors" if name.startswith("dit") else "model.safetensors"
         if name.startswith("dit_pipeline"):
-            files = {"README.md", "tradeoff.png", "model_index.json", "scheduler/scheduler_config.json",
-                     "transformer/config.json", f"transformer/{weights}", "vae/config.json", f"vae/{weights}"}
+            files = {
+                "README.md",
+                "tradeoff.png",
+                "model_index.json",
+                "scheduler/scheduler_config.json",
+                "transformer/config.json",
+                f"transformer/{weights}",
+                "vae/config.json",
+                f"vae/{weights}",
+            }
             assert found["names_component"] and found["unchanged_by_push"], name
         else:
             files = {"README.md", "config.json", weights, "tradeoff.png"}
@@ -73,8 +96,9 @@ def test_push_and_pull_through_the_hub(hub, tmp_path):
 
 def test_card_without_a_hub(tmp_path):
     case = CASES_BY_NAME["swin"]
-    collapsed, report = hf_collapse.collapse(case.build(), {"encoder.layers.0.blocks.0": 0.1}, num_blocks=1,
-                                             latency_repeats=1, progress=False)
+    collapsed, report = hf_collapse.collapse(
+        case.build(), {"encoder.layers.0.blocks.0": 0.1}, num_units=1, latency_repeats=1, progress=False
+    )
     card = model_card(collapsed, report, base_model="microsoft/swin-tiny-patch4-window7-224")
     assert card.data.base_model == "microsoft/swin-tiny-patch4-window7-224"
     assert "encoder.layers.0.blocks.0" in card.text and "AutoCollapsedModel" in card.text  # shift pattern flipped
@@ -84,8 +108,9 @@ def test_card_without_a_hub(tmp_path):
     exec(code, namespace)
     with torch.no_grad():
         inputs = case.inputs()
-        torch.testing.assert_close(namespace["model"](**inputs).logits, collapsed.eval()(**inputs).logits,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            namespace["model"](**inputs).logits, collapsed.eval()(**inputs).logits, atol=1e-5, rtol=0
+        )
 
 
 def test_card_and_save_of_a_trady_adapter(tmp_path):
@@ -122,20 +147,25 @@ def test_card_and_save_of_a_trady_adapter(tmp_path):
 def test_pipeline_card_names_the_collapsed_component_and_refuses_a_mismatch(tmp_path):
     """A pipeline's card describes its collapsed component; a report about another model, or a processor passed
     with a pipeline (which saves its own), is refused rather than written into a misleading card."""
-    from hf_collapse.hub import save_with_card
     from tiny_models import dit_pipeline
 
+    from hf_collapse.hub import save_with_card
+
     pipe = dit_pipeline()
-    collapsed, report = hf_collapse.collapse(pipe.transformer, {"transformer_blocks.0": 0.1}, num_blocks=1,
-                                             latency_repeats=0, progress=False)
+    collapsed, report = hf_collapse.collapse(
+        pipe.transformer, {"transformer_blocks.0": 0.1}, num_units=1, latency_repeats=0, progress=False
+    )
     pipe.transformer = collapsed
     card = model_card(pipe, report, repo_id="me/dit-small")
     assert card.data.library_name == "diffusers"
-    assert "A DiTPipeline whose `transformer` component, a DiTTransformer2DModel (dit family), has 1 block removed" \
+    assert (
+        "A DiTPipeline whose `transformer` component, a DiTTransformer2DModel (dit family), has 1 block removed"
         in card.text
+    )
     assert 'pipe = DiTPipeline.from_pretrained("me/dit-small")' in card.text and "AutoCollapsedModel" not in card.text
-    _, other = hf_collapse.collapse(CASES_BY_NAME["bert"].build(), {"encoder.layer.0": 0.1}, num_blocks=1,
-                                    latency_repeats=0, progress=False)
+    _, other = hf_collapse.collapse(
+        CASES_BY_NAME["bert"].build(), {"encoder.layer.0": 0.1}, num_units=1, latency_repeats=0, progress=False
+    )
     with pytest.raises(ValueError, match="no collapsed component of that class"):
         model_card(pipe, other)
     with pytest.raises(ValueError, match="saves its own scheduler"):

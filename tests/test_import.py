@@ -13,10 +13,15 @@ HEAVY = ["peft", "diffusers", "transformers.trainer"]
 
 def run_fresh(code: str) -> dict:
     """Run ``code`` in a new interpreter; it prints one JSON line, returned parsed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=300, env=env, cwd=ROOT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -57,11 +62,36 @@ def test_every_public_name_resolves_lazily():
     """)
     names = out["names"]
     assert set(names) == {
-        "ActivationSite", "ArchitectureAdapter", "AutoCollapsedModel", "Block", "CollapseReport", "CollapseStep",
-        "LaCoOTArguments", "LaCoOTTrainer", "MSWPenalty", "TLCConfig", "TraDyCallback", "TraDyConfig", "TraDyModel",
-        "adapter_for", "collapse", "collapse_record", "find_blocks", "hub", "heal", "DistillationTrainer",
-        "push_to_hub", "register_architecture",
-        "remove_blocks", "score_blocks", "supported_families", "tlc", "trady", "unregister_architecture"}
+        "ActivationSite",
+        "ArchitectureAdapter",
+        "AutoCollapsedModel",
+        "Block",
+        "Budget",
+        "CollapseReport",
+        "CollapseStep",
+        "LaCoOTArguments",
+        "LaCoOTTrainer",
+        "MSWPenalty",
+        "TLCConfig",
+        "TraDyCallback",
+        "TraDyConfig",
+        "TraDyModel",
+        "adapter_for",
+        "collapse",
+        "collapse_record",
+        "find_blocks",
+        "hub",
+        "heal",
+        "DistillationTrainer",
+        "push_to_hub",
+        "register_architecture",
+        "remove_blocks",
+        "score_blocks",
+        "supported_families",
+        "tlc",
+        "trady",
+        "unregister_architecture",
+    }
     assert names["hub"] == names["tlc"] == names["trady"] == "module"
     assert names["find_blocks"] == "function" and names["LaCoOTTrainer"] == "type"
     assert out["same"] and out["surgery"]
@@ -122,7 +152,7 @@ def test_peft_reloads_a_trady_adapter_in_a_fresh_process_after_import_hf_collaps
 def test_collapse_stays_the_function_whatever_is_imported_first():
     out = run_fresh("""
         import json
-        from hf_collapse.removal import measure_step       # the submodule that defines it, first
+        from hf_collapse.removal import RemovalStrategy   # the submodule that defines it, first
         from hf_collapse.tlc import linearize             # which imports it too
         import hf_collapse
         print(json.dumps({"type": type(hf_collapse.collapse).__name__}))
@@ -134,7 +164,7 @@ def test_the_command_answers_help_without_loading_torch():
     """hf-collapse --help (and any argument check of the command itself) imports nothing heavy."""
     out = run_fresh("""
         import contextlib, io, json, sys
-        from hf_collapse.cli import main
+        from hf_collapse.commands import main
         with contextlib.redirect_stdout(io.StringIO()) as text:
             try:
                 main(["--help"])

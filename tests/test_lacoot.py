@@ -4,34 +4,62 @@ import math
 
 import pytest
 import torch
+from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 import hf_collapse
-from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset
 from hf_collapse import LaCoOTArguments, LaCoOTTrainer
 
 
 def make_args(tmp_path, **overrides):
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                    num_train_epochs=1, learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
-                    use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     settings.update(overrides)
     return settings
 
 
 def test_arguments_parse_with_hf_argument_parser(tmp_path):
     (args,) = HfArgumentParser(LaCoOTArguments).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--msw_weight", "0.5", "--msw_slicing", "random", "--msw_blocks",
-         "encoder.layer.0, encoder.layer.2", "--msw_reduction", "sum", "--use_cpu"])
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--msw_weight",
+            "0.5",
+            "--msw_slicing",
+            "random",
+            "--msw_blocks",
+            "encoder.layer.0, encoder.layer.2",
+            "--msw_reduction",
+            "sum",
+            "--use_cpu",
+        ]
+    )
     assert args.msw_weight == 0.5 and args.msw_slicing == "random" and args.msw_reduction == "sum"
     assert args.msw_block_names == ["encoder.layer.0", "encoder.layer.2"]
     assert LaCoOTArguments(str(tmp_path)).msw_block_names == "auto"
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("msw_weight", -1.0, "msw_weight must be >= 0"), ("msw_slicing", "best", "msw_slicing must be one of"),
-    ("msw_reduction", "max", "msw_reduction must be one of"), ("msw_projections", 0, "msw_projections must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("msw_weight", -1.0, "msw_weight must be >= 0"),
+        ("msw_slicing", "best", "msw_slicing must be one of"),
+        ("msw_reduction", "max", "msw_reduction must be one of"),
+        ("msw_projections", 0, "msw_projections must be >= 1"),
+    ],
+)
 def test_arguments_refuse_bad_values(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         LaCoOTArguments(str(tmp_path), **{field: value})
@@ -67,8 +95,10 @@ def test_penalty_is_added_and_logged_per_block(tmp_path):
     plain, _ = _train(LaCoOTTrainer, LaCoOTArguments(**make_args(tmp_path / "a"), msw_weight=0.0))
     trainer, _ = _train(LaCoOTTrainer, LaCoOTArguments(**make_args(tmp_path / "b"), msw_weight=1.0))
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert all({"msw/bert.encoder.layer.0", "msw/bert.encoder.layer.1", "msw/bert.encoder.layer.2", "msw_total"} <= set(h)
-               for h in logs)
+    assert all(
+        {"msw/bert.encoder.layer.0", "msw/bert.encoder.layer.1", "msw/bert.encoder.layer.2", "msw_total"} <= set(h)
+        for h in logs
+    )
     first = logs[0]
     total = first["msw_total"]
     assert total > 0
@@ -84,8 +114,9 @@ def _loss_and_grad(tmp_path, inputs, **overrides):
     model = tiny_bert()
     if overrides.pop("checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = LaCoOTTrainer(model=model, args=LaCoOTArguments(**make_args(tmp_path), **overrides),
-                            data_collator=PadOnlyCollator())
+    trainer = LaCoOTTrainer(
+        model=model, args=LaCoOTArguments(**make_args(tmp_path), **overrides), data_collator=PadOnlyCollator()
+    )
     model.train()
     loss = trainer.compute_loss(model, dict(inputs))
     loss.backward()
@@ -118,7 +149,9 @@ def test_bf16_autocast_keeps_the_distance_in_float32(tmp_path):
     assert logs and all(math.isfinite(h["msw_total"]) and h["msw_total"] > 0 for h in logs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.train()
-        trainer.compute_loss(model, _batch(0))
+        batch = _batch(0)
+        with trainer.penalty.capture(inputs=batch):
+            model(**batch)
         penalty, _ = trainer.msw_penalty()
     assert penalty.dtype == torch.float32
 
@@ -126,13 +159,19 @@ def test_bf16_autocast_keeps_the_distance_in_float32(tmp_path):
 def test_block_scores_are_deterministic_and_collapse_follows_them(tmp_path):
     args = LaCoOTArguments(**make_args(tmp_path), msw_weight=1.0, eval_strategy="no")
     model = tiny_bert()
-    trainer = LaCoOTTrainer(model=model, args=args, train_dataset=toy_dataset(), eval_dataset=toy_dataset(8, seed=1),
-                            data_collator=PadOnlyCollator(), compute_metrics=accuracy)
+    trainer = LaCoOTTrainer(
+        model=model,
+        args=args,
+        train_dataset=toy_dataset(),
+        eval_dataset=toy_dataset(8, seed=1),
+        data_collator=PadOnlyCollator(),
+        compute_metrics=accuracy,
+    )
     trainer.train()
     scores = trainer.block_scores()
     assert scores == trainer.block_scores()
     assert set(scores) == {"bert.encoder.layer.0", "bert.encoder.layer.1", "bert.encoder.layer.2"}
-    collapsed, report = trainer.collapse(num_blocks=2, latency_repeats=1)
+    collapsed, report = trainer.collapse(num_units=2, latency_repeats=1)
     expected = sorted(scores, key=scores.get)[:2]
     assert [r["name"] for r in report.removed] == expected
     assert collapsed.config.num_hidden_layers == 1 and model.config.num_hidden_layers == 3
@@ -148,7 +187,7 @@ def test_block_scores_are_deterministic_and_collapse_follows_them(tmp_path):
 
 def test_trainer_model_card_replaces_the_generic_one(tmp_path):
     trainer, _ = _train(LaCoOTTrainer, LaCoOTArguments(**make_args(tmp_path), msw_weight=0.5))
-    trainer.collapse(num_blocks=1, scores={"encoder.layer.0": 0.1, "encoder.layer.1": 0.2}, latency_repeats=1)
+    trainer.collapse(num_units=1, scores={"encoder.layer.0": 0.1, "encoder.layer.1": 0.2}, latency_repeats=1)
     trainer.create_model_card(model_name="tiny-lacoot")
     card = (tmp_path / "README.md").read_text()
     assert "hf-collapse" in card and "lacoot" in card and "λ = 0.5" in card and "encoder.layer.0" in card

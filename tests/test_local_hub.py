@@ -9,7 +9,7 @@ from pathlib import Path
 
 from local_hub import Server, running_hub
 
-CLIENT = r'''
+CLIENT = r"""
 import json, sys, tempfile, warnings
 from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
@@ -78,7 +78,7 @@ api.delete_repo("tester/demo")
 found["deleted"] = error_of(lambda: api.model_info("tester/demo"))[0]
 found["store_after_delete"] = (store / "tester/demo").exists()
 print(json.dumps(found))
-'''
+"""
 
 
 def test_the_real_client_publishes_to_and_fetches_from_the_local_hub(tmp_path):
@@ -89,10 +89,20 @@ def test_the_real_client_publishes_to_and_fetches_from_the_local_hub(tmp_path):
     (folder / "sub" / "b.txt").write_text("B")
     store = tmp_path / "store"
     with running_hub(store, max_seconds=300) as endpoint:
-        env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"),
-               "HF_HUB_DISABLE_TELEMETRY": "1"}
-        result = subprocess.run([sys.executable, "-c", CLIENT, str(store), str(folder)], capture_output=True,
-                                text=True, timeout=300, env=env)
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "hf_home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", CLIENT, str(store), str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["repo_id"] == "tester/demo" == found["create_exist_ok"]
@@ -115,7 +125,7 @@ def test_the_real_client_publishes_to_and_fetches_from_the_local_hub(tmp_path):
     assert found["deleted"] == "RepositoryNotFoundError" and not found["store_after_delete"]
 
 
-PIPELINE = r'''
+PIPELINE = r"""
 import json, sys, tempfile
 from huggingface_hub import HfApi
 from diffusers import DiffusionPipeline
@@ -129,16 +139,21 @@ HfApi(token="hf_test").upload_folder(repo_id="tester/pipe", folder_path=folder)
 again = DiffusionPipeline.from_pretrained("tester/pipe", cache_dir=tempfile.mkdtemp(), token="hf_test")
 print(json.dumps({"class": type(again).__name__,
                   "error": (pipeline_images(again) - pipeline_images(pipe)).abs().max().item()}))
-'''
+"""
 
 
 def test_a_diffusers_pipeline_loads_by_repo_id_from_the_local_hub(tmp_path):
     """DiffusionPipeline.from_pretrained("<repo_id>") lists the tree (snapshot_download) and fetches each component."""
     with running_hub(tmp_path / "store", max_seconds=300) as endpoint:
-        env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"),
-               "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(Path(__file__).parent)}
-        result = subprocess.run([sys.executable, "-c", PIPELINE], capture_output=True, text=True, timeout=300,
-                                env=env)
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "hf_home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "PYTHONPATH": str(Path(__file__).parent),
+        }
+        result = subprocess.run([sys.executable, "-c", PIPELINE], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["class"] == "DiTPipeline" and found["error"] == 0.0
@@ -150,8 +165,11 @@ def test_the_local_hub_listens_on_loopback_only_and_stops_by_itself(tmp_path):
         assert server.server_address[0] == "127.0.0.1" and server.server_address[1] > 0  # port 0: a free one
     finally:
         server.server_close()
-    process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "local_hub.py"), str(tmp_path), "0",
-                                "--max-seconds", "1"], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "local_hub.py"), str(tmp_path), "0", "--max-seconds", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert int(process.stdout.readline()) > 0  # the port comes first
         start = time.monotonic()

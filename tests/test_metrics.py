@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
+from tiny_models import CASES_BY_NAME
 
 import hf_collapse
 from hf_collapse import metrics
-from tiny_models import CASES_BY_NAME
 
 
 class TwoLinears(torch.nn.Module):
@@ -101,10 +101,14 @@ def test_compare_latency_times_models_side_by_side():
 def test_speedup_wording_says_when_the_spread_makes_it_meaningless():
     from hf_collapse.report import describe_speedup
 
-    assert describe_speedup({"latency_speedup": 1.46, "latency_spread": [1.41, 1.52],
-                             "latency_significant": True}) == "1.46x faster (1.41-1.52)"
-    assert describe_speedup({"latency_speedup": 0.35, "latency_spread": [0.2, 1.3],
-                             "latency_significant": False}) == "no measurable change (x0.35, 0.20-1.30)"
+    assert (
+        describe_speedup({"latency_speedup": 1.46, "latency_spread": [1.41, 1.52], "latency_significant": True})
+        == "1.46x faster (1.41-1.52)"
+    )
+    assert (
+        describe_speedup({"latency_speedup": 0.35, "latency_spread": [0.2, 1.3], "latency_significant": False})
+        == "no measurable change (x0.35, 0.20-1.30)"
+    )
     assert describe_speedup({"latency_speedup": 1.5, "latency_spread": None}) == "1.50x faster"
     assert describe_speedup({"latency_speedup": None}) == ""
 
@@ -112,7 +116,7 @@ def test_speedup_wording_says_when_the_spread_makes_it_meaningless():
 def test_collapse_reports_each_state_side_by_side_with_the_original():
     model = CASES_BY_NAME["bert"].build()
     scores = {b.name: float(i) for i, b in enumerate(hf_collapse.find_blocks(model))}
-    _, report = hf_collapse.collapse(model, scores, num_blocks=2, latency_repeats=3, progress=False)
+    _, report = hf_collapse.collapse(model, scores, num_units=2, latency_repeats=3, progress=False)
     for step in report.steps[1:]:
         assert step.latency_speedup > 0 and step.reference_latency_s > 0 and step.latency_s > 0
         assert step.latency_spread[0] <= step.latency_speedup <= step.latency_spread[1]
@@ -140,8 +144,9 @@ def test_reported_latencies_match_the_models_timed_alone_in_a_fresh_process(tmp_
     model = CASES_BY_NAME["bert"].build()
     inputs = metrics.example_inputs(model, batch_size=8, seq_len=32)
     scores = {b.name: float(i) for i, b in enumerate(hf_collapse.find_blocks(model))}
-    collapsed, report = hf_collapse.collapse(model, scores, num_blocks=3, example_inputs=inputs, latency_repeats=7,
-                                             progress=False)
+    collapsed, report = hf_collapse.collapse(
+        model, scores, num_units=3, example_inputs=inputs, latency_repeats=7, progress=False
+    )
     for step in report.steps[1:]:
         assert step.flops < report.before.flops
         assert not (step.latency_speedup < 1 and step.latency_significant), step
@@ -153,11 +158,17 @@ def test_reported_latencies_match_the_models_timed_alone_in_a_fresh_process(tmp_
         "from hf_collapse.metrics import measure_latency\n"
         "inputs = torch.load(sys.argv[1] + '/inputs.pt')\n"
         "print(json.dumps({n: measure_latency(M.from_pretrained(sys.argv[1] + '/' + n).eval(), inputs, warmup=3,"
-        " repeats=15) for n in ('original', 'collapsed')}))\n")
+        " repeats=15) for n in ('original', 'collapsed')}))\n"
+    )
     reported = {"original": report.summary()["latency_s_before"], "collapsed": report.after.latency_s}
-    for attempt in range(2):  # a second fresh process if another job on the machine disturbed the first
-        result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                                timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for _attempt in range(2):  # a second fresh process if another job on the machine disturbed the first
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         alone = json.loads(result.stdout.strip().splitlines()[-1])
         within = all(1 / 1.5 <= reported[name] / alone[name] <= 1.5 for name in reported)
@@ -173,13 +184,24 @@ def test_the_plot_says_everything_it_draws():
     model = CASES_BY_NAME["bert"].build()
     scores = {b.name: float(i) for i, b in enumerate(hf_collapse.find_blocks(model))}
     values = iter([0.8, 0.78, 0.6])
-    _, report = hf_collapse.collapse(model, scores, max_metric_drop=0.05, eval_fn=lambda m: next(values),
-                                     metric_name="accuracy", latency_repeats=1, progress=False)
+    _, report = hf_collapse.collapse(
+        model,
+        scores,
+        max_metric_delta=0.05,
+        eval_fn=lambda m: next(values),
+        metric_name="accuracy",
+        latency_repeats=1,
+        progress=False,
+    )
     fig = report.figure()
     try:
         (legend,) = fig.legends
-        assert [t.get_text() for t in legend.get_texts()] == ["accuracy", "rejected (over budget)", "budget (-0.05)",
-                                                              "latency (ms)"]
+        assert [t.get_text() for t in legend.get_texts()] == [
+            "accuracy",
+            "rejected (over budget)",
+            "budget (-0.05)",
+            "latency (ms)",
+        ]
         assert all(ax.get_legend() is None for ax in fig.axes)
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
@@ -203,8 +225,14 @@ def test_compare_latency_times_any_call_side_by_side():
     """``call`` times something else than a forward pass (generation, here), with the same interleaved rounds."""
     inputs = {"x": torch.randn(64, 256)}
     calls = []
-    timing = metrics.compare_latency([Repeated(8), Repeated(1)], inputs, rounds=3, warmup=1, min_seconds=0,
-                                     call=lambda model, x: calls.append(model.times) or model(**x))
+    timing = metrics.compare_latency(
+        [Repeated(8), Repeated(1)],
+        inputs,
+        rounds=3,
+        warmup=1,
+        min_seconds=0,
+        call=lambda model, x: calls.append(model.times) or model(**x),
+    )
     assert calls.count(1) == 4  # one warm-up pass and three rounds
     assert calls.count(8) == 5  # the reference also has the pass that sizes the batching
     assert timing.speedups[1] > 1

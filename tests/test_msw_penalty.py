@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from toy_training import PadOnlyCollator, penalized_loop, tiny_bert, toy_dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_collapse import LaCoOTArguments, LaCoOTTrainer, MSWPenalty
 from hf_collapse.block_io import BlockIO, feature_mask
 from hf_collapse.ot import max_sliced_wasserstein
-from toy_training import PadOnlyCollator, penalized_loop, tiny_bert, toy_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS = [f"bert.encoder.layer.{i}" for i in range(3)]
@@ -21,8 +21,17 @@ BLOCKS = [f"bert.encoder.layer.{i}" for i in range(3)]
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
-                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def bert_batch(seed=0, n=4):
@@ -56,8 +65,11 @@ def test_values_are_max_sliced_wasserstein_of_the_captured_features(slicing, red
     expected = {}
     for i, name in enumerate(BLOCKS):
         x, y = io.features(name)
-        expected[name] = float(max_sliced_wasserstein(x, y, slicing=slicing, n_projections=7, ascent_steps=3,
-                                                      generator=torch.Generator().manual_seed(3 + i)))
+        expected[name] = float(
+            max_sliced_wasserstein(
+                x, y, slicing=slicing, n_projections=7, ascent_steps=3, generator=torch.Generator().manual_seed(3 + i)
+            )
+        )
     io.remove()
     assert penalty.last_values() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     reduced = sum(expected.values()) / (3 if reduction == "mean" else 1)
@@ -79,6 +91,88 @@ def test_gradient_reaches_every_block_and_nothing_after_the_last():
     assert model.classifier.weight.grad is None  # the head is outside every penalized block
 
 
+def test_recorded_features_are_released_once_the_distances_are_built():
+    """Nothing the penalty recorded outlives the backward pass (optimizer step, evaluation, checkpointing)."""
+    import gc
+    import weakref
+
+    model = tiny_bert()
+    penalty = MSWPenalty(model)
+    batch = bert_batch()
+    recorded = []
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, output: recorded.append(
+                weakref.ref(output[0] if isinstance(output, tuple) else output)
+            )
+        )
+        for name in BLOCKS
+    ]
+    with penalty.capture(inputs=batch):
+        loss = model(**batch).loss
+    loss = loss + penalty()
+    for handle in handles:
+        handle.remove()
+    assert penalty.block_io.captured() == []
+    loss.backward()
+    del loss
+    gc.collect()
+    assert len(recorded) == 3 and all(ref() is None for ref in recorded)
+
+
+@pytest.mark.parametrize("granularity", ["attention", "mlp"])
+def test_sub_layer_penalty_under_gradient_checkpointing(granularity):
+    """Non-reentrant checkpointing gives the gradient of an uncheckpointed step; reentrant checkpointing runs the
+    layer without autograd, so the sub-layer features carry no gradient: refused, saying what to use instead."""
+    ids = torch.randint(3, 50, (4, 9), generator=torch.Generator().manual_seed(0))
+
+    def gradients(checkpointing):
+        model = tiny_llama().train()
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        penalty = MSWPenalty(model, granularity=granularity, slicing="random")
+        with penalty.capture(inputs={"input_ids": ids}):
+            model(input_ids=ids)
+        penalty().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = gradients(None)
+    branch = "self_attn.o_proj.weight" if granularity == "attention" else "mlp.down_proj.weight"
+    assert float(expected[f"model.layers.1.{branch}"].norm()) > 0
+    checkpointed = gradients(False)
+    for name, grad in expected.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    with pytest.raises(RuntimeError, match="use_reentrant=True.*use_reentrant': False"):
+        gradients(True)
+
+
+def test_data_parallel_is_refused_with_what_to_use_instead(tmp_path):
+    """nn.DataParallel's replicas share the forward hooks: refused, at creation, when the Trainer would use it, and
+    when a replica (made as DataParallel makes them) runs a hook."""
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="DataParallel.*torchrun"):
+        MSWPenalty(torch.nn.DataParallel(model))
+    trainer = LaCoOTTrainer(
+        model=model,
+        args=LaCoOTArguments(str(tmp_path), use_cpu=True, report_to=[]),
+        train_dataset=toy_dataset(4),
+        data_collator=PadOnlyCollator(),
+    )
+    with pytest.raises(ValueError, match="DataParallel.*torchrun"):
+        trainer.compute_loss(torch.nn.DataParallel(model).train(), bert_batch())
+    penalty = MSWPenalty(model)
+    # What torch.nn.parallel.replicate builds on each device (here on the CPU, sharing the parameters): a copy of
+    # every module, hooks included, wired to the copies of its children.
+    replicas = {module: module._replicate_for_data_parallel() for module in model.modules()}
+    for module, replica in replicas.items():
+        replica._parameters = dict(module._parameters)
+        replica._modules = {name: replicas[child] for name, child in module._modules.items()}
+    replica = replicas[model]
+    with pytest.raises(RuntimeError, match="DataParallel.*accelerate launch"):
+        with penalty.capture(inputs=bert_batch()):
+            replica(**bert_batch())
+
+
 def test_calling_without_a_capture_says_what_to_do():
     model = tiny_bert()
     penalty = MSWPenalty(model)
@@ -94,8 +188,16 @@ def test_calling_without_a_capture_says_what_to_do():
 def test_trainer_penalty_is_msw_penalty_on_the_same_batch_and_seed(tmp_path):
     """No second implementation: the Trainer's penalty, step after step (warm starts included), is MSWPenalty's."""
     model, twin = tiny_bert(), tiny_bert()
-    args = LaCoOTArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, seed=5, msw_weight=1.0,
-                           msw_ascent_steps=2, msw_projections=9, msw_reduction="sum")
+    args = LaCoOTArguments(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        seed=5,
+        msw_weight=1.0,
+        msw_ascent_steps=2,
+        msw_projections=9,
+        msw_reduction="sum",
+    )
     trainer = LaCoOTTrainer(model=model, args=args)
     assert isinstance(trainer.penalty, MSWPenalty) and [b.name for b in trainer.msw_blocks] == BLOCKS
     penalty = MSWPenalty(twin, ascent_steps=2, n_projections=9, reduction="sum", seed=5)
@@ -155,7 +257,8 @@ def test_ignored_labels_are_excluded_in_a_causal_lm():
 
     masked = value(ids, inputs={"input_ids": ids, "attention_mask": attention, "labels": labels})
     assert masked == pytest.approx(
-        value(changed, inputs={"input_ids": changed, "attention_mask": attention, "labels": labels}), abs=1e-6)
+        value(changed, inputs={"input_ids": changed, "attention_mask": attention, "labels": labels}), abs=1e-6
+    )
     assert masked == value(ids, attention_mask=attention, labels=labels)  # the tensors, without the batch dict
     assert value(ids, attention_mask=attention) != pytest.approx(value(changed, attention_mask=attention), abs=1e-4)
     mask = feature_mask(model, {"input_ids": ids, "attention_mask": attention, "labels": labels})
@@ -222,8 +325,10 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path, slicing):
 
     model, penalty = fresh()
     first, optimizer = penalized_loop(model, penalty, batches[:3])
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "penalty": penalty.state_dict()},
-               tmp_path / "checkpoint.pt")
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "penalty": penalty.state_dict()},
+        tmp_path / "checkpoint.pt",
+    )
 
     def resume(with_penalty_state):
         checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -323,10 +428,25 @@ def test_fsdp2_accelerate_config_loads_and_configures_fsdp2(monkeypatch):
 # ------------------------------------------------------------------------------------------------------- example
 @pytest.mark.slow
 def test_custom_loop_example_runs(tmp_path):
-    command = [sys.executable, os.path.join(ROOT, "examples", "lacoot_custom_loop.py"), "--output_dir", str(tmp_path),
-               "--max_steps", "3", "--eval_examples", "32", "--num_blocks", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "examples", "lacoot_custom_loop.py"),
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "3",
+        "--eval_examples",
+        "32",
+        "--num_units",
+        "1",
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "msw_total" in result.stdout
     from transformers import AutoModelForSequenceClassification

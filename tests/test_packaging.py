@@ -13,10 +13,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tiny_models import CASES_BY_NAME
 
 import hf_collapse
 from hf_collapse import hub
-from tiny_models import CASES_BY_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_IN_WHEEL = "hf_collapse/model_cards/collapsed_model.md"
@@ -35,8 +35,20 @@ def test_wheel_ships_the_template_and_a_plain_install_renders_cards_outside_the_
     shutil.copytree(ROOT / "hf_collapse", source / "hf_collapse", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-          "-w", str(tmp_path / "dist"), str(source)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ]
+    )
     (wheel,) = (tmp_path / "dist").glob("hf_collapse-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert TEMPLATE_IN_WHEEL in archive.namelist()
@@ -49,10 +61,26 @@ def test_wheel_ships_the_template_and_a_plain_install_renders_cards_outside_the_
     _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
     venv_python = venv / "bin" / "python"
     # The wheel first, while the environment sees no other hf_collapse (pip would take that one as installed).
-    _run([sys.executable, "-m", "pip", "--python", str(venv_python), "install", "--no-deps", "--no-index",
-          "--ignore-installed", "--quiet", str(wheel)])
-    venv_site = Path(_run([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          cwd=tmp_path).stdout.strip())
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv_python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "--quiet",
+            str(wheel),
+        ]
+    )
+    venv_site = Path(
+        _run(
+            [str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path
+        ).stdout.strip()
+    )
     assert (venv_site / TEMPLATE_IN_WHEEL).is_file()
     (venv_site / "_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
@@ -69,8 +97,11 @@ def test_wheel_ships_the_template_and_a_plain_install_renders_cards_outside_the_
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    found = json.loads(_run([str(venv_python), "-c", script], cwd=outside, env={**env, "HF_HUB_OFFLINE": "1"})
-                       .stdout.strip().splitlines()[-1])
+    found = json.loads(
+        _run([str(venv_python), "-c", script], cwd=outside, env={**env, "HF_HUB_OFFLINE": "1"})
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert Path(found["package"]).is_relative_to(venv) and not Path(found["package"]).is_relative_to(ROOT)
     assert Path(found["template"]).is_relative_to(venv)
     # Sections only the full template has (a stripped fallback had none of them).
@@ -86,15 +117,22 @@ def test_a_missing_template_is_an_error_not_a_stripped_card(tmp_path, monkeypatc
         hub.model_card(model)
 
 
-@pytest.mark.skipif(not os.environ.get("HF_COLLAPSE_TESTS_AGAINST_INSTALL"),
-                    reason="only under `make test`, which installs the package and runs the tests against that install")
+@pytest.mark.skipif(
+    not os.environ.get("HF_COLLAPSE_TESTS_AGAINST_INSTALL"),
+    reason="only under `make test`, which installs the package and runs the tests against that install",
+)
 def test_make_test_runs_against_the_current_installed_package():
     package = Path(hf_collapse.__file__).resolve().parent
     assert not package.is_relative_to(ROOT / "hf_collapse"), f"imported from the source tree: {package}"
+
     # The install is as current as the tree: same files, same bytes (the Makefile reinstalls on any change).
     def files(folder):
-        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
-                if p.is_file() and "__pycache__" not in p.parts}
+        return {
+            p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in folder.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+
     assert files(package) == files(ROOT / "hf_collapse")
     # Subprocesses started by tests (python -m / -c from the tests' working directory) import it too.
     child = _run([sys.executable, "-c", "import hf_collapse; print(hf_collapse.__file__)"]).stdout.strip()

@@ -11,10 +11,10 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import CASES_BY_NAME, output_of
 
 import hf_collapse
 from hf_collapse.hub import loading_code, save_with_card
-from tiny_models import CASES_BY_NAME, output_of
 
 LORA = {
     "bert": dict(task_type="SEQ_CLS", target_modules=["query", "value"]),
@@ -32,10 +32,12 @@ def _lora(case_name):
 
 def _refuses_to_save(collapsed, tmp_path):
     """Every way of saving the collapsed peft model refuses, names merge_and_unload, and writes nothing."""
-    for save in (lambda: collapsed.save_pretrained(tmp_path / "adapter"),
-                 lambda: collapsed.push_to_hub("me/collapsed-lora"),
-                 lambda: save_with_card(collapsed, tmp_path / "card"),
-                 lambda: loading_code(collapsed, "me/collapsed-lora")):
+    for save in (
+        lambda: collapsed.save_pretrained(tmp_path / "adapter"),
+        lambda: collapsed.push_to_hub("me/collapsed-lora"),
+        lambda: save_with_card(collapsed, tmp_path / "card"),
+        lambda: loading_code(collapsed, "me/collapsed-lora"),
+    ):
         with pytest.raises(ValueError, match=r"merge_and_unload\(\)"):
             save()
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "card").exists()
@@ -95,7 +97,7 @@ def test_collapse_on_lora_model_refuses_to_save_and_merges_exactly(tmp_path):
     inputs = case.inputs()
     scores = {b.name: float(i) for i, b in enumerate(reversed(hf_collapse.find_blocks(model)))}
 
-    collapsed, report = hf_collapse.collapse(model, scores, num_blocks=2, latency_repeats=0, progress=False)
+    collapsed, report = hf_collapse.collapse(model, scores, num_units=2, latency_repeats=0, progress=False)
 
     assert isinstance(collapsed, PeftModel)
     assert report.after.removed == 2
@@ -149,8 +151,9 @@ def test_collapse_that_removes_nothing_returns_the_lora_model_still_wrapped():
     scores = {b.name: float(i) for i, b in enumerate(hf_collapse.find_blocks(model))}
     metrics = iter([0.9, 0.1])  # the first removal breaks the budget
 
-    collapsed, report = hf_collapse.collapse(model, scores, max_metric_drop=0.01, eval_fn=lambda m: next(metrics),
-                                             latency_repeats=0, progress=False)
+    collapsed, report = hf_collapse.collapse(
+        model, scores, max_metric_delta=0.01, eval_fn=lambda m: next(metrics), latency_repeats=0, progress=False
+    )
 
     assert report.after.removed == 0 and collapsed is not model
     assert isinstance(collapsed, PeftModel)  # the adapter is still there, not merely its injected layers
@@ -165,8 +168,9 @@ def test_tlc_folds_lora_updates_on_the_linears_it_fuses():
 
     case = CASES_BY_NAME["bert"]
     torch.manual_seed(1)
-    model = get_peft_model(case.build(), LoraConfig(r=4, init_lora_weights=False, task_type="SEQ_CLS",
-                                                    target_modules=["dense"])).eval()
+    model = get_peft_model(
+        case.build(), LoraConfig(r=4, init_lora_weights=False, task_type="SEQ_CLS", target_modules=["dense"])
+    ).eval()
     inputs = case.inputs()
     stats = activation_statistics(model, [inputs])
     site = next(name for name in stats if ".1." in name)

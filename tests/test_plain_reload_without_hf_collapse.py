@@ -7,9 +7,9 @@ import sys
 import textwrap
 
 import torch
+from tiny_models import CASES_BY_NAME, output_of
 
 import hf_collapse
-from tiny_models import CASES_BY_NAME, output_of
 
 EXPRESSIBLE = {
     "bert": ["encoder.layer.0", "encoder.layer.3"],
@@ -52,7 +52,8 @@ def test_plain_from_pretrained_in_a_clean_interpreter(tmp_path):
         assert "hf_collapse" not in sys.modules, "hf_collapse was imported"
         print(json.dumps(failures))
     """)
-    result = subprocess.run([sys.executable, "-c", script, json.dumps(manifest)], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(manifest)], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []

@@ -5,11 +5,11 @@ perplexity, tokens/s, the saved model and its card."""
 import json
 
 import pytest
+from tiny_models import save_tiny_llm_with_smollm2_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_collapse
-from hf_collapse.cli import main
-from tiny_models import save_tiny_llm_with_smollm2_tokenizer
+from hf_collapse.commands import main
 
 
 @pytest.fixture(scope="module")
@@ -17,21 +17,53 @@ def tiny_llm(tmp_path_factory):
     return save_tiny_llm_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny-llm"), num_hidden_layers=5)
 
 
-FAST = ["--window", "32", "--calibration_windows", "8", "--heal_windows", "16", "--eval_windows", "8", "--batch_size", "4",
-        "--generate_tokens", "4", "--latency_repeats", "1", "--disable_tqdm", "true"]
+FAST = [
+    "--max_length",
+    "32",
+    "--calibration_windows",
+    "8",
+    "--heal_windows",
+    "16",
+    "--eval_windows",
+    "8",
+    "--batch_size",
+    "4",
+    "--generate_tokens",
+    "4",
+    "--latency_repeats",
+    "1",
+    "--disable_tqdm",
+    "true",
+]
 
 
 @pytest.mark.slow
 def test_prune_removes_heals_measures_and_saves(tiny_llm, tmp_path, capsys):
-    code = main(["prune", "--model", str(tiny_llm), "--num_blocks", "2", "--method", "loss", "--heal", "linear",
-                 "--output_dir", str(tmp_path), *FAST])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_llm),
+            "--num_units",
+            "2",
+            "--method",
+            "loss",
+            "--heal",
+            "linear",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "removed 2 blocks: perplexity" in out and "perplexity after healing (linear)" in out and "tokens/s" in out
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert len(report.removed) == 2 and report.metric_name == "perplexity" and not report.higher_is_better
     extra = report.extra
-    assert extra["perplexity_before"] == report.before.metric and extra["perplexity_after_removal"] == report.after.metric
+    assert (
+        extra["perplexity_before"] == report.before.metric and extra["perplexity_after_removal"] == report.after.metric
+    )
     assert extra["perplexity_after_healing"] > 1 and extra["tokens_per_s_after"] > 0 and extra["heal"] == "linear"
     assert extra["heal_windows"] == 16
     saved = tmp_path / "collapsed"
@@ -43,8 +75,20 @@ def test_prune_removes_heals_measures_and_saves(tiny_llm, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_prune_under_a_perplexity_budget_with_sublayers(tiny_llm, tmp_path, capsys):
-    code = main(["prune", "--model", str(tiny_llm), "--granularity", "attention", "--max_metric_ratio", "1.5",
-                 "--output_dir", str(tmp_path), *FAST])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_llm),
+            "--granularity",
+            "attention",
+            "--max_metric_ratio",
+            "1.5",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     assert code == 0
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert report.budget["max_metric_ratio"] == 1.5
@@ -54,13 +98,16 @@ def test_prune_under_a_perplexity_budget_with_sublayers(tiny_llm, tmp_path, caps
     assert hf_collapse.collapse_record(reloaded) is not None
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--num_blocks", "0"], "--num_blocks must be >= 1, got 0"),
-    (["--max_metric_ratio", "0.5"], "--max_metric_ratio must be >= 1, got 0.5"),
-    ([], "no budget: pass --num_blocks, --max_metric_increase, --max_metric_ratio"),
-    (["--num_blocks", "1", "--heal", "magic"], "--heal 'magic': expected one of distill, lora, linear"),
-    (["--num_blocks", "1", "--method", "magic"], "--method 'magic': expected one of"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--num_units", "0"], "--num_units must be >= 1, got 0"),
+        (["--max_metric_ratio", "0.5"], "--max_metric_ratio must be >= 1, got 0.5"),
+        ([], "no budget: pass --num_units, --max_metric_delta, --max_metric_ratio"),
+        (["--num_units", "1", "--heal", "magic"], "--heal 'magic': expected one of distill, lora, linear"),
+        (["--num_units", "1", "--method", "magic"], "--method 'magic': expected one of"),
+    ],
+)
 def test_prune_refuses_bad_arguments_before_any_work(argv, expected, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["prune", *argv]) == 2
@@ -72,12 +119,39 @@ def test_prune_refuses_bad_arguments_before_any_work(argv, expected, capsys, mon
 
 @pytest.mark.slow
 def test_lacoot_command_on_a_causal_lm_trains_on_text_windows_and_collapses_under_a_perplexity_budget(
-        tiny_llm, tmp_path, capsys):
-    code = main(["lacoot", "--model", str(tiny_llm), "--dataset", "bbc_news", "--max_length", "32",
-                 "--eval_windows", "8", "--max_steps", "3", "--per_device_train_batch_size", "4",
-                 "--per_device_eval_batch_size", "4", "--eval_strategy", "no", "--num_blocks", "2",
-                 "--max_metric_ratio", "100", "--latency_repeats", "1", "--output_dir", str(tmp_path),
-                 "--disable_tqdm", "true"])
+    tiny_llm, tmp_path, capsys
+):
+    code = main(
+        [
+            "lacoot",
+            "--model",
+            str(tiny_llm),
+            "--dataset",
+            "bbc_news",
+            "--max_length",
+            "32",
+            "--eval_windows",
+            "8",
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--per_device_eval_batch_size",
+            "4",
+            "--eval_strategy",
+            "no",
+            "--num_units",
+            "2",
+            "--max_metric_ratio",
+            "100",
+            "--latency_repeats",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "LaCoOT on" in out and "perplexity" in out
@@ -91,16 +165,23 @@ def test_lacoot_command_on_a_causal_lm_trains_on_text_windows_and_collapses_unde
 
 
 def test_causal_lm_task_is_recognised_from_the_config_and_budgets_follow_the_task(tiny_llm):
-    from hf_collapse.jobs import LaCoOTJobArguments, TLCJobArguments, resolve_task, run_tlc_job
+    from hf_collapse.commands.lacoot import LaCoOTJobArguments
+    from hf_collapse.commands.tlc import TLCJobArguments, run_tlc_job
+    from hf_collapse.data.tasks import resolve_task
 
     job = LaCoOTJobArguments(model=str(tiny_llm))
-    assert resolve_task(job) == "causal_lm" and resolve_task(LaCoOTJobArguments()) == "classification"
-    assert job.metric_budget("causal_lm") == {"max_metric_increase": None, "max_metric_ratio": 1.25}
-    assert LaCoOTJobArguments(max_metric_drop=2.0).metric_budget("causal_lm") == {
-        "max_metric_increase": 2.0, "max_metric_ratio": None}
-    assert job.metric_budget("classification") == {"max_metric_drop": 0.05}
-    with pytest.raises(ValueError, match="--max_metric_ratio is a perplexity budget"):
-        LaCoOTJobArguments(max_metric_ratio=1.5).metric_budget("classification")
+    assert resolve_task(job.model, job.task) == "causal_lm" and resolve_task("minilm") == "classification"
+    assert job.metric_budget("causal_lm") == {"max_metric_ratio": 1.25}
+    assert LaCoOTJobArguments(max_metric_delta=2.0).metric_budget("causal_lm") == {
+        "max_metric_delta": 2.0,
+        "max_metric_ratio": None,
+    }
+    assert job.metric_budget("classification") == {"max_metric_delta": 0.05}
+    # One budget vocabulary: a ratio bounds accuracy too (at least the trained model's accuracy / 1.5).
+    assert LaCoOTJobArguments(max_metric_ratio=1.5).metric_budget("classification") == {
+        "max_metric_delta": None,
+        "max_metric_ratio": 1.5,
+    }
     with pytest.raises(ValueError, match="--task 'lm': expected one of auto, classification, causal_lm"):
         LaCoOTJobArguments(task="lm")
     with pytest.raises(ValueError, match="hf-collapse tlc runs classification tasks"):
@@ -110,7 +191,7 @@ def test_causal_lm_task_is_recognised_from_the_config_and_budgets_follow_the_tas
 
 
 def test_prune_training_defaults_follow_the_healing_method():
-    from hf_collapse.prune_job import DEFAULT_PRUNE_TRAINING, prune_training_defaults
+    from hf_collapse.commands.prune import DEFAULT_PRUNE_TRAINING, prune_training_defaults
 
     assert prune_training_defaults("lora")["learning_rate"] == 5e-4
     assert prune_training_defaults("distill") == prune_training_defaults(None) == DEFAULT_PRUNE_TRAINING

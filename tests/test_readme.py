@@ -56,7 +56,7 @@ def readme_blocks() -> list[tuple[str, str]]:
         elif line.strip() == "```python":
             end = next(j for j in range(index + 1, len(lines)) if lines[j].strip() == "```")
             rank += 1
-            blocks.append((f"{heading} #{rank}", "\n".join(lines[index + 1:end]) + "\n"))
+            blocks.append((f"{heading} #{rank}", "\n".join(lines[index + 1 : end]) + "\n"))
             index = end
         index += 1
     return blocks
@@ -67,8 +67,14 @@ BLOCKS = readme_blocks()
 
 def test_the_readme_has_its_snippets():
     ids = [block_id for block_id, _ in BLOCKS]
-    for section in ("LaCoOT #1", "TLC #1", "TraDy #1", "Depth surgery #1", "LoRA and collapse #1",
-                    "Model cards and the Hub #1"):
+    for section in (
+        "LaCoOT #1",
+        "TLC #1",
+        "TraDy #1",
+        "Depth surgery #1",
+        "LoRA and collapse #1",
+        "Model cards and the Hub #1",
+    ):
         assert section in ids, f"README.md lost its ```python block under {section!r}: {ids}"
     marked = {block_id for block_id, code in BLOCKS if code.startswith(NOT_RUN)}
     assert marked == set(EXEMPT_BLOCKS), f"blocks marked {NOT_RUN!r}: {sorted(marked)}, listed: {sorted(EXEMPT_BLOCKS)}"
@@ -77,8 +83,9 @@ def test_the_readme_has_its_snippets():
 def _run(code: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     script = cwd / "snippet.py"
     script.write_text(code, encoding="utf-8")
-    return subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=BLOCK_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
+    )
 
 
 @pytest.mark.slow
@@ -92,8 +99,7 @@ def test_readme_block_runs_as_written(block_id, code, tmp_path):
         download = f'from_pretrained("{repo_id}")'
         assert code.count(download) == 1, f"{block_id} no longer calls {download}: update EXEMPT_BLOCKS"
         code = code.replace(download, f"from_pretrained({stand_in(tmp_path / 'stand_in')!r})")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("HF_TOKEN", None)
     env.pop("PYTHONPATH", None)  # as a user runs it: the installed hf_collapse, nothing from tests/
     started = time.perf_counter()
@@ -107,7 +113,8 @@ def test_readme_block_runs_as_written(block_id, code, tmp_path):
             pushed = tmp_path / "hub" / repo_id
             has_model = (pushed / "config.json").is_file() or (pushed / "model_index.json").is_file()  # or a pipeline
             assert (pushed / "README.md").is_file() and has_model, (
-                f"{block_id}: nothing arrived at {repo_id}: {sorted(p.name for p in pushed.glob('*'))}")
+                f"{block_id}: nothing arrived at {repo_id}: {sorted(p.name for p in pushed.glob('*'))}"
+            )
     else:
         result = _run(code, work, env)
         assert result.returncode == 0, f"README block {block_id} failed:\n{code}\n{result.stderr[-6000:]}"
@@ -133,8 +140,9 @@ def test_example_text_task_is_small_reproducible_and_leaves_the_random_state_alo
     lengths = [len(task.train[i]["input_ids"]) for i in range(8)]
     assert len(set(lengths)) > 1 and batch["input_ids"].shape == (8, max(lengths)) and max(lengths) <= 16
     output = task.model(**batch)
-    metrics = task.compute_metrics(type("Prediction", (), {"predictions": output.logits.detach().numpy(),
-                                                           "label_ids": batch["labels"].numpy()})())
+    metrics = task.compute_metrics(
+        type("Prediction", (), {"predictions": output.logits.detach().numpy(), "label_ids": batch["labels"].numpy()})()
+    )
     assert 0.0 <= metrics["accuracy"] <= 1.0
     full = example_text_task(train_size=None, test_size=None)
     assert (len(full.train), len(full.test)) == (1486, 372)
@@ -155,9 +163,15 @@ DOCTEST_NOT_RUN = {
     "hf_collapse.lacoot.trainer": _CONTINUES.format("a model and a LaCoOTTrainer"),
     "hf_collapse.loading": _CONTINUES.format("a collapsed model saved in a folder or on the Hub"),
     "hf_collapse.removal": _CONTINUES.format("a model, block scores and an evaluation function"),
+    "hf_collapse.engine.search": _CONTINUES.format("a model, a search strategy and a budget"),
     "hf_collapse.report": _CONTINUES.format("a model, block scores and the report of a collapse"),
     "hf_collapse.scoring": _CONTINUES.format("a model, an evaluation loader and a UNet's batch"),
-    "hf_collapse.surgery": _CONTINUES.format("a model and the result of a removal"),
+    "hf_collapse.surgery.blocks": _CONTINUES.format("a model and the result of a removal"),
+    "hf_collapse.surgery.record": _CONTINUES.format("a model and the result of a removal"),
+    "hf_collapse.surgery.sites": _CONTINUES.format("a model of a supported family"),
+    "hf_collapse.surgery.linearize": _CONTINUES.format("a BERT model"),
+    "hf_collapse.surgery.trial": _CONTINUES.format("a decoder LM and a batch"),
+    "hf_collapse.evaluation": _CONTINUES.format("a model, training arguments, a dataset and a metric"),
     "hf_collapse.tlc.compress": _CONTINUES.format("a model, datasets, training arguments and a metric"),
     "hf_collapse.tlc.statistics": _CONTINUES.format("a model and calibration batches"),
     "hf_collapse.tlc.transforms": _CONTINUES.format("a model and its activation statistics"),
@@ -191,6 +205,7 @@ def test_doctest_exemptions_are_real_modules():
 def test_docstring_examples_run(module_name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that write files write them here
     module = importlib.import_module(module_name)
-    results = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, report=True,
-                              verbose=False)
+    results = doctest.testmod(
+        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, report=True, verbose=False
+    )
     assert results.failed == 0, f"{results.failed} of the {results.attempted} examples of {module_name} failed"

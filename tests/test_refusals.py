@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from tiny_models import CASES_BY_NAME
 from transformers import DistilBertConfig, DistilBertModel
 
 import hf_collapse
-from tiny_models import CASES_BY_NAME
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +73,21 @@ def test_wrong_item_type(bert):
         hf_collapse.remove_blocks(bert, [3])
 
 
-@pytest.mark.parametrize("case_name,block,reason", [
-    ("resnet_basic", "encoder.stages.1.layers.0", "changes the tensor shape"),
-    ("resnet_bottleneck", "encoder.stages.0.layers.0", "changes the tensor shape"),
-    ("mobilenet_v2", "layer.2", "changes the tensor shape"),
-    ("unet", "down_blocks.1.resnets.0", "changes the channel count"),
-    ("unet", "down_blocks.0.resnets.2", "reads a different number of channels"),
-])
+@pytest.mark.parametrize(
+    "case_name,block,reason",
+    [
+        ("resnet_basic", "encoder.stages.1.layers.0", "changes the tensor shape"),
+        ("resnet_bottleneck", "encoder.stages.0.layers.0", "changes the tensor shape"),
+        ("mobilenet_v2", "layer.2", "changes the tensor shape"),
+        ("unet", "down_blocks.1.resnets.0", "changes the channel count"),
+        ("unet", "down_blocks.0.resnets.2", "reads a different number of channels"),
+    ],
+)
 def test_shape_changing_block(case_name, block, reason):
     model = CASES_BY_NAME[case_name].build()
-    with pytest.raises(ValueError, match=f"{block}' is not removable: .*{reason}"):  # its name ends with the old spelling
+    with pytest.raises(
+        ValueError, match=f"{block}' is not removable: .*{reason}"
+    ):  # its name ends with the old spelling
         hf_collapse.remove_blocks(model, [block])
 
 
@@ -92,16 +97,22 @@ def _saved_collapsed(tmp_path, case="bert", blocks=("encoder.layer.1",)):
     return tmp_path / "config.json"
 
 
-@pytest.mark.parametrize("corrupt,message", [
-    (lambda r: r.update(format_version=7), "format_version is 7"),
-    (lambda r: r.pop("edits"), "'edits' is missing"),
-    (lambda r: r.update(edits=[{"op": "explode"}]), "unknown edit"),
-    (lambda r: r.update(edits=[{"op": "remove_blocks", "blocks": "encoder.layer.1"}]), "needs a list of block names"),
-    (lambda r: r.update(model_class="transformers.SwinModel"), "foreign to this model"),
-    (lambda r: r.update(model_class="os.system"), "foreign to this model"),
-    (lambda r: r.update(family="swin"), "written for family 'swin'"),
-    (lambda r: r.update(edits=[{"op": "remove_blocks", "blocks": ["encoder.layer.99"]}]), "cannot replay"),
-])
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda r: r.update(format_version=7), "format_version is 7"),
+        (lambda r: r.pop("edits"), "'edits' is missing"),
+        (lambda r: r.update(edits=[{"op": "explode"}]), "unknown edit"),
+        (
+            lambda r: r.update(edits=[{"op": "remove_blocks", "blocks": "encoder.layer.1"}]),
+            "needs a list of block names",
+        ),
+        (lambda r: r.update(model_class="transformers.SwinModel"), "foreign to this model"),
+        (lambda r: r.update(model_class="os.system"), "foreign to this model"),
+        (lambda r: r.update(family="swin"), "written for family 'swin'"),
+        (lambda r: r.update(edits=[{"op": "remove_blocks", "blocks": ["encoder.layer.99"]}]), "cannot replay"),
+    ],
+)
 def test_corrupted_record_is_refused(tmp_path, corrupt, message):
     config_path = _saved_collapsed(tmp_path)
     config = json.loads(config_path.read_text())
@@ -176,11 +187,15 @@ def test_one_name_validator_for_every_api(bert):
     from hf_collapse.block_io import select_blocks
     from hf_collapse.names import resolve_names
 
-    calls = [lambda names: hf_collapse.remove_blocks(bert, names),
-             lambda names: select_blocks(bert, names),
-             lambda names: hf_collapse.collapse(bert, {n: 0.0 for n in names}, num_blocks=1, latency_repeats=0)]
+    calls = [
+        lambda names: hf_collapse.remove_blocks(bert, names),
+        lambda names: select_blocks(bert, names),
+        lambda names: hf_collapse.collapse(bert, {n: 0.0 for n in names}, num_units=1, latency_repeats=0),
+    ]
     for call in calls:
-        with pytest.raises(ValueError, match=r"unknown block 'encoder.layer.9'; the blocks of this model.*encoder.layer.0"):
+        with pytest.raises(
+            ValueError, match=r"unknown block 'encoder.layer.9'; the blocks of this model.*encoder.layer.0"
+        ):
             call(["encoder.layer.9"])
     for call in calls[:2]:
         with pytest.raises(ValueError, match=r"block 'bert.encoder.layer.1' is named twice"):

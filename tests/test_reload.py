@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
+from tiny_models import CASES, CASES_BY_NAME, output_of, plain_exact
 
 import hf_collapse
-from tiny_models import CASES, CASES_BY_NAME, output_of, plain_exact
 
 PAIRS = [(case.name, removal) for case in CASES for removal in case.removals]
 
@@ -35,8 +35,11 @@ def test_remove_save_reload_exact(case_name, removal, tmp_path):
     assert collapsed is not model
     assert len(hf_collapse.find_blocks(model)) == n_blocks
     assert all(torch.equal(v, original_state[k]) for k, v in model.state_dict().items())
-    assert dict(model.config) == dict(original_config) if isinstance(model.config, dict) else \
-        model.config.to_dict() == original_config.to_dict()
+    assert (
+        dict(model.config) == dict(original_config)
+        if isinstance(model.config, dict)
+        else model.config.to_dict() == original_config.to_dict()
+    )
     assert torch.equal(output_of(model, inputs), original_out)
 
     # The collapsed model lost exactly those blocks and records the edit.
@@ -129,8 +132,12 @@ def test_folder_without_record_loads_plainly(tmp_path):
 # Loading options: AutoCollapsedModel passes them through for transformers and diffusers models alike.
 # Reference: the library's own from_pretrained with the same option, on the same folder (plain-exact removals), and
 # the collapsed model itself cast the same way.
-DTYPE_CASES = [("bert", ["encoder.layer.2"]), ("mobilenet_v2", ["layer.3"]), ("dit", ["transformer_blocks.2"]),
-               ("unet", None)]
+DTYPE_CASES = [
+    ("bert", ["encoder.layer.2"]),
+    ("mobilenet_v2", ["layer.3"]),
+    ("dit", ["transformer_blocks.2"]),
+    ("unet", None),
+]
 
 
 def _tensors(model):
@@ -155,21 +162,26 @@ def test_dtype_option_is_honoured(case_name, removal, dtype, option, tmp_path):
     expected = {k: v.detach().to(_tensors(reloaded)[k].dtype) for k, v in _tensors(collapsed).items()}
     assert all(torch.equal(v.detach(), expected[k]) for k, v in _tensors(reloaded).items())
     # float32 again: the weights are the collapsed model's, rounded to dtype.
-    torch.testing.assert_close(output_of(reloaded.float(), case.inputs()), output_of(collapsed, case.inputs()),
-                               atol=0.1, rtol=0.05)
+    torch.testing.assert_close(
+        output_of(reloaded.float(), case.inputs()), output_of(collapsed, case.inputs()), atol=0.1, rtol=0.05
+    )
 
 
 @pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}, "auto"], ids=["cpu", "dict", "auto"])
-@pytest.mark.parametrize("case_name,removal", [("bert", ["encoder.layer.2"]), ("mobilenet_v2", ["layer.3"]),
-                                               ("dit", ["transformer_blocks.2"])], ids=["bert", "mobilenet_v2", "dit"])
+@pytest.mark.parametrize(
+    "case_name,removal",
+    [("bert", ["encoder.layer.2"]), ("mobilenet_v2", ["layer.3"]), ("dit", ["transformer_blocks.2"])],
+    ids=["bert", "mobilenet_v2", "dit"],
+)
 def test_device_map_option_is_honoured(case_name, removal, device_map, tmp_path):
     case = CASES_BY_NAME[case_name]
     collapsed = hf_collapse.remove_blocks(case.build(), removal)
     collapsed.save_pretrained(tmp_path)
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path, device_map=device_map)
     assert {t.device.type for t in _tensors(reloaded).values()} == {"cpu"}
-    torch.testing.assert_close(output_of(reloaded, case.inputs()), output_of(collapsed, case.inputs()),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        output_of(reloaded, case.inputs()), output_of(collapsed, case.inputs()), atol=1e-5, rtol=0
+    )
 
 
 def test_tlc_edits_replay_under_device_map_and_dtype(tmp_path):
@@ -184,17 +196,21 @@ def test_tlc_edits_replay_under_device_map_and_dtype(tmp_path):
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path, device_map="cpu", dtype=torch.bfloat16)
     assert reloaded.dtype == torch.bfloat16
     assert {t.device.type for t in _tensors(reloaded).values()} == {"cpu"}
-    torch.testing.assert_close(output_of(reloaded.float(), case.inputs()), output_of(collapsed, case.inputs()),
-                               atol=0.1, rtol=0.05)
+    torch.testing.assert_close(
+        output_of(reloaded.float(), case.inputs()), output_of(collapsed, case.inputs()), atol=0.1, rtol=0.05
+    )
 
 
-@pytest.mark.parametrize("case_name,removal", [("bert", ["encoder.layer.2"]), ("dit", ["transformer_blocks.2"])],
-                         ids=["bert", "dit"])
+@pytest.mark.parametrize(
+    "case_name,removal", [("bert", ["encoder.layer.2"]), ("dit", ["transformer_blocks.2"])], ids=["bert", "dit"]
+)
 def test_subfolder_option_with_dtype(case_name, removal, tmp_path):
     case = CASES_BY_NAME[case_name]
     collapsed = hf_collapse.remove_blocks(case.build(), removal)
     collapsed.save_pretrained(tmp_path / "component")
-    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path, subfolder="component", torch_dtype=torch.float16)
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(
+        tmp_path, subfolder="component", torch_dtype=torch.float16
+    )
     assert reloaded.dtype == torch.float16
     assert len(hf_collapse.find_blocks(reloaded)) == len(hf_collapse.find_blocks(collapsed))
 

@@ -8,24 +8,33 @@ KV cache must agree with generation without it.
 
 import pytest
 import torch
+from tiny_models import CASES_BY_NAME
 
 import hf_collapse
+from hf_collapse import metrics
 from hf_collapse.architectures.sublayers import ZeroAttention, ZeroMLP
 from hf_collapse.block_io import BlockIO
-from hf_collapse import metrics
-from tiny_models import CASES_BY_NAME
 
 FAMILIES = ["llama", "qwen2", "gemma2", "gpt_neox", "gpt2"]
 # The linear that ends each branch, relative to the layer: zeroing it (weight and bias) makes the branch output 0.
-BRANCH_END = {"attention": {"gpt_neox": "attention.dense", "gpt2": "attn.c_proj"},
-              "mlp": {"gpt_neox": "mlp.dense_4h_to_h", "gpt2": "mlp.c_proj"}}
+BRANCH_END = {
+    "attention": {"gpt_neox": "attention.dense", "gpt2": "attn.c_proj"},
+    "mlp": {"gpt_neox": "mlp.dense_4h_to_h", "gpt2": "mlp.c_proj"},
+}
 DEFAULT_END = {"attention": "self_attn.o_proj", "mlp": "mlp.down_proj"}
 PROMPT = torch.tensor([[5, 17, 42, 8, 23, 61]])
 
 
 def _generate(model, use_cache):
-    out = model.generate(PROMPT, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=use_cache,
-                         return_dict_in_generate=True, output_logits=True)
+    out = model.generate(
+        PROMPT,
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        use_cache=use_cache,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     return out.sequences, torch.stack(out.logits)
 
 
@@ -76,8 +85,9 @@ def test_removing_a_sublayer_is_the_zeroed_branch_and_reloads_exactly(family, ki
         branch = layer.get_submodule(unit.local_name.rsplit(".", 1)[1])
         assert isinstance(branch, ZeroAttention if kind == "attention" else ZeroMLP)
         gone = [k for k in model.state_dict() if k not in collapsed.state_dict()]
-        assert gone and all(k.startswith(unit.name + ".") or any(k.startswith(p + ".") for p in unit.extra_paths)
-                            for k in gone)
+        assert gone and all(
+            k.startswith(unit.name + ".") or any(k.startswith(p + ".") for p in unit.extra_paths) for k in gone
+        )
         assert len(hf_collapse.find_blocks(collapsed, granularity=kind)) == n - 1
         assert len(hf_collapse.find_blocks(collapsed)) == n  # no block was removed
 
@@ -129,8 +139,10 @@ def test_sublayers_mixed_with_block_removals_replay_in_order(family, tmp_path):
     layers = _layers(step3)
     assert isinstance(layers[0].self_attn, ZeroAttention) and layers[0].self_attn.layer_idx == 0
     assert isinstance(layers[2].mlp, ZeroMLP) and isinstance(layers[3].self_attn, ZeroAttention)
-    assert [b.name for b in hf_collapse.find_blocks(step3, "attention")] == [f"{prefix}.1.self_attn",
-                                                                           f"{prefix}.2.self_attn"]
+    assert [b.name for b in hf_collapse.find_blocks(step3, "attention")] == [
+        f"{prefix}.1.self_attn",
+        f"{prefix}.2.self_attn",
+    ]
     record = hf_collapse.collapse_record(step3)
     assert [e["op"] for e in record["edits"]] == ["remove_sublayers", "remove_blocks", "remove_sublayers"]
     sequences, logits = _generate(step3, use_cache=True)
@@ -207,16 +219,18 @@ def test_score_blocks_and_collapse_on_sublayers(kind, tmp_path):
     assert min(msw, key=msw.get) == units[2].name
 
     inputs = metrics.example_inputs(model, batch_size=1, seq_len=8)
-    collapsed, report = hf_collapse.collapse(model, scores, num_blocks=2, granularity=kind, example_inputs=inputs,
-                                             latency_repeats=0, progress=False)
+    collapsed, report = hf_collapse.collapse(
+        model, scores, num_units=2, granularity=kind, example_inputs=inputs, latency_repeats=0, progress=False
+    )
     order = sorted(scores, key=scores.get)[:2]
     assert [s.unit for s in report.steps[1:]] == order
     assert hf_collapse.collapse_record(collapsed)["edits"] == [
-        {"op": "remove_sublayers", "units": [name.removeprefix("model.")]} for name in order]
+        {"op": "remove_sublayers", "units": [name.removeprefix("model.")]} for name in order
+    ]
     assert report.after.params == metrics.count_parameters(collapsed)
     assert report.after.flops == metrics.forward_flops(collapsed, inputs)
     with pytest.raises(ValueError, match="unknown block"):  # sub-layer scores need their granularity
-        hf_collapse.collapse(model, scores, num_blocks=1, latency_repeats=0, progress=False)
+        hf_collapse.collapse(model, scores, num_units=1, latency_repeats=0, progress=False)
     collapsed.save_pretrained(tmp_path)
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path)
     inputs = case.inputs()

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from tiny_models import CASES_BY_NAME, output_of
+from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset
 from transformers import Trainer, TrainingArguments
 
 import hf_collapse
-from hf_collapse.tlc import TLCConfig, activation_sites, activation_statistics, compress, linearize
-from hf_collapse.tlc.compress import _calibration_loss
-from hf_collapse.tlc.transforms import masked_identity
 from hf_collapse.architectures.base import adapter_for
-from tiny_models import CASES_BY_NAME, output_of
-from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset
+from hf_collapse.tlc import TLCConfig, activation_sites, activation_statistics, compress, linearize
+from hf_collapse.tlc.compress import calibration_loss
+from hf_collapse.tlc.transforms import masked_identity
 
 FAMILIES = ["bert", "vit", "swin", "gpt2", "dit", "transformer2d", "resnet_basic", "resnet_bottleneck", "mobilenet_v2"]
 
@@ -40,7 +40,8 @@ def test_measured_statistics_match_a_direct_computation_without_padding():
     site = activation_sites(model)[2]
     captured = {}
     handle = model.get_submodule(site.producer).register_forward_hook(
-        lambda m, a, out: captured.setdefault("pre", out.detach()))
+        lambda m, a, out: captured.setdefault("pre", out.detach())
+    )
     with torch.no_grad():
         model(**inputs)
     handle.remove()
@@ -103,7 +104,10 @@ def test_removing_exactly_off_neurons_changes_nothing():
     with torch.no_grad():
         dense.bias[:16] = -100.0
         dense.bias[16:] = 100.0
-    batch = {"input_ids": torch.tensor([[3, 4, 5, 6], [7, 8, 9, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    batch = {
+        "input_ids": torch.tensor([[3, 4, 5, 6], [7, 8, 9, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+    }
     site = activation_sites(model)[1]
     stats = activation_statistics(model, [batch], [site])[site.name]
     assert stats.neurons_off == 16 and stats.neurons_on == 8
@@ -127,8 +131,10 @@ def test_removing_exactly_off_neurons_changes_nothing():
 
 
 def _bert_batch():
-    return {"input_ids": torch.tensor([[3, 4, 5, 6], [7, 8, 9, 0]]),
-            "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    return {
+        "input_ids": torch.tensor([[3, 4, 5, 6], [7, 8, 9, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+    }
 
 
 def test_site_names_are_relative_to_the_model_passed_and_old_spellings_still_work(tmp_path):
@@ -154,8 +160,9 @@ def test_site_names_are_relative_to_the_model_passed_and_old_spellings_still_wor
     (tmp_path / "config.json").write_text(json.dumps(config))
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(**_bert_batch()).logits, linearized.eval()(**_bert_batch()).logits,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            reloaded(**_bert_batch()).logits, linearized.eval()(**_bert_batch()).logits, atol=1e-5, rtol=0
+        )
     assert hf_collapse.collapse_record(reloaded) == record  # replayed under the new name
 
 
@@ -165,15 +172,20 @@ def test_site_names_through_a_peft_wrapper():
     peft_model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
     site = activation_sites(peft_model)[0]
     assert site.name == "base_model.model.bert.encoder.layer.0.intermediate.intermediate_act_fn"
-    assert peft_model.get_submodule(site.activation) is peft_model.base_model.model.bert.encoder.layer[0].intermediate.intermediate_act_fn
+    assert (
+        peft_model.get_submodule(site.activation)
+        is peft_model.base_model.model.bert.encoder.layer[0].intermediate.intermediate_act_fn
+    )
     # The names the inner model and older versions use name the same site.
     assert activation_sites(peft_model, ["bert.encoder.layer.0.intermediate.intermediate_act_fn"]) == [site]
     assert activation_sites(peft_model, ["encoder.layer.0.intermediate.intermediate_act_fn"]) == [site]
     stats = activation_statistics(peft_model, [_bert_batch()], [site])[site.name]
     # The record belongs to the wrapped transformers model: its site is named relative to that model.
     linearized = linearize(peft_model, stats)
-    assert hf_collapse.collapse_record(linearized)["edits"][0]["site"] == \
-        "bert.encoder.layer.0.intermediate.intermediate_act_fn"
+    assert (
+        hf_collapse.collapse_record(linearized)["edits"][0]["site"]
+        == "bert.encoder.layer.0.intermediate.intermediate_act_fn"
+    )
 
 
 @pytest.mark.parametrize("case_name", ["unet", "llama"])
@@ -189,17 +201,32 @@ def test_gated_activations_are_refused(case_name):
 
 
 def _args(tmp_path, **kw):
-    return TrainingArguments(str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                             learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-                             save_strategy="no", **kw)
+    return TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        save_strategy="no",
+        **kw,
+    )
 
 
 def test_compress_stops_at_the_target_and_leaves_the_model_alone(tmp_path):
     model = tiny_bert()
     before = copy.deepcopy(model.state_dict())
-    compressed, report = compress(model, TLCConfig(target_layers=2, calibration_batches=2, finetune_steps=2),
-                                  toy_dataset(), toy_dataset(8, seed=1), _args(tmp_path),
-                                  data_collator=PadOnlyCollator(), compute_metrics=accuracy)
+    compressed, report = compress(
+        model,
+        TLCConfig(num_units=2, calibration_batches=2, finetune_steps=2),
+        toy_dataset(),
+        toy_dataset(8, seed=1),
+        _args(tmp_path),
+        data_collator=PadOnlyCollator(),
+        compute_metrics=accuracy,
+    )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert len(report.removed) == 2 and report.metric_name == "accuracy"
     edits = hf_collapse.collapse_record(compressed)["edits"]
@@ -215,34 +242,50 @@ def test_compress_stops_at_the_target_and_leaves_the_model_alone(tmp_path):
 
 def test_compress_never_returns_a_model_over_the_budget(tmp_path):
     model = tiny_bert()
-    compressed, report = compress(model, TLCConfig(max_metric_drop=0.0, calibration_batches=2), toy_dataset(),
-                                  toy_dataset(8, seed=1), _args(tmp_path, metric_for_best_model="loss",
-                                                                greater_is_better=False),
-                                  data_collator=PadOnlyCollator())
+    compressed, report = compress(
+        model,
+        TLCConfig(max_metric_delta=0.0, calibration_batches=2),
+        toy_dataset(),
+        toy_dataset(8, seed=1),
+        _args(tmp_path, metric_for_best_model="loss", greater_is_better=False),
+        data_collator=PadOnlyCollator(),
+    )
     kept = report.kept_steps
     assert all(s.metric <= report.steps[0].metric + 1e-9 for s in kept)
     if not report.steps[-1].kept:
         assert report.steps[-1].metric > report.steps[0].metric
-    assert len(hf_collapse.collapse_record(compressed)["edits"] if hf_collapse.collapse_record(compressed) else []) \
+    assert (
+        len(hf_collapse.collapse_record(compressed)["edits"] if hf_collapse.collapse_record(compressed) else [])
         == len(kept) - 1
+    )
 
 
 def test_compress_until_nothing_is_left(tmp_path):
-    compressed, report = compress(tiny_bert(), TLCConfig(calibration_batches=1, candidates_per_step=3),
-                                  toy_dataset(), None, _args(tmp_path), data_collator=PadOnlyCollator())
+    compressed, report = compress(
+        tiny_bert(),
+        TLCConfig(calibration_batches=1, candidates_per_step=3),
+        toy_dataset(),
+        None,
+        _args(tmp_path),
+        data_collator=PadOnlyCollator(),
+    )
     assert report.after.removed == 3 and report.metric_name == "loss"
     with pytest.raises(ValueError, match="no activation site can be linearized"):
         activation_sites(compressed)
 
 
 def test_config_refusals():
-    for kwargs, message in [(dict(calibration_batches=0), "calibration_batches"), (dict(target_layers=0), "target_layers"),
-                            (dict(max_metric_drop=-1), "max_metric_drop"), (dict(finetune_steps=-2), "finetune_steps"),
-                            (dict(candidates_per_step=0), "candidates_per_step")]:
+    for kwargs, message in [
+        (dict(calibration_batches=0), "calibration_batches"),
+        (dict(num_units=0), "num_units"),
+        (dict(max_metric_delta=-1), "max_metric_delta"),
+        (dict(finetune_steps=-2), "finetune_steps"),
+        (dict(candidates_per_step=0), "candidates_per_step"),
+    ]:
         with pytest.raises(ValueError, match=message):
             TLCConfig(**kwargs)
     with pytest.raises(ValueError, match="needs an eval_dataset"):
-        compress(tiny_bert(), TLCConfig(max_metric_drop=0.1), toy_dataset())
+        compress(tiny_bert(), TLCConfig(max_metric_delta=0.1), toy_dataset())
     with pytest.raises(ValueError, match="unknown activation site"):
         activation_sites(tiny_bert(), ["nope"])
 
@@ -258,6 +301,7 @@ def _device_probe(model):
     def hook(module, args, kwargs):
         seen.extend(v.device.type for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor))
         raise _Probe
+
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return seen
 
@@ -270,7 +314,7 @@ def test_calibration_batches_go_to_the_models_device(tmp_path):
     on_meta = tiny_bert().to("meta")
     seen = _device_probe(on_meta)
     with pytest.raises(_Probe):
-        _calibration_loss(trainer, on_meta, [batch])  # the loss of every candidate and of the reference
+        calibration_loss(trainer, on_meta, [batch])  # the loss of every candidate and of the reference
     with pytest.raises(_Probe):
         activation_statistics(on_meta, [batch])
     assert len(seen) >= 4 and set(seen) == {"meta"}

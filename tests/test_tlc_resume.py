@@ -6,21 +6,30 @@ import shutil
 
 import pytest
 import torch
+from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset
 from transformers import TrainerCallback, TrainingArguments
 
 import hf_collapse
 from hf_collapse.report import CollapseReport
 from hf_collapse.tlc import TLCConfig, compress
-from toy_training import PadOnlyCollator, accuracy, tiny_bert, toy_dataset
 
-CONFIG = TLCConfig(target_layers=3, calibration_batches=2, finetune_steps=2)
+CONFIG = TLCConfig(num_units=3, calibration_batches=2, finetune_steps=2)
 
 
 def _args(output_dir, **kw):
     kw = {"save_strategy": "no", **kw}
-    return TrainingArguments(str(output_dir), per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                             learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-                             logging_steps=1, **kw)
+    return TrainingArguments(
+        str(output_dir),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        logging_steps=1,
+        **kw,
+    )
 
 
 class Crash(RuntimeError):
@@ -40,8 +49,16 @@ class CrashOnFinetune(TrainerCallback):
 
 
 def _run(output_dir, model=None, config=CONFIG, args=None, **kw):
-    return compress(model or tiny_bert(), config, toy_dataset(), toy_dataset(8, seed=1), args or _args(output_dir),
-                    data_collator=PadOnlyCollator(), compute_metrics=accuracy, **kw)
+    return compress(
+        model or tiny_bert(),
+        config,
+        toy_dataset(),
+        toy_dataset(8, seed=1),
+        args or _args(output_dir),
+        data_collator=PadOnlyCollator(),
+        compute_metrics=accuracy,
+        **kw,
+    )
 
 
 def _logits(model):
@@ -81,10 +98,14 @@ def uninterrupted(tmp_path_factory):
 
 def test_progress_is_written_after_every_step(interrupted):
     state = json.loads((interrupted / "progress.json").read_text())
-    assert state["format"] == "hf_collapse.tlc.progress" and state["status"] == "running" and state["step"] == 1
-    assert [e["op"] for e in state["edits"]] == ["linearize"] and len(state["remaining"]) == 2
-    assert state["edits"][0]["site"] not in state["remaining"]
-    assert sorted(p.name for p in interrupted.iterdir()) == ["progress.json", "report.json", "weights-step1.safetensors"]
+    assert state["format"] == "hf_collapse.progress" and state["status"] == "running" and state["step"] == 1
+    assert [e["op"] for e in state["edits"]] == ["linearize"] and len(state["search"]["remaining"]) == 2
+    assert state["edits"][0]["site"] not in state["search"]["remaining"]
+    assert sorted(p.name for p in interrupted.iterdir()) == [
+        "progress.json",
+        "report.json",
+        "weights-step1.safetensors",
+    ]
     report = CollapseReport.load(interrupted)  # the report so far, readable while the run is unfinished
     assert len(report.steps) == 2 and report.steps[1].unit == state["edits"][0]["site"]
 
@@ -113,12 +134,15 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(interrupted, uninterr
 def test_progress_of_another_model_or_config_is_refused(interrupted, tmp_path):
     with pytest.raises(ValueError, match="model's weights differ"):
         _run(tmp_path / "a", model=tiny_bert(seed=1), resume_from=interrupted)
-    with pytest.raises(ValueError, match=r"TLCConfig differ \(finetune_steps: 2 then, 1 now\)"):
-        _run(tmp_path / "b", config=TLCConfig(target_layers=3, calibration_batches=2, finetune_steps=1),
-             resume_from=interrupted)
-    with pytest.raises(ValueError, match="holds no TLC progress"):
+    with pytest.raises(ValueError, match=r"search's settings differ \(finetune_steps: 2 then, 1 now\)"):
+        _run(
+            tmp_path / "b",
+            config=TLCConfig(num_units=3, calibration_batches=2, finetune_steps=1),
+            resume_from=interrupted,
+        )
+    with pytest.raises(ValueError, match="holds no collapse progress"):
         _run(tmp_path / "c", resume_from=tmp_path)
     # A fresh run never overwrites an unfinished one.
-    with pytest.raises(ValueError, match="holds an unfinished TLC run: pass resume_from"):
+    with pytest.raises(ValueError, match="holds an unfinished run: pass resume_from"):
         _run(tmp_path / "d", progress_dir=interrupted)
     assert json.loads((interrupted / "progress.json").read_text())["step"] == 1

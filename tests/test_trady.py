@@ -4,17 +4,17 @@ import copy
 import json
 
 import pytest
+import tiny_models
 import torch
 from peft import PeftModel, get_peft_model
 from peft.utils import PeftType
 from torch import nn
+from toy_training import PadOnlyCollator, tiny_bert, toy_dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
-import tiny_models
-from toy_training import PadOnlyCollator, tiny_bert, toy_dataset
+from hf_collapse import profiling as memory
 from hf_collapse import trady
-from hf_collapse.trady import memory
 from hf_collapse.trady import (
     ChannelSliceFunction,
     LayerCost,
@@ -57,8 +57,10 @@ def trady_bert(seed=0, **config):
 
 def effective_weights(peft_model):
     tuner = find_trady_model(peft_model)
-    return {name: (layer.get_base_layer().weight + layer.get_delta_weight("default")).detach().clone()
-            for name, layer in tuner.trady_layers().items()}
+    return {
+        name: (layer.get_base_layer().weight + layer.get_delta_weight("default")).detach().clone()
+        for name, layer in tuner.trady_layers().items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------- registration
@@ -201,7 +203,8 @@ def test_only_selected_channels_of_selected_layers_change_after_a_step():
     head_before = {n: p.detach().clone() for n, p in model.named_parameters() if "classifier" in n and p.requires_grad}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == tuner.trady_flat["default"].numel() + sum(
-        p.numel() for p in head_before.values())
+        p.numel() for p in head_before.values()
+    )
     optimizer = torch.optim.SGD(trainable, lr=0.5)
     model(**bert_batch()).loss.backward()
     optimizer.step()
@@ -251,7 +254,7 @@ def test_strategies_static_full_random_and_det_rgn():
     full = trady_bert(selection="full_random", budget_ratio=0.3)
     tuner = find_trady_model(full)
     assert full.peft_config["default"].selected_layers is None
-    assert [c.name for c in tuner._states["default"].pool] == list(tuner.trady_layers())
+    assert [c.name for c in tuner.trady_state.adapters["default"].pool] == list(tuner.trady_layers())
 
     det = trady_bert(selection="det_rgn")
     tuner = find_trady_model(det)
@@ -300,8 +303,16 @@ def test_saved_bytes_fall_with_the_budget_as_the_cost_model_predicts():
         tuner = find_trady_model(model)
         report = memory_report(model, batch)
         # x_sel (float32, batch x positions x k) + the index of each layer (int64)
-        expected = sum(4 * 4 * tuner._states["default"].costs[[c.name for c in tuner._states["default"].costs].index(
-            name)].positions * len(ch) + 8 * len(ch) for name, ch in tuner.current_selection().items())
+        expected = sum(
+            4
+            * 4
+            * tuner.trady_state.adapters["default"]
+            .costs[[c.name for c in tuner.trady_state.adapters["default"].costs].index(name)]
+            .positions
+            * len(ch)
+            + 8 * len(ch)
+            for name, ch in tuner.current_selection().items()
+        )
         assert report.saved_bytes_weight_derivative == expected
         reports.append(report)
         predicted.append(tuner.budget_summary()["used_activation_elements_per_sample"])
@@ -339,8 +350,10 @@ def test_max_depth_stops_backpropagation_near_the_top():
     assert set(tuner.current_selection()) <= set(layers[-3:])
     deep, shallow = memory_report(everywhere, batch), memory_report(top, batch)
     assert shallow.saved_bytes_propagation < 0.5 * deep.saved_bytes_propagation
-    assert shallow.lowest_trained_layer.endswith(layers[-3]) or shallow.lowest_trained_layer.split(
-        "base_model.model.")[-1] in layers[-3:]
+    assert (
+        shallow.lowest_trained_layer.endswith(layers[-3])
+        or shallow.lowest_trained_layer.split("base_model.model.")[-1] in layers[-3:]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- save / reload
@@ -392,18 +405,25 @@ def test_save_reload_and_merge_and_unload_are_exact(tmp_path):
 # ----------------------------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("settings,error,message", [
-    (dict(selection="best"), ValueError, "unknown selection 'best'; accepted: trady, static_topk_random"),
-    (dict(memory_budget=10, budget_ratio=0.1), ValueError, "give one budget.*not memory_budget and budget_ratio"),
-    (dict(budget_bytes=40, budget_ratio=0.1), ValueError, "not budget_bytes and budget_ratio"),
-    (dict(budget_bytes=40, memory_budget=10), ValueError, "not memory_budget and budget_bytes"),
-    (dict(budget_bytes=0), ValueError, "budget_bytes must be a positive number of bytes"),
-    (dict(budget_ratio=1.5), ValueError, r"budget_ratio must be in \(0, 1\]"),
-    (dict(memory_budget=0), ValueError, "memory_budget must be a positive"),
-    (dict(coverage=0), ValueError, "coverage"),
-    (dict(max_depth=0), ValueError, "max_depth"),
-    (dict(bias="all"), ValueError, "bias must be 'none'"),
-])
+@pytest.mark.parametrize(
+    "settings,error,message",
+    [
+        (dict(selection="best"), ValueError, "unknown selection 'best'; accepted: trady, static_topk_random"),
+        (
+            dict(budget_elements=10, budget_ratio=0.1),
+            ValueError,
+            "give one budget.*not budget_elements and budget_ratio",
+        ),
+        (dict(budget_bytes=40, budget_ratio=0.1), ValueError, "not budget_bytes and budget_ratio"),
+        (dict(budget_bytes=40, budget_elements=10), ValueError, "not budget_elements and budget_bytes"),
+        (dict(budget_bytes=0), ValueError, "budget_bytes must be a positive number of bytes"),
+        (dict(budget_ratio=1.5), ValueError, r"budget_ratio must be in \(0, 1\]"),
+        (dict(budget_elements=0), ValueError, "budget_elements must be a positive"),
+        (dict(coverage=0), ValueError, "coverage"),
+        (dict(max_depth=0), ValueError, "max_depth"),
+        (dict(bias="all"), ValueError, "bias must be 'none'"),
+    ],
+)
 def test_bad_config_values_are_refused(settings, error, message):
     with pytest.raises(error, match=message):
         TraDyConfig(**settings)
@@ -411,7 +431,7 @@ def test_bad_config_values_are_refused(settings, error, message):
 
 def test_budget_too_small_for_one_channel_is_refused():
     torch.manual_seed(0)
-    model = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", memory_budget=5))
+    model = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", budget_elements=5))
     with pytest.raises(ValueError, match="cannot hold a single channel.*costs 3[0-9] elements"):
         calibrate(model, [bert_batch()])
 
@@ -456,19 +476,34 @@ def test_trainer_resamples_at_every_epoch(tmp_path):
     data = toy_dataset(16)
     calibrate(model, [collator([data[i] for i in range(4)])])
     recorder = SelectionRecorder()
-    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, num_train_epochs=3, learning_rate=0.1,
-                             optim="sgd", use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-                             logging_steps=1, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
-                      callbacks=[TraDyCallback(), recorder])
+    args = TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=8,
+        num_train_epochs=3,
+        learning_rate=0.1,
+        optim="sgd",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[TraDyCallback(), recorder]
+    )
     trainer.train()
     first, second, third = recorder.selections
     assert first != second and second != third
     tuner = find_trady_model(model)
     assert [i for i, _ in tuner.selection_history()] == [0, 1, 2]
     # reproducible: the same seed draws the same channels
-    assert first == find_trady_model(get_peft_model(
-        tiny_bert(), copy.deepcopy(model.peft_config["default"]))).current_selection()
+    assert (
+        first
+        == find_trady_model(
+            get_peft_model(tiny_bert(), copy.deepcopy(model.peft_config["default"]))
+        ).current_selection()
+    )
 
 
 # ----------------------------------------------------------------------------------------------- families
@@ -492,9 +527,12 @@ def test_every_family_trains_only_selected_channels_and_merges_exactly(name):
     case = tiny_models.CASES_BY_NAME[name]
     torch.manual_seed(0)
     base = case.build().train()
-    kinds = {type(channel_ops_for(m)).__name__ for m in base.modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d, Conv1D)) and (not isinstance(m, nn.Conv2d) or m.groups in (
-                 1, m.in_channels))}
+    kinds = {
+        type(channel_ops_for(m)).__name__
+        for m in base.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d, Conv1D))
+        and (not isinstance(m, nn.Conv2d) or m.groups in (1, m.in_channels))
+    }
     head = ["classifier"] if hasattr(base, "classifier") else None  # ResNet's is a Sequential, RoBERTa's a module
     model = get_peft_model(base, TraDyConfig(budget_ratio=0.2, modules_to_save=head, selection="full_random"))
     batch = _family_batch(name)
@@ -543,8 +581,9 @@ def test_selected_layers_are_reused_across_tasks_without_a_new_ranking():
     first = trady_bert(budget_ratio=0.05)
     kept = first.peft_config["default"].selected_layers
     torch.manual_seed(1)
-    second = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05,
-                                                             selected_layers=list(kept)))
+    second = get_peft_model(
+        tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05, selected_layers=list(kept))
+    )
     summary = calibrate(second, [bert_batch(seed=9)])
     assert second.peft_config["default"].layer_rgn is None  # no gradient ranking was computed
     assert summary["selected_layers"] == kept and set(find_trady_model(second).current_selection()) <= set(kept)
@@ -570,11 +609,32 @@ def _run_example(script, output_dir, *args):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    command = [sys.executable, os.path.join(root, "examples", script), "--output_dir", str(output_dir),
-               "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--save_strategy", "no",
-               "--calibration_batches", "1", "--max_steps", "2", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        os.path.join(root, "examples", script),
+        "--output_dir",
+        str(output_dir),
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--use_cpu",
+        "true",
+        "--save_strategy",
+        "no",
+        "--calibration_batches",
+        "1",
+        "--max_steps",
+        "2",
+        *args,
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads((output_dir / "trady_report.json").read_text())
     assert json.loads((output_dir / "adapter" / "adapter_config.json").read_text())["peft_type"] == "TRADY"
@@ -586,17 +646,36 @@ def _run_example(script, output_dir, *args):
 
 @pytest.mark.slow
 def test_text_example_runs_end_to_end(tmp_path):
-    report, out = _run_example("trady_text_classification.py", tmp_path, "--per_device_train_batch_size", "8",
-                               "--learning_rate", "5e-4", "--max_train_samples", "32", "--max_eval_samples", "32")
+    report, out = _run_example(
+        "trady_text_classification.py",
+        tmp_path,
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "5e-4",
+        "--max_train_samples",
+        "32",
+        "--max_eval_samples",
+        "32",
+    )
     assert "weight-derivative part (bytes)" in out and "accuracy:" in out
     assert 0.9 < report["memory"]["weight_derivative_sparsity"] < 1.0
 
 
 @pytest.mark.slow
 def test_image_example_runs_end_to_end(tmp_path):
-    report, out = _run_example("trady_image_classification.py", tmp_path, "--arch", "mobilenet_v2",
-                               "--pretrain_epochs", "0.05", "--per_device_train_batch_size", "16",
-                               "--image_size", "8")
+    report, out = _run_example(
+        "trady_image_classification.py",
+        tmp_path,
+        "--arch",
+        "mobilenet_v2",
+        "--pretrain_epochs",
+        "0.05",
+        "--per_device_train_batch_size",
+        "16",
+        "--image_size",
+        "8",
+    )
     assert "TraDy (mobilenet_v2)" in out and report["calibration"]["selected_layers"]
 
 
@@ -615,11 +694,25 @@ class FlatGradients(TrainerCallback):
 
 
 def _toy_trainer(tmp_path, model, callbacks=(), **settings):
-    options = dict(per_device_train_batch_size=4, num_train_epochs=2, learning_rate=0.1, optim="adamw_torch",
-                   use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+    options = dict(
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=0.1,
+        optim="adamw_torch",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     options.update(settings)
-    return Trainer(model=model, args=TrainingArguments(str(tmp_path), **options), train_dataset=toy_dataset(16),
-                   data_collator=PadOnlyCollator(), callbacks=list(callbacks))
+    return Trainer(
+        model=model,
+        args=TrainingArguments(str(tmp_path), **options),
+        train_dataset=toy_dataset(16),
+        data_collator=PadOnlyCollator(),
+        callbacks=list(callbacks),
+    )
 
 
 def _toy_calibration_batches(n=4, batch_size=4):
@@ -627,16 +720,17 @@ def _toy_calibration_batches(n=4, batch_size=4):
     return [collator([data[i] for i in range(b * batch_size, (b + 1) * batch_size)]) for b in range(n)]
 
 
-def test_plain_trainer_calibrates_the_adapter_and_trains_its_channels(tmp_path):
-    """get_peft_model, then Trainer.train(): no calibrate, no callback passed. The adapter calibrates itself on the
-    first training batches, a TraDyCallback attaches itself and re-samples at the epoch boundary, and the TraDy
-    channels train (not only the head), exactly as after an explicit calibrate on the same batches."""
+def test_the_callback_calibrates_the_adapter_and_trains_its_channels(tmp_path):
+    """get_peft_model, then a Trainer with callbacks=[TraDyCallback()] and no calibrate: the callback calibrates the
+    adapter on the first training batches when training begins, re-samples at the epoch boundary, and the TraDy
+    channels train (not only the head), exactly as after an explicit calibrate on the same batches. The Trainer is
+    never looked for: transformers' callbacks hand TraDy the model and the optimizer."""
     model = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1, selection="full_random"))
     tuner = find_trady_model(model)
     assert not tuner.is_calibrated() and tuner.trady_flat["default"].numel() == 0
     original = {n: layer.get_base_layer().weight.detach().clone() for n, layer in tuner.trady_layers().items()}
     gradients = FlatGradients()
-    trainer = _toy_trainer(tmp_path, model, [gradients])
+    trainer = _toy_trainer(tmp_path, model, [TraDyCallback(), gradients])
     trainer.train()
     assert tuner.is_calibrated() and model.peft_config["default"].layer_positions
     assert sum(isinstance(c, TraDyCallback) for c in trainer.callback_handler.callbacks) == 1
@@ -644,8 +738,9 @@ def test_plain_trainer_calibrates_the_adapter_and_trains_its_channels(tmp_path):
     assert capacity > 0 and len(gradients.norms) == 8
     assert all(size == capacity and norm > 0 for size, norm in gradients.norms)  # the flat parameter got gradients
     assert [i for i, _ in tuner.selection_history()] == [0, 1]  # re-sampled at the epoch boundary
-    changed = [n for n, layer in tuner.trady_layers().items()
-               if not torch.equal(layer.get_base_layer().weight, original[n])]
+    changed = [
+        n for n, layer in tuner.trady_layers().items() if not torch.equal(layer.get_base_layer().weight, original[n])
+    ]
     assert changed and all(tuner.trady_layers()[n].trady_merged["default"].any() for n in changed)
     assert torch.count_nonzero(tuner.trady_flat["default"]) > 0
 
@@ -655,6 +750,20 @@ def test_plain_trainer_calibrates_the_adapter_and_trains_its_channels(tmp_path):
     reference = dict(explicit.named_parameters())
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter, reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_trainer_without_the_callback(tmp_path, caplog):
+    """Without TraDyCallback nothing calibrates the adapter at the start of training: refused at the first training
+    forward, naming the two ways. A calibrated adapter trains its first draw, with a warning that nothing re-samples."""
+    fresh = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
+    with pytest.raises(RuntimeError, match=r"not calibrated.*calibrate\(model, batches\).*TraDyCallback"):
+        _toy_trainer(tmp_path / "fresh", fresh).train()
+    calibrated = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
+    calibrate(calibrated, _toy_calibration_batches())
+    with caplog.at_level("WARNING", logger="hf_collapse.trady.sampling"):
+        _toy_trainer(tmp_path / "calibrated", calibrated).train()
+    assert "nothing re-samples the channels" in caplog.text and "TraDyCallback" in caplog.text
+    assert [i for i, _ in find_trady_model(calibrated).selection_history()] == [0]
 
 
 def test_disable_adapter_and_unload_give_back_the_original_or_refuse():
@@ -676,8 +785,9 @@ def test_disable_adapter_and_unload_give_back_the_original_or_refuse():
         assert not torch.equal(model(**inputs).logits, expected)  # the adapter (and the head) changed the output
         model.merge_adapter()  # a peft merge of the current delta is undone exactly
         with model.disable_adapter():
-            assert torch.equal(model.base_model.model.bert(**inputs).last_hidden_state,
-                               original.bert(**inputs).last_hidden_state)
+            assert torch.equal(
+                model.base_model.model.bert(**inputs).last_hidden_state, original.bert(**inputs).last_hidden_state
+            )
     unloaded = copy.deepcopy(model).unload()
     for key, value in unloaded.state_dict().items():
         if not key.startswith("classifier"):  # the head is a modules_to_save copy: its original is kept
@@ -701,12 +811,14 @@ def _final_parameters(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["epoch", "steps", "steps_auto"])
+@pytest.mark.parametrize("mode", ["epoch", "steps", "steps_auto", "det_rgn"])
 def test_resumed_trainer_run_ends_where_the_uninterrupted_one_does(tmp_path, mode):
     """3 epochs of 4 steps, checkpoint at step 6: mid-epoch for epoch re-sampling, mid-interval for
-    resample_every_steps=4. steps_auto: the adapter calibrated itself (no calibrate call) in both runs."""
-    settings = dict(task_type="SEQ_CLS", budget_ratio=0.1, selection="full_random")
-    if mode != "epoch":
+    resample_every_steps=4. steps_auto: the adapter calibrated itself (no calibrate call) in both runs. det_rgn: the
+    channels of highest RGN, re-ranked at each epoch start; a run resumed mid-epoch keeps the ranking of that epoch's
+    start (saved with the adapter) instead of ranking again on partly trained weights."""
+    settings = dict(task_type="SEQ_CLS", budget_ratio=0.1, selection="det_rgn" if mode == "det_rgn" else "full_random")
+    if mode in ("steps", "steps_auto"):
         settings["resample_every_steps"] = 4
 
     def fresh():
@@ -717,7 +829,7 @@ def test_resumed_trainer_run_ends_where_the_uninterrupted_one_does(tmp_path, mod
 
     options = dict(num_train_epochs=3, save_strategy="steps", save_steps=6)
     full = fresh()
-    _toy_trainer(tmp_path, full, **options).train()
+    _toy_trainer(tmp_path, full, [TraDyCallback()], **options).train()
     history = find_trady_model(full).selection_history()
     assert len(history) >= 3  # re-sampled before and after the checkpoint
     checkpoint = tmp_path / "checkpoint-6"
@@ -726,7 +838,9 @@ def test_resumed_trainer_run_ends_where_the_uninterrupted_one_does(tmp_path, mod
     assert saved["attributes"]["run_state"]["optimizer_steps"] == 6
 
     resumed = fresh()
-    _toy_trainer(tmp_path / "resumed", resumed, **options).train(resume_from_checkpoint=str(checkpoint))
+    _toy_trainer(tmp_path / "resumed", resumed, [TraDyCallback()], **options).train(
+        resume_from_checkpoint=str(checkpoint)
+    )
     assert find_trady_model(resumed).current_selection() == find_trady_model(full).current_selection()
     expected = _final_parameters(full)
     for name, parameter in _final_parameters(resumed).items():
@@ -740,7 +854,7 @@ def test_resumed_trainer_run_ends_where_the_uninterrupted_one_does(tmp_path, mod
 
 
 def test_a_budget_in_bytes_is_the_element_budget_times_the_element_size():
-    by_elements = trady_bert(budget_ratio=None, memory_budget=3000)
+    by_elements = trady_bert(budget_ratio=None, budget_elements=3000)
     by_bytes = trady_bert(budget_ratio=None, budget_bytes=4 * 3000)  # float32 weights: 4 bytes per element
     assert by_bytes.peft_config["default"].budget_description == "12000 bytes"
     assert find_trady_model(by_bytes).current_selection() == find_trady_model(by_elements).current_selection()
@@ -773,8 +887,9 @@ def test_step_memory_of_a_linear_matches_the_hand_computation():
     def loss_fn(outputs, batch):
         return (outputs * c).sum()
 
-    sgd = memory.step_memory(linear, {"input": x}, loss_fn=loss_fn,
-                             optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    sgd = memory.step_memory(
+        linear, {"input": x}, loss_fn=loss_fn, optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1)
+    )
     assert (sgd.parameter_bytes, sgd.gradient_bytes, sgd.optimizer_state_bytes) == (mib, mib, 0)
     assert sgd.peak_phase == "forward" and sgd.peak_bytes == pytest.approx(17 * mib, abs=64)
     assert sgd.activation_bytes == pytest.approx(16 * mib, abs=64)
@@ -808,12 +923,16 @@ def test_peak_memory_bytes_is_the_most_a_step_held_at_once():
 def test_step_memory_leaves_a_trady_run_where_it_was():
     model = trady_bert(resample_every_steps=1)
     tuner = find_trady_model(model)
-    before = (copy.deepcopy(tuner.current_selection()), tuner._states["default"].steps,
-              tuner.trady_flat["default"].detach().clone(), effective_weights(model))
+    before = (
+        copy.deepcopy(tuner.current_selection()),
+        tuner.trady_state.adapters["default"].steps,
+        tuner.trady_flat["default"].detach().clone(),
+        effective_weights(model),
+    )
     report = memory.step_memory(model, bert_batch(), warmup_steps=2)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # the flat parameter and the head
     assert report.method == "trady" and report.gradient_bytes == 4 * trainable
-    assert tuner.current_selection() == before[0] and tuner._states["default"].steps == before[1]
+    assert tuner.current_selection() == before[0] and tuner.trady_state.adapters["default"].steps == before[1]
     assert torch.equal(tuner.trady_flat["default"], before[2]) and tuner.trady_flat["default"].grad is None
     for name, weight in effective_weights(model).items():
         assert torch.equal(weight, before[3][name])
@@ -851,8 +970,11 @@ def _fully_shard(peft_model):
 def test_fully_sharded_parameters_are_refused_at_calibration_and_training(one_process_group):
     fresh = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
     _fully_shard(fresh)
-    with pytest.raises(trady.ShardedTrainingError, match=r"TraDy cannot calibrate under FSDP2 \(fully_shard"
-                                                         r".*Supported: a single device .* and DDP"):
+    with pytest.raises(
+        trady.ShardedTrainingError,
+        match=r"TraDy cannot calibrate under FSDP2 \(fully_shard"
+        r".*Supported: a single device .* and DDP",
+    ):
         calibrate(fresh, [bert_batch()])
     calibrated = trady_bert()  # calibrated on one device, then sharded
     _fully_shard(calibrated)
@@ -874,28 +996,29 @@ def test_trainer_under_fsdp_or_deepspeed_is_refused_at_start(tmp_path, monkeypat
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
-    from hf_collapse.trady.callback import attach_to_trainer
-
     def set_mode(kind):  # as accelerate does: AcceleratorState() copies PartialState's shared state when created
         monkeypatch.setattr(PartialState(), "distributed_type", kind)
         monkeypatch.setattr(AcceleratorState(), "distributed_type", kind)
 
     # accelerate reports FSDP / DeepSpeed only on accelerators, and Trainer.train() then prepares the model for them
     # (which needs one) before any callback runs. So the mode is set on accelerate's real process-wide state, with its
-    # real enum, beside a real Trainer, and the two ways TraDy starts under a Trainer are driven as train() drives
-    # them: the Trainer's own callback handler's on_train_begin, and the attachment at the first training forward.
+    # real enum, beside a real Trainer, and TraDy's start under a Trainer is driven as train() drives it: the
+    # Trainer's own callback handler's on_train_begin (for a calibrated adapter, and for one the callback calibrates).
     calibrated = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
     calibrate(calibrated, _toy_calibration_batches())
     trainer = _toy_trainer(tmp_path / "callback", calibrated, [TraDyCallback()], max_steps=1)
     fresh = get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
-    auto_trainer = _toy_trainer(tmp_path / "auto", fresh, max_steps=1)  # (a Trainer resets accelerate's state)
+    auto_trainer = _toy_trainer(tmp_path / "auto", fresh, [TraDyCallback()], max_steps=1)  # (resets accelerate)
     assert AcceleratorState().initialized
     set_mode(DistributedType.FSDP)
-    with pytest.raises(trady.ShardedTrainingError, match="TraDy cannot train under FSDP .accelerate's "
-                                                         r"distributed_type is FSDP.*Supported: .*DDP"):
+    with pytest.raises(
+        trady.ShardedTrainingError,
+        match="TraDy cannot train under FSDP .accelerate's "
+        r"distributed_type is FSDP.*Supported: .*DDP",
+    ):
         trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
     with pytest.raises(trady.ShardedTrainingError, match="distributed_type is FSDP"):
-        attach_to_trainer(auto_trainer)
+        auto_trainer.callback_handler.on_train_begin(auto_trainer.args, auto_trainer.state, auto_trainer.control)
     assert not find_trady_model(fresh).is_calibrated()  # refused before calibrating
     set_mode(DistributedType.DEEPSPEED)
     with pytest.raises(trady.ShardedTrainingError, match="TraDy cannot calibrate under DeepSpeed"):
@@ -903,11 +1026,3 @@ def test_trainer_under_fsdp_or_deepspeed_is_refused_at_start(tmp_path, monkeypat
     set_mode(DistributedType.NO)  # one device: supported (DDP under torchrun: tests/test_trady_distributed.py)
     trainer.train()
     assert trainer.state.global_step == 1
-
-    # The flags a Trainer sets from its accelerator's plugins, on a real Trainer (a double of the accelerator part).
-    for attribute, named in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
-        trainer = _toy_trainer(tmp_path / attribute, get_peft_model(tiny_bert(), TraDyConfig(task_type="SEQ_CLS")),
-                               max_steps=1)
-        monkeypatch.setattr(trainer, attribute, True)
-        with pytest.raises(trady.ShardedTrainingError, match=f"TraDy cannot train under {named} .the Trainer"):
-            attach_to_trainer(trainer)

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import save_tiny_llm_with_smollm2_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_collapse.trady  # noqa: F401 - registers TRADY with peft, for PeftModel.from_pretrained
-from hf_collapse.cli import main
-from tiny_models import save_tiny_llm_with_smollm2_tokenizer
+from hf_collapse.commands import main
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +20,43 @@ def tiny_llm(tmp_path_factory):
 
 
 # 8 windows at batch 4: 2 steps per epoch, so 4 steps re-sample once (merged channels go into the adapter)
-FAST = ["--window", "32", "--train_windows", "8", "--eval_windows", "4", "--max_steps", "4",
-        "--per_device_train_batch_size", "4", "--calibration_batches", "2", "--disable_tqdm", "true",
-        "--logging_steps", "1", "--learning_rate", "0.01"]
+FAST = [
+    "--max_length",
+    "32",
+    "--train_windows",
+    "8",
+    "--eval_windows",
+    "4",
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    "--calibration_batches",
+    "2",
+    "--disable_tqdm",
+    "true",
+    "--logging_steps",
+    "1",
+    "--learning_rate",
+    "0.01",
+]
 
 
 def test_trady_command_trains_measures_and_saves_a_reloadable_adapter_and_merged_model(tiny_llm, tmp_path, capsys):
-    code = main(["trady", "--model", str(tiny_llm), "--budget_ratio", "0.1", "--merge", "true",
-                 "--output_dir", str(tmp_path), *FAST])
+    code = main(
+        [
+            "trady",
+            "--model",
+            str(tiny_llm),
+            "--budget_ratio",
+            "0.1",
+            "--merge",
+            "true",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "TraDy on" in out and "| peak of a training step |" in out and "held-out perplexity:" in out
@@ -54,8 +83,9 @@ def test_trady_command_trains_measures_and_saves_a_reloadable_adapter_and_merged
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # plain transformers
     assert type(merged).__name__ == "LlamaForCausalLM"
     original = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
-    inputs = AutoTokenizer.from_pretrained(tmp_path / "merged")(["The markets rose sharply on Monday."],
-                                                               return_tensors="pt")
+    inputs = AutoTokenizer.from_pretrained(tmp_path / "merged")(
+        ["The markets rose sharply on Monday."], return_tensors="pt"
+    )
     with torch.no_grad():
         expected = merged(**inputs).logits
         torch.testing.assert_close(adapter(**inputs).logits, expected, rtol=0, atol=1e-5)
@@ -63,8 +93,20 @@ def test_trady_command_trains_measures_and_saves_a_reloadable_adapter_and_merged
 
 
 def test_trady_command_takes_a_budget_in_bytes_without_the_full_comparison(tiny_llm, tmp_path):
-    code = main(["trady", "--model", str(tiny_llm), "--budget_bytes", "400000", "--compare_full", "false",
-                 "--output_dir", str(tmp_path), *FAST])
+    code = main(
+        [
+            "trady",
+            "--model",
+            str(tiny_llm),
+            "--budget_bytes",
+            "400000",
+            "--compare_full",
+            "false",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "memory_report.json").read_text())
     assert report["budget"] == "400000 bytes" and report["budget_summary"]["budget_bytes"] == 400000
@@ -72,18 +114,26 @@ def test_trady_command_takes_a_budget_in_bytes_without_the_full_comparison(tiny_
     assert (tmp_path / "adapter" / "adapter_config.json").exists() and not (tmp_path / "merged").exists()
 
 
-@pytest.mark.parametrize("argv,expected", [
-    ([], "no budget: pass --budget_ratio (a fraction of every channel's cost, e.g. 0.05) or --budget_bytes"),
-    (["--budget_ratio", "0.1", "--budget_bytes", "1000"], "two budgets: pass --budget_ratio or --budget_bytes"),
-    (["--budget_ratio", "1.5"], "--budget_ratio must be in (0, 1], got 1.5"),
-    (["--budget_bytes", "0"], "--budget_bytes must be >= 1, got 0"),
-    (["--budget_ratio", "0.1", "--selection", "best"], "--selection 'best': expected one of trady, static_topk_random"),
-    (["--budget_ratio", "0.1", "--task", "seq2seq"], "--task 'seq2seq': expected one of auto, classification"),
-    (["--budget_ratio", "0.1", "--max_depth", "0"], "--max_depth must be >= 1, got 0"),
-    (["--budget_ratio", "0.1", "--model", "no_such_model"], "model 'no_such_model' is not a local path"),
-    (["--budget_ratio", "0.1", "--budget_ratoi", "2"], "unrecognized arguments: --budget_ratoi 2; did you mean "
-                                                        "--budget_ratio?"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        ([], "no budget: pass --budget_ratio (a fraction of every channel's cost, e.g. 0.05) or --budget_bytes"),
+        (["--budget_ratio", "0.1", "--budget_bytes", "1000"], "two budgets: pass --budget_ratio or --budget_bytes"),
+        (["--budget_ratio", "1.5"], "--budget_ratio must be in (0, 1], got 1.5"),
+        (["--budget_bytes", "0"], "--budget_bytes must be >= 1, got 0"),
+        (
+            ["--budget_ratio", "0.1", "--selection", "best"],
+            "--selection 'best': expected one of trady, static_topk_random",
+        ),
+        (["--budget_ratio", "0.1", "--task", "seq2seq"], "--task 'seq2seq': expected one of auto, classification"),
+        (["--budget_ratio", "0.1", "--max_depth", "0"], "--max_depth must be >= 1, got 0"),
+        (["--budget_ratio", "0.1", "--model", "no_such_model"], "model 'no_such_model' is not a local path"),
+        (
+            ["--budget_ratio", "0.1", "--budget_ratoi", "2"],
+            "unrecognized arguments: --budget_ratoi 2; did you mean --budget_ratio?",
+        ),
+    ],
+)
 def test_trady_command_refuses_bad_arguments_before_any_work(argv, expected, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["trady", *argv]) == 2
@@ -92,8 +142,22 @@ def test_trady_command_refuses_bad_arguments_before_any_work(argv, expected, cap
 
 
 def test_trady_command_fine_tunes_a_classifier_on_a_labelled_dataset(tiny_llm, tmp_path, capsys):
-    code = main(["trady", "--model", str(tiny_llm), "--task", "classification", "--budget_ratio", "0.1",
-                 "--compare_full", "false", "--output_dir", str(tmp_path), *FAST])
+    code = main(
+        [
+            "trady",
+            "--model",
+            str(tiny_llm),
+            "--task",
+            "classification",
+            "--budget_ratio",
+            "0.1",
+            "--compare_full",
+            "false",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     assert code == 0
     assert "held-out accuracy:" in capsys.readouterr().out
     report = json.loads((tmp_path / "memory_report.json").read_text())

@@ -3,7 +3,6 @@ weights stay identical across ranks and the loss decreases."""
 
 import pytest
 import torch
-
 from test_distributed import torchrun
 
 
@@ -24,4 +23,6 @@ def test_trady_draws_the_same_channels_on_every_rank(tmp_path):
     assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:8]) / 8  # the channel updates do learn the task
     for rank in ranks:  # no calibrate before the Trainer: refused on every rank, saying what to do
         assert rank["refusal"] and "under multi-process training (2 processes)" in rank["refusal"]
-        assert "hf_collapse.trady.calibrate(model, batches) on every rank before building the Trainer" in rank["refusal"]
+        assert (
+            "hf_collapse.trady.calibrate(model, batches) on every rank before building the Trainer" in rank["refusal"]
+        )

@@ -1,8 +1,6 @@
 """TraDy on decoder LMs: Llama-style nn.Linear projections and GPT-2's transposed Conv1D, causal-LM batches with -100
 labels, gradient checkpointing (same loss and gradients), a Trainer run, and the peak memory of a training step."""
 
-import copy
-
 import pytest
 import torch
 from datasets import Dataset
@@ -10,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 
-from hf_collapse.trady import ChannelSliceFunction, TraDyConfig, calibrate, find_trady_model, step_memory
+from hf_collapse.trady import ChannelSliceFunction, TraDyCallback, TraDyConfig, calibrate, find_trady_model, step_memory
 from hf_collapse.trady.layer import channel_ops_for
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -18,15 +16,36 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 def llama(seed=0, hidden=32, layers=3):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=hidden, intermediate_size=2 * hidden,
-                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64, tie_word_embeddings=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=99,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def gpt2(seed=0):
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=3, n_head=4, n_positions=64, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=99,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
 
 
 BUILDERS = {"llama": llama, "gpt2": gpt2}
@@ -92,8 +111,9 @@ def test_conv1d_channels_are_rows_of_its_transposed_weight():
     ChannelSliceFunction.apply(x, conv.weight, conv.bias, delta, index, ops).pow(2).sum().backward()
     torch.testing.assert_close(delta.grad, reference.grad[index])  # the selected input channels' rows
     with torch.no_grad():
-        torch.testing.assert_close(ChannelSliceFunction.apply(x, conv.weight, conv.bias, delta, index, ops),
-                                   x @ weight + conv.bias)
+        torch.testing.assert_close(
+            ChannelSliceFunction.apply(x, conv.weight, conv.bias, delta, index, ops), x @ weight + conv.bias
+        )
 
 
 # ----------------------------------------------------------------------------------------------- causal-LM steps
@@ -170,8 +190,9 @@ def test_gradient_checkpointing_lowers_what_the_trady_step_keeps():
 def _lm_dataset(n=12, seq=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 99, (n, seq), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
-                              "labels": ids.tolist()})
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+    )
 
 
 @pytest.mark.parametrize("name,checkpointing_kwargs", [("llama", {"use_reentrant": False}), ("gpt2", None)])
@@ -179,13 +200,23 @@ def test_trainer_with_gradient_checkpointing_trains_as_without(tmp_path, name, c
     finals, losses = [], []
     for checkpointing in (False, True):
         model = get_peft_model(BUILDERS[name](0).train(), TraDyConfig(task_type="CAUSAL_LM", budget_ratio=0.2))
-        args = TrainingArguments(str(tmp_path / str(checkpointing)), max_steps=4, per_device_train_batch_size=4,
-                                 learning_rate=1e-2, optim="sgd", gradient_checkpointing=checkpointing,
-                                 gradient_checkpointing_kwargs=checkpointing_kwargs, logging_steps=1,
-                                 report_to="none", save_strategy="no", seed=0, use_cpu=True,
-                                 disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=_lm_dataset())
-        trainer.train()  # calibrates itself on the first batches, as without checkpointing
+        args = TrainingArguments(
+            str(tmp_path / str(checkpointing)),
+            max_steps=4,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            optim="sgd",
+            gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            seed=0,
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=_lm_dataset(), callbacks=[TraDyCallback()])
+        trainer.train()  # the callback calibrates the adapter on the first batches, as without checkpointing
         assert model.base_model.model.is_gradient_checkpointing == checkpointing
         losses.append([log["loss"] for log in trainer.state.log_history if "loss" in log])
         finals.append(flat_of(model).detach().clone())
@@ -200,8 +231,9 @@ def test_trainer_with_gradient_checkpointing_trains_as_without(tmp_path, name, c
 def test_peak_step_memory_orders_full_lora_trady_and_frozen():
     batch = lm_batch(0, batch=4, seq=32, padded=8)
     full = step_memory(llama(hidden=64), batch)
-    lora = step_memory(get_peft_model(llama(hidden=64), LoraConfig(r=8, target_modules=LLAMA_LINEARS,
-                                                                   task_type="CAUSAL_LM")), batch)
+    lora = step_memory(
+        get_peft_model(llama(hidden=64), LoraConfig(r=8, target_modules=LLAMA_LINEARS, task_type="CAUSAL_LM")), batch
+    )
     trady_model = get_peft_model(llama(hidden=64), TraDyConfig(task_type="CAUSAL_LM", budget_ratio=0.05))
     calibrate(trady_model, [batch])
     trady = step_memory(trady_model, batch)

@@ -12,8 +12,9 @@ class PadOnlyCollator:
         length = max(len(f["input_ids"]) for f in features)
         batch = {
             "input_ids": torch.tensor([f["input_ids"] + [0] * (length - len(f["input_ids"])) for f in features]),
-            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"]))
-                                            for f in features]),
+            "attention_mask": torch.tensor(
+                [[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"])) for f in features]
+            ),
             "labels": torch.tensor([f["label"] for f in features]),
         }
         return batch
@@ -21,10 +22,20 @@ class PadOnlyCollator:
 
 def tiny_bert(seed=0, dropout=0.0, hidden_act="gelu"):
     torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-        hidden_act=hidden_act))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=32,
+            num_labels=2,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            hidden_act=hidden_act,
+        )
+    )
 
 
 def toy_dataset(n=16, seed=0):

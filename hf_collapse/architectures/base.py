@@ -15,11 +15,14 @@ Adding a family is one new module in this package that subclasses :class:`Archit
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
+
+from .. import compat
 
 __all__ = [
     "ActivationSite",
@@ -196,8 +199,20 @@ def config_set(model: nn.Module, **values: Any) -> None:
             setattr(model.config, key, value)
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared parameters counted once); only trainable ones with ``trainable_only``.
+
+    Example::
+
+        >>> from transformers import AutoModel
+        >>> from hf_collapse.data import embedded_model_path
+        >>> model = AutoModel.from_pretrained(embedded_model_path("minilm"))   # all-MiniLM-L6-v2, a BertModel
+        >>> from hf_collapse.metrics import count_parameters
+        >>> count_parameters(model)                             # all-MiniLM-L6-v2
+        22713216
+        >>> trainable = count_parameters(peft_model, trainable_only=True)   # a peft model   # doctest: +SKIP
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -238,8 +253,8 @@ def unwrap_model(model: nn.Module, keep_peft: bool = False) -> nn.Module:
             model = model.get_base_model()
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
+        elif compat.compiled_original(model) is not None:  # torch.compile
+            model = compat.compiled_original(model)
     return model
 
 
@@ -340,9 +355,7 @@ def register_architecture(adapter: ArchitectureAdapter, *, override: bool = Fals
         hf_collapse.register_architecture(MyNetAdapter())
     """
     if not isinstance(adapter, ArchitectureAdapter):
-        raise TypeError(
-            f"register_architecture expects an ArchitectureAdapter instance, got {type(adapter).__name__}"
-        )
+        raise TypeError(f"register_architecture expects an ArchitectureAdapter instance, got {type(adapter).__name__}")
     if not adapter.family:
         raise ValueError("an adapter needs a non-empty `family` name")
     if not (adapter.model_types or adapter.class_names) and type(adapter).matches is ArchitectureAdapter.matches:
@@ -410,8 +423,9 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
     for adapter in _REGISTRY:
         if adapter.matches(adapter.backbone(inner)) or adapter.matches(inner):
             return adapter
-    listed = sorted(f"{a.family} (formerly {', '.join(a.legacy_families)})" if a.legacy_families else a.family
-                    for a in _REGISTRY)
+    listed = sorted(
+        f"{a.family} (formerly {', '.join(a.legacy_families)})" if a.legacy_families else a.family for a in _REGISTRY
+    )
     raise ValueError(
         f"hf_collapse does not know the architecture of {_describe(inner)}. Supported families: "
         f"{', '.join(listed)}. Describe a new family with a subclass of "

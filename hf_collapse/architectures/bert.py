@@ -14,7 +14,8 @@ class BertAdapter(LayerListAdapter):
 
     def activation_sites(self, backbone):
         return [
-            mlp_site(b.name, "intermediate.intermediate_act_fn", "intermediate.dense", "output.dense") for b in self.blocks(backbone)
+            mlp_site(b.name, "intermediate.intermediate_act_fn", "intermediate.dense", "output.dense")
+            for b in self.blocks(backbone)
         ]
 
     def example_inputs(self, model, batch_size=1, seq_len=128):

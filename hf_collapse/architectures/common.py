@@ -25,16 +25,28 @@ def renumber_layer_idx(layers: nn.ModuleList) -> None:
 
 def mlp_site(block: str, activation: str, producer: str, consumer: str, **kind) -> ActivationSite:
     """A site whose paths are given relative to ``block``."""
-    return ActivationSite(name=f"{block}.{activation}", block=block, activation=f"{block}.{activation}",
-                          producer=f"{block}.{producer}", consumer=f"{block}.{consumer}", **kind)
+    return ActivationSite(
+        name=f"{block}.{activation}",
+        block=block,
+        activation=f"{block}.{activation}",
+        producer=f"{block}.{producer}",
+        consumer=f"{block}.{consumer}",
+        **kind,
+    )
 
 
 def conv_layer_site(block: str, conv: str, consumer: str) -> ActivationSite:
     """A ``convolution -> normalization -> activation`` layer (ResNet, MobileNetV2) feeding ``consumer``'s
     convolution; paths relative to the backbone."""
-    return ActivationSite(name=f"{conv}.activation", block=block, activation=f"{conv}.activation",
-                          producer=f"{conv}.convolution", norm=f"{conv}.normalization",
-                          consumer=f"{consumer}.convolution", kind="conv")
+    return ActivationSite(
+        name=f"{conv}.activation",
+        block=block,
+        activation=f"{conv}.activation",
+        producer=f"{conv}.convolution",
+        norm=f"{conv}.normalization",
+        consumer=f"{consumer}.convolution",
+        kind="conv",
+    )
 
 
 def text_inputs(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, Any]:
@@ -71,8 +83,13 @@ class LayerListAdapter(ArchitectureAdapter):
 
     def blocks(self, backbone: nn.Module) -> list[Block]:
         return [
-            Block(name=f"{self.layers_path}.{i}", path=f"{self.layers_path}.{i}", stage=0, index=i,
-                  params=count_parameters(layer))
+            Block(
+                name=f"{self.layers_path}.{i}",
+                path=f"{self.layers_path}.{i}",
+                stage=0,
+                index=i,
+                params=count_parameters(layer),
+            )
             for i, layer in enumerate(self.layers(backbone))
         ]
 
@@ -116,8 +133,17 @@ class StagedLayersAdapter(ArchitectureAdapter):
             for i, module in enumerate(self.stage_blocks(backbone, s)):
                 path = f"{self.stages_path}.{s}.{self.blocks_attr}.{i}"
                 ok, reason = self.removable(module)
-                found.append(Block(name=path, path=path, stage=s, index=i, params=count_parameters(module),
-                                   removable=ok, reason=reason))
+                found.append(
+                    Block(
+                        name=path,
+                        path=path,
+                        stage=s,
+                        index=i,
+                        params=count_parameters(module),
+                        removable=ok,
+                        reason=reason,
+                    )
+                )
         return found
 
     def remove(self, backbone: nn.Module, blocks: list[Block], base_values: dict[str, Any]) -> None:
@@ -141,7 +167,9 @@ def original_positions(depths: list[int], history: list[list[str]], name_of) -> 
     for removed in history:
         current = {name_of(s, i): (s, i) for s, stage in enumerate(positions) for i in range(len(stage))}
         dropped = {current[name] for name in removed if name in current}
-        positions = [[orig for i, orig in enumerate(stage) if (s, i) not in dropped] for s, stage in enumerate(positions)]
+        positions = [
+            [orig for i, orig in enumerate(stage) if (s, i) not in dropped] for s, stage in enumerate(positions)
+        ]
     return positions
 
 
@@ -161,10 +189,16 @@ def feed_forward_sites(backbone: nn.Module, blocks: list[Block]) -> list[Activat
         projection = getattr(module.net[0], "proj", None)
         consumer = module.net[2]
         block = owner.get(next((p for p in prefixes if name.startswith(p + ".")), ""), "")
-        sites.append(ActivationSite(
-            name=f"{name}.net.0", block=block, activation=f"{name}.net.0", producer=f"{name}.net.0.proj",
-            consumer=f"{name}.net.2",
-            gated=projection is None or projection.out_features != consumer.in_features))
+        sites.append(
+            ActivationSite(
+                name=f"{name}.net.0",
+                block=block,
+                activation=f"{name}.net.0",
+                producer=f"{name}.net.0.proj",
+                consumer=f"{name}.net.2",
+                gated=projection is None or projection.out_features != consumer.in_features,
+            )
+        )
     return sites
 
 

@@ -21,10 +21,7 @@ class GPT2Adapter(ResidualSublayers, LayerListAdapter):
         return not backbone.config.scale_attn_by_inverse_layer_idx
 
     def activation_sites(self, backbone):
-        return [
-            mlp_site(b.name, "mlp.act", "mlp.c_fc", "mlp.c_proj", kind="conv1d")
-            for b in self.blocks(backbone)
-        ]
+        return [mlp_site(b.name, "mlp.act", "mlp.c_fc", "mlp.c_proj", kind="conv1d") for b in self.blocks(backbone)]
 
     def example_inputs(self, model, batch_size=1, seq_len=128):
         return text_inputs(model, batch_size, min(seq_len, model.config.n_positions))

@@ -22,8 +22,17 @@ class MobileNetV2Adapter(LayerListAdapter):
         found = []
         for i, layer in enumerate(self.layers(backbone)):
             reason = "" if layer.use_residual else "it changes the tensor shape (stride or channel change, no residual)"
-            found.append(Block(name=f"layer.{i}", path=f"layer.{i}", stage=0, index=i,
-                               params=count_parameters(layer), removable=layer.use_residual, reason=reason))
+            found.append(
+                Block(
+                    name=f"layer.{i}",
+                    path=f"layer.{i}",
+                    stage=0,
+                    index=i,
+                    params=count_parameters(layer),
+                    removable=layer.use_residual,
+                    reason=reason,
+                )
+            )
         return found
 
     def config_expresses(self, backbone, base_values, history):
@@ -32,8 +41,10 @@ class MobileNetV2Adapter(LayerListAdapter):
     def activation_sites(self, backbone):
         sites = []
         for b in self.blocks(backbone):
-            sites += [conv_layer_site(b.name, f"{b.path}.{conv}", f"{b.path}.{consumer}")
-                      for conv, consumer in (("expand_1x1", "conv_3x3"), ("conv_3x3", "reduce_1x1"))]
+            sites += [
+                conv_layer_site(b.name, f"{b.path}.{conv}", f"{b.path}.{consumer}")
+                for conv, consumer in (("expand_1x1", "conv_3x3"), ("conv_3x3", "reduce_1x1"))
+            ]
         return sites
 
     def example_inputs(self, model, batch_size=1, seq_len=128):

@@ -32,8 +32,9 @@ class ResNetAdapter(StagedLayersAdapter):
         sites = []
         for b in self.blocks(backbone):
             convs = backbone.get_submodule(f"{b.path}.layer")
-            sites += [conv_layer_site(b.name, f"{b.path}.layer.{k}", f"{b.path}.layer.{k + 1}")
-                      for k in range(len(convs) - 1)]
+            sites += [
+                conv_layer_site(b.name, f"{b.path}.layer.{k}", f"{b.path}.layer.{k + 1}") for k in range(len(convs) - 1)
+            ]
         return sites
 
     def example_inputs(self, model, batch_size=1, seq_len=128):

@@ -15,8 +15,17 @@ from torch import nn
 
 from .base import Block, count_parameters
 
-__all__ = ["MLP_NAMES", "SUBLAYER_KINDS", "ResidualSublayers", "ZeroAttention", "ZeroMLP", "branch_norms",
-           "causal_attention_name", "is_removed_sublayer", "mlp_name"]
+__all__ = [
+    "MLP_NAMES",
+    "SUBLAYER_KINDS",
+    "ResidualSublayers",
+    "ZeroAttention",
+    "ZeroMLP",
+    "branch_norms",
+    "causal_attention_name",
+    "is_removed_sublayer",
+    "mlp_name",
+]
 
 #: The sub-layer granularities ``find_blocks`` may be asked for, besides ``"block"``.
 SUBLAYER_KINDS = ("attention", "mlp")
@@ -111,20 +120,31 @@ def branch_norms(layer: nn.Module) -> dict[str, tuple[list[str], list[str]]]:
     if "ln_1" in names:  # GPT-2: ln_1 feeds the attention, ln_2 the MLP
         roles = {"attention": (present("ln_1"), []), "mlp": (present("ln_2"), [])}
     elif "pre_feedforward_layernorm" in names:  # Gemma 2/3: a norm before and after each branch
-        roles = {"attention": (present("input_layernorm"), present("post_attention_layernorm")),
-                 "mlp": (present("pre_feedforward_layernorm"), present("post_feedforward_layernorm"))}
+        roles = {
+            "attention": (present("input_layernorm"), present("post_attention_layernorm")),
+            "mlp": (present("pre_feedforward_layernorm"), present("post_feedforward_layernorm")),
+        }
     elif "input_layernorm" not in names and "post_feedforward_layernorm" in names:  # OLMo2: norms after branches
-        roles = {"attention": ([], present("post_attention_layernorm")),
-                 "mlp": ([], present("post_feedforward_layernorm"))}
+        roles = {
+            "attention": ([], present("post_attention_layernorm")),
+            "mlp": ([], present("post_feedforward_layernorm")),
+        }
     else:  # pre-norm layers (Llama, Qwen, Mistral, Phi3, GPT-NeoX, ...): post_attention_layernorm feeds the MLP
-        roles = {"attention": (present("input_layernorm"), []),
-                 "mlp": (present("post_attention_layernorm"), present("post_feedforward_layernorm"))}
+        roles = {
+            "attention": (present("input_layernorm"), []),
+            "mlp": (present("post_attention_layernorm"), present("post_feedforward_layernorm")),
+        }
     placed = {n for pre, post in roles.values() for n in (*pre, *post)}
-    unplaced = [n for n, child in layer.named_children()
-                if n not in placed and ("norm" in n.lower() or "norm" in type(child).__name__.lower())]
+    unplaced = [
+        n
+        for n, child in layer.named_children()
+        if n not in placed and ("norm" in n.lower() or "norm" in type(child).__name__.lower())
+    ]
     if unplaced:
-        raise ValueError(f"{type(layer).__name__} has norms {unplaced} whose branch (attention or MLP) hf_collapse "
-                         "cannot tell: sub-layer removal is not supported for this family; remove whole blocks")
+        raise ValueError(
+            f"{type(layer).__name__} has norms {unplaced} whose branch (attention or MLP) hf_collapse "
+            "cannot tell: sub-layer removal is not supported for this family; remove whole blocks"
+        )
     return roles
 
 
@@ -160,15 +180,24 @@ class ResidualSublayers:
             prefix = f"{attr}.{i}"
             name = f"{prefix}.{branch}"
             emptied = is_removed_sublayer(getattr(layer, self._branch(layer, other)))
-            units.append(Block(
-                name=name, path=name, stage=0, index=i, kind=kind, output_adds_input=True,
-                params=count_parameters(module) + sum(count_parameters(getattr(layer, n)) for n in (*pre, *post)),
-                input_path=f"{prefix}.{pre[0]}" if pre else name,
-                output_path=f"{prefix}.{post[-1]}" if post else name,
-                extra_paths=tuple(f"{prefix}.{n}" for n in (*pre, *post)),
-                removable=not emptied,
-                reason=f"the {other} of {prefix} was removed already: remove the whole block {prefix!r} instead"
-                if emptied else ""))
+            units.append(
+                Block(
+                    name=name,
+                    path=name,
+                    stage=0,
+                    index=i,
+                    kind=kind,
+                    output_adds_input=True,
+                    params=count_parameters(module) + sum(count_parameters(getattr(layer, n)) for n in (*pre, *post)),
+                    input_path=f"{prefix}.{pre[0]}" if pre else name,
+                    output_path=f"{prefix}.{post[-1]}" if post else name,
+                    extra_paths=tuple(f"{prefix}.{n}" for n in (*pre, *post)),
+                    removable=not emptied,
+                    reason=f"the {other} of {prefix} was removed already: remove the whole block {prefix!r} instead"
+                    if emptied
+                    else "",
+                )
+            )
         return units
 
     def remove_sublayers(self, backbone: nn.Module, units: list[Block]) -> None:

@@ -8,7 +8,7 @@ config cannot express the change and ``AutoCollapsedModel`` replays the removal 
 from __future__ import annotations
 
 from .base import register_architecture
-from .common import StagedLayersAdapter, mlp_site, image_inputs, original_positions
+from .common import StagedLayersAdapter, image_inputs, mlp_site, original_positions
 
 
 class SwinAdapter(StagedLayersAdapter):
@@ -25,9 +25,7 @@ class SwinAdapter(StagedLayersAdapter):
         return all(orig % 2 == i % 2 for stage in positions for i, orig in enumerate(stage))
 
     def activation_sites(self, backbone):
-        return [
-            mlp_site(b.name, "mlp.activation_fn", "mlp.fc1", "mlp.fc2") for b in self.blocks(backbone)
-        ]
+        return [mlp_site(b.name, "mlp.activation_fn", "mlp.fc1", "mlp.fc2") for b in self.blocks(backbone)]
 
     def example_inputs(self, model, batch_size=1, seq_len=128):
         return image_inputs(model, batch_size)

@@ -15,7 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 from .base import (
-    ArchitectureAdapter, Block, config_get, config_set, count_parameters, register_architecture, replace_children,
+    ArchitectureAdapter,
+    Block,
+    config_get,
+    config_set,
+    count_parameters,
+    register_architecture,
+    replace_children,
 )
 from .common import diffusion_inputs, feed_forward_sites
 
@@ -54,10 +60,20 @@ class UNet2DConditionAdapter(ArchitectureAdapter):
                 paths, reason = self._pair(backbone, b, j)
                 params = sum(count_parameters(backbone.get_submodule(p)) for p in paths)
                 has_attention = len(paths) > 1 and ".attentions." in paths[1]
-                found.append(Block(
-                    name=paths[0], path=paths[0], stage=b, index=j, params=params, removable=not reason,
-                    reason=reason, input_path=paths[0], output_path=paths[1] if has_attention else paths[0],
-                    extra_paths=tuple(paths[1:])))
+                found.append(
+                    Block(
+                        name=paths[0],
+                        path=paths[0],
+                        stage=b,
+                        index=j,
+                        params=params,
+                        removable=not reason,
+                        reason=reason,
+                        input_path=paths[0],
+                        output_path=paths[1] if has_attention else paths[0],
+                        extra_paths=tuple(paths[1:]),
+                    )
+                )
         return found
 
     def remove(self, backbone, blocks: list[Block], base_values: dict[str, Any]) -> None:
@@ -71,7 +87,9 @@ class UNet2DConditionAdapter(ArchitectureAdapter):
             down_keep = [j for j in range(depths[b]) if j not in dropped]
             up_keep = [i for i in range(len(up.resnets)) if depths[b] - 1 - i not in dropped]
             for module, keep in ((down, down_keep), (up, up_keep)):
-                has_attention = getattr(module, "attentions", None) is not None and len(module.attentions) == len(module.resnets)
+                has_attention = getattr(module, "attentions", None) is not None and len(module.attentions) == len(
+                    module.resnets
+                )
                 replace_children(module, "resnets", keep)
                 if has_attention:
                     replace_children(module, "attentions", keep)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import register_architecture
-from .common import LayerListAdapter, mlp_site, image_inputs
+from .common import LayerListAdapter, image_inputs, mlp_site
 
 
 class ViTAdapter(LayerListAdapter):
@@ -13,9 +13,7 @@ class ViTAdapter(LayerListAdapter):
     layers_path = "layers"
 
     def activation_sites(self, backbone):
-        return [
-            mlp_site(b.name, "mlp.activation_fn", "mlp.fc1", "mlp.fc2") for b in self.blocks(backbone)
-        ]
+        return [mlp_site(b.name, "mlp.activation_fn", "mlp.fc1", "mlp.fc2") for b in self.blocks(backbone)]
 
     def example_inputs(self, model, batch_size=1, seq_len=128):
         return image_inputs(model, batch_size)

@@ -19,15 +19,27 @@ from .distill import DistillationTrainer, distillation_loss, is_causal_lm, logit
 from .linear import fold_site
 from .lora import kept_block_linears
 
-__all__ = ["HEAL_METHODS", "DistillationTrainer", "RemovedSpan", "calibration_batches", "distillation_loss",
-           "fold_site", "heal", "is_causal_lm", "kept_block_linears", "logit_mask", "removed_spans"]
+__all__ = [
+    "HEAL_METHODS",
+    "DistillationTrainer",
+    "RemovedSpan",
+    "calibration_batches",
+    "distillation_loss",
+    "fold_site",
+    "heal",
+    "is_causal_lm",
+    "kept_block_linears",
+    "logit_mask",
+    "removed_spans",
+]
 
 #: The methods :func:`heal` accepts.
 HEAL_METHODS = ("distill", "lora", "linear")
 
 
-def heal(student: nn.Module, teacher: nn.Module | None, train_dataset, method: str = "distill", args=None,
-         **kwargs: Any) -> nn.Module:
+def heal(
+    student: nn.Module, teacher: nn.Module | None, train_dataset, method: str = "distill", args=None, **kwargs: Any
+) -> nn.Module:
     """Recover what a collapse cost: a healed copy of ``student`` (``student`` and ``teacher`` are untouched).
 
     Args:
@@ -75,6 +87,7 @@ def heal(student: nn.Module, teacher: nn.Module | None, train_dataset, method: s
     healed = copy.deepcopy(unwrap_model(student))
     if method == "distill":
         from .distill import distill
+
         teacher_mode = teacher.training
         try:
             healed = distill(healed, teacher, train_dataset, args, **kwargs)
@@ -82,9 +95,11 @@ def heal(student: nn.Module, teacher: nn.Module | None, train_dataset, method: s
             teacher.train(teacher_mode)
     elif method == "lora":
         from .lora import lora
+
         healed = lora(healed, train_dataset, args, **kwargs)
     else:
         from .linear import linear
+
         healed = linear(healed, teacher, train_dataset, args, **kwargs)
     if collapse_record(healed) != record:
         raise RuntimeError("healing changed the model's hf_collapse record; this is a bug in hf_collapse.heal")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +23,11 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> str:
     student_family = adapter_for(student).family
     teacher_family = adapter_for(teacher).family
     if student_family != teacher_family:
-        raise ValueError(f"the teacher is a {teacher_family!r} model ({type(unwrap_model(teacher)).__name__}) but the "
-                         f"student is a {student_family!r} model ({type(unwrap_model(student)).__name__}): heal with "
-                         f"the uncollapsed model the student was collapsed from")
+        raise ValueError(
+            f"the teacher is a {teacher_family!r} model ({type(unwrap_model(teacher)).__name__}) but the "
+            f"student is a {student_family!r} model ({type(unwrap_model(student)).__name__}): heal with "
+            f"the uncollapsed model the student was collapsed from"
+        )
     return student_family
 
 
@@ -57,17 +60,23 @@ def removed_spans(student: nn.Module, teacher: nn.Module) -> list[RemovedSpan]:
     check_teacher(student, teacher)
     student_edits = (collapse_record(student) or {}).get("edits", [])
     teacher_edits = (collapse_record(teacher) or {}).get("edits", [])
-    if student_edits[:len(teacher_edits)] != teacher_edits:
-        raise ValueError("the student's hf_collapse record does not start with the teacher's edits: the student was "
-                         "not collapsed from this teacher")
-    edits = student_edits[len(teacher_edits):]
+    if student_edits[: len(teacher_edits)] != teacher_edits:
+        raise ValueError(
+            "the student's hf_collapse record does not start with the teacher's edits: the student was "
+            "not collapsed from this teacher"
+        )
+    edits = student_edits[len(teacher_edits) :]
     if not edits:
-        raise ValueError("the student has no blocks removed relative to the teacher (its hf_collapse record holds no "
-                         "further edit): there is no removed span to replace")
+        raise ValueError(
+            "the student has no blocks removed relative to the teacher (its hf_collapse record holds no "
+            "further edit): there is no removed span to replace"
+        )
     other = sorted({e["op"] for e in edits if e["op"] != "remove_blocks"})
     if other:
-        raise ValueError(f"linear replacement stands in for removed spans of whole blocks; the student also holds "
-                         f"{', '.join(other)} edits, which it cannot replace")
+        raise ValueError(
+            f"linear replacement stands in for removed spans of whole blocks; the student also holds "
+            f"{', '.join(other)} edits, which it cannot replace"
+        )
     teacher_blocks = find_blocks(teacher)
     # Blocks are renumbered after each removal: a recorded name is a position in the model of that moment.
     position = {b.local_name: (b.stage, b.index) for b in teacher_blocks}
@@ -91,8 +100,10 @@ def removed_spans(student: nn.Module, teacher: nn.Module) -> list[RemovedSpan]:
     student_by_position = {(b.stage, b.index): b for b in student_blocks}
     for stage, kept in surviving.items():
         if sum(1 for b in student_blocks if b.stage == stage) != len(kept):
-            raise ValueError(f"stage {stage} of the student has a different number of blocks than the teacher minus "
-                             f"the recorded removals: the student was not collapsed from this teacher")
+            raise ValueError(
+                f"stage {stage} of the student has a different number of blocks than the teacher minus "
+                f"the recorded removals: the student was not collapsed from this teacher"
+            )
     spans = []
     for stage, kept in sorted(surviving.items()):
         kept_set = set(kept)
@@ -105,12 +116,14 @@ def removed_spans(student: nn.Module, teacher: nn.Module) -> list[RemovedSpan]:
             if run:
                 before = run[0] - 1
                 student_before = kept.index(before) if before in kept_set else None
-                spans.append(RemovedSpan(
-                    stage=stage,
-                    teacher_blocks=tuple(by_position[(stage, i)].name for i in run),
-                    preceding=None if student_before is None else student_by_position[(stage, student_before)].name,
-                    teacher_preceding=None if student_before is None else by_position[(stage, before)].name,
-                ))
+                spans.append(
+                    RemovedSpan(
+                        stage=stage,
+                        teacher_blocks=tuple(by_position[(stage, i)].name for i in run),
+                        preceding=None if student_before is None else student_by_position[(stage, student_before)].name,
+                        teacher_preceding=None if student_before is None else by_position[(stage, before)].name,
+                    )
+                )
                 run = []
     return spans
 
@@ -122,8 +135,9 @@ def _forward_keys(model: nn.Module) -> set[str] | None:
     return set(parameters)
 
 
-def calibration_batches(model: nn.Module, dataset: Iterable[Any], data_collator=None, batch_size: int = 8,
-                        num_batches: int = 4) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(
+    model: nn.Module, dataset: Iterable[Any], data_collator=None, batch_size: int = 8, num_batches: int = 4
+) -> list[dict[str, torch.Tensor]]:
     """The first ``num_batches`` batches of ``dataset`` (collated, keys the model's forward does not take dropped).
 
     ``dataset`` is a ``datasets.Dataset`` / sequence of examples (batched with ``data_collator``, by default
@@ -137,13 +151,18 @@ def calibration_batches(model: nn.Module, dataset: Iterable[Any], data_collator=
     first = next(iter(dataset), None)
     if first is None:
         raise ValueError("the training dataset is empty: calibration needs a few batches")
-    if isinstance(first, dict) and all(isinstance(v, torch.Tensor) for v in first.values()) \
-            and any(v.dim() >= 2 for v in first.values()) \
-            and not hasattr(dataset, "column_names") and data_collator is None:
+    if (
+        isinstance(first, dict)
+        and all(isinstance(v, torch.Tensor) for v in first.values())
+        and any(v.dim() >= 2 for v in first.values())
+        and not hasattr(dataset, "column_names")
+        and data_collator is None
+    ):
         loader: Iterable[Any] = dataset  # already batches
     else:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                            collate_fn=data_collator or default_data_collator)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, collate_fn=data_collator or default_data_collator
+        )
     keys = _forward_keys(model)
     batches = []
     for batch in loader:

@@ -20,8 +20,8 @@ def logit_mask(inputs: dict[str, Any], logits: torch.Tensor, causal: bool) -> to
 
     Token-level logits (3-D) exclude padding (``attention_mask == 0``) and ``-100`` labels. For a causal LM the
     logits at position t are scored against the label at t + 1 (the shift of its own loss), so the last position
-    is dropped and the mask is read one token later; the logits must be sliced the same way
-    (``logits[:, :-1]``).
+    is dropped, and a position counts when both t and t + 1 are real tokens with a label at t + 1; the logits must be
+    sliced the same way (``logits[:, :-1]``).
     """
     if logits.dim() != 3:
         return None
@@ -32,7 +32,9 @@ def logit_mask(inputs: dict[str, Any], logits: torch.Tensor, causal: bool) -> to
     if attention is not None and tuple(attention.shape) == (batch, positions):
         mask &= attention.to(logits.device).bool()
     if causal:
-        mask = mask[:, 1:].clone()
+        # The logits at t predict the token at t + 1: both must be real tokens (with left padding, the first real
+        # token is predicted from a padding position, which says nothing about the model).
+        mask = mask[:, 1:] & mask[:, :-1]
         if labels is not None and tuple(labels.shape) == (batch, positions):
             mask &= labels[:, 1:].to(logits.device) != -100
     elif labels is not None and tuple(labels.shape) == (batch, positions):
@@ -40,24 +42,30 @@ def logit_mask(inputs: dict[str, Any], logits: torch.Tensor, causal: bool) -> to
     return mask
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
-                      temperature: float = 2.0) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 2.0,
+) -> torch.Tensor:
     """KL(teacher || student) of the temperature-softened distributions, times ``temperature**2`` (Hinton et al.).
 
     Averaged over the positions where ``mask`` is true (over the batch for sequence-level logits); ``0`` when
     the mask keeps nothing.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ: distillation needs the same task head and vocabulary")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: distillation needs the same task head and vocabulary"
+        )
     vocab = student_logits.shape[-1]
     log_student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
     per_position = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
     if mask is not None:
         weights = mask.reshape(-1).to(per_position.dtype)
-        return (per_position * weights).sum() / weights.sum().clamp_min(1.0) * temperature ** 2
-    return per_position.mean() * temperature ** 2
+        return (per_position * weights).sum() / weights.sum().clamp_min(1.0) * temperature**2
+    return per_position.mean() * temperature**2
 
 
 class DistillationTrainer(Trainer):
@@ -78,8 +86,16 @@ class DistillationTrainer(Trainer):
         trainer.train()
     """
 
-    def __init__(self, *args: Any, teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5,
-                 hidden_weight: float = 0.0, causal: bool | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        teacher: nn.Module,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        hidden_weight: float = 0.0,
+        causal: bool | None = None,
+        **kwargs: Any,
+    ):
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a torch model, got {type(teacher).__name__}")
         if temperature <= 0:
@@ -118,8 +134,10 @@ class DistillationTrainer(Trainer):
         if want_hidden:
             student_hidden, teacher_hidden = outputs["hidden_states"][-1], teacher_outputs["hidden_states"][-1]
             if student_hidden.shape != teacher_hidden.shape:
-                raise ValueError(f"hidden-state matching needs the same hidden size: student "
-                                 f"{tuple(student_hidden.shape)}, teacher {tuple(teacher_hidden.shape)}")
+                raise ValueError(
+                    f"hidden-state matching needs the same hidden size: student "
+                    f"{tuple(student_hidden.shape)}, teacher {tuple(teacher_hidden.shape)}"
+                )
             squared = (student_hidden - teacher_hidden).pow(2).mean(-1)
             attention = inputs.get("attention_mask")
             if attention is not None and tuple(attention.shape) == tuple(squared.shape):
@@ -131,11 +149,27 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def distill(student: nn.Module, teacher: nn.Module, train_dataset, args, *, temperature: float = 2.0,
-            alpha: float = 0.5, hidden_weight: float = 0.0, **trainer_kwargs: Any) -> nn.Module:
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_dataset,
+    args,
+    *,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    hidden_weight: float = 0.0,
+    **trainer_kwargs: Any,
+) -> nn.Module:
     """Train ``student`` (in place: :func:`hf_collapse.heal` passes a copy) by distillation; returns it."""
-    trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=train_dataset,
-                                  temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
-                                  **trainer_kwargs)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=train_dataset,
+        temperature=temperature,
+        alpha=alpha,
+        hidden_weight=hidden_weight,
+        **trainer_kwargs,
+    )
     trainer.train()
     return unwrap_model(trainer.model)

@@ -13,27 +13,31 @@ stream after the span's last block (the target). The stream after block ``p`` is
   is exact in the LayerNorm's image (a target already normalised, as the output of the span's own LayerNorm
   is, up to its affine parameters).
 
+Models loaded in bfloat16 / float16 (as LLMs are) heal the same way: the statistics are accumulated and the fit is
+solved in float64, the folded weights are rounded to the model's dtype, and the self-check allows that rounding.
+
 The fit is ridge-regularised towards ``T = I`` (the unhealed student, where the span is the identity):
 ``T = (MᵀM + λI)⁻¹ (Mᵀ R + λI)``, ``λ = ridge · tr(MᵀM) / d``, over the real tokens of the calibration batches.
-Spans are healed in forward order on the student healed so far, so later fits see earlier corrections. After
-each fold the block's output is checked against the predictor: a family whose block does not add its down
-projection's output to the stream unchanged is refused rather than silently mis-folded. A span with no kept
+Spans are healed in forward order on the student healed so far, so later fits see earlier corrections. Before
+any fit each block is checked (:func:`check_fold_site`): a family whose block does not add its down projection's output
+to the stream unchanged is refused rather than silently mis-folded. A span with no kept
 block before it (removed from the first position) has no projection to fold into and is refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..architectures.base import first_tensor, unwrap_model
 from ..metrics import device_of, to_device
-from .common import RemovedSpan, calibration_batches as collect_batches, removed_spans
+from .common import RemovedSpan, removed_spans
+from .common import calibration_batches as collect_batches
 
-__all__ = ["fold_site", "linear"]
+__all__ = ["check_fold_site", "fold_site", "linear"]
 
 
 def fold_site(layer: nn.Module) -> tuple[str, nn.Linear]:
@@ -50,16 +54,20 @@ def fold_site(layer: nn.Module) -> tuple[str, nn.Linear]:
     if isinstance(down, nn.Linear):
         for name in ("post_feedforward_layernorm", "post_mlp_layernorm", "feed_forward_layernorm"):
             if isinstance(getattr(layer, name, None), nn.Module) and not isinstance(getattr(layer, name), nn.Identity):
-                raise ValueError(f"{type(layer).__name__} normalises its MLP output ({name}) before the residual "
-                                 f"addition: a linear map of the stream cannot be folded into mlp.down_proj exactly")
+                raise ValueError(
+                    f"{type(layer).__name__} normalises its MLP output ({name}) before the residual "
+                    f"addition: a linear map of the stream cannot be folded into mlp.down_proj exactly"
+                )
         return "residual", down
     output = getattr(layer, "output", None)
     dense, norm = getattr(output, "dense", None), getattr(output, "LayerNorm", None)
     if isinstance(dense, nn.Linear) and isinstance(norm, nn.LayerNorm) and norm.elementwise_affine:
         return "post_norm", dense
-    raise ValueError(f"{type(layer).__name__} has no projection a linear replacement can be folded into exactly "
-                     f"(supported: an mlp.down_proj adding to the residual stream, as in Llama-style decoders, or "
-                     f"output.dense before output.LayerNorm, as in BERT-style encoders)")
+    raise ValueError(
+        f"{type(layer).__name__} has no projection a linear replacement can be folded into exactly "
+        f"(supported: an mlp.down_proj adding to the residual stream, as in Llama-style decoders, or "
+        f"output.dense before output.LayerNorm, as in BERT-style encoders)"
+    )
 
 
 @contextmanager
@@ -69,9 +77,11 @@ def _capture(layer: nn.Module, kind: str, projection: nn.Linear, store: dict[str
         layer.register_forward_hook(lambda m, a, out: store.__setitem__("out", first_tensor(out).detach())),
     ]
     if kind == "post_norm":
+
         def attention_output(module, args, kwargs):
             value = args[1] if len(args) > 1 else kwargs.get("input_tensor")
             store["a"] = value.detach()
+
         handles.append(layer.output.register_forward_pre_hook(attention_output, with_kwargs=True))
     try:
         yield
@@ -90,8 +100,9 @@ def _capture_output(module: nn.Module, store: dict[str, torch.Tensor]) -> Iterat
 
 
 def _base(kind: str, store: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The part of the stream that does not go through the projection: ``Y = h - M`` or the attention output."""
-    return store["out"] - store["m"] if kind == "residual" else store["a"]
+    """The part of the stream that does not go through the projection, in float64: ``Y = h - M`` or the attention
+    output."""
+    return store["out"].double() - store["m"].double() if kind == "residual" else store["a"].double()
 
 
 def _target(kind: str, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -105,8 +116,82 @@ def _target(kind: str, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 
 def _predicted(kind: str, layer: nn.Module, base: torch.Tensor, m: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    mixed = m @ T.to(m.dtype)
-    return base + mixed if kind == "residual" else layer.output.LayerNorm(base + mixed)
+    """The fitted predictor ``base + m T`` (through the block's LayerNorm for post-norm blocks), in float64."""
+    stream = base.double() + m.double() @ T
+    if kind == "residual":
+        return stream
+    norm = layer.output.LayerNorm
+    return torch.nn.functional.layer_norm(
+        stream, norm.normalized_shape, norm.weight.double(), None if norm.bias is None else norm.bias.double(), norm.eps
+    )
+
+
+#: The projection's weights are scaled by this factor in the structural check, so that its branch dominates the
+#: stream and a branch the block rescales stands out of the rounding of half precision.
+_PROBE_SCALE = 8.0
+
+
+def _rounding(dtype: torch.dtype) -> float:
+    """The relative rounding of one forward pass in ``dtype``: a few units in the last place of half precision (bf16
+    keeps 8 bits), 1e-5 in float32."""
+    return 8 * torch.finfo(dtype).eps if torch.finfo(dtype).bits <= 16 else 1e-5
+
+
+@torch.no_grad()
+def check_fold_site(model: nn.Module, layer: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """Refuse a block that does not add its projection's output to the stream unchanged, before any fit: a linear map
+    folded into the projection would then not be the map that was fitted.
+
+    Pre-norm (``"residual"``): the stream minus the projection's output must not depend on the projection's weights;
+    the block is run twice, the second time with the projection's weights scaled by 8 (so that its branch stands out
+    of half precision's rounding), and a branch the block rescales (Granite's ``residual_multiplier``, Gemma's
+    normalised MLP output) differs by its scale. Post-norm (``"post_norm"``): the output must be the block's LayerNorm
+    of the attention output plus the projection's output. Computed in float64 from the captured tensors, with a
+    tolerance for the rounding of the model's dtype.
+
+    Raises:
+        ValueError: naming the block when it does not add its projection's output unchanged.
+    """
+    kind, projection = fold_site(layer)
+    device = device_of(model)
+    first: dict[str, torch.Tensor] = {}
+    with _capture(layer, kind, projection, first):
+        model(**to_device(batch, device))
+    rounding = _rounding(projection.weight.dtype)
+    if kind == "residual":
+        scaled: dict[str, torch.Tensor] = {}
+        original = projection.weight.data.clone()
+        bias = projection.bias.data.clone() if projection.bias is not None else None
+        try:
+            projection.weight.data.mul_(_PROBE_SCALE)
+            if bias is not None:
+                projection.bias.data.mul_(_PROBE_SCALE)
+            with _capture(layer, kind, projection, scaled):
+                model(**to_device(batch, device))
+        finally:
+            projection.weight.data.copy_(original)
+            if bias is not None:
+                projection.bias.data.copy_(bias)
+        branch = scaled["m"].double() - first["m"].double()
+        error = float(((scaled["out"].double() - first["out"].double()) - branch).norm())
+        allowed = 0.05 * float(branch.norm()) + rounding * float(
+            scaled["out"].double().norm() + first["out"].double().norm()
+        )
+    else:
+        expected = _predicted(
+            kind,
+            layer,
+            first["a"],
+            first["m"],
+            torch.eye(first["m"].shape[-1], dtype=torch.float64, device=first["m"].device),
+        )
+        error = float((first["out"].double() - expected).norm())
+        allowed = rounding * float(expected.norm()) + 1e-6
+    if not error <= allowed:
+        raise ValueError(
+            f"{type(layer).__name__} does not add its {type(projection).__name__} output to the "
+            f"stream unchanged: the linear replacement cannot be folded into it exactly"
+        )
 
 
 def _heal_span(student: nn.Module, teacher: nn.Module, span: RemovedSpan, batches: list[dict], ridge: float) -> None:
@@ -117,7 +202,6 @@ def _heal_span(student: nn.Module, teacher: nn.Module, span: RemovedSpan, batche
     d = projection.out_features
     gram = torch.zeros(d, d, dtype=torch.float64, device=student_device)
     cross = torch.zeros(d, d, dtype=torch.float64, device=student_device)
-    first: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in batches:
             store: dict[str, torch.Tensor] = {}
@@ -128,10 +212,8 @@ def _heal_span(student: nn.Module, teacher: nn.Module, span: RemovedSpan, batche
             missing = [k for k in ("m", "out", "y") + (("a",) if kind == "post_norm" else ()) if k not in store]
             if missing:
                 raise RuntimeError(f"calibration did not reach {span.preceding!r} / {span.teacher_blocks[-1]!r}")
-            if not first:
-                first = dict(store)
             m, base = store["m"], _base(kind, store)
-            residual = _target(kind, layer, store["y"].to(student_device)) - base
+            residual = _target(kind, layer, store["y"].to(student_device)).double() - base
             mask = batch.get("attention_mask")
             if mask is not None and tuple(mask.shape) == tuple(m.shape[:2]):
                 keep = mask.to(student_device).bool()
@@ -146,19 +228,18 @@ def _heal_span(student: nn.Module, teacher: nn.Module, span: RemovedSpan, batche
         projection.weight.copy_((T.T @ weight.double()).to(weight.dtype))
         if projection.bias is not None:
             projection.bias.copy_((projection.bias.double() @ T).to(projection.bias.dtype))
-        # The folded block must compute exactly the fitted predictor (catches families with a scaled branch).
-        check: dict[str, torch.Tensor] = {}
-        with _capture(layer, kind, projection, check):
-            student(**to_device(batches[0], student_device))
-        expected = _predicted(kind, layer, _base(kind, first), first["m"], T)
-        scale = float(expected.abs().max()) + 1.0
-        if float((check["out"] - expected).abs().max()) > 1e-4 * scale:
-            raise ValueError(f"{type(layer).__name__} does not add its {type(projection).__name__} output to the "
-                             f"stream unchanged: the linear replacement cannot be folded into it exactly")
 
 
-def linear(student: nn.Module, teacher: nn.Module, train_dataset, args=None, *, data_collator=None,
-           calibration_batches: int = 16, ridge: float = 1e-3) -> nn.Module:
+def linear(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_dataset,
+    args=None,
+    *,
+    data_collator=None,
+    calibration_batches: int = 16,
+    ridge: float = 1e-3,
+) -> nn.Module:
     """Replace each removed span by a least-squares linear map folded into the preceding block (in place).
 
     The fit has ``d x d`` unknowns per span (``d`` the hidden size): give it many more calibration tokens than ``d``.
@@ -174,8 +255,10 @@ def linear(student: nn.Module, teacher: nn.Module, train_dataset, args=None, *, 
     spans = removed_spans(student, teacher)
     for span in spans:
         if span.preceding is None:
-            raise ValueError(f"the removed span {list(span.teacher_blocks)} starts the stage: no kept block precedes "
-                             f"it, so there is no projection to fold its linear replacement into")
+            raise ValueError(
+                f"the removed span {list(span.teacher_blocks)} starts the stage: no kept block precedes "
+                f"it, so there is no projection to fold its linear replacement into"
+            )
         fold_site(student.get_submodule(span.preceding))  # refuse before any work
     batch_size = getattr(args, "per_device_train_batch_size", 8) if args is not None else 8
     batches = collect_batches(student, train_dataset, data_collator, batch_size, calibration_batches)
@@ -184,10 +267,11 @@ def linear(student: nn.Module, teacher: nn.Module, train_dataset, args=None, *, 
     teacher.eval()
     student.eval()
     try:
+        for span in spans:  # refuse before any fit
+            check_fold_site(student, student.get_submodule(span.preceding), batches[0])
         for span in spans:
             _heal_span(student, teacher, span, batches, ridge)
     finally:
         teacher.train(teacher_mode)
         student.train(student_mode)
     return inner_student
-

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 from transformers import Trainer
@@ -27,14 +28,24 @@ def kept_block_linears(model: nn.Module, target_modules: Sequence[str] | None = 
                 if target_modules is None or any(name == t or name.endswith("." + t) for t in target_modules):
                     found.append(f"{prefix}.{name}" if prefix else name)
     if not found:
-        raise ValueError(f"no nn.Linear inside the blocks of this {type(inner).__name__} matches target_modules="
-                         f"{list(target_modules) if target_modules is not None else None}")
+        raise ValueError(
+            f"no nn.Linear inside the blocks of this {type(inner).__name__} matches target_modules="
+            f"{list(target_modules) if target_modules is not None else None}"
+        )
     return found
 
 
-def lora(student: nn.Module, train_dataset, args, *, r: int = 8, lora_alpha: int | None = None,
-         lora_dropout: float = 0.0, target_modules: Sequence[str] | None = None,
-         **trainer_kwargs: Any) -> nn.Module:
+def lora(
+    student: nn.Module,
+    train_dataset,
+    args,
+    *,
+    r: int = 8,
+    lora_alpha: int | None = None,
+    lora_dropout: float = 0.0,
+    target_modules: Sequence[str] | None = None,
+    **trainer_kwargs: Any,
+) -> nn.Module:
     """Fine-tune LoRA adapters on the linears of ``student``'s blocks with a ``Trainer``, then merge them.
 
     ``student`` is changed in place (:func:`hf_collapse.heal` passes a copy); the merged model is a plain model of
@@ -47,8 +58,12 @@ def lora(student: nn.Module, train_dataset, args, *, r: int = 8, lora_alpha: int
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     targets = kept_block_linears(student, target_modules)
-    config = LoraConfig(r=r, lora_alpha=lora_alpha if lora_alpha is not None else 2 * r, lora_dropout=lora_dropout,
-                        target_modules=targets)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha if lora_alpha is not None else 2 * r,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+    )
     peft_model = get_peft_model(unwrap_model(student), config)
     trainer = Trainer(model=peft_model, args=args, train_dataset=train_dataset, **trainer_kwargs)
     trainer.train()

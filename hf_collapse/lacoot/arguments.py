@@ -20,13 +20,16 @@ class LaCoOTArguments(TrainingArguments):
     """
 
     msw_weight: float = field(
-        default=1.0, metadata={"help": "λ: weight of the mean (or sum) of the per-block MSW distances added to the loss."}
+        default=1.0,
+        metadata={"help": "λ: weight of the mean (or sum) of the per-block MSW distances added to the loss."},
     )
     msw_slicing: str = field(
         default="ascent",
-        metadata={"help": "'ascent': a true max slice by projected gradient ascent, warm-started per block; "
-                          "'random': the max over msw_projections random directions (as POT).",
-                  "choices": list(SLICINGS)},
+        metadata={
+            "help": "'ascent': a true max slice by projected gradient ascent, warm-started per block; "
+            "'random': the max over msw_projections random directions (as POT).",
+            "choices": list(SLICINGS),
+        },
     )
     msw_projections: int = field(
         default=50, metadata={"help": "Random directions: the candidates of 'random', the cold start of 'ascent'."}
@@ -39,8 +42,11 @@ class LaCoOTArguments(TrainingArguments):
         metadata={"help": "'auto' (every removable block the adapter knows) or comma-separated block names."},
     )
     msw_reduction: str = field(
-        default="mean", metadata={"help": "How per-block distances combine: 'mean' (as the reference) or 'sum'.",
-                                  "choices": list(REDUCTIONS)}
+        default="mean",
+        metadata={
+            "help": "How per-block distances combine: 'mean' (as the reference) or 'sum'.",
+            "choices": list(REDUCTIONS),
+        },
     )
 
     def __post_init__(self):

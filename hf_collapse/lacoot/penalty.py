@@ -14,8 +14,9 @@ keeps the module objects) still reports to it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,7 +125,7 @@ class MSWPenalty:
         *,
         labels: torch.Tensor | None = None,
         inputs: Mapping[str, Any] | None = None,
-    ) -> Iterator["MSWPenalty"]:
+    ) -> Iterator[MSWPenalty]:
         """Record the penalized blocks' inputs and outputs during the forward passes run inside this context.
 
         Token positions that should not count are zeroed in both the input and the output of every block (they then
@@ -146,9 +147,13 @@ class MSWPenalty:
         if labels is not None:
             batch["labels"] = labels
         given = batch.get("labels")
-        if ("input_ids" not in batch and isinstance(given, torch.Tensor) and given.dim() == 2
-                and not given.is_floating_point()
-                and (batch.get("attention_mask") is None or batch["attention_mask"].shape == given.shape)):
+        if (
+            "input_ids" not in batch
+            and isinstance(given, torch.Tensor)
+            and given.dim() == 2
+            and not given.is_floating_point()
+            and (batch.get("attention_mask") is None or batch["attention_mask"].shape == given.shape)
+        ):
             batch["input_ids"] = given  # token-level labels without ids (inputs_embeds): only the shape is read
         mask = feature_mask(self.model, batch)
         with self.block_io.capturing(attention_mask=mask):
@@ -185,21 +190,39 @@ class MSWPenalty:
         if missing:
             raise RuntimeError(
                 f"MSWPenalty: blocks {missing} recorded nothing; run the forward pass inside "
-                f"`with penalty.capture(...):` before calling the penalty (recorded: {self.block_io.captured()})")
+                f"`with penalty.capture(...):` before calling the penalty (recorded: {self.block_io.captured()})"
+            )
+        blind = self.block_io.recorded_without_grad()
+        if blind:
+            raise RuntimeError(
+                f"MSWPenalty: the outputs of {blind[:3]} were recorded without autograd although their weights train, "
+                "so the penalty would have no gradient to them. This happens to sub-layer units (granularity="
+                f"{self.blocks[0].kind!r}) inside layers checkpointed with use_reentrant=True, whose forward runs "
+                "under no_grad. Use gradient_checkpointing_kwargs={'use_reentrant': False} (the penalty is then "
+                "exact), granularity='block', or no gradient checkpointing."
+            )
         values = {}
         for block in self.blocks:
             raw, raw_output = self.block_io.raw(block.name)
             x, y = raw.flatten(1), raw_output.flatten(1)
             warm = self._warm_start(block.name, raw.shape[1:])
             distance, direction = max_sliced_wasserstein(
-                x, y, slicing=self.slicing, n_projections=self.n_projections, ascent_steps=self.ascent_steps,
-                init_direction=None if warm is None else warm.to(x.device), generator=self._generators[block.name],
+                x,
+                y,
+                slicing=self.slicing,
+                n_projections=self.n_projections,
+                ascent_steps=self.ascent_steps,
+                init_direction=None if warm is None else warm.to(x.device),
+                generator=self._generators[block.name],
                 return_direction=True,
             )
             if self.slicing == "ascent":
                 self._directions[block.name] = direction.reshape(raw.shape[1:])
             values[block.name] = distance
         self._last_values = {name: float(value.detach()) for name, value in values.items()}
+        # The distances hold what backward needs; the recorded features (and their graph) must not outlive it through
+        # the optimizer step, evaluation and checkpointing.
+        self.block_io.clear()
         return values
 
     def __call__(self) -> torch.Tensor:
@@ -218,8 +241,10 @@ class MSWPenalty:
         """What shapes the rest of the run besides weights and optimizer: ``{"directions": {block: tensor},
         "generators": {block: generator state}}`` (CPU tensors; save it with ``torch.save``, one file per rank
         under DDP, since each rank's warm starts fit its own batches)."""
-        return {"directions": {name: d.detach().cpu() for name, d in self._directions.items()},
-                "generators": {name: g.get_state() for name, g in self._generators.items()}}
+        return {
+            "directions": {name: d.detach().cpu() for name, d in self._directions.items()},
+            "generators": {name: g.get_state() for name, g in self._generators.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output: a resumed loop then continues exactly as the uninterrupted one.
@@ -228,12 +253,16 @@ class MSWPenalty:
             ValueError: when ``state`` is not a penalty state, or was saved for other blocks.
         """
         if not isinstance(state, Mapping) or not {"directions", "generators"} <= set(state):
-            raise ValueError("not an MSWPenalty state: expected a dict with 'directions' and 'generators', got "
-                             f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}")
+            raise ValueError(
+                "not an MSWPenalty state: expected a dict with 'directions' and 'generators', got "
+                f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
+            )
         unknown = (set(state["generators"]) | set(state["directions"])) - set(self._generators)
         if unknown:
-            raise ValueError(f"the penalty state is for other blocks ({sorted(unknown)}); this penalty penalizes "
-                             f"{sorted(self._generators)}")
+            raise ValueError(
+                f"the penalty state is for other blocks ({sorted(unknown)}); this penalty penalizes "
+                f"{sorted(self._generators)}"
+            )
         self._directions = {name: d.detach().clone() for name, d in state["directions"].items()}
         for name, generator_state in state["generators"].items():
             self._generators[name].set_state(generator_state)
@@ -243,12 +272,14 @@ class MSWPenalty:
         """Remove the hooks from the model (the penalty records nothing afterwards)."""
         self.block_io.remove()
 
-    def __enter__(self) -> "MSWPenalty":
+    def __enter__(self) -> MSWPenalty:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
 
     def __repr__(self) -> str:
-        return (f"MSWPenalty(blocks={len(self.blocks)}, slicing={self.slicing!r}, n_projections={self.n_projections}, "
-                f"ascent_steps={self.ascent_steps}, reduction={self.reduction!r}, seed={self.seed})")
+        return (
+            f"MSWPenalty(blocks={len(self.blocks)}, slicing={self.slicing!r}, n_projections={self.n_projections}, "
+            f"ascent_steps={self.ascent_steps}, reduction={self.reduction!r}, seed={self.seed})"
+        )

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,10 +36,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .. import compat
-from ..block_io import BlockIO
-from ..distributed import is_sharded, unsharded_copy
+from ..block_io import DATA_PARALLEL_MESSAGE, BlockIO
+from ..distributed import is_sharded, sum_across_ranks, unsharded_copy
+from ..evaluation import evaluate_model, metric_key
 from ..removal import collapse as collapse_model
-from ..removal import evaluate_model, metric_key
 from ..report import CollapseReport
 from ..scoring import score_blocks
 from .arguments import LaCoOTArguments
@@ -55,13 +57,13 @@ PENALTY_STATE_NAME = "lacoot_penalty_state_rank{rank}.pt"
 class _PenaltyCheckpointCallback(TrainerCallback):
     """Writes the penalty's state into every Trainer checkpoint, next to the optimizer's."""
 
-    def __init__(self, trainer: "LaCoOTTrainer"):
+    def __init__(self, trainer: LaCoOTTrainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if folder.is_dir():
-            self.trainer._save_penalty_state(folder)
+            self.trainer.save_penalty_state(folder)
 
 
 class LaCoOTTrainer(Trainer):
@@ -89,11 +91,17 @@ class LaCoOTTrainer(Trainer):
                 f"LaCoOTTrainer needs LaCoOTArguments (TrainingArguments plus the msw_* settings), "
                 f"got {type(self.args).__name__}"
             )
+        if self.args.n_gpu > 1:  # the Trainer would wrap the model in nn.DataParallel
+            raise ValueError(f"LaCoOTTrainer on {self.args.n_gpu} GPUs in one process: {DATA_PARALLEL_MESSAGE}")
         # Hooks go on the unwrapped model: DDP / accelerate wrappers and FSDP2 share its modules.
         self.penalty = MSWPenalty(
-            self.model, self.args.msw_block_names, slicing=self.args.msw_slicing,
-            n_projections=self.args.msw_projections, ascent_steps=self.args.msw_ascent_steps,
-            reduction=self.args.msw_reduction, seed=self.args.seed,
+            self.model,
+            self.args.msw_block_names,
+            slicing=self.args.msw_slicing,
+            n_projections=self.args.msw_projections,
+            ascent_steps=self.args.msw_ascent_steps,
+            reduction=self.args.msw_reduction,
+            seed=self.args.seed,
         )
         self._msw_sums: dict[str, float] = defaultdict(float)  # per block, since the last log
         self._msw_total = 0.0
@@ -123,7 +131,9 @@ class LaCoOTTrainer(Trainer):
         collapse (``save_model`` publishes the trained model until ``collapse`` is called again)."""
         self.collapsed_model, self.collapse_report = None, None
         if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
-            folder = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            folder = (
+                get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            )
             if folder is not None:
                 self._load_penalty_state(Path(folder))
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -131,15 +141,20 @@ class LaCoOTTrainer(Trainer):
     def _penalty_state_file(self, folder: Path) -> Path:
         return folder / PENALTY_STATE_NAME.format(rank=self.args.process_index)
 
-    def _save_penalty_state(self, folder: Path) -> None:
+    def save_penalty_state(self, folder: Path) -> None:
+        """Write the penalty's state (warm-start directions, generators) into the checkpoint ``folder``."""
         # Each rank warm-starts from directions fitted to its own batches: one file per rank.
         torch.save(self.penalty.state_dict(), self._penalty_state_file(folder))
 
     def _load_penalty_state(self, folder: Path) -> None:
         file = self._penalty_state_file(folder)
         if not file.is_file():
-            logger.warning("%s has no %s: the MSW ascent restarts cold from this checkpoint (the run will not end "
-                           "exactly where an uninterrupted one would)", folder, file.name)
+            logger.warning(
+                "%s has no %s: the MSW ascent restarts cold from this checkpoint (the run will not end "
+                "exactly where an uninterrupted one would)",
+                folder,
+                file.name,
+            )
             return
         state = torch.load(file, map_location="cpu", weights_only=True)
         try:
@@ -156,23 +171,71 @@ class LaCoOTTrainer(Trainer):
         penalty = self.penalty()
         return penalty, self.penalty.last_values()
 
+    @property
+    def task_loss_normalization(self) -> str | None:
+        """How the model's own loss was found to be normalised, which decides the penalty's scaling (see
+        :meth:`_penalty_scale`): ``"num_items_in_batch"`` (a causal LM's: the token sum over the Trainer's global
+        count), ``"local_mean"`` (a sequence classifier's), or ``None`` while undecided."""
+        if self._loss_uses_num_items is None:
+            return None
+        return "num_items_in_batch" if self._loss_uses_num_items else "local_mean"
+
+    def _probe_losses(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[float, float]:
+        """The model's loss on ``inputs`` with ``num_items_in_batch`` 1 and 2: two forward passes in eval mode without
+        gradients, which touch neither the weights, the random state nor BatchNorm statistics. Runs the unwrapped
+        model (no DDP collective: ranks may probe a different number of times)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                losses = []
+                for count in (1.0, 2.0):
+                    outputs = unwrapped(**inputs, num_items_in_batch=torch.tensor(count, device=self.args.device))
+                    losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs[0]))
+        finally:
+            unwrapped.train(was_training)
+        return losses[0], losses[1]
+
+    def _probe_vote(self, model: nn.Module, inputs: dict[str, Any]) -> bool | None:
+        """This micro-batch's answer to "is the model's loss normalised by ``num_items_in_batch``?", or ``None`` when
+        it cannot tell: a zero loss (a batch with nothing to train, e.g. SFT data whose response was truncated away,
+        all labels ``-100``) or a non-finite one reads the same either way. Such a batch is probed again with its
+        token-level labels replaced by its input ids, which any language model can score."""
+        attempts = [inputs]
+        labels, ids = inputs.get("labels"), inputs.get("input_ids")
+        if isinstance(labels, torch.Tensor) and isinstance(ids, torch.Tensor) and labels.shape == ids.shape:
+            attempts.append({**inputs, "labels": ids.clone()})
+        for attempt in attempts:
+            first, second = self._probe_losses(model, attempt)
+            if math.isfinite(first) and math.isfinite(second) and abs(first) > 1e-12:
+                return abs(first - second) > 1e-6 * abs(first)
+        return None
+
     def _model_loss_uses_num_items(self, model: nn.Module, inputs: dict[str, Any]) -> bool:
         """Whether the model's own loss is normalised by ``num_items_in_batch`` (a causal LM's is) or ignores it
-        (a sequence classifier's local mean), probed once on the first batch: two forward passes in eval mode without
-        gradients, which touch neither the weights, the random state nor BatchNorm statistics."""
+        (a sequence classifier's local mean).
+
+        Decided once, by probing micro-batches until one can tell (:meth:`_probe_vote`), and agreed over every rank:
+        each rank votes on its own micro-batch and the conclusive votes are summed, so that no rank's batch decides
+        alone and all ranks decide at the same step. Until a decision (every rank's batch inconclusive so far), a
+        micro-batch is scaled by the Trainer's own assumption, that a model accepting loss kwargs normalises by the
+        count."""
         if self._loss_uses_num_items is None:
-            unwrapped = self.accelerator.unwrap_model(model)
-            was_training = unwrapped.training
-            unwrapped.eval()
-            try:
-                with torch.no_grad():
-                    losses = []
-                    for count in (1.0, 2.0):
-                        outputs = unwrapped(**inputs, num_items_in_batch=torch.tensor(count, device=self.args.device))
-                        losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs[0]))
-            finally:
-                unwrapped.train(was_training)
-            self._loss_uses_num_items = abs(losses[0] - losses[1]) > 1e-6 * max(abs(losses[0]), 1e-12)
+            vote = self._probe_vote(model, inputs)
+            votes = sum_across_ranks(torch.tensor([vote is True, vote is False], dtype=torch.float64))
+            normalized, local = float(votes[0]), float(votes[1])
+            if normalized or local:
+                if normalized and local:
+                    logger.warning(
+                        "LaCoOT: the ranks' probes disagree on whether the model's loss is normalised by "
+                        "num_items_in_batch (%d yes, %d no); going with the majority",
+                        normalized,
+                        local,
+                    )
+                self._loss_uses_num_items = normalized >= local
+            else:
+                return bool(self.model_accepts_loss_kwargs)
         return self._loss_uses_num_items
 
     def _penalty_scale(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch) -> float:
@@ -187,7 +250,9 @@ class LaCoOTTrainer(Trainer):
         """
         if num_items_in_batch is not None:
             if self.compute_loss_func is not None or (self.label_smoother is not None and "labels" in inputs):
-                return 1.0 / self.current_gradient_accumulation_steps  # the Trainer's loss divides by the count
+                # The Trainer's label smoother divides by the count; a compute_loss_func is assumed to do the same, as
+                # the Trainer itself assumes (it then neither divides by the accumulation steps nor checks).
+                return 1.0 / self.current_gradient_accumulation_steps
             if self.model_accepts_loss_kwargs and self._model_loss_uses_num_items(model, inputs):
                 return 1.0 / self.current_gradient_accumulation_steps
         return float(compat.trainer_task_loss_multiplier(self, num_items_in_batch))
@@ -195,13 +260,17 @@ class LaCoOTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The task loss of ``Trainer.compute_loss`` plus ``msw_weight`` times the MSW penalty (training only),
         the penalty scaled like the task loss (see :meth:`_penalty_scale`)."""
+        if isinstance(model, nn.DataParallel):
+            raise ValueError(DATA_PARALLEL_MESSAGE)
         if not self._penalty_active(model):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         scale = self._penalty_scale(model, inputs, num_items_in_batch)
         with self.penalty.capture(inputs=inputs):
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         penalty, per_block = self.msw_penalty()
         self._msw_total += float(penalty.detach())
         loss = loss + (self.args.msw_weight * scale) * penalty.to(loss.dtype)
@@ -226,9 +295,14 @@ class LaCoOTTrainer(Trainer):
     def block_scores(self, eval_dataset=None, max_batches: int | None = None) -> dict[str, float]:
         """Per-block MSW on evaluation data, deterministic (seeded directions, no warm start)."""
         return score_blocks(
-            self.model, self.get_eval_dataloader(eval_dataset), method="msw",
-            blocks=[b.name for b in self.msw_blocks], max_batches=max_batches, seed=self.args.seed,
-            slicing=self.args.msw_slicing, n_projections=self.args.msw_projections,
+            self.model,
+            self.get_eval_dataloader(eval_dataset),
+            method="msw",
+            blocks=[b.name for b in self.msw_blocks],
+            max_batches=max_batches,
+            seed=self.args.seed,
+            slicing=self.args.msw_slicing,
+            n_projections=self.args.msw_projections,
             ascent_steps=max(self.args.msw_ascent_steps, 10) if self.args.msw_slicing == "ascent" else 0,
             progress=not self.args.disable_tqdm,
         )
@@ -240,14 +314,20 @@ class LaCoOTTrainer(Trainer):
         ``model`` stays a plain model that surgery can go on editing."""
         if self.is_fsdp_enabled or is_sharded(model):
             model = copy.deepcopy(model)
-        return evaluate_model(model, self.args, eval_dataset if eval_dataset is not None else self.eval_dataset,
-                              data_collator=self.data_collator, processing_class=self.processing_class,
-                              compute_metrics=self.compute_metrics, compute_loss_func=self.compute_loss_func)
+        return evaluate_model(
+            model,
+            self.args,
+            eval_dataset if eval_dataset is not None else self.eval_dataset,
+            data_collator=self.data_collator,
+            processing_class=self.processing_class,
+            compute_metrics=self.compute_metrics,
+            compute_loss_func=self.compute_loss_func,
+        )
 
     def collapse(
         self,
-        num_blocks: int | None = None,
-        max_metric_drop: float | None = None,
+        num_units: int | None = None,
+        max_metric_delta: float | None = None,
         eval_dataset=None,
         scores: dict[str, float] | None = None,
         eval_fn: Callable[[nn.Module], float] | None = None,
@@ -259,18 +339,28 @@ class LaCoOTTrainer(Trainer):
         else the loss), evaluated on ``eval_dataset`` (default: the trainer's). ``eval_fn`` (``model -> float``)
         replaces that evaluation, e.g. held-out perplexity for a causal LM
         (``eval_fn=lambda m: perplexity(m, loader), higher_is_better=False, metric_name="perplexity",
-        max_metric_ratio=1.2``). Other keywords go to :func:`hf_collapse.collapse`. Returns a new model and its
-        :class:`CollapseReport`; the trained model is untouched. Call it on every rank under DDP (it is
-        deterministic) and save on the main process only (``trainer.is_world_process_zero()``). Under FSDP the
-        sharded model is first gathered into a plain copy on every rank (:func:`hf_collapse.distributed.unsharded_copy`):
-        surgery needs whole tensors.
+        max_metric_ratio=1.2``). Other keywords go to :func:`hf_collapse.collapse` (``max_metric_ratio``,
+        ``latency_repeats``, ``progress_dir`` / ``resume_from`` to continue an interrupted collapse, and the
+        deprecated ``num_blocks`` / ``max_metric_drop``). Returns a new model and its :class:`CollapseReport`; the
+        trained model is untouched. Call it on every rank under DDP (it is deterministic) and save on the main process
+        only (``trainer.is_world_process_zero()``). Under FSDP the sharded model is first gathered into a plain copy on
+        every rank (:func:`hf_collapse.distributed.unsharded_copy`): surgery needs whole tensors.
         """
         scores = scores if scores is not None else self.block_scores(eval_dataset)
         metric_name, higher_is_better = metric_key(self.args, self.compute_metrics is not None)
         metric_name = collapse_kwargs.pop("metric_name", None) or metric_name.removeprefix("eval_")
         higher_is_better = collapse_kwargs.pop("higher_is_better", higher_is_better)
-        needs_eval = eval_fn is not None or max_metric_drop is not None or self.eval_dataset is not None \
+        metric_budget = any(
+            collapse_kwargs.get(name) is not None
+            for name in ("max_metric_ratio", "max_metric_drop", "max_metric_increase")
+        )
+        needs_eval = (
+            eval_fn is not None
+            or max_metric_delta is not None
+            or metric_budget
+            or self.eval_dataset is not None
             or eval_dataset is not None
+        )
 
         def trainer_eval_fn(model: nn.Module) -> float:
             metrics = self.evaluate_model(model, eval_dataset)
@@ -283,15 +373,25 @@ class LaCoOTTrainer(Trainer):
         if is_sharded(model):  # every rank gets the whole model and collapses it identically, as under DDP
             model = unsharded_copy(self.model_wrapped, all_ranks=True)  # FSDP1 gathers through its root wrapper
         collapsed, report = collapse_model(
-            model, scores, num_blocks=num_blocks, max_metric_drop=max_metric_drop,
-            eval_fn=(eval_fn or trainer_eval_fn) if needs_eval else None, higher_is_better=higher_is_better,
-            metric_name=metric_name, method="LaCoOT", **collapse_kwargs,
+            model,
+            scores,
+            num_units=num_units,
+            max_metric_delta=max_metric_delta,
+            eval_fn=(eval_fn or trainer_eval_fn) if needs_eval else None,
+            higher_is_better=higher_is_better,
+            metric_name=metric_name,
+            method="LaCoOT",
+            **collapse_kwargs,
         )
-        report.extra.update({
-            "msw_weight": self.args.msw_weight, "msw_slicing": self.args.msw_slicing,
-            "msw_reduction": self.args.msw_reduction, "epochs": self.args.num_train_epochs,
-            "learning_rate": self.args.learning_rate,
-        })
+        report.extra.update(
+            {
+                "msw_weight": self.args.msw_weight,
+                "msw_slicing": self.args.msw_slicing,
+                "msw_reduction": self.args.msw_reduction,
+                "epochs": self.args.num_train_epochs,
+                "learning_rate": self.args.learning_rate,
+            }
+        )
         self.collapse_report, self.collapsed_model = report, collapsed
         return collapsed, report
 
@@ -306,22 +406,37 @@ class LaCoOTTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            save_with_card(self.collapsed_model, output_dir, self.collapse_report, processor=self.processing_class,
-                           **self._card_kwargs())
+            save_with_card(
+                self.collapsed_model,
+                output_dir,
+                self.collapse_report,
+                processor=self.processing_class,
+                **self._card_kwargs(),
+            )
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-    def _card_kwargs(self, model_name: str | None = None, finetuned_from: str | None = None,
-                     dataset: str | list[str] | None = None) -> dict[str, Any]:
+    def _card_kwargs(
+        self, model_name: str | None = None, finetuned_from: str | None = None, dataset: str | list[str] | None = None
+    ) -> dict[str, Any]:
         datasets = [dataset] if isinstance(dataset, str) else dataset
-        base = finetuned_from or getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
-        return dict(base_model=base if base and "/" in str(base) else None, datasets=datasets, model_name=model_name,
-                    repo_id=self.hub_model_id,
-                    training=f"Trained with LaCoOTTrainer: λ = {self.args.msw_weight}, slicing "
-                             f"{self.args.msw_slicing}, {self.args.num_train_epochs} epochs at learning rate "
-                             f"{self.args.learning_rate}.")
+        base = finetuned_from or getattr(getattr(self.model, "config", None), "name_or_path", None) or None
+        return dict(
+            base_model=base if base and "/" in str(base) else None,
+            datasets=datasets,
+            model_name=model_name,
+            repo_id=self.hub_model_id,
+            training=f"Trained with LaCoOTTrainer: λ = {self.args.msw_weight}, slicing "
+            f"{self.args.msw_slicing}, {self.args.num_train_epochs} epochs at learning rate "
+            f"{self.args.learning_rate}.",
+        )
 
-    def create_model_card(self, model_name: str | None = None, finetuned_from: str | None = None,
-                          dataset: str | list[str] | None = None, **kwargs: Any) -> None:
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Write hf_collapse's model card (method, λ, the last collapse report) to ``output_dir/README.md``, so
         that ``trainer.push_to_hub()`` publishes it instead of the generic Trainer card. After :meth:`collapse` it
         describes the collapsed model, and the trade-off plot it shows is written next to it."""
@@ -333,6 +448,9 @@ class LaCoOTTrainer(Trainer):
         folder.mkdir(parents=True, exist_ok=True)
         if self.collapse_report is not None:
             self.collapse_report.plot(folder / "tradeoff.png")
-        card = model_card(self.collapsed_model if self.collapsed_model is not None else self.model,
-                          self.collapse_report, **self._card_kwargs(model_name, finetuned_from, dataset))
+        card = model_card(
+            self.collapsed_model if self.collapsed_model is not None else self.model,
+            self.collapse_report,
+            **self._card_kwargs(model_name, finetuned_from, dataset),
+        )
         card.save(str(folder / "README.md"))

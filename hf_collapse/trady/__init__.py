@@ -8,9 +8,10 @@ channels are re-sampled at random every epoch.
 Importing this package registers ``"TRADY"`` with peft, so that ``get_peft_model``, ``save_pretrained`` and
 ``PeftModel.from_pretrained`` handle it like any built-in method: ``import hf_collapse.trady`` before loading a TraDy
 adapter (``import hf_collapse`` alone leaves peft untouched; touching ``hf_collapse.TraDyConfig`` imports this
-package). With a plain ``Trainer`` the adapter calibrates itself on the first batches of the training data when
-training begins and attaches a :class:`TraDyCallback`; call :func:`calibrate` yourself to choose the batches, and
-always before building the Trainer under multi-process training::
+package). A ``Trainer`` drives the adapter through a :class:`TraDyCallback` passed in its ``callbacks``: it calibrates
+the adapter on the first batches of the training data when training begins (unless :func:`calibrate` did, which lets
+you choose the batches, and which multi-process training needs before the Trainer is built), re-samples the
+channels at every epoch and checkpoints the run state::
 
     from peft import PeftModel, get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -19,7 +20,7 @@ always before building the Trainer under multi-process training::
     model = get_peft_model(base, TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05))
     calibrate(model, calibration_batches)         # optional on one process: a priori ranking + cost model
     args = TrainingArguments("out", learning_rate=5e-4, optim="sgd", num_train_epochs=5)   # ~10x full FT's lr
-    Trainer(model=model, args=args, train_dataset=train).train()   # TraDyCallback attaches itself
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[TraDyCallback()]).train()
     print(memory_report(model, batch).to_markdown())
     model.save_pretrained("adapter")
     again = PeftModel.from_pretrained(fresh_base, "adapter")      # exact
@@ -33,7 +34,8 @@ that part alone is 65% of full fine-tuning's saved bytes on MiniLM (batch 32 x 2
 RoBERTa, so at a 5% budget TraDy's total is about 0.6x full fine-tuning's, not 0.05x. Restricting the selection to
 the top of the network (``max_depth``) is what shrinks that part: backpropagation stops at the lowest selected layer.
 :func:`step_memory` measures the whole peak of a training step (parameters, gradients, optimizer state,
-activations), where TraDy's small gradients and optimizer state show.
+activations), where TraDy's small gradients and optimizer state show. Both are :mod:`hf_collapse.profiling`'s, for
+any model; they are exported here too.
 
 Decoder LMs: the default targets are every ``nn.Linear`` projection (Llama-style q/k/v/o/gate/up/down) or GPT-2
 ``Conv1D`` except the LM head, trained on causal-LM batches (``-100`` labels are ignored as usual). Gradient
@@ -87,14 +89,13 @@ def register_trady_with_peft() -> None:
         >>> PeftType("TRADY")
         <PeftType.TRADY: 'TRADY'>
     """
-    compat.register_peft_method(PEFT_TYPE_NAME, config_cls=TraDyConfig, model_cls=TraDyModel,
-                                prefix=TraDyModel.prefix)
+    compat.register_peft_method(PEFT_TYPE_NAME, config_cls=TraDyConfig, model_cls=TraDyModel, prefix=TraDyModel.prefix)
 
 
+from ..profiling import MemoryReport, StepMemory, memory_report, peak_memory_bytes, step_memory  # noqa: E402
 from .callback import TraDyCallback  # noqa: E402
 from .config import SELECTIONS, TraDyConfig  # noqa: E402
 from .layer import ChannelSliceFunction, TraDyLayer  # noqa: E402
-from .memory import MemoryReport, StepMemory, memory_report, peak_memory_bytes, step_memory  # noqa: E402
 from .model import TraDyModel, calibrate, find_trady_model  # noqa: E402
 from .selection import LayerCost  # noqa: E402
 from .sharding import ShardedTrainingError  # noqa: E402

@@ -10,16 +10,18 @@ not computed again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
+
+from ..deprecation import renamed
 
 __all__ = ["SELECTIONS", "TraDyConfig"]
 
 #: The channel-selection strategies: TraDy itself and the paper's baselines.
 SELECTIONS = ("trady", "static_topk_random", "full_random", "det_rgn")
 
-#: The budget used when none of ``memory_budget``, ``budget_bytes`` and ``budget_ratio`` is given.
+#: The budget used when none of ``budget_elements``, ``budget_bytes`` and ``budget_ratio`` is given.
 DEFAULT_BUDGET_RATIO = 0.05
 
 
@@ -53,15 +55,15 @@ class TraDyConfig(PeftConfig):
             ``nn.Linear``, ``nn.Conv2d`` (dense or depthwise) and GPT-2 ``Conv1D`` except the output embeddings
             and the ``modules_to_save`` (the task head).
         exclude_modules: names or a regex of modules never to target.
-        memory_budget: the budget in elements (weight-gradient plus activation elements per sample).
-        budget_bytes: the same budget in bytes: ``memory_budget`` times the element size of the target layers'
+        budget_elements: the budget in elements (weight-gradient plus activation elements per sample).
+        budget_bytes: the same budget in bytes: ``budget_elements`` times the element size of the target layers'
             weights (4 in float32, 2 in bfloat16), i.e. the bytes of the selected channels' weight gradients plus
             their saved input activations *per sample*. It bounds what TraDy adds to a training step, not the whole
             step (parameters, optimizer state and the activations other layers keep to propagate gradients are
             outside it): measure the whole step with :func:`~hf_collapse.trady.step_memory`.
         budget_ratio: the budget as a fraction of the cost of updating every channel of every target layer
-            (default 0.05 when neither ``memory_budget`` nor ``budget_bytes`` is given). Give at most one of
-            ``memory_budget``, ``budget_bytes`` and ``budget_ratio``.
+            (default 0.05 when neither ``budget_elements`` nor ``budget_bytes`` is given). Give at most one of
+            ``budget_elements``, ``budget_bytes`` and ``budget_ratio``.
         selection: one of ``"trady"``, ``"static_topk_random"``, ``"full_random"``, ``"det_rgn"``.
         coverage: fraction of the cumulative RGN that the kept layers must cover (0.97 in the paper).
         max_depth: only the last ``max_depth`` target layers (in forward order) may be selected. Backpropagation
@@ -77,6 +79,8 @@ class TraDyConfig(PeftConfig):
             order (filled by ``calibrate``; the cost model needs it).
         modules_to_save: modules trained in full and saved with the adapter (the task head). With
             ``task_type="SEQ_CLS"`` peft adds ``classifier``/``score`` itself.
+        memory_budget: the name of ``budget_elements`` in earlier versions (deprecated: a ``FutureWarning``; adapter
+            configs saved with it still load).
 
     Example::
 
@@ -87,26 +91,32 @@ class TraDyConfig(PeftConfig):
         >>> calibrate(model, batches)                           # doctest: +SKIP
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Names (exact or suffix) or a regex of the layers to consider; None: every Linear, Conv2d "
-                          "(dense or depthwise) and GPT-2 Conv1D except output embeddings and modules_to_save."},
+        metadata={
+            "help": "Names (exact or suffix) or a regex of the layers to consider; None: every Linear, Conv2d "
+            "(dense or depthwise) and GPT-2 Conv1D except output embeddings and modules_to_save."
+        },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or a regex of modules never to target."}
     )
-    memory_budget: Optional[int] = field(
+    budget_elements: int | None = field(
         default=None, metadata={"help": "Budget in elements: weight-gradient plus activation elements per sample."}
     )
-    budget_bytes: Optional[int] = field(
+    budget_bytes: int | None = field(
         default=None,
-        metadata={"help": "Budget in bytes: weight-gradient plus activation bytes per sample (memory_budget times the "
-                          "target weights' element size)."},
+        metadata={
+            "help": "Budget in bytes: weight-gradient plus activation bytes per sample (budget_elements times "
+            "the target weights' element size)."
+        },
     )
-    budget_ratio: Optional[float] = field(
+    budget_ratio: float | None = field(
         default=None,
-        metadata={"help": "Budget as a fraction of the cost of updating every channel of every target layer "
-                          f"(default {DEFAULT_BUDGET_RATIO})."},
+        metadata={
+            "help": "Budget as a fraction of the cost of updating every channel of every target layer "
+            f"(default {DEFAULT_BUDGET_RATIO})."
+        },
     )
     selection: Literal["trady", "static_topk_random", "full_random", "det_rgn"] = field(
         default="trady", metadata={"help": f"Channel selection strategy, one of {SELECTIONS}."}
@@ -114,27 +124,30 @@ class TraDyConfig(PeftConfig):
     coverage: float = field(
         default=0.97, metadata={"help": "Fraction of the cumulative reweighted gradient norm the kept layers cover."}
     )
-    max_depth: Optional[int] = field(
+    max_depth: int | None = field(
         default=None, metadata={"help": "Only the last max_depth target layers (forward order) may be selected."}
     )
     calibration_batches: int = field(default=4, metadata={"help": "Batches used for the a priori RGN ranking."})
-    resample_every_steps: Optional[int] = field(
+    resample_every_steps: int | None = field(
         default=None, metadata={"help": "Re-sample every this many optimizer steps instead of every epoch."}
     )
     seed: int = field(default=0, metadata={"help": "Channel draws are seeded by (seed, epoch)."})
-    selected_layers: Optional[list[str]] = field(
+    selected_layers: list[str] | None = field(
         default=None, metadata={"help": "Layers kept by the a priori ranking (filled by calibrate)."}
     )
-    layer_rgn: Optional[dict[str, float]] = field(
+    layer_rgn: dict[str, float] | None = field(
         default=None, metadata={"help": "RGN of every target layer (filled by calibrate)."}
     )
-    layer_positions: Optional[dict[str, float]] = field(
+    layer_positions: dict[str, float] | None = field(
         default=None, metadata={"help": "Activation positions per sample of every target layer (filled by calibrate)."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (the task head)."}
     )
     bias: str = field(default="none", metadata={"help": "Only 'none': biases stay frozen."})
+    memory_budget: int | None = field(
+        default=None, metadata={"help": "Deprecated name of budget_elements (configs saved with it still load)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,16 +159,29 @@ class TraDyConfig(PeftConfig):
             self.peft_type = PeftType.TRADY
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if self.memory_budget is not None:
+            renamed("memory_budget", "budget_elements", "TraDyConfig", stacklevel=4)
+            if self.budget_elements is not None and self.budget_elements != self.memory_budget:
+                raise ValueError(
+                    "TraDyConfig: budget_elements and its old name memory_budget are given different values"
+                )
+            self.budget_elements, self.memory_budget = self.memory_budget, None
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; accepted: {', '.join(SELECTIONS)}")
-        given = [name for name in ("memory_budget", "budget_bytes", "budget_ratio") if getattr(self, name) is not None]
+        given = [
+            name for name in ("budget_elements", "budget_bytes", "budget_ratio") if getattr(self, name) is not None
+        ]
         if len(given) > 1:
-            raise ValueError(f"give one budget: memory_budget (elements), budget_bytes (bytes) or budget_ratio "
-                             f"(fraction), not {' and '.join(given)}")
+            raise ValueError(
+                f"give one budget: budget_elements (elements), budget_bytes (bytes) or budget_ratio "
+                f"(fraction), not {' and '.join(given)}"
+            )
         if self.budget_bytes is not None and (isinstance(self.budget_bytes, bool) or int(self.budget_bytes) <= 0):
             raise ValueError(f"budget_bytes must be a positive number of bytes, got {self.budget_bytes!r}")
-        if self.memory_budget is not None and (isinstance(self.memory_budget, bool) or int(self.memory_budget) <= 0):
-            raise ValueError(f"memory_budget must be a positive number of elements, got {self.memory_budget!r}")
+        if self.budget_elements is not None and (
+            isinstance(self.budget_elements, bool) or int(self.budget_elements) <= 0
+        ):
+            raise ValueError(f"budget_elements must be a positive number of elements, got {self.budget_elements!r}")
         if self.budget_ratio is not None and not 0.0 < float(self.budget_ratio) <= 1.0:
             raise ValueError(f"budget_ratio must be in (0, 1], got {self.budget_ratio!r}")
         if not 0.0 < float(self.coverage) <= 1.0:
@@ -171,9 +197,10 @@ class TraDyConfig(PeftConfig):
 
     @property
     def budget_description(self) -> str:
-        """The budget as written by the user, e.g. ``"5% of all channels"`` or ``"120000 elements"`` or ``"480000 bytes"``."""
-        if self.memory_budget is not None:
-            return f"{int(self.memory_budget)} elements"
+        """The budget as written by the user, e.g. ``"0.05 of the cost of every channel"``, ``"120000 elements"`` or
+        ``"480000 bytes"``."""
+        if self.budget_elements is not None:
+            return f"{int(self.budget_elements)} elements"
         if self.budget_bytes is not None:
             return f"{int(self.budget_bytes)} bytes"
         ratio = DEFAULT_BUDGET_RATIO if self.budget_ratio is None else float(self.budget_ratio)

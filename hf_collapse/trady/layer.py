@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .. import compat
+from .state import FlatStore
 
 __all__ = ["ChannelSliceFunction", "TraDyLayer", "channel_ops_for", "supported_module_types"]
 
 
-def _conv1d_class() -> Optional[type]:
+def _conv1d_class() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -97,7 +98,7 @@ class _ChannelOps:
         raise NotImplementedError
 
     # -- compute
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def select_input(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -106,8 +107,9 @@ class _ChannelOps:
     def input_grad(self, grad: torch.Tensor, weight: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta_grad(self, grad: torch.Tensor, x_sel: torch.Tensor, delta_shape: torch.Size,
-                   index: torch.Tensor) -> torch.Tensor:
+    def delta_grad(
+        self, grad: torch.Tensor, x_sel: torch.Tensor, delta_shape: torch.Size, index: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def bias_grad(self, grad: torch.Tensor) -> torch.Tensor:
@@ -217,8 +219,9 @@ class _ConvOps(_ChannelOps):
 
     def input_grad(self, grad, weight, x_shape):
         stride, padding, dilation = self._geometry()
-        return torch.nn.grad.conv2d_input(x_shape, weight.to(grad.dtype), grad, stride, padding, dilation,
-                                          self.module.groups)
+        return torch.nn.grad.conv2d_input(
+            x_shape, weight.to(grad.dtype), grad, stride, padding, dilation, self.module.groups
+        )
 
     def delta_grad(self, grad, x_sel, delta_shape, index):
         stride, padding, dilation = self._geometry()
@@ -258,11 +261,12 @@ class _DepthwiseOps(_ConvOps):
     def delta_grad(self, grad, x_sel, delta_shape, index):
         stride, padding, dilation = self._geometry()
         grad_rows = grad.index_select(1, self._weight_index(index))
-        return torch.nn.grad.conv2d_weight(x_sel.to(grad.dtype), delta_shape, grad_rows, stride, padding, dilation,
-                                           x_sel.shape[1])
+        return torch.nn.grad.conv2d_weight(
+            x_sel.to(grad.dtype), delta_shape, grad_rows, stride, padding, dilation, x_sel.shape[1]
+        )
 
 
-def channel_ops_for(module: nn.Module) -> Optional[_ChannelOps]:
+def channel_ops_for(module: nn.Module) -> _ChannelOps | None:
     """The channel operations of a supported module, ``None`` for a module TraDy cannot target.
 
     Raises:
@@ -282,14 +286,18 @@ def channel_ops_for(module: nn.Module) -> Optional[_ChannelOps]:
         return _TransposedOps(module)
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise TypeError(f"TraDy supports Conv2d with numeric zero padding only, got padding={module.padding!r}, "
-                            f"padding_mode={module.padding_mode!r}")
+            raise TypeError(
+                f"TraDy supports Conv2d with numeric zero padding only, got padding={module.padding!r}, "
+                f"padding_mode={module.padding_mode!r}"
+            )
         if module.groups == 1:
             return _ConvOps(module)
         if module.groups == module.in_channels and module.out_channels % module.in_channels == 0:
             return _DepthwiseOps(module)
-        raise TypeError(f"TraDy supports dense (groups=1) or depthwise Conv2d, got groups={module.groups} for "
-                        f"{module.in_channels} input channels")
+        raise TypeError(
+            f"TraDy supports dense (groups=1) or depthwise Conv2d, got groups={module.groups} for "
+            f"{module.in_channels} input channels"
+        )
     return None
 
 
@@ -314,8 +322,15 @@ class ChannelSliceFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta: torch.Tensor,
-                index: torch.Tensor, ops: _ChannelOps) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        delta: torch.Tensor,
+        index: torch.Tensor,
+        ops: _ChannelOps,
+    ) -> torch.Tensor:
         w_eff = ops.effective_weight(weight, delta, index)
         out = ops.forward(x, w_eff, bias)
         x_sel = ops.select_input(x, index) if ctx.needs_input_grad[3] else None
@@ -341,14 +356,6 @@ class ChannelSliceFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------- the layer
 
 
-class _FlatStore:
-    """A plain (non-Module) handle on the tuner's flat parameters, so that layers can take views of them without
-    registering them as their own parameters (deepcopy keeps the sharing)."""
-
-    def __init__(self, flat: nn.ParameterDict):
-        self.flat = flat
-
-
 class TraDyLayer(nn.Module, BaseTunerLayer):
     """A target conv/linear wrapped by TraDy: frozen ``base_layer`` plus a delta on the selected input channels.
 
@@ -371,7 +378,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ("trady_selected", "trady_offset", "trady_merged", "trady_rgn")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, store: _FlatStore, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, store: FlatStore, **kwargs: Any) -> None:
         super().__init__()
         ops = channel_ops_for(base_layer)
         if ops is None:
@@ -382,7 +389,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         self.trady_selected: dict[str, torch.Tensor] = {}
         self.trady_offset: dict[str, int] = {}
         self.trady_merged: dict[str, torch.Tensor] = {}
-        self.trady_rgn: dict[str, Optional[torch.Tensor]] = {}
+        self.trady_rgn: dict[str, torch.Tensor | None] = {}
         compat.init_tuner_layer_state(self, adapter_name)
         self._merge_backup: dict[str, torch.Tensor] = {}  # original slices under a peft merge: unmerge is exact
         self.calibrating = False
@@ -415,14 +422,14 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
             self.trady_merged[adapter_name] = self.trady_merged[adapter_name].to(device)
         return index
 
-    def _delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+    def _delta(self, adapter_name: str) -> torch.Tensor | None:
         index = self.trady_selected.get(adapter_name)
         if index is None or index.numel() == 0 or adapter_name not in self._store.flat:
             return None
         flat = self._store.flat[adapter_name]
         shape = self.ops.slice_shape(index.numel())
         start = self.trady_offset[adapter_name]
-        return flat[start:start + math.prod(shape)].view(shape)
+        return flat[start : start + math.prod(shape)].view(shape)
 
     def set_selection(self, adapter_name: str, index: torch.Tensor, offset: int) -> None:
         """Select the input channels ``index`` (sorted), whose delta starts at ``offset`` in the flat parameter."""
@@ -452,8 +459,28 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
             return torch.zeros_like(weight)
         return self.ops.effective_weight(torch.zeros_like(weight), delta.detach(), self._index(adapter_name))
 
+    # -- what a memory profiler asks (hf_collapse.profiling): this layer trains a subset of its input channels
+    profile_label = "trady"
+
+    def trained_input_channels(self) -> int:
+        """How many input channels train now: the selection of the active adapter, 0 when it is disabled, merged or
+        frozen."""
+        adapter = self.active_adapters[0] if self.active_adapters else "default"
+        index = self.trady_selected.get(adapter)
+        if index is None or self.disable_adapters or self.merged or not self.trainable_slices():
+            return 0
+        return int(index.numel())
+
+    def trained_weight_elements(self) -> int:
+        """The weight elements the trained channels update."""
+        return self.trained_input_channels() * self.weight_per_channel
+
+    def trainable_slices(self) -> list[torch.Tensor]:
+        """The parameters that hold the updates (the tuner's flat parameters, shared by every TraDy layer)."""
+        return [p for p in self._store.flat.values() if p.requires_grad]
+
     # -- peft's merge protocol
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge the current delta into the base weight (``merge_and_unload`` calls this)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         for name in adapter_names:
@@ -475,7 +502,7 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         """Put back the slices the current delta was merged into, exactly (updates merged at earlier re-samplings
         stay in the base weight)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -508,9 +535,12 @@ class TraDyLayer(nn.Module, BaseTunerLayer):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_layer" or "_modules" not in self.__dict__ or "base_layer" not in self._modules:
+            if name.startswith("_") or name == "base_layer":  # torch's own tables, or the layer not built yet
                 raise
-            return getattr(self._modules["base_layer"], name)
+            base = dict(self.named_children()).get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
 
     def __repr__(self) -> str:
         return "trady." + super().__repr__()

@@ -9,40 +9,45 @@ Life cycle::
 
     model = get_peft_model(base, TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05))   # flat parameter: empty
     calibrate(model, batches)   # a priori: positions per layer (cost model), RGN ranking -> selected layers,
-                                # flat parameter sized (in place), epoch-0 channels drawn. Optional on one process:
-                                # under a Trainer the first training forward calibrates on the training data
-    trainer = Trainer(model, args, ...)   # a TraDyCallback attaches itself: re-samples at every epoch,
-    trainer.train()                       # checkpoints the run state a resume needs
+                                # flat parameter sized (in place), epoch-0 channels drawn
+    trainer = Trainer(model, args, ..., callbacks=[TraDyCallback()])   # re-samples at every epoch, checkpoints the
+    trainer.train()                                                    # run state (and calibrates, if not done)
     model.save_pretrained("adapter")   # merged slices + current delta + selection: reload is exact
 
-The tuner is assembled from one module per concern: :mod:`~hf_collapse.trady.injection` (which layers are wrapped),
+The tuner is one class with one state object (:class:`~hf_collapse.trady.state.TraDyState`, ``tuner.trady_state``);
+what it does is functions over the two: :mod:`~hf_collapse.trady.injection` (which layers are wrapped),
 :mod:`~hf_collapse.trady.calibration` (the a priori measurements and ranking), :mod:`~hf_collapse.trady.sampling`
-(budget, flat parameter, draws, re-sampling) and :mod:`~hf_collapse.trady.state_dict` (the adapter checkpoint).
+(budget, flat parameter, draws, re-sampling, run state) and :mod:`~hf_collapse.trady.state_dict` (the adapter
+checkpoint). A Trainer drives it through :class:`~hf_collapse.trady.TraDyCallback`, which transformers' callbacks give
+the model and the optimizer: the tuner never looks for the Trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .. import compat
-
-from .calibration import NOT_CALIBRATED_MESSAGE, CalibrationMixin, calibrate
-from .injection import InjectionMixin, default_target_modules
+from . import calibration, sampling
+from .config import TraDyConfig
+from .injection import check_targets, default_target_modules
 from .layer import TraDyLayer
-from .sampling import SamplingMixin, reset_optimizer_state
 from .sharding import check_not_sharded
-from .state_dict import StateDictMixin
+from .state import FlatStore, TraDyState
+from .state_dict import add_layer_entries, load_layer_entries
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TraDyModel", "calibrate", "default_target_modules", "find_trady_model", "reset_optimizer_state"]
+__all__ = ["TraDyModel", "calibrate", "find_trady_model"]
 
 
-class TraDyModel(InjectionMixin, CalibrationMixin, SamplingMixin, StateDictMixin, BaseTuner):
+class TraDyModel(BaseTuner):
     """The TraDy tuner: created by ``peft.get_peft_model(model, TraDyConfig(...))``, not directly.
 
     Only one TraDy adapter per model is supported (the flat parameter, the merged base weights and the draws are
@@ -63,47 +68,236 @@ class TraDyModel(InjectionMixin, CalibrationMixin, SamplingMixin, StateDictMixin
     target_module_mapping: dict[str, list[str]] = {}
     uses_shared_state = True
 
+    # ------------------------------------------------------------------------------------------- peft's injection hooks
+
+    def _pre_injection_hook(self, model: nn.Module, config: TraDyConfig, adapter_name: str) -> None:
+        if len(self.peft_config) > 1:
+            raise ValueError(
+                "TraDy supports a single adapter per model (its flat parameter and the merged base weights are "
+                f"per model); it already has {sorted(n for n in self.peft_config if n != adapter_name)}"
+            )
+        if getattr(self, "trady_state", None) is None:
+            self.trady_flat = nn.ParameterDict()
+            self.trady_state = TraDyState(store=FlatStore(self.trady_flat))
+        if config.target_modules is None:
+            names = default_target_modules(model, config.modules_to_save)
+            if not names:
+                from .layer import supported_module_types
+
+                raise ValueError(
+                    f"TraDy found no module to target in {type(model).__name__}; supported: {supported_module_types()}"
+                )
+            config.target_modules = names
+        check_targets(model, config)
+
+    def _prepare_adapter_config(self, peft_config: TraDyConfig, model_config: dict) -> TraDyConfig:
+        return peft_config  # target_modules are resolved in _pre_injection_hook, from the model itself
+
+    def _create_and_replace(
+        self,
+        peft_config: TraDyConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, TraDyLayer):
+            raise ValueError(f"{current_key} already carries a TraDy adapter: one TraDy adapter per model")
+        if isinstance(target, BaseTunerLayer):
+            raise ValueError(
+                f"{current_key} already carries another peft adapter ({type(target).__name__}); "
+                "TraDy wraps plain layers only"
+            )
+        new_module = TraDyLayer(target, adapter_name, self.trady_state.store)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # As LoraModel does: BaseTuner's version copies `child.weight`, which a modules_to_save wrapper around a
+        # head without a weight (RoBERTa's classification head, ResNet's Sequential) does not have at unload time.
+        # A TraDy layer holds no tensor of its own, so there is nothing to move to the base layer's device.
+        setattr(parent, child_name, new_module)
+
+    def _post_injection_hook(self, model: nn.Module, config: TraDyConfig, adapter_name: str) -> None:
+        if adapter_name not in self.trady_flat:
+            # An empty placeholder: an optimizer built before calibration (the Trainer builds it before
+            # on_train_begin) holds this very Parameter, which calibration resizes in place.
+            first = next(iter(self.trady_layers(adapter_name).values())).get_base_layer().weight
+            self.trady_flat[adapter_name] = nn.Parameter(
+                torch.zeros(0, dtype=first.dtype, device=first.device), requires_grad=not config.inference_mode
+            )
+        if config.is_calibrated:
+            sampling.setup(self, adapter_name)
+        sampling.register_step_hook(self)
+
+    # ------------------------------------------------------------------------------------------ peft's state dict hooks
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: TraDyConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        add_layer_entries(model, adapter_name, to_return)
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: TraDyConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remaining = load_layer_entries(model, adapter_name, state_dict)
+        tuner = next((m for m in model.modules() if isinstance(m, cls)), None)
+        if tuner is not None:
+            tuner._size_placeholder(adapter_name, remaining)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, remaining)
+
+    def _size_placeholder(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Loading a checkpoint into an adapter not calibrated yet (a Trainer resuming a run its callback calibrated):
+        give the placeholder flat parameter the saved size, in place, before the optimizer is built; the calibration
+        itself comes back with the run state (:meth:`restore_run_state`)."""
+        saved = next((v for k, v in state_dict.items() if k.endswith("trady_flat")), None)
+        if saved is None or adapter_name not in self.trady_flat or self.is_calibrated(adapter_name):
+            return
+        if self.trady_flat[adapter_name].numel() != saved.numel():
+            compat.resize_parameter_(self.trady_flat[adapter_name], saved.numel())
+
     # ------------------------------------------------------------------------------------------- training forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's forward. The first training forward (train mode, gradients on) finds out who drives
-        training: under a ``transformers.Trainer`` a :class:`~hf_collapse.trady.TraDyCallback` attaches itself (and
-        calibrates the adapter on the training data if needed); elsewhere an uncalibrated adapter is refused."""
-        if self.training and torch.is_grad_enabled() and not self._callback_attached:
-            self._before_training_forward()
+        """The base model's forward. The first training forward (train mode, gradients on) refuses sharded
+        parameters, and an adapter that nothing calibrated (no :func:`calibrate`, no :class:`TraDyCallback`)."""
+        if self.training and torch.is_grad_enabled() and not self.trady_state.driven:
+            adapter_name = self.active_adapter_name()
+            if not self.peft_config[adapter_name].inference_mode:
+                if not self.trady_state.sharding_checked:
+                    check_not_sharded(self.model, action="train")
+                    self.trady_state.sharding_checked = True
+                if not self.is_calibrated(adapter_name):
+                    raise RuntimeError(sampling.NOT_CALIBRATED_MESSAGE)
         return super().forward(*args, **kwargs)
 
-    def _before_training_forward(self) -> None:
-        adapter_name = self._adapter()
-        if self.peft_config[adapter_name].inference_mode:
-            return
-        trainer = compat.running_trainer()
-        if not self.__dict__.get("_sharding_checked"):
-            check_not_sharded(self.model, trainer=trainer, action="train")
-            self.__dict__["_sharding_checked"] = True
-        if trainer is not None:
-            from .callback import attach_to_trainer
+    # ------------------------------------------------------------------------------------------- calibration, draws
 
-            attach_to_trainer(trainer)
-        elif not self.is_calibrated(adapter_name):
-            raise RuntimeError(NOT_CALIBRATED_MESSAGE)
+    def calibrate(
+        self,
+        batches: Iterable[Any],
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        num_batches: int | None = None,
+        adapter_name: str | None = None,
+    ) -> dict[str, Any]:
+        """The a priori step (:func:`hf_collapse.trady.calibrate`)."""
+        return calibration.calibrate_tuner(
+            self, batches, loss_fn=loss_fn, num_batches=num_batches, adapter_name=adapter_name
+        )
+
+    def refresh_rgn(
+        self,
+        batches: Iterable[Any],
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        num_batches: int | None = None,
+        adapter_name: str | None = None,
+    ) -> None:
+        """Recompute the channel RGN on ``batches`` (full weight gradients of the target layers: outside the
+        budget), keeping the cost model, the selected layers and the flat parameter. ``det_rgn`` uses it per epoch."""
+        calibration.refresh_rgn(self, batches, loss_fn=loss_fn, num_batches=num_batches, adapter_name=adapter_name)
+
+    def resample(self, index: int, optimizer: Any = None, adapter_name: str | None = None) -> bool:
+        """Draw the channels of epoch (or re-sampling step) ``index``: the current update is merged into the base
+        weights, the flat parameter zeroed and its optimizer state reset. Returns whether the selection changed."""
+        return sampling.resample(self, index, optimizer, adapter_name)
+
+    def is_calibrated(self, adapter_name: str | None = None) -> bool:
+        """Whether the flat parameter is allocated and channels are drawn."""
+        return sampling.is_calibrated(self, adapter_name)
+
+    def draw_index(self, adapter_name: str | None = None) -> int | None:
+        """The epoch (or re-sampling step) whose channels are selected now; ``None`` before the first draw."""
+        return sampling.draw_index(self, adapter_name)
+
+    def current_selection(self, adapter_name: str | None = None) -> dict[str, list[int]]:
+        """``{layer name: selected input channels}`` for the layers with at least one channel selected."""
+        return sampling.current_selection(self, adapter_name)
+
+    def selection_history(self, adapter_name: str | None = None) -> list[tuple[int, dict[str, int]]]:
+        """``[(index, {layer: channels selected})]`` for every draw so far (the first is the calibration's)."""
+        return sampling.selection_history(self, adapter_name)
+
+    def budget_summary(self, adapter_name: str | None = None) -> dict[str, Any]:
+        """The cost model's numbers for the current selection (elements, per sample; ``*_bytes``: the same in bytes
+        of the target weights' dtype)."""
+        return sampling.budget_summary(self, adapter_name)
+
+    def export_run_state(self, adapter_name: str | None = None) -> dict[str, Any] | None:
+        """What shapes the rest of a run and is neither in the adapter checkpoint nor derivable from the step (the
+        calibration, the draw index, the optimizer steps counted); ``None`` before calibration."""
+        return sampling.export_run_state(self, adapter_name)
+
+    def restore_run_state(self, saved: dict[str, Any], adapter_name: str | None = None) -> None:
+        """Continue a run from :meth:`export_run_state`'s record, after its adapter checkpoint was loaded."""
+        sampling.restore_run_state(self, saved, adapter_name)
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Steps run inside (:func:`hf_collapse.profiling.step_memory`) do not move the run along: the optimizer-step
+        counter (and the re-sampling it may trigger) is put back as it was, and no warning is given."""
+        saved = []
+        for name, state in self.trady_state.adapters.items():
+            config = self.peft_config[name]
+            saved.append(
+                (state, state.steps, state.last_version, state.warned_no_callback, config, config.resample_every_steps)
+            )
+            state.warned_no_callback = True
+            config.resample_every_steps = None
+        try:
+            yield
+        finally:
+            for state, steps, version, warned, config, every in saved:
+                state.steps, state.last_version, state.warned_no_callback = steps, version, warned
+                config.resample_every_steps = every
+
+    # ------------------------------------------------------------------------------------------- layers
+
+    def active_adapter_name(self) -> str:
+        """The name of the active adapter (TraDy has one)."""
+        active = self.active_adapter
+        return active if isinstance(active, str) else active[0]
+
+    def trady_layers(self, adapter_name: str | None = None) -> dict[str, TraDyLayer]:
+        """The TraDy layers by name relative to the base model, in forward order once calibrated."""
+        adapter_name = adapter_name or self.active_adapter_name()
+        layers = {
+            name: module
+            for name, module in self.model.named_modules()
+            if isinstance(module, TraDyLayer) and adapter_name in module.trady_selected
+        }
+        positions = self.peft_config[adapter_name].layer_positions or {}
+        ordered = {name: layers[name] for name in positions if name in layers}
+        ordered.update({name: layer for name, layer in layers.items() if name not in ordered})
+        return ordered
 
     # ------------------------------------------------------------------------------------------- giving the base back
 
-    def merged_channel_count(self, adapter_name: Optional[str] = None) -> int:
+    def merged_channel_count(self, adapter_name: str | None = None) -> int:
         """How many input channels hold updates merged into the base weights by earlier re-samplings (or loaded
         from a checkpoint that had them): while it is not zero the original base model cannot be given back."""
-        adapter_name = adapter_name or self._adapter()
+        adapter_name = adapter_name or self.active_adapter_name()
         return sum(int(layer.trady_merged[adapter_name].sum()) for layer in self.trady_layers(adapter_name).values())
 
     def _refuse_if_base_changed(self, action: str) -> None:
         merged = self.merged_channel_count()
         if merged:
-            layers = sum(1 for layer in self.trady_layers().values() if layer.trady_merged[self._adapter()].any())
+            name = self.active_adapter_name()
+            layers = sum(1 for layer in self.trady_layers().values() if layer.trady_merged[name].any())
             raise RuntimeError(
                 f"TraDy cannot {action}: the updates of earlier re-samplings ({merged} input channels in {layers} "
                 "layers) were merged into the base weights, so the original model no longer exists in this one. "
-                "Use merge_and_unload() for the fine-tuned model, or load the base model again for the original.")
+                "Use merge_and_unload() for the fine-tuned model, or load the base model again for the original."
+            )
 
     def disable_adapter_layers(self) -> None:
         """Run the base model without the adapter (``with peft_model.disable_adapter():``).
@@ -139,8 +333,7 @@ class TraDyModel(InjectionMixin, CalibrationMixin, SamplingMixin, StateDictMixin
         super().delete_adapter(adapter_name)
         if adapter_name in self.trady_flat:
             del self.trady_flat[adapter_name]
-        self._states.pop(adapter_name, None)
-# ----------------------------------------------------------------------------------------------- helpers
+        self.trady_state.adapters.pop(adapter_name, None)
 
 
 def find_trady_model(model: nn.Module) -> TraDyModel:
@@ -154,16 +347,56 @@ def find_trady_model(model: nn.Module) -> TraDyModel:
         >>> tuner = find_trady_model(trainer.model_wrapped)        # doctest: +SKIP
         >>> tuner.current_selection()                              # doctest: +SKIP
     """
-    seen = model
-    while hasattr(seen, "module") and isinstance(seen.module, nn.Module) and not isinstance(seen, TraDyModel):
-        seen = seen.module  # DDP and friends
-    if isinstance(seen, TraDyModel):
-        return seen
-    base = getattr(seen, "base_model", None)
+    from ..architectures.base import unwrap_model
+
+    found = unwrap_model(model, keep_peft=True)
+    if isinstance(found, TraDyModel):
+        return found
+    base = getattr(found, "base_model", None)
     if isinstance(base, TraDyModel):
         return base
-    for module in seen.modules():
+    for module in found.modules():
         if isinstance(module, TraDyModel):
             return module
-    raise ValueError(f"{type(model).__name__} holds no TraDy adapter: create it with "
-                     "peft.get_peft_model(model, hf_collapse.trady.TraDyConfig(...))")
+    raise ValueError(
+        f"{type(model).__name__} holds no TraDy adapter: create it with "
+        "peft.get_peft_model(model, hf_collapse.trady.TraDyConfig(...))"
+    )
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    num_batches: int | None = None,
+) -> dict[str, Any]:
+    """TraDy's a priori step, to run once before training (and before the optimizer is created).
+
+    On ``num_batches`` (default ``config.calibration_batches``) batches it measures the activation positions per
+    sample of every target layer (tokens or ``H·W``: the cost model) and, unless the config already holds
+    ``selected_layers`` (reuse across tasks), the reweighted gradient norm ``RGN_c = ‖∂L/∂W_c‖ / cost_c`` of every
+    input channel, from full weight gradients of the target layers (one-off, outside the budget). The top layers
+    covering ``coverage`` of the total RGN are kept (within ``max_depth``). Then the flat parameter is allocated and
+    the first channels are drawn. Under DDP the measurements are summed over ranks, so every rank agrees.
+
+    Args:
+        model: a ``PeftModel`` with a TraDy adapter (or its tuner).
+        batches: an iterable of model inputs (dicts, e.g. a ``DataLoader``), with labels unless ``loss_fn`` is given.
+        loss_fn: ``loss_fn(outputs, batch) -> loss`` when the outputs carry no ``loss``.
+        num_batches: how many batches to use.
+
+    Returns:
+        A summary: batches used, selected layers, the layers drawn from, the budget (elements) and the capacity.
+
+    Raises:
+        ValueError: no loss, no batch, a budget too small for one channel, unknown ``selected_layers``.
+        hf_collapse.trady.sharding.ShardedTrainingError: under FSDP / DeepSpeed ZeRO / DTensor parameters (TraDy
+            supports one device and DDP).
+
+    Example::
+
+        >>> peft_model = get_peft_model(model, TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05))  # doctest: +SKIP
+        >>> calibrate(peft_model, DataLoader(train, batch_size=16, collate_fn=collator))         # doctest: +SKIP
+        {'batches': 4, 'selected_layers': [...], ...}
+    """
+    return find_trady_model(model).calibrate(batches, loss_fn=loss_fn, num_batches=num_batches)

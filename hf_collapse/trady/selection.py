@@ -5,7 +5,7 @@ Cost of input channel ``c`` of a target layer, in elements:
     cost_c = weight-gradient elements of its slice (C_out·kh·kw for a conv, C_out for a linear)
            + activation elements saved for backward per sample (H·W for a conv, tokens for a linear)
 
-The budget is ``memory_budget`` elements, or ``budget_ratio`` of the cost of updating every channel of every target
+The budget is ``budget_elements`` elements, or ``budget_ratio`` of the cost of updating every channel of every target
 layer. The reweighted gradient norm ``RGN_c = ‖∂L/∂W_c‖ / cost_c``, accumulated over a few calibration batches,
 ranks the layers once (a priori); the top layers that cover ``coverage`` of the cumulative RGN are kept.
 
@@ -15,8 +15,8 @@ Every function here is pure (no model), so the draws are easy to test and identi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -66,10 +66,15 @@ class LayerCost:
         return self.in_channels * self.channel_cost
 
 
-def budget_elements(costs: Sequence[LayerCost], memory_budget: Optional[int], budget_ratio: Optional[float],
-                    default_ratio: float = 0.05, budget_bytes: Optional[int] = None,
-                    bytes_per_element: int = 4) -> float:
-    """The budget in elements: ``memory_budget``, or ``budget_bytes / bytes_per_element``, or ``budget_ratio`` of the
+def budget_elements(
+    costs: Sequence[LayerCost],
+    elements: int | None,
+    budget_ratio: float | None,
+    default_ratio: float = 0.05,
+    budget_bytes: int | None = None,
+    bytes_per_element: int = 4,
+) -> float:
+    """The budget in elements: ``elements``, or ``budget_bytes / bytes_per_element``, or ``budget_ratio`` of the
     cost of every channel of ``costs``.
 
     Example:
@@ -78,15 +83,15 @@ def budget_elements(costs: Sequence[LayerCost], memory_budget: Optional[int], bu
         >>> budget_elements([LayerCost("fc", 10, 4, 6.0)], None, None, budget_bytes=200, bytes_per_element=4)
         50.0
     """
-    if memory_budget is not None:
-        return float(memory_budget)
+    if elements is not None:
+        return float(elements)
     if budget_bytes is not None:
         return float(budget_bytes) / int(bytes_per_element)
     ratio = default_ratio if budget_ratio is None else float(budget_ratio)
     return ratio * sum(c.full_cost for c in costs)
 
 
-def candidate_layers(order: Sequence[str], max_depth: Optional[int]) -> list[str]:
+def candidate_layers(order: Sequence[str], max_depth: int | None) -> list[str]:
     """The layers allowed by ``max_depth``: the last ``max_depth`` of ``order`` (forward order), or all of them.
 
     Example::
@@ -97,11 +102,12 @@ def candidate_layers(order: Sequence[str], max_depth: Optional[int]) -> list[str
     order = list(order)
     if max_depth is None or max_depth >= len(order):
         return order
-    return order[len(order) - int(max_depth):]
+    return order[len(order) - int(max_depth) :]
 
 
-def select_layers_by_rgn(layer_rgn: Mapping[str, float], coverage: float,
-                         allowed: Optional[Iterable[str]] = None) -> list[str]:
+def select_layers_by_rgn(
+    layer_rgn: Mapping[str, float], coverage: float, allowed: Iterable[str] | None = None
+) -> list[str]:
     """The fewest layers of highest RGN whose RGN sum reaches ``coverage`` of the total (ties: forward order).
 
     Returns the kept layers in the order of ``layer_rgn`` (forward order when it comes from calibration).
@@ -171,8 +177,9 @@ def flat_capacity(costs: Sequence[LayerCost], budget: float) -> int:
     return int(min(capacity, math.ceil(bound), total_weight))
 
 
-def _fill(order: Sequence[tuple[int, int]], costs: Sequence[LayerCost], budget: float,
-          capacity: int) -> dict[str, list[int]]:
+def _fill(
+    order: Sequence[tuple[int, int]], costs: Sequence[LayerCost], budget: float, capacity: int
+) -> dict[str, list[int]]:
     """Take ``(layer, channel)`` pairs in ``order`` while they fit in the budget and the capacity."""
     chosen: dict[str, list[int]] = {c.name: [] for c in costs}
     cheapest = min(c.channel_cost for c in costs)
@@ -189,8 +196,9 @@ def _fill(order: Sequence[tuple[int, int]], costs: Sequence[LayerCost], budget: 
     return {name: sorted(channels) for name, channels in chosen.items() if channels}
 
 
-def draw_random_channels(costs: Sequence[LayerCost], budget: float, capacity: int,
-                         generator: torch.Generator) -> dict[str, list[int]]:
+def draw_random_channels(
+    costs: Sequence[LayerCost], budget: float, capacity: int, generator: torch.Generator
+) -> dict[str, list[int]]:
     """Channels drawn uniformly at random from the pooled channels of ``costs`` until the budget is full.
 
     The pooled channels are visited in a random order; a channel is taken when it still fits (so the budget is
@@ -215,8 +223,9 @@ def draw_random_channels(costs: Sequence[LayerCost], budget: float, capacity: in
     return _fill(list(zip(layer_of.tolist(), channel_of.tolist())), costs, budget, capacity)
 
 
-def draw_top_rgn_channels(costs: Sequence[LayerCost], channel_rgn: Mapping[str, torch.Tensor], budget: float,
-                          capacity: int) -> dict[str, list[int]]:
+def draw_top_rgn_channels(
+    costs: Sequence[LayerCost], channel_rgn: Mapping[str, torch.Tensor], budget: float, capacity: int
+) -> dict[str, list[int]]:
     """The pooled channels of highest RGN, taken in decreasing order while they fit (the ``det_rgn`` baseline).
 
     Raises:

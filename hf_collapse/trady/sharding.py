@@ -17,23 +17,30 @@ supported.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
-__all__ = ["SUPPORTED_PARALLELISM", "ShardedTrainingError", "check_not_sharded", "sharding_in_accelerator",
-           "sharding_in_model"]
+__all__ = [
+    "SUPPORTED_PARALLELISM",
+    "ShardedTrainingError",
+    "check_not_sharded",
+    "sharding_in_accelerator",
+    "sharding_in_model",
+]
 
 #: What TraDy supports, for the refusal messages.
-SUPPORTED_PARALLELISM = ("a single device (CPU or one accelerator) and DDP (torchrun, or accelerate launch / "
-                         "Trainer with replicated parameters)")
+SUPPORTED_PARALLELISM = (
+    "a single device (CPU or one accelerator) and DDP (torchrun, or accelerate launch / "
+    "Trainer with replicated parameters)"
+)
 
 
 class ShardedTrainingError(RuntimeError):
     """TraDy was asked to run on sharded parameters (FSDP, DeepSpeed ZeRO, DTensor)."""
 
 
-def sharding_in_model(model: nn.Module) -> Optional[str]:
+def sharding_in_model(model: nn.Module) -> str | None:
     """What shards ``model``'s parameters, in words, or ``None`` when nothing does.
 
     Example::
@@ -66,7 +73,7 @@ def sharding_in_model(model: nn.Module) -> Optional[str]:
     return None
 
 
-def sharding_in_accelerator(trainer: Any = None) -> Optional[str]:
+def sharding_in_accelerator(trainer: Any = None) -> str | None:
     """FSDP or DeepSpeed in ``trainer``'s accelerator or in ``accelerate``'s process-wide state, in words, or ``None``.
 
     Reads ``trainer.is_fsdp_enabled`` / ``trainer.is_deepspeed_enabled`` (set by ``transformers.Trainer`` from its
@@ -92,7 +99,7 @@ def sharding_in_accelerator(trainer: Any = None) -> Optional[str]:
     return None
 
 
-def check_not_sharded(model: Optional[nn.Module] = None, trainer: Any = None, action: str = "train") -> None:
+def check_not_sharded(model: nn.Module | None = None, trainer: Any = None, action: str = "train") -> None:
     """Refuse to ``action`` when the model's parameters are sharded or the accelerator shards them.
 
     Raises:
@@ -110,4 +117,5 @@ def check_not_sharded(model: Optional[nn.Module] = None, trainer: Any = None, ac
             f"TraDy cannot {action} under {found}: it merges channel updates into the base weights in place and "
             "resizes and resets one flat parameter, which sharded parameters would silently lose or corrupt. "
             f"Supported: {SUPPORTED_PARALLELISM}; for memory savings on top, combine TraDy with gradient "
-            "checkpointing or mixed precision, not with parameter sharding.")
+            "checkpointing or mixed precision, not with parameter sharding."
+        )

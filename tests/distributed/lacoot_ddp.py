@@ -11,18 +11,37 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
+from toy_training import PadOnlyCollator, accuracy, finish_distributed, tiny_bert, toy_dataset  # noqa: E402
+
 from hf_collapse import LaCoOTArguments, LaCoOTTrainer, push_to_hub  # noqa: E402
 from hf_collapse.hub import save_with_card  # noqa: E402
-from toy_training import finish_distributed, PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # noqa: E402
 
 
 def main(out: str) -> None:
-    args = LaCoOTArguments(output_dir=out, per_device_train_batch_size=4, num_train_epochs=6, learning_rate=5e-3,
-                           logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-                           disable_tqdm=True, ddp_backend="gloo", msw_weight=0.5, dataloader_num_workers=0)
+    args = LaCoOTArguments(
+        output_dir=out,
+        per_device_train_batch_size=4,
+        num_train_epochs=6,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        ddp_backend="gloo",
+        msw_weight=0.5,
+        dataloader_num_workers=0,
+    )
     model = tiny_bert(seed=0)
-    trainer = LaCoOTTrainer(model=model, args=args, train_dataset=toy_dataset(32), eval_dataset=toy_dataset(16, seed=1),
-                            data_collator=PadOnlyCollator(), compute_metrics=accuracy)
+    trainer = LaCoOTTrainer(
+        model=model,
+        args=args,
+        train_dataset=toy_dataset(32),
+        eval_dataset=toy_dataset(16, seed=1),
+        data_collator=PadOnlyCollator(),
+        compute_metrics=accuracy,
+    )
     initial_directions = {}
     original = trainer.msw_penalty
 
@@ -39,15 +58,27 @@ def main(out: str) -> None:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Every rank scores and collapses (the scores are pooled over the ranks' eval shards); one rank saves / pushes.
     scores = trainer.block_scores()
-    collapsed, report = trainer.collapse(num_blocks=1, latency_repeats=0)
+    collapsed, report = trainer.collapse(num_units=1, latency_repeats=0)
     if trainer.is_world_process_zero():
         save_with_card(collapsed, os.path.join(out, "collapsed"), report)
-    pushed = (push_to_hub(collapsed, "tester/ddp-collapsed", report=report, token="hf_test")
-              if os.environ.get("HF_ENDPOINT") else "no hub")
-    torch.save({"state": state, "losses": losses, "world_size": dist.get_world_size(),
-                "directions": initial_directions, "scores": scores, "removed": report.removed,
-                "metrics": [s.metric for s in report.steps], "pushed": pushed},
-               os.path.join(out, f"rank{rank}.pt"))
+    pushed = (
+        push_to_hub(collapsed, "tester/ddp-collapsed", report=report, token="hf_test")
+        if os.environ.get("HF_ENDPOINT")
+        else "no hub"
+    )
+    torch.save(
+        {
+            "state": state,
+            "losses": losses,
+            "world_size": dist.get_world_size(),
+            "directions": initial_directions,
+            "scores": scores,
+            "removed": report.removed,
+            "metrics": [s.metric for s in report.steps],
+            "pushed": pushed,
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
+from toy_training import PadOnlyCollator, accuracy, penalized_loop, tiny_bert, toy_dataset  # noqa: E402
+
 import hf_collapse  # noqa: E402
 from hf_collapse import MSWPenalty  # noqa: E402
 from hf_collapse.distributed import full_state_dict, is_sharded, unsharded_copy  # noqa: E402
-from toy_training import PadOnlyCollator, accuracy, penalized_loop, tiny_bert, toy_dataset  # noqa: E402
 
 STEPS, BATCH, LAMBDA, LR = 4, 4, 0.5, 0.1
 
@@ -39,8 +40,9 @@ def train(weight: float, shard: bool, same_data: bool, rank: int):
             fully_shard(layer)
         fully_shard(model)
     batches = [batch_for(step, rank, same_data) for step in range(STEPS)]
-    history, _ = penalized_loop(model, penalty, batches, weight=weight,
-                                optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+    history, _ = penalized_loop(
+        model, penalty, batches, weight=weight, optimizer=torch.optim.SGD(model.parameters(), lr=LR)
+    )
     return model, penalty, history
 
 
@@ -88,19 +90,39 @@ def main(out: str) -> None:
 
     # LaCoOTTrainer.collapse on the sharded model (hooks registered after sharding, this time): it gathers a whole
     # copy on every rank, and every rank removes the same block with the same metrics.
-    args = hf_collapse.LaCoOTArguments(os.path.join(out, "trainer"), report_to=[], use_cpu=True, seed=0,
-                                       disable_tqdm=True, ddp_backend="gloo", per_device_eval_batch_size=8)
-    trainer = hf_collapse.LaCoOTTrainer(model=model, args=args, eval_dataset=toy_dataset(16, seed=5),
-                                        data_collator=PadOnlyCollator(), compute_metrics=accuracy)
-    _, trainer_report = trainer.collapse(num_blocks=1, scores=scores, latency_repeats=0)
+    args = hf_collapse.LaCoOTArguments(
+        os.path.join(out, "trainer"),
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        ddp_backend="gloo",
+        per_device_eval_batch_size=8,
+    )
+    trainer = hf_collapse.LaCoOTTrainer(
+        model=model,
+        args=args,
+        eval_dataset=toy_dataset(16, seed=5),
+        data_collator=PadOnlyCollator(),
+        compute_metrics=accuracy,
+    )
+    _, trainer_report = trainer.collapse(num_units=1, scores=scores, latency_repeats=0)
     assert is_sharded(model)  # the trained model is untouched
     trainer.penalty.remove()
-    result = {"rank": rank, "world_size": dist.get_world_size(), "history": history, "block_grads": block_grads,
-              "trained": trained, "moved_by_penalty": moved_by_penalty, "scores": scores,
-              "same_history": same_history, "sharded_logits": sharded_logits,
-              "everywhere": {k: v.detach().clone() for k, v in everywhere.state_dict().items()},
-              "trainer_removed": [r["name"] for r in trainer_report.removed],
-              "trainer_metrics": [s.metric for s in trainer_report.steps]}
+    result = {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "history": history,
+        "block_grads": block_grads,
+        "trained": trained,
+        "moved_by_penalty": moved_by_penalty,
+        "scores": scores,
+        "same_history": same_history,
+        "sharded_logits": sharded_logits,
+        "everywhere": {k: v.detach().clone() for k, v in everywhere.state_dict().items()},
+        "trainer_removed": [r["name"] for r in trainer_report.removed],
+        "trainer_metrics": [s.metric for s in trainer_report.steps],
+    }
     if rank == 0:
         assert full is not None and not isinstance(full.classifier.weight, DTensor)
         single, _, single_history = train(LAMBDA, shard=False, same_data=True, rank=0)
@@ -108,7 +130,7 @@ def main(out: str) -> None:
         result["single_history"] = single_history
         with torch.no_grad():
             result["copy_vs_sharded"] = float((full.eval()(**probe).logits - sharded_logits).abs().max())
-        collapsed, report = hf_collapse.collapse(full, scores, num_blocks=1, latency_repeats=0, progress=False)
+        collapsed, report = hf_collapse.collapse(full, scores, num_units=1, latency_repeats=0, progress=False)
         collapsed.save_pretrained(os.path.join(out, "collapsed"))
         with torch.no_grad():
             result["collapsed_logits"] = collapsed.eval()(**probe).logits

@@ -14,9 +14,10 @@ from transformers import TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
+from toy_training import PadOnlyCollator, accuracy, finish_distributed, tiny_bert, toy_dataset  # noqa: E402
+
 import hf_collapse  # noqa: E402
 from hf_collapse.tlc import TLCConfig, compress  # noqa: E402
-from toy_training import finish_distributed, PadOnlyCollator, accuracy, tiny_bert, toy_dataset  # noqa: E402
 
 
 class Crash(RuntimeError):
@@ -34,21 +35,44 @@ class CrashOnSecondFinetune(TrainerCallback):
 
 
 def run(out: str, **kwargs):
-    args = TrainingArguments(out, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=2e-2,
-                             report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
-                             ddp_backend="gloo", dataloader_num_workers=0, logging_steps=1)
-    return compress(tiny_bert(seed=0), TLCConfig(target_layers=2, calibration_batches=2, finetune_steps=8),
-                    toy_dataset(32), toy_dataset(16, seed=1), args, data_collator=PadOnlyCollator(),
-                    compute_metrics=accuracy, **kwargs)
+    args = TrainingArguments(
+        out,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=2e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        ddp_backend="gloo",
+        dataloader_num_workers=0,
+        logging_steps=1,
+    )
+    return compress(
+        tiny_bert(seed=0),
+        TLCConfig(num_units=2, calibration_batches=2, finetune_steps=8),
+        toy_dataset(32),
+        toy_dataset(16, seed=1),
+        args,
+        data_collator=PadOnlyCollator(),
+        compute_metrics=accuracy,
+        **kwargs,
+    )
 
 
 def main(out: str) -> None:
     compressed, report = run(out)
-    torch.save({"state": {k: v.detach().clone() for k, v in compressed.state_dict().items()},
-                "edits": hf_collapse.collapse_record(compressed)["edits"], "world_size": dist.get_world_size(),
-                "metrics": [s.metric for s in report.steps],
-                "finetune_losses": [s.details["finetune_losses"] for s in report.steps[1:]]},
-               os.path.join(out, f"rank{dist.get_rank()}.pt"))
+    torch.save(
+        {
+            "state": {k: v.detach().clone() for k, v in compressed.state_dict().items()},
+            "edits": hf_collapse.collapse_record(compressed)["edits"],
+            "world_size": dist.get_world_size(),
+            "metrics": [s.metric for s in report.steps],
+            "finetune_losses": [s.details["finetune_losses"] for s in report.steps[1:]],
+        },
+        os.path.join(out, f"rank{dist.get_rank()}.pt"),
+    )
 
     interrupted = os.path.join(out, "interrupted")
     try:
@@ -59,8 +83,9 @@ def main(out: str) -> None:
     resumed, resumed_report = run(interrupted, resume_from=os.path.join(interrupted, "tlc_progress"))
     assert hf_collapse.collapse_record(resumed) == hf_collapse.collapse_record(compressed)
     assert [s.metric for s in resumed_report.steps] == [s.metric for s in report.steps]
-    assert [s.details.get("finetune_losses") for s in resumed_report.steps] == \
-        [s.details.get("finetune_losses") for s in report.steps]
+    assert [s.details.get("finetune_losses") for s in resumed_report.steps] == [
+        s.details.get("finetune_losses") for s in report.steps
+    ]
     expected = compressed.state_dict()
     for name, tensor in resumed.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0)

@@ -17,7 +17,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from toy_training import finish_distributed, PadOnlyCollator, tiny_bert, toy_dataset  # noqa: E402
+from toy_training import PadOnlyCollator, finish_distributed, tiny_bert, toy_dataset  # noqa: E402
+
 from hf_collapse.trady import TraDyCallback, TraDyConfig, calibrate, find_trady_model  # noqa: E402
 
 
@@ -30,37 +31,65 @@ class Recorder(TrainerCallback):
 
 
 def main(out: str) -> None:
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, num_train_epochs=10, learning_rate=3e-2,
-                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-                             disable_tqdm=True, ddp_backend="gloo", dataloader_num_workers=0)
+    args = TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=4,
+        num_train_epochs=10,
+        learning_rate=3e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        ddp_backend="gloo",
+        dataloader_num_workers=0,
+    )
     # coverage=1.0 keeps every layer: the RGN ranking keeps 3 of 19 here, too few to learn the toy task in 40 steps
     model = get_peft_model(tiny_bert(seed=0), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.5, coverage=1.0))
     data = toy_dataset(32)
     collator = PadOnlyCollator()
     recorder = Recorder()
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
-                      callbacks=[TraDyCallback(), recorder])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[TraDyCallback(), recorder]
+    )
     rank = dist.get_rank()
     # different calibration data on each rank
     calibrate(model, [collator([data[i] for i in range(8 * rank + 4 * b, 8 * rank + 4 * b + 4)]) for b in range(2)])
     trainer.train()
     tuner = find_trady_model(model)
-    # The peft way without calibrate cannot be made correct under DDP (DDP registered the parameters): refused
+    # The callback cannot calibrate under DDP (DDP registered the parameters before training begins): refused
     lazy = get_peft_model(tiny_bert(seed=0), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.5))
-    lazy_args = TrainingArguments(output_dir=os.path.join(out, "lazy"), per_device_train_batch_size=4, max_steps=1,
-                                  report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-                                  ddp_backend="gloo")
+    lazy_args = TrainingArguments(
+        output_dir=os.path.join(out, "lazy"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        ddp_backend="gloo",
+    )
     try:
-        Trainer(model=lazy, args=lazy_args, train_dataset=data, data_collator=collator).train()
+        Trainer(
+            model=lazy, args=lazy_args, train_dataset=data, data_collator=collator, callbacks=[TraDyCallback()]
+        ).train()
         refusal = None
     except RuntimeError as error:
         refusal = str(error)
     state = {name: p.detach().clone() for name, p in model.named_parameters()}
-    torch.save({"world_size": dist.get_world_size(), "selections": recorder.selections,
-                "selected_layers": model.peft_config["default"].selected_layers,
-                "capacity": tuner.trady_flat["default"].numel(), "state": state,
-                "refusal": refusal, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "world_size": dist.get_world_size(),
+            "selections": recorder.selections,
+            "selected_layers": model.peft_config["default"].selected_layers,
+            "capacity": tuner.trady_flat["default"].numel(),
+            "state": state,
+            "refusal": refusal,
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
 
 
 if __name__ == "__main__":

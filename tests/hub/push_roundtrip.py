@@ -13,19 +13,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from local_hub import HubTarget  # noqa: E402
+from tiny_models import CASES_BY_NAME, dit_pipeline, output_of, pipeline_images  # noqa: E402
 
 import hf_collapse  # noqa: E402
 from hf_collapse.hub import loading_code, model_card, push_to_hub, save_with_card  # noqa: E402
 from hf_collapse.tlc import activation_sites, activation_statistics, linearize  # noqa: E402
-from local_hub import HubTarget  # noqa: E402
-from tiny_models import CASES_BY_NAME, dit_pipeline, output_of, pipeline_images  # noqa: E402
+
 
 def same_files(local: Path, pushed: Path) -> dict:
     local_files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     pushed_files = sorted(p.relative_to(pushed).as_posix() for p in pushed.rglob("*") if p.is_file())
-    return {"same_files": local_files == pushed_files, "files": pushed_files,
-            "same_bytes": all((local / f).read_bytes() == (pushed / f).read_bytes() for f in local_files
-                              if f in pushed_files)}
+    return {
+        "same_files": local_files == pushed_files,
+        "files": pushed_files,
+        "same_bytes": all(
+            (local / f).read_bytes() == (pushed / f).read_bytes() for f in local_files if f in pushed_files
+        ),
+    }
 
 
 def download_snapshot(repo_id: str) -> Path:
@@ -42,14 +47,17 @@ def download_snapshot(repo_id: str) -> Path:
 store = Path(sys.argv[1])
 target = HubTarget()
 findings = {}
-for name, removal, repo_id in (("bert", ["encoder.layer.2"], target.repo("bert-collapsed")),
-                               ("mobilenet_v2", ["layer.3"], target.repo("mobilenet-collapsed")),
-                               ("dit", ["transformer_blocks.1"], target.repo("dit-collapsed"))):
+for name, removal, repo_id in (
+    ("bert", ["encoder.layer.2"], target.repo("bert-collapsed")),
+    ("mobilenet_v2", ["layer.3"], target.repo("mobilenet-collapsed")),
+    ("dit", ["transformer_blocks.1"], target.repo("dit-collapsed")),
+):
     case = CASES_BY_NAME[name]
     model = case.build()
     scores = {removal[0]: 0.5}
-    collapsed, report = hf_collapse.collapse(model, scores, num_blocks=1, eval_fn=lambda m: 0.75,
-                                             metric_name="accuracy", latency_repeats=1, progress=False)
+    collapsed, report = hf_collapse.collapse(
+        model, scores, num_units=1, eval_fn=lambda m: 0.75, metric_name="accuracy", latency_repeats=1, progress=False
+    )
     inputs = case.inputs()
     expected = output_of(collapsed, inputs)
 
@@ -71,8 +79,15 @@ for name, removal, repo_id in (("bert", ["encoder.layer.2"], target.repo("bert-c
     exec(loading_code(collapsed, str(local)), namespace)  # the card's own loading code, on the saved folder
     result["card_code_error"] = (output_of(namespace["model"].eval(), inputs) - expected).abs().max().item()
 
-    push_to_hub(collapsed, repo_id, report=report, token=target.token, private=target.private,
-                base_model="tester/base", datasets=["tester/data"])
+    push_to_hub(
+        collapsed,
+        repo_id,
+        report=report,
+        token=target.token,
+        private=target.private,
+        base_model="tester/base",
+        datasets=["tester/data"],
+    )
     result.update(same_files(local, target.pushed(store, repo_id)))
 
     cache = tempfile.mkdtemp()
@@ -87,12 +102,20 @@ for name, removal, repo_id in (("bert", ["encoder.layer.2"], target.repo("bert-c
 # Diffusers pipelines: the whole pipeline is pushed, its collapsed transformer inside. A removed DiT block is
 # expressed by the config (plain DiTPipeline.from_pretrained); a TLC-linearized MLP on top of it is not (the card
 # loads that component with AutoCollapsedModel and passes it to the pipeline).
-for name, linearized, repo_id in (("dit_pipeline", False, target.repo("dit-pipeline-collapsed")),
-                                  ("dit_pipeline_tlc", True, target.repo("dit-pipeline-tlc"))):
+for name, linearized, repo_id in (
+    ("dit_pipeline", False, target.repo("dit-pipeline-collapsed")),
+    ("dit_pipeline_tlc", True, target.repo("dit-pipeline-tlc")),
+):
     pipe = dit_pipeline()
-    collapsed, report = hf_collapse.collapse(pipe.transformer, {"transformer_blocks.1": 0.5}, num_blocks=1,
-                                             eval_fn=lambda m: 0.75, metric_name="accuracy", latency_repeats=1,
-                                             progress=False)
+    collapsed, report = hf_collapse.collapse(
+        pipe.transformer,
+        {"transformer_blocks.1": 0.5},
+        num_units=1,
+        eval_fn=lambda m: 0.75,
+        metric_name="accuracy",
+        latency_repeats=1,
+        progress=False,
+    )
     if linearized:
         site = activation_sites(collapsed)[0]
         stats = activation_statistics(collapsed, [CASES_BY_NAME["dit"].inputs()], [site])[site.name]
@@ -101,12 +124,16 @@ for name, linearized, repo_id in (("dit_pipeline", False, target.repo("dit-pipel
     expected = pipeline_images(pipe)
     card = model_card(pipe, report, repo_id=repo_id, base_model="tester/base")
     card.validate()
-    result = {"metric_value": card.data.eval_results[0].metric_value, "report_metric": report.after.metric,
-              "tags": card.data.tags, "library": card.data.library_name,
-              "params_in_card": hf_collapse.report.format_count(report.after.params) in card.text,
-              "flops_in_card": hf_collapse.report.format_count(report.after.flops) in card.text,
-              "uses_auto_collapsed": "AutoCollapsedModel" in card.text,
-              "names_component": "`transformer`" in card.text}
+    result = {
+        "metric_value": card.data.eval_results[0].metric_value,
+        "report_metric": report.after.metric,
+        "tags": card.data.tags,
+        "library": card.data.library_name,
+        "params_in_card": hf_collapse.report.format_count(report.after.params) in card.text,
+        "flops_in_card": hf_collapse.report.format_count(report.after.flops) in card.text,
+        "uses_auto_collapsed": "AutoCollapsedModel" in card.text,
+        "names_component": "`transformer`" in card.text,
+    }
 
     local = Path(tempfile.mkdtemp())
     save_with_card(pipe, local, report, repo_id=repo_id, base_model="tester/base")

@@ -1,4 +1,4 @@
-"""Measured memory accounting of a training step: what is saved for backward, and by whom.
+"""Measured memory of a training step, for any model: what is saved for backward and by whom, and the peak.
 
 :func:`memory_report` runs one forward and backward pass under ``torch.autograd.graph.saved_tensors_hooks`` and
 counts every tensor autograd keeps for backward (by storage, once, parameters excluded), split into:
@@ -11,23 +11,31 @@ counts every tensor autograd keeps for backward (by storage, once, parameters ex
   layer that trains.
 
 It also reports the weight-gradient elements, the FLOPs of the forward and backward passes (measured with
-``torch.utils.flop_counter``), the analytic weight-derivative FLOPs, and, for a TraDy model, the paper's activation
-sparsity, weight-derivative sparsity and weight-derivative FLOPs reduction (relative to updating every channel of
-every target layer).
+``torch.utils.flop_counter``), the analytic weight-derivative FLOPs, and, for a model whose adapter layers train a
+subset of their input channels (TraDy), the paper's activation sparsity, weight-derivative sparsity and
+weight-derivative FLOPs reduction (relative to updating every channel of every target layer).
 
 :func:`step_memory` measures the *peak* memory of one whole training step (forward, backward and optimizer step)
 and splits it into parameters, gradients, optimizer state and activations (everything else live at the peak). On
 CUDA it reads the caching allocator's counters (``torch.cuda.max_memory_allocated``); on CPU it replays the
 allocation and free events the PyTorch profiler records (``profile_memory=True``), whose running sum peaks where
 the step does.
+
+The profiler knows no particular method. A peft tuner layer that trains a subset of its input channels says so
+through three methods (TraDy's layers have them): ``trained_input_channels()`` (how many channels train now),
+``trained_weight_elements()`` (the weight elements they update) and ``trainable_slices()`` (the parameters that hold
+those updates, possibly shared between layers), plus a ``profile_label`` attribute (``"trady"``). A module of the
+model with a ``measuring()`` context manager is entered while the steps are measured (TraDy's tuner puts its step
+counter back after it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -35,7 +43,8 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layer import TraDyLayer, channel_ops_for
+from . import compat
+from .architectures.base import unwrap_model
 
 __all__ = ["MemoryReport", "PHASES", "StepMemory", "memory_report", "peak_memory_bytes", "step_memory"]
 
@@ -66,10 +75,10 @@ class MemoryReport:
     backward_flops: int
     weight_derivative_flops: int
     dense_weight_derivative_flops: int
-    activation_sparsity: Optional[float] = None
-    weight_derivative_sparsity: Optional[float] = None
-    weight_derivative_flops_reduction: Optional[float] = None
-    lowest_trained_layer: Optional[str] = None
+    activation_sparsity: float | None = None
+    weight_derivative_sparsity: float | None = None
+    weight_derivative_flops_reduction: float | None = None
+    lowest_trained_layer: str | None = None
     target_layers: int = 0
     layers: list[dict[str, Any]] = field(default_factory=list)
 
@@ -86,7 +95,7 @@ class MemoryReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def to_markdown(self, reference: Optional["MemoryReport"] = None) -> str:
+    def to_markdown(self, reference: MemoryReport | None = None) -> str:
         """A two-column table (value, and ratio to ``reference`` when given, e.g. full fine-tuning's report)."""
         rows = [
             ("saved for backward, total (bytes)", self.saved_bytes_total, "saved_bytes_total"),
@@ -105,9 +114,11 @@ class MemoryReport:
                 base = getattr(reference, key)
                 line += f" {value / base:.3f} |" if base else " - |"
             lines.append(line)
-        for label, value in (("activation sparsity", self.activation_sparsity),
-                             ("weight-derivative sparsity", self.weight_derivative_sparsity),
-                             ("weight-derivative FLOPs reduction", self.weight_derivative_flops_reduction)):
+        for label, value in (
+            ("activation sparsity", self.activation_sparsity),
+            ("weight-derivative sparsity", self.weight_derivative_sparsity),
+            ("weight-derivative FLOPs reduction", self.weight_derivative_flops_reduction),
+        ):
             if value is not None:
                 lines.append(f"| {label} | {value:.4f} |" + (" |" if reference else ""))
         if self.lowest_trained_layer:
@@ -115,19 +126,28 @@ class MemoryReport:
         return "\n".join(lines)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
-        model = model.module
-    return model
+def _channels(module: nn.Module) -> tuple[int, bool] | None:
+    """``(input channels, whether the output's channels are on axis 1)`` of a Linear, Conv2d or transformers' Conv1D;
+    ``None`` for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, False
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, True
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # GPT-2: (in, out)
+        return int(module.weight.shape[0]), False
+    return None
 
 
-def _targets(model: nn.Module, target_modules: Optional[Iterable[str]]) -> dict[str, nn.Module]:
-    trady = {n: m for n, m in model.named_modules() if isinstance(m, TraDyLayer)}
-    if trady:
-        return trady
+def _channel_sparse(module: nn.Module) -> bool:
+    """Whether ``module`` is an adapter layer that trains a subset of its input channels (see the module docstring)."""
+    return callable(getattr(module, "trained_input_channels", None))
+
+
+def _targets(model: nn.Module, target_modules: Iterable[str] | None) -> dict[str, nn.Module]:
     tuner_layers = {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
-    if tuner_layers:
-        return tuner_layers
+    sparse = {n: m for n, m in tuner_layers.items() if _channel_sparse(m)}
+    if sparse or tuner_layers:
+        return sparse or tuner_layers
     names = list(target_modules) if target_modules is not None else None
     chosen = {}
     for name, module in model.named_modules():
@@ -135,16 +155,23 @@ def _targets(model: nn.Module, target_modules: Optional[Iterable[str]]) -> dict[
             continue
         if names is not None and not any(name == t or name.endswith("." + t) for t in names):
             continue
-        try:
-            ops = channel_ops_for(module)
-        except TypeError:
-            ops = None
-        if ops is not None:
+        if _channels(module) is not None:
             chosen[name] = module
     return chosen
 
 
-def _storage(t: torch.Tensor) -> Optional[tuple[int, int]]:
+@contextlib.contextmanager
+def _measuring(model: nn.Module) -> Iterator[None]:
+    """Enter the ``measuring()`` context of every module that has one (a measurement must not move a run along)."""
+    with contextlib.ExitStack() as stack:
+        for module in model.modules():
+            measuring = getattr(type(module), "measuring", None)
+            if callable(measuring):
+                stack.enter_context(module.measuring())
+        yield
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int] | None:
     try:
         storage = t.untyped_storage()
         return storage.data_ptr(), storage.nbytes()
@@ -160,14 +187,20 @@ def _batch_size(batch: Any) -> int:
     return 0
 
 
-def memory_report(model: nn.Module, batch: Mapping[str, Any], *, target_modules: Optional[Iterable[str]] = None,
-                  loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None, method: Optional[str] = None,
-                  train_mode: bool = True) -> MemoryReport:
+def memory_report(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    *,
+    target_modules: Iterable[str] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    method: str | None = None,
+    train_mode: bool = True,
+) -> MemoryReport:
     """Measure what one training step of ``model`` on ``batch`` saves for backward, and its FLOPs.
 
-    The target layers are the TraDy layers of a TraDy model, the peft tuner layers of another peft model (LoRA...),
-    or else the Linear / Conv2d / Conv1D modules named by ``target_modules`` (exact names or suffixes; all of them
-    when ``None``). The model's gradients are left as they were.
+    The target layers are the channel-sparse adapter layers of a TraDy model, the peft tuner layers of another peft
+    model (LoRA...), or else the Linear / Conv2d / Conv1D modules named by ``target_modules`` (exact names or
+    suffixes; all of them when ``None``). The model's gradients are left as they were.
 
     Args:
         model: any ``nn.Module`` called as ``model(**batch)`` (a ``PeftModel``, a transformers model...).
@@ -186,12 +219,16 @@ def memory_report(model: nn.Module, batch: Mapping[str, Any], *, target_modules:
         >>> sparse = memory_report(trady_model, batch)                                                  # doctest: +SKIP
         >>> print(sparse.to_markdown(reference=full))                                                  # doctest: +SKIP
     """
-    model = _unwrap(model)
+    model = unwrap_model(model, keep_peft=True)
     targets = _targets(model, target_modules)
-    is_trady = any(isinstance(m, TraDyLayer) for m in targets.values())
+    sparse = any(_channel_sparse(m) for m in targets.values())
     if method is None:
-        method = "trady" if is_trady else ("peft" if any(isinstance(m, BaseTunerLayer) for m in targets.values())
-                                           else "full")
+        labels = {getattr(m, "profile_label", "peft") for m in targets.values() if _channel_sparse(m)}
+        method = (
+            labels.pop()
+            if len(labels) == 1
+            else ("peft" if any(isinstance(m, BaseTunerLayer) for m in targets.values()) else "full")
+        )
     parameter_storages = set()
     for tensor in [*model.parameters(), *model.buffers()]:
         info = _storage(tensor)
@@ -218,7 +255,7 @@ def memory_report(model: nn.Module, batch: Mapping[str, Any], *, target_modules:
 
     def make_hooks(name: str, module: nn.Module):
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        ops = channel_ops_for(base)
+        in_channels, conv = _channels(base)
 
         def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             active.append(name)
@@ -228,28 +265,34 @@ def memory_report(model: nn.Module, batch: Mapping[str, Any], *, target_modules:
             x = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
                 return
-            out_channels = output.shape[1] if ops.kind in ("conv2d", "depthwise") else output.shape[-1]
+            out_channels = output.shape[1] if conv else output.shape[-1]
             out_positions = output.numel() // max(1, out_channels)
             full_weight = base.weight.numel()
-            if isinstance(mod, TraDyLayer):
-                adapter = mod.active_adapters[0] if mod.active_adapters else "default"
-                index = mod.trady_selected.get(adapter)
-                k = 0 if index is None or mod.disable_adapters or mod.merged else int(index.numel())
-                trained = k * mod.weight_per_channel if torch.is_grad_enabled() and any(
-                    p.requires_grad for p in mod._store.flat.values()) else 0
-                trained_channels = k if trained else 0
+            if _channel_sparse(mod):
+                trained_channels = int(mod.trained_input_channels()) if torch.is_grad_enabled() else 0
+                trained = int(mod.trained_weight_elements()) if trained_channels else 0
             else:
                 trained = sum(p.numel() for p in mod.parameters() if p.requires_grad)
-                trained_channels = ops.in_channels if base.weight.requires_grad else 0
-            stats = layer_stats.setdefault(name, {
-                "name": name, "in_channels": ops.in_channels, "trained_channels": 0, "input_elements": 0,
-                "stored_input_elements": 0, "weight_elements": full_weight, "trained_weight_elements": 0,
-                "weight_derivative_flops": 0, "dense_weight_derivative_flops": 0})
+                trained_channels = in_channels if base.weight.requires_grad else 0
+            stats = layer_stats.setdefault(
+                name,
+                {
+                    "name": name,
+                    "in_channels": in_channels,
+                    "trained_channels": 0,
+                    "input_elements": 0,
+                    "stored_input_elements": 0,
+                    "weight_elements": full_weight,
+                    "trained_weight_elements": 0,
+                    "weight_derivative_flops": 0,
+                    "dense_weight_derivative_flops": 0,
+                },
+            )
             if name not in order:
                 order.append(name)
             stats["trained_channels"] = trained_channels
             stats["input_elements"] += x.numel()
-            stats["stored_input_elements"] += x.numel() * trained_channels // max(1, ops.in_channels)
+            stats["stored_input_elements"] += x.numel() * trained_channels // max(1, in_channels)
             stats["trained_weight_elements"] = trained
             stats["weight_derivative_flops"] += 2 * out_positions * trained
             stats["dense_weight_derivative_flops"] += 2 * out_positions * full_weight
@@ -286,11 +329,9 @@ def memory_report(model: nn.Module, batch: Mapping[str, Any], *, target_modules:
     layers = [layer_stats[n] for n in order]
     target_trainable = sum(s["trained_weight_elements"] for s in layers)
     trainable_elements = sum(p.numel() for p in trainable)
-    if is_trady:
-        flats = [p for m in targets.values() for p in m._store.flat.values() if p.requires_grad]
-        seen = {id(p): p for p in flats}
-        flat_elements = sum(p.numel() for p in seen.values())
-        target_trainable = flat_elements  # the allocated slices get (dense) gradients
+    if sparse:  # the allocated slices get (dense) gradients, whether or not a channel fills them now
+        slices = {id(p): p for m in targets.values() if _channel_sparse(m) for p in m.trainable_slices()}
+        target_trainable = sum(p.numel() for p in slices.values())
     report = MemoryReport(
         method=method,
         batch_size=_batch_size(batch),
@@ -307,7 +348,7 @@ def memory_report(model: nn.Module, batch: Mapping[str, Any], *, target_modules:
         target_layers=len(layers),
         layers=layers,
     )
-    if is_trady and layers:
+    if sparse and layers:
         full_input = sum(s["input_elements"] for s in layers)
         stored_input = sum(s["stored_input_elements"] for s in layers)
         full_weight = sum(s["weight_elements"] for s in layers)
@@ -319,7 +360,7 @@ def memory_report(model: nn.Module, batch: Mapping[str, Any], *, target_modules:
     return report
 
 
-def peak_memory_bytes(step: Callable[[], Any], device: Optional[torch.device | str] = None) -> int:
+def peak_memory_bytes(step: Callable[[], Any], device: torch.device | str | None = None) -> int:
     """Peak bytes allocated by ``step()`` above what was allocated when it started.
 
     On CUDA this is ``torch.cuda.max_memory_allocated``; on CPU it is the running sum of the allocation events the
@@ -387,8 +428,9 @@ class StepMemory:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def to_markdown(self, reference: Optional["StepMemory"] = None, references: Optional[Mapping[str, "StepMemory"]] = None
-                    ) -> str:
+    def to_markdown(
+        self, reference: StepMemory | None = None, references: Mapping[str, StepMemory] | None = None
+    ) -> str:
         """A table in MiB: this step, and other steps beside it (``references``, e.g. ``{"full": full_report}``;
         ``reference`` alone adds its ratio column)."""
         columns = {self.method: self}
@@ -396,10 +438,14 @@ class StepMemory:
             columns.update(references)
         elif reference is not None:
             columns[reference.method if reference.method != self.method else "reference"] = reference
-        rows = [("peak of a training step", "peak_bytes"), ("  parameters", "parameter_bytes"),
-                ("  gradients", "gradient_bytes"), ("  optimizer state", "optimizer_state_bytes"),
-                ("  activations and temporaries", "activation_bytes"),
-                ("saved for backward", "saved_for_backward_bytes")]
+        rows = [
+            ("peak of a training step", "peak_bytes"),
+            ("  parameters", "parameter_bytes"),
+            ("  gradients", "gradient_bytes"),
+            ("  optimizer state", "optimizer_state_bytes"),
+            ("  activations and temporaries", "activation_bytes"),
+            ("saved for backward", "saved_for_backward_bytes"),
+        ]
         ratio = reference is not None and not references
         head = "| MiB | " + " | ".join(columns) + " |" + (" ratio |" if ratio else "")
         lines = [head, "|---|" + "---:|" * len(columns) + ("---:|" if ratio else "")]
@@ -410,8 +456,9 @@ class StepMemory:
                 base = getattr(reference, key)
                 line += f" {getattr(self, key) / base:.3f} |" if base else " - |"
             lines.append(line)
-        lines.append("| peak phase | " + " | ".join(c.peak_phase for c in columns.values()) + " |" +
-                     (" |" if ratio else ""))
+        lines.append(
+            "| peak phase | " + " | ".join(c.peak_phase for c in columns.values()) + " |" + (" |" if ratio else "")
+        )
         return "\n".join(lines)
 
 
@@ -430,29 +477,6 @@ def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:
         if isinstance(state, Mapping):
             tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
     return tensors
-
-
-@contextlib.contextmanager
-def _trady_counters_frozen(model: nn.Module):
-    """Measuring steps must not move a TraDy run along: its optimizer-step counter (and the re-sampling it may
-    trigger) is put back as it was."""
-    from .model import TraDyModel
-
-    tuners = [m for m in model.modules() if isinstance(m, TraDyModel)]
-    saved = []
-    for tuner in tuners:
-        for name, state in tuner._states.items():
-            config = tuner.peft_config[name]
-            saved.append((state, state.steps, state.last_version, state.warned_no_callback, config,
-                          config.resample_every_steps))
-            state.warned_no_callback = True  # no "not under a Trainer" warning for a measurement
-            config.resample_every_steps = None
-    try:
-        yield
-    finally:
-        for state, steps, version, warned, config, every in saved:
-            state.steps, state.last_version, state.warned_no_callback = steps, version, warned
-            config.resample_every_steps = every
 
 
 class _PhaseClock:
@@ -490,14 +514,17 @@ class _PhaseClock:
             yield
 
     def _cpu_peaks(self) -> None:
-        events = list(self._profile.profiler.kineto_results.events())
+        events = compat.profiler_events(self._profile)
         spans = {}
         for event in events:
             name = event.name()
             if name.startswith("hf_collapse::"):
                 spans[name.split("::", 1)[1]] = (event.start_ns(), event.start_ns() + event.duration_ns())
-        memory = sorted((e.start_ns(), e.nbytes()) for e in events
-                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        memory = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in events
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        )
         current = 0
         self.peaks.update({phase: 0 for phase in spans})
         for time_ns, nbytes in memory:
@@ -507,17 +534,24 @@ class _PhaseClock:
                     self.peaks[phase] = max(self.peaks[phase], current)
 
 
-def step_memory(model: nn.Module, batch: Mapping[str, Any], *,
-                optimizer_factory: Optional[Callable[[list[torch.nn.Parameter]], Any]] = None,
-                loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None, method: Optional[str] = None,
-                warmup_steps: int = 1, train_mode: bool = True) -> StepMemory:
+def step_memory(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    *,
+    optimizer_factory: Callable[[list[torch.nn.Parameter]], Any] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    method: str | None = None,
+    warmup_steps: int = 1,
+    train_mode: bool = True,
+) -> StepMemory:
     """Measure the peak memory of one training step of ``model`` on ``batch``: forward, backward, optimizer step.
 
     The step is a steady-state one, as in the middle of a training run: ``warmup_steps`` steps first create the
     optimizer state, then the measured step starts with no gradients (``zero_grad(set_to_none=True)``, as the
     Trainer does) and the optimizer state in place. The optimizer is a fresh one over the trainable parameters
     (``optimizer_factory(params)``; default AdamW with learning rate 0, which allocates what any AdamW step does and
-    leaves the weights as they are). The model's gradients and a TraDy run's step counter are put back afterwards;
+    leaves the weights as they are). The model's gradients (and a module's run state, through its ``measuring()``
+    context: TraDy's step counter) are put back afterwards;
     a factory with a non-zero learning rate changes the weights. A model with nothing to train is measured on its
     forward pass alone (under ``torch.no_grad``: a frozen model's inference).
 
@@ -543,22 +577,25 @@ def step_memory(model: nn.Module, batch: Mapping[str, Any], *,
         >>> report = step_memory(trady_model, batch)                                  # doctest: +SKIP
         >>> report.peak_bytes, report.optimizer_state_bytes                           # doctest: +SKIP
     """
-    model = _unwrap(model)
+    model = unwrap_model(model, keep_peft=True)
     parameters = list(model.parameters())
     trainable = [p for p in parameters if p.requires_grad]
     device = parameters[0].device if parameters else torch.device("cpu")
     if method is None:
+        labels = {getattr(m, "profile_label", "peft") for m in model.modules() if _channel_sparse(m)}
         if not trainable:
             method = "frozen"
-        elif any(isinstance(m, TraDyLayer) for m in model.modules()):
-            method = "trady"
+        elif labels:
+            method = labels.pop() if len(labels) == 1 else "peft"
         elif any(isinstance(m, BaseTunerLayer) for m in model.modules()):
             method = "peft"
         else:
             method = "full"
     if optimizer_factory is None:
+
         def optimizer_factory(params):
             return torch.optim.AdamW(params, lr=0.0)
+
     optimizer = optimizer_factory(trainable) if trainable else None
     previous_grads = [p.grad for p in trainable]
     was_training = model.training
@@ -577,7 +614,7 @@ def step_memory(model: nn.Module, batch: Mapping[str, Any], *,
             raise ValueError("step_memory needs a loss: give a batch with labels or pass loss_fn(outputs, batch)")
         return loss
 
-    def run_step(clock: Optional[_PhaseClock] = None) -> None:
+    def run_step(clock: _PhaseClock | None = None) -> None:
         phase = clock.phase if clock is not None else (lambda name: contextlib.nullcontext())
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
@@ -596,7 +633,7 @@ def step_memory(model: nn.Module, batch: Mapping[str, Any], *,
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
         model.train(train_mode)
-        with _trady_counters_frozen(model), torch.random.fork_rng(devices=devices):
+        with _measuring(model), torch.random.fork_rng(devices=devices):
             for _ in range(max(0, int(warmup_steps))):
                 run_step()
             if optimizer is not None:
@@ -621,11 +658,18 @@ def step_memory(model: nn.Module, batch: Mapping[str, Any], *,
     present_gradients = 0 if peak_phase == "forward" else gradient_bytes
     activation = max(0, peak - parameter_bytes - optimizer_state - present_gradients)
     return StepMemory(
-        method=method, device=str(device), batch_size=_batch_size(batch),
+        method=method,
+        device=str(device),
+        batch_size=_batch_size(batch),
         optimizer=type(optimizer).__name__ if optimizer is not None else "none",
-        peak_bytes=int(peak), parameter_bytes=int(parameter_bytes),
-        trainable_parameter_bytes=int(_unique_bytes(trainable)), gradient_bytes=int(gradient_bytes),
-        optimizer_state_bytes=int(optimizer_state), activation_bytes=int(activation),
-        saved_for_backward_bytes=int(sum(saved.values())), peak_phase=peak_phase, phase_peak_bytes=phase_peaks,
+        peak_bytes=int(peak),
+        parameter_bytes=int(parameter_bytes),
+        trainable_parameter_bytes=int(_unique_bytes(trainable)),
+        gradient_bytes=int(gradient_bytes),
+        optimizer_state_bytes=int(optimizer_state),
+        activation_bytes=int(activation),
+        saved_for_backward_bytes=int(sum(saved.values())),
+        peak_phase=peak_phase,
+        phase_peak_bytes=phase_peaks,
         measured_with="torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler memory events",
     )

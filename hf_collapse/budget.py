@@ -1,0 +1,166 @@
+"""How far a collapse may go: :class:`Budget`, the one budget vocabulary of hf_collapse.
+
+Every search (block removal, sub-layer removal, TLC's linearization, LaCoOT's collapse, ``hf-collapse prune``) stops
+at the first limit it reaches:
+
+* ``num_units``: at most this many units (blocks, sub-layers or activation layers);
+* ``max_metric_delta``: while the metric stays within this of the original model's, in the metric's bad direction
+  (an accuracy drop of at most 0.02; a perplexity rise of at most 5);
+* ``max_metric_ratio``: while the metric stays within this factor (>= 1) of the original's (perplexity at most 1.25x;
+  accuracy at least the original's / 1.25).
+
+The spellings of earlier versions (``num_blocks``, ``target_layers``, ``max_metric_drop``, ``max_metric_increase``)
+are accepted by :meth:`Budget.from_arguments` with a ``FutureWarning``, for one release.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .deprecation import renamed
+
+__all__ = ["DEPRECATED_BUDGET_NAMES", "Budget"]
+
+#: Earlier spellings of the budget's fields, and the field each now is.
+DEPRECATED_BUDGET_NAMES = {
+    "num_blocks": "num_units",
+    "target_layers": "num_units",
+    "max_metric_drop": "max_metric_delta",
+    "max_metric_increase": "max_metric_delta",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The limits of one collapse (see the module docstring); at least one must be set.
+
+    Attributes:
+        num_units: remove (collapse) at most this many units.
+        max_metric_delta: how much worse the metric may get than the original model's, in absolute terms.
+        max_metric_ratio: how many times worse (>= 1).
+        higher_is_better: the metric's direction (``False`` for a loss or a perplexity).
+
+    Example::
+
+        >>> from hf_collapse.budget import Budget
+        >>> budget = Budget(num_units=4, max_metric_ratio=1.25, higher_is_better=False)   # perplexity
+        >>> budget.allows(baseline=20.0, metric=24.0), budget.allows(baseline=20.0, metric=26.0)
+        (True, False)
+    """
+
+    num_units: int | None = None
+    max_metric_delta: float | None = None
+    max_metric_ratio: float | None = None
+    higher_is_better: bool = True
+
+    def __post_init__(self):
+        if self.num_units is not None and (
+            isinstance(self.num_units, bool) or int(self.num_units) != self.num_units or self.num_units < 1
+        ):
+            raise ValueError(f"num_units must be an integer >= 1, got {self.num_units!r}")
+        if self.max_metric_delta is not None and not self.max_metric_delta >= 0:
+            raise ValueError(
+                f"max_metric_delta must be >= 0 (how much worse the metric may get), got {self.max_metric_delta}"
+            )
+        if self.max_metric_ratio is not None and not self.max_metric_ratio >= 1:
+            raise ValueError(
+                f"max_metric_ratio must be >= 1 (the metric may get this many times worse), got {self.max_metric_ratio}"
+            )
+        if self.num_units is None and not self.needs_metric:
+            raise ValueError(
+                "no budget: give num_units, a metric budget (max_metric_delta / max_metric_ratio, with "
+                "an evaluation), or both"
+            )
+
+    @classmethod
+    def from_arguments(cls, *, where: str, higher_is_better: bool = True, **arguments: Any) -> Budget:
+        """A budget from keyword arguments in the current or a deprecated spelling (``num_blocks``,
+        ``target_layers``, ``max_metric_drop``, ``max_metric_increase``: a ``FutureWarning`` each). ``where`` names
+        the API for the messages.
+
+        Raises:
+            ValueError: for two spellings of one field given different values, ``max_metric_increase`` for a metric
+                where higher is better, an unknown name, or no limit at all.
+        """
+        values: dict[str, Any] = {}
+        for name, value in arguments.items():
+            if value is None:
+                continue
+            field = DEPRECATED_BUDGET_NAMES.get(name, name)
+            if field not in ("num_units", "max_metric_delta", "max_metric_ratio"):
+                raise TypeError(f"{where}: unknown budget argument {name!r}")
+            if name != field:
+                renamed(name, field, where, stacklevel=4)
+                if name == "max_metric_increase" and higher_is_better:
+                    raise ValueError(
+                        "max_metric_increase is the budget of a metric where lower is better: pass "
+                        "higher_is_better=False (or use max_metric_delta)"
+                    )
+            if field in values and values[field] != value:
+                raise ValueError(
+                    f"{where}: {field} is given twice with different values ({values[field]!r} and "
+                    f"{value!r}, as {name!r})"
+                )
+            values[field] = value
+        return cls(higher_is_better=higher_is_better, **values)
+
+    @property
+    def needs_metric(self) -> bool:
+        """Whether the budget limits the metric (a search then needs an evaluation)."""
+        return self.max_metric_delta is not None or self.max_metric_ratio is not None
+
+    def units_to_try(self, available: int) -> int:
+        """How many units a search may remove, out of ``available`` candidates."""
+        return available if self.num_units is None else min(int(self.num_units), available)
+
+    def allows(self, baseline: float | None, metric: float | None) -> bool:
+        """Whether a model whose metric is ``metric`` stays within the budget, the original's being ``baseline``."""
+        if not self.needs_metric:
+            return True
+        if metric is None or baseline is None:
+            raise ValueError("a metric budget needs the metric of every state: pass an evaluation function")
+        worse_by = baseline - metric if self.higher_is_better else metric - baseline
+        if self.max_metric_delta is not None and not worse_by <= self.max_metric_delta:
+            return False
+        if self.max_metric_ratio is not None:
+            within = (
+                metric * self.max_metric_ratio >= baseline
+                if self.higher_is_better
+                else metric <= self.max_metric_ratio * baseline
+            )
+            if not within:
+                return False
+        return True
+
+    def metric_limits(self, baseline: float | None) -> list[tuple[float, str]]:
+        """The metric values the budget allows, with a legend label each (for the trade-off plot)."""
+        if baseline is None:
+            return []
+        limits = []
+        if self.max_metric_delta is not None:
+            sign = "-" if self.higher_is_better else "+"
+            limit = baseline - self.max_metric_delta if self.higher_is_better else baseline + self.max_metric_delta
+            limits.append((limit, f"budget ({sign}{self.max_metric_delta:g})"))
+        if self.max_metric_ratio is not None:
+            limit = baseline / self.max_metric_ratio if self.higher_is_better else baseline * self.max_metric_ratio
+            limits.append((limit, f"budget (x{self.max_metric_ratio:g})"))
+        return limits
+
+    def to_dict(self) -> dict[str, Any]:
+        """The limits that are set, as a report and a model card show them."""
+        return {
+            name: getattr(self, name)
+            for name in ("num_units", "max_metric_delta", "max_metric_ratio")
+            if getattr(self, name) is not None
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], higher_is_better: bool = True) -> Budget | None:
+        """The budget a report recorded (``to_dict``, or the keys of earlier versions); ``None`` when it holds none."""
+        values = {}
+        for name, value in (data or {}).items():
+            field = DEPRECATED_BUDGET_NAMES.get(name, name)
+            if value is not None and field in ("num_units", "max_metric_delta", "max_metric_ratio"):
+                values[field] = value
+        return cls(higher_is_better=higher_is_better, **values) if values else None

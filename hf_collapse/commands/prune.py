@@ -1,0 +1,241 @@
+"""``hf-collapse prune``: depth compression of a causal LM in one command.
+
+Scores the units (blocks or sub-layers) on calibration text, removes them under a block count or a perplexity
+budget, heals the result if asked, and measures perplexity (before, after removal, after healing), parameters,
+FLOPs and generation speed (tokens/s with the KV cache); saves the model with its card, and the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data import lm_windows
+from ..data.tasks import model_source, text_splits
+from ..report import CollapseReport
+from . import COMMANDS
+from .arguments import LMJobArguments, at_least, parse_job_flags, seed_everything
+from .output import phase, print_collapse_summary
+
+__all__ = [
+    "DEFAULT_PRUNE_TRAINING",
+    "DESCRIPTION",
+    "PruneJobArguments",
+    "generation_speed",
+    "main",
+    "prune_training_defaults",
+    "run_prune_job",
+]
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = COMMANDS["prune"]
+
+HEALING = ("distill", "lora", "linear")
+
+#: TrainingArguments of the command (they matter to healing by training, "distill" and "lora"); flags override them.
+DEFAULT_PRUNE_TRAINING: dict[str, Any] = dict(
+    output_dir="outputs/prune",
+    max_steps=100,
+    per_device_train_batch_size=4,
+    learning_rate=5e-5,
+    lr_scheduler_type="constant_with_warmup",
+    warmup_steps=10,
+    save_strategy="no",
+    logging_steps=10,
+    report_to="none",
+    seed=0,
+)
+#: LoRA heals with a larger step than full-parameter distillation: on SmolLM2 with 8 of 30 blocks removed, 7 minutes
+#: of LoRA (r=16) at 5e-4 took perplexity from 101.8 to 42.5, distillation at 5e-5 to 51.5 (benchmarks/bench_llm_depth).
+LORA_LEARNING_RATE = 5e-4
+
+
+def prune_training_defaults(heal: str | None) -> dict[str, Any]:
+    """The ``TrainingArguments`` defaults of ``hf-collapse prune`` for the healing method (flags override them)."""
+    return {**DEFAULT_PRUNE_TRAINING, "learning_rate": LORA_LEARNING_RATE} if heal == "lora" else DEFAULT_PRUNE_TRAINING
+
+
+@dataclass
+class PruneJobArguments(LMJobArguments):
+    """The ``hf-collapse prune`` flags besides ``TrainingArguments`` (which configure healing by training)."""
+
+    method: str = field(
+        default="block_influence", metadata={"help": "Scorer: block_influence, angular, loss (SLEB), msw, random."}
+    )
+    granularity: str = field(default="block", metadata={"help": "Units: block, attention or mlp."})
+    num_units: int | None = field(default=None, metadata={"help": "Remove this many units."})
+    max_metric_delta: float | None = field(default=None, metadata={"help": "Perplexity may rise by this much."})
+    max_metric_ratio: float | None = field(default=None, metadata={"help": "Perplexity may grow by this factor."})
+    heal: str | None = field(default=None, metadata={"help": f"Healing after removal: {', '.join(HEALING)}."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per calibration / evaluation window."})
+    calibration_windows: int = field(default=32, metadata={"help": "Windows of training text for scoring."})
+    heal_windows: int = field(
+        default=512,
+        metadata={
+            "help": "Windows of training text for healing (linear: the fit's calibration; distill/lora: training data)."
+        },
+    )
+    eval_windows: int = field(default=32, metadata={"help": "Held-out windows for perplexity."})
+    batch_size: int = field(default=8, metadata={"help": "Windows per batch for scoring and perplexity."})
+    generate_tokens: int = field(default=32, metadata={"help": "Tokens generated to measure tokens/s (0: skip)."})
+    latency_repeats: int = field(default=3, metadata={"help": "Interleaved rounds of each speed measurement."})
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "Continue an interrupted removal from its progress folder (<output_dir>/prune_progress)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        from ..scoring import DATA_FREE, SCORERS
+
+        methods = [*SCORERS, "loss", *DATA_FREE]
+        if self.method not in methods:
+            raise ValueError(f"--method {self.method!r}: expected one of {', '.join(methods)}")
+        if self.heal is not None and self.heal not in HEALING:
+            raise ValueError(f"--heal {self.heal!r}: expected one of {', '.join(HEALING)}")
+        if self.granularity not in ("block", "attention", "mlp"):
+            raise ValueError(f"--granularity {self.granularity!r}: expected block, attention or mlp")
+        if self.num_units is None and self.max_metric_delta is None and self.max_metric_ratio is None:
+            raise ValueError("no budget: pass --num_units, --max_metric_delta, --max_metric_ratio, or several")
+        at_least("num_units", self.num_units, 1)
+        at_least("max_metric_delta", self.max_metric_delta, 0)
+        at_least("max_metric_ratio", self.max_metric_ratio, 1)
+        for name in ("max_length", "calibration_windows", "heal_windows", "eval_windows", "batch_size"):
+            at_least(name, getattr(self, name), 1)
+        at_least("generate_tokens", self.generate_tokens, 0)
+        at_least("latency_repeats", self.latency_repeats, 0)
+        if self.resume_from is not None and not Path(self.resume_from).is_dir():
+            raise ValueError(
+                f"--resume_from {self.resume_from!r}: no such folder (the progress folder of an "
+                "interrupted run, <output_dir>/prune_progress by default)"
+            )
+
+
+def generation_speed(models: list[Any], prompt: dict[str, Any], new_tokens: int, rounds: int) -> list[float]:
+    """Tokens per second of greedy generation with the KV cache, the models timed side by side in ``rounds``
+    interleaved rounds (:func:`hf_collapse.metrics.compare_latency`; median per model)."""
+    from ..metrics import compare_latency
+
+    def generate(model: Any, inputs: dict[str, Any]) -> Any:
+        return model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True
+        )
+
+    timing = compare_latency(models, prompt, warmup=1, rounds=max(rounds, 1), min_seconds=0, call=generate)
+    return [new_tokens * prompt["input_ids"].shape[0] / seconds for seconds in timing.seconds]
+
+
+def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, dict[str, Any]]:
+    """Score, remove, heal and measure a causal LM, then save it with its card and report in ``args.output_dir``
+    (``collapsed/`` and ``report/``) and push it when ``args.push_to_hub`` is set. The removal writes its progress
+    to ``<output_dir>/prune_progress``: ``--resume_from`` continues an interrupted run. Returns
+    ``(model, report, summary)``."""
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import hub
+    from ..distributed import is_main_process
+    from ..healing import heal
+    from ..metrics import perplexity
+    from ..removal import collapse
+    from ..scoring import score_blocks
+
+    seed_everything(args)
+    with phase(f"loading {job.model} and {job.dataset}"):
+        source = model_source(job.model)
+        model = AutoModelForCausalLM.from_pretrained(source).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        train_text, held_out_text = text_splits(job.dataset, job.text_column)
+        calibration = lm_windows(train_text, tokenizer, max_length=job.max_length, max_windows=job.calibration_windows)
+        held_out = lm_windows(held_out_text, tokenizer, max_length=job.max_length, max_windows=job.eval_windows)
+        evaluation = DataLoader(held_out, batch_size=job.batch_size)
+    with phase(f"scoring the {job.granularity} units ({job.method})"):
+        scores = score_blocks(
+            model,
+            DataLoader(calibration, batch_size=job.batch_size),
+            method=job.method,
+            granularity=job.granularity,
+            progress=not args.disable_tqdm,
+        )
+    output = Path(args.output_dir)
+    with phase("removing under the budget (perplexity of each state)"):
+        collapsed, report = collapse(
+            model,
+            scores,
+            num_units=job.num_units,
+            max_metric_delta=job.max_metric_delta,
+            max_metric_ratio=job.max_metric_ratio,
+            eval_fn=lambda m: perplexity(m, evaluation),
+            higher_is_better=False,
+            metric_name="perplexity",
+            granularity=job.granularity,
+            latency_repeats=job.latency_repeats,
+            method=f"prune ({job.method})",
+            progress=not args.disable_tqdm,
+            progress_dir=job.resume_from or output / "prune_progress",
+            resume_from=job.resume_from,
+        )
+    final = collapsed
+    extra: dict[str, Any] = {
+        "model": job.model,
+        "dataset": job.dataset,
+        "max_length": job.max_length,
+        "calibration_windows": len(calibration),
+        "eval_windows": len(held_out),
+        "perplexity_before": report.before.metric,
+        "perplexity_after_removal": report.after.metric,
+    }
+    if job.heal is not None and report.after.removed:
+        with phase(f"healing ({job.heal})"):
+            healing = lm_windows(train_text, tokenizer, max_length=job.max_length, max_windows=job.heal_windows)
+            final = heal(collapsed, model, healing, method=job.heal, args=args)
+            extra.update(
+                heal=job.heal, heal_windows=len(healing), perplexity_after_healing=perplexity(final, evaluation)
+            )
+    if job.generate_tokens:
+        with phase(f"timing generation ({job.generate_tokens} tokens, KV cache)"):
+            prompt = {k: v[:1, : min(32, job.max_length)] for k, v in next(iter(evaluation)).items() if k != "labels"}
+            speed = generation_speed([model, final], prompt, job.generate_tokens, job.latency_repeats)
+            extra.update(
+                tokens_per_s_before=round(speed[0], 2),
+                tokens_per_s_after=round(speed[1], 2),
+                generation_speedup=round(speed[1] / speed[0], 3),
+            )
+    report.extra.update(extra)
+    if is_main_process():
+        with phase(f"saving to {output}"):
+            hub.save_with_card(final, output / "collapsed", report, processor=tokenizer)
+            report.save(output / "report")
+        if args.push_to_hub and args.hub_model_id:
+            with phase(f"pushing to {args.hub_model_id}"):
+                hub.push_to_hub(final, args.hub_model_id, report=report, processor=tokenizer, token=args.hub_token)
+    return final, report, report.summary()
+
+
+def main(argv: Sequence[str]) -> int:
+    """``hf-collapse prune [job flags] [TrainingArguments flags]``."""
+    from transformers import TrainingArguments
+
+    # LoRA heals with a larger learning rate than distillation: the defaults depend on --heal.
+    job, args = parse_job_flags(
+        "hf-collapse prune",
+        DESCRIPTION,
+        PruneJobArguments,
+        TrainingArguments,
+        DEFAULT_PRUNE_TRAINING,
+        argv,
+        defaults_for_job=lambda job: prune_training_defaults(job.heal),
+    )
+    _, report, _ = run_prune_job(job, args)
+    print_collapse_summary(
+        report,
+        job.model,
+        job.dataset,
+        f"{job.method} scores, {job.granularity} units, healing: {job.heal or 'none'}",
+        args.output_dir,
+    )
+    return 0

@@ -1,0 +1,145 @@
+"""``hf-collapse tlc``: fine-tune, then collapse activation layers with TLC and fuse the linear maps, save."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data.tasks import accuracy, prepare_task, resolve_task
+from ..report import CollapseReport
+from ..tlc import TLCConfig, compress
+from . import COMMANDS
+from .arguments import JobArguments, at_least, parse_job_flags, seed_everything
+from .lacoot import DEFAULT_TRAINING
+from .output import phase, print_collapse_summary, save_collapse
+
+__all__ = ["DEFAULT_TLC_TRAINING", "DESCRIPTION", "TLCJobArguments", "main", "run_tlc_job"]
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = COMMANDS["tlc"]
+
+DEFAULT_TLC_TRAINING: dict[str, Any] = {**DEFAULT_TRAINING, "output_dir": "outputs/tlc"}
+
+
+@dataclass
+class TLCJobArguments(JobArguments):
+    """How TLC collapses the fine-tuned model (the ``hf-collapse tlc`` flags besides ``TrainingArguments``)."""
+
+    num_units: int | None = field(default=3, metadata={"help": "Activation layers to collapse."})
+    max_metric_delta: float | None = field(default=None, metadata={"help": "Stop before a larger accuracy drop."})
+    calibration_batches: int = field(default=8, metadata={"help": "Batches for statistics and candidate ranking."})
+    finetune_steps: int = field(default=20, metadata={"help": "Fine-tuning steps after each collapse."})
+    no_fuse: bool = field(default=False, metadata={"help": "Linearize without fusing the adjacent maps."})
+    resume_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue an interrupted run from its progress folder (<output_dir>/tlc_progress by default)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.task == "causal_lm":
+            raise ValueError(
+                "--task causal_lm: hf-collapse tlc runs classification tasks (for a causal LM, use "
+                "hf-collapse lacoot or hf-collapse prune)"
+            )
+        at_least("num_units", self.num_units, 1)
+        at_least("max_metric_delta", self.max_metric_delta, 0)
+        at_least("calibration_batches", self.calibration_batches, 1)
+        at_least("finetune_steps", self.finetune_steps, 0)
+        if self.resume_from is not None and not Path(self.resume_from).is_dir():
+            raise ValueError(
+                f"--resume_from {self.resume_from!r}: no such folder (the progress folder of an "
+                "interrupted run, <output_dir>/tlc_progress by default)"
+            )
+
+
+def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[str, Any]]:
+    """Fine-tune ``job.model`` on ``job.dataset`` (plain ``Trainer``), collapse activation layers with TLC, and
+    save the compressed model (``AutoCollapsedModel`` reloads it) and the report in ``args.output_dir``."""
+    from transformers import Trainer
+
+    if resolve_task(job.model, job.task) != "classification":
+        raise ValueError(
+            f"{job.model} is a causal LM: hf-collapse tlc runs classification tasks (for a causal LM, "
+            "use hf-collapse lacoot or hf-collapse prune)"
+        )
+    seed_everything(args)
+    with phase(f"loading {job.model} and {job.dataset}"):
+        model, data, processor, collator = prepare_task(
+            job.model, job.dataset, task="classification", **job.task_kwargs()
+        )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        data_collator=collator,
+        processing_class=processor,
+        compute_metrics=accuracy,
+    )
+    # TLC starts from the fine-tuned model as saved in `finetuned`, in the first run and in a resumed one alike.
+    finetuned = Path(args.output_dir) / "finetuned"
+    if job.resume_from is None:
+        with phase(f"fine-tuning ({len(data['train'])} examples)"):
+            trainer.train()
+        if trainer.is_world_process_zero():
+            model.save_pretrained(finetuned)
+        trainer.accelerator.wait_for_everyone()
+    elif not (finetuned / "config.json").is_file():
+        raise ValueError(f"cannot resume: {finetuned} holds no fine-tuned model (the first run saves it there)")
+    else:
+        logger.info("resuming TLC from %s, starting from the fine-tuned model in %s", job.resume_from, finetuned)
+    model = type(model).from_pretrained(finetuned)
+    config = TLCConfig(
+        num_units=job.num_units,
+        max_metric_delta=job.max_metric_delta,
+        calibration_batches=job.calibration_batches,
+        finetune_steps=job.finetune_steps,
+        fuse=not job.no_fuse,
+    )
+    with phase("collapsing activation layers with TLC (ranking, linearizing, fine-tuning, timing each step)"):
+        compressed, report = compress(
+            model,
+            config,
+            data["train"],
+            data["test"],
+            args,
+            data_collator=collator,
+            compute_metrics=accuracy,
+            resume_from=job.resume_from,
+        )
+    if trainer.is_world_process_zero():
+        with phase(f"saving to {args.output_dir}"):
+            save_collapse(
+                Path(args.output_dir),
+                compressed,
+                processor,
+                report,
+                {
+                    "model": job.model,
+                    "dataset": job.dataset,
+                    "train_examples": len(data["train"]),
+                    "eval_examples": len(data["test"]),
+                },
+            )
+    return compressed, report, report.summary()
+
+
+def main(argv: Sequence[str]) -> int:
+    """``hf-collapse tlc [job flags] [TrainingArguments flags]``."""
+    from transformers import TrainingArguments
+
+    job, args = parse_job_flags(
+        "hf-collapse tlc", DESCRIPTION, TLCJobArguments, TrainingArguments, DEFAULT_TLC_TRAINING, argv
+    )
+    _, report, _ = run_tlc_job(job, args)
+    print_collapse_summary(
+        report, job.model, job.dataset, f"{job.finetune_steps} fine-tuning steps per layer", args.output_dir
+    )
+    return 0

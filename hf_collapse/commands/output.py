@@ -31,13 +31,25 @@ def phase(what: str) -> Iterator[None]:
         print(f"hf-collapse: {what}: done in {_duration(time.perf_counter() - start)}", file=sys.stderr, flush=True)
 
 
-def save_collapse(output: Path, model, processor, report: CollapseReport, extra: dict[str, Any]) -> None:
-    """Save the collapsed model (``output/collapsed``, with its processor) and the report (``output/report``)."""
-    report.extra.update(extra)
-    model.save_pretrained(output / "collapsed")
-    if processor is not None:
-        processor.save_pretrained(output / "collapsed")
-    report.save(output / "report")
+def save_collapse(output_dir: str, model, processor, report: CollapseReport, job: Any, data: Any) -> None:
+    """On the main process, save the collapsed model (``<output_dir>/collapsed``, with its processor) and the report
+    (``<output_dir>/report``), the report recording the job's model and dataset and the size of its splits."""
+    if not is_main_process():
+        return
+    output = Path(output_dir)
+    with phase(f"saving to {output}"):
+        report.extra.update(
+            {
+                "model": job.model,
+                "dataset": job.dataset,
+                "train_examples": len(data["train"]),
+                "eval_examples": len(data["test"]),
+            }
+        )
+        model.save_pretrained(output / "collapsed")
+        if processor is not None:
+            processor.save_pretrained(output / "collapsed")
+        report.save(output / "report")
 
 
 def print_collapse_summary(report: CollapseReport, model: str, dataset: str, setting: str, output_dir: str) -> None:

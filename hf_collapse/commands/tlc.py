@@ -114,20 +114,7 @@ def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[s
             compute_metrics=accuracy,
             resume_from=job.resume_from,
         )
-    if trainer.is_world_process_zero():
-        with phase(f"saving to {args.output_dir}"):
-            save_collapse(
-                Path(args.output_dir),
-                compressed,
-                processor,
-                report,
-                {
-                    "model": job.model,
-                    "dataset": job.dataset,
-                    "train_examples": len(data["train"]),
-                    "eval_examples": len(data["test"]),
-                },
-            )
+    save_collapse(args.output_dir, compressed, processor, report, job, data)
     return compressed, report, report.summary()
 
 

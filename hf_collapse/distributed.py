@@ -13,7 +13,7 @@ it (a collective call: every rank calls it) into a plain model on the main proce
     scores = hf_collapse.score_blocks(model, eval_loader, method="msw")   # every rank, its own shard: pooled
     full = unsharded_copy(model)                  # every rank calls it; a plain model on rank 0, None elsewhere
     if full is not None:
-        collapsed, report = hf_collapse.collapse(full, scores, num_blocks=2)
+        collapsed, report = hf_collapse.collapse(full, scores, num_units=2)
         collapsed.save_pretrained("collapsed")     # reloads with plain from_pretrained
 """
 

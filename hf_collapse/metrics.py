@@ -377,7 +377,7 @@ def perplexity(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> float:
         >>> folder = embedded_model_path("smollm2")   # SmolLM2-135M, converted once (a minute)   # doctest: +SKIP
         >>> model = AutoModelForCausalLM.from_pretrained(folder)                                 # doctest: +SKIP
         >>> windows = lm_windows(load_bbc_news()["test"]["text"], AutoTokenizer.from_pretrained(folder),
-        ...                      window=128, max_windows=32)                                      # doctest: +SKIP
+        ...                      max_length=128, max_windows=32)                                    # doctest: +SKIP
         >>> perplexity(model, DataLoader(windows, batch_size=8))   # measured: 35.8   # doctest: +SKIP
         35.8...
     """

@@ -1,4 +1,6 @@
-"""Budgeted removal of blocks (or sub-layers) in ascending score order: :func:`collapse`, a search of the engine.
+"""Budgeted removal of blocks (or sub-layers), searches of the collapse engine: :func:`collapse` (units scored
+once, lowest first) and :func:`prune` (the field's depth-pruning methods in one API: one-shot scorers, SLEB,
+BlockPruner, PruneMe spans).
 
 (The module is ``removal`` so that ``hf_collapse.collapse`` always names the function.)
 """
@@ -6,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -18,7 +20,7 @@ from .names import resolve_names
 from .report import CollapseReport
 from .surgery import block_aliases, find_blocks, remove_blocks
 
-__all__ = ["RemovalStrategy", "collapse"]
+__all__ = ["SEARCHES", "IterativeLossStrategy", "RemovalStrategy", "SpanStrategy", "collapse", "prune"]
 
 
 class RemovalStrategy(SearchStrategy):
@@ -196,3 +198,313 @@ def collapse(
         resume_from=resume_from,
         show_progress=progress,
     )
+
+
+# -- searches that re-score as they go ---------------------------------------------------------------------------
+
+#: The searches of :func:`prune` besides the one-shot scorers of :func:`hf_collapse.score_blocks`.
+SEARCHES = ("sleb", "blockpruner", "span")
+
+
+class _OriginalNames:
+    """The original name of each block still in the model, in forward order (blocks are renumbered by a removal)."""
+
+    def __init__(self, model: nn.Module):
+        self.alive = [block.name for block in find_blocks(model)]
+
+    def of(self, model: nn.Module, unit: Block) -> str:
+        """``unit``'s name in the original model (a block, or a sub-layer of one)."""
+        blocks = find_blocks(model)
+        position = next(i for i, b in enumerate(blocks) if (b.stage, b.index) == (unit.stage, unit.index))
+        return self.alive[position] + unit.name[len(blocks[position].name) :]
+
+    def remove(self, original: str) -> None:
+        if original in self.alive:
+            self.alive.remove(original)
+
+
+class IterativeLossStrategy(SearchStrategy):
+    """Re-score every remaining unit on the current model at each step and remove the one whose removal costs the
+    least calibration loss (SLEB: blocks; BlockPruner: attention and MLP sub-layers, a layer's last sub-layer taken
+    as its whole block). Each step costs a forward pass per candidate and batch, from the candidate's input on where
+    the blocks before it can replay one full pass (:func:`hf_collapse.scoring.loss_scores`)."""
+
+    def __init__(self, model: nn.Module, batches: list[Mapping[str, Any]], granularity: str = "block"):
+        if granularity not in ("block", "sublayer"):
+            raise ValueError(f"granularity must be 'block' or 'sublayer', got {granularity!r}")
+        self.batches, self.granularity = batches, granularity
+        self.unit_name = "blocks" if granularity == "block" else "sub-layers"
+        self.names = _OriginalNames(model)
+        self.removed: list[str] = []
+        self.forward_passes = 0
+        self._proposed: dict[str, str] = {}
+        self._initial = len(self._pool(model))
+
+    def _pool(self, model: nn.Module) -> list[Block]:
+        blocks = find_blocks(model)
+        if self.granularity == "block":
+            return [b for b in blocks if b.removable]
+        by_position = {(b.stage, b.index): b for b in blocks}
+        pool = []
+        for kind in adapter_for(model).sublayer_kinds:
+            for unit in find_blocks(model, kind):
+                if unit.removable:
+                    pool.append(unit)
+                else:  # the layer's other sub-layer is gone: removing this one empties the layer, a block removal
+                    pool.append(by_position[(unit.stage, unit.index)])
+        return list({unit.name: unit for unit in pool}.values())
+
+    def available(self) -> int:
+        # an upper bound (the pool is re-read from the model at each step; propose() says when it is empty)
+        return max(self._initial - len(self.removed), 0)
+
+    def propose(self, model: nn.Module, room: int) -> Candidate | None:
+        from .scoring import loss_scores
+
+        pool = self._pool(model)
+        if len(find_blocks(model)) == 1:  # never the last block
+            pool = [u for u in pool if u.kind != "block"]
+        if not pool:
+            return None
+        losses = loss_scores(model, self.batches, pool, progress=False)
+        self.forward_passes += (len(pool) + 1) * len(self.batches)
+        name = min(losses, key=losses.get)
+        unit = next(u for u in pool if u.name == name)
+        original = self.names.of(model, unit)
+        self._proposed[original] = unit.kind
+        return Candidate(units=[original], score=losses[name], apply=lambda m: remove_blocks(m, [name]))
+
+    def accept(self, candidate: Candidate) -> None:
+        original = candidate.units[0]
+        if self._proposed.get(original) == "block":
+            self.names.remove(original)
+        self.removed.append(original)
+
+    def state(self) -> dict[str, Any]:
+        return {"alive": list(self.names.alive), "removed": list(self.removed), "forward_passes": self.forward_passes}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.names.alive, self.removed = list(state["alive"]), list(state["removed"])
+        self.forward_passes = int(state["forward_passes"])
+
+    def fingerprint(self) -> dict[str, Any]:
+        from .engine.progress import batches_digest
+
+        return {"strategy": f"iterative loss ({self.granularity})", "data": batches_digest(self.batches)}
+
+    def cost(self) -> dict[str, Any]:
+        return {"forward_passes": self.forward_passes}
+
+
+class SpanStrategy(SearchStrategy):
+    """Remove the contiguous span of ``length`` blocks whose input and output are closest, all at once (Gromov et al.,
+    PruneMe): the angular distance ``arccos(cos(x, y)) / pi`` between the hidden state entering its first block and
+    the one leaving its last, at each sequence's last real token (the one that has seen the whole sequence, left or
+    right padding alike; a non-sequence feature map is compared whole), averaged over the calibration examples. One
+    pass over the calibration batches with hooks on every block."""
+
+    def __init__(self, model: nn.Module, batches: list[Mapping[str, Any]], length: int):
+        self.batches, self.length = batches, int(length)
+        self.spans: dict[tuple[str, ...], float] = {}
+        self.done = False
+
+    def measure(self, model: nn.Module) -> None:
+        """The angular distance of every span of ``length`` consecutive blocks of one stage."""
+        import math
+
+        import torch
+
+        from .block_io import BlockIO
+        from .scoring import model_inputs
+
+        blocks = [b for b in find_blocks(model) if b.removable]
+        stages: dict[int, list[Block]] = {}
+        for block in blocks:
+            stages.setdefault(block.stage, []).append(block)
+        sums: dict[tuple[str, ...], float] = {}
+        examples = 0
+        io = BlockIO(model, blocks, detach=True)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in self.batches:
+                    batch = model_inputs(model, batch)
+                    with io.capturing():
+                        model(**batch)
+                    mask = batch.get("attention_mask")
+                    for stage in stages.values():
+                        for start in range(len(stage) - self.length + 1):
+                            span = stage[start : start + self.length]
+                            x = _last_token(io.raw(span[0].name)[0], mask)
+                            y = _last_token(io.raw(span[-1].name)[1], mask)
+                            cos = torch.nn.functional.cosine_similarity(x, y, dim=-1).clamp(-1, 1)
+                            key = tuple(b.name for b in span)
+                            sums[key] = sums.get(key, 0.0) + float(torch.arccos(cos).sum()) / math.pi
+                    examples += int(io.raw(blocks[0].name)[0].shape[0])
+        finally:
+            io.remove()
+            model.train(was_training)
+        self.spans = {span: total / max(examples, 1) for span, total in sums.items()}
+        if not self.spans:
+            raise ValueError(f"no stage of this model has {self.length} consecutive removable blocks")
+
+    def available(self) -> int:
+        return 0 if self.done else self.length
+
+    def propose(self, model: nn.Module, room: int) -> Candidate | None:
+        if self.done or room < self.length:
+            return None
+        span = min(self.spans, key=self.spans.get)
+        return Candidate(units=list(span), score=self.spans[span], apply=lambda m: remove_blocks(m, list(span)))
+
+    def accept(self, candidate: Candidate) -> None:
+        self.done = True
+
+    def state(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.done = bool(state["done"])
+
+    def fingerprint(self) -> dict[str, Any]:
+        from .engine.progress import batches_digest
+
+        return {"strategy": "span", "length": self.length, "data": batches_digest(self.batches)}
+
+    def report_scores(self) -> dict[str, float]:
+        return {" .. ".join((span[0], span[-1])): value for span, value in self.spans.items()}
+
+    def cost(self) -> dict[str, Any]:
+        return {"forward_passes": len(self.batches)}
+
+
+def _last_token(hidden: Any, attention_mask: Any) -> Any:
+    """``(batch, features)`` in float64: each sequence's last real token, or the whole feature map of an example."""
+    import torch
+
+    hidden = hidden.double()
+    if hidden.dim() != 3:
+        return hidden.flatten(1)
+    if attention_mask is None or tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+        return hidden[:, -1]
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
+    return hidden[torch.arange(hidden.shape[0]), last]
+
+
+def prune(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    method: str = "block_influence",
+    *,
+    granularity: str = "block",
+    num_units: int | None = None,
+    max_metric_delta: float | None = None,
+    max_metric_ratio: float | None = None,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    higher_is_better: bool = True,
+    metric_name: str | None = None,
+    example_inputs: Mapping[str, Any] | None = None,
+    latency_repeats: int = 5,
+    progress: bool = True,
+    progress_dir: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+    **score_kwargs: Any,
+) -> tuple[nn.Module, CollapseReport]:
+    """Score and remove units of ``model`` under a budget with the field's depth-pruning methods, in one API.
+
+    Methods:
+
+    * a one-shot scorer of :func:`hf_collapse.score_blocks` (``"block_influence"`` (ShortGPT), ``"angular"``,
+      ``"msw"``, ``"loss"`` (one-shot SLEB), ``"random"``): every unit scored once on ``batches``, removed lowest
+      first (:func:`collapse`); ``granularity`` picks blocks or ``"attention"`` / ``"mlp"`` sub-layers;
+    * ``"sleb"``: SLEB proper: at every step each remaining block is re-scored by the calibration loss of the current
+      model without it, and the cheapest removed;
+    * ``"blockpruner"``: BlockPruner / FinerCut: the same over every attention and MLP sub-layer (a layer's last
+      sub-layer counts as its whole block);
+    * ``"span"``: Gromov et al. / PruneMe: the contiguous span of ``num_units`` blocks whose input and output are
+      closest by angular distance, removed at once (needs ``num_units``).
+
+    ``batches`` are calibration batches (with labels for the loss-based methods). The budget, evaluation, latency,
+    progress folder and report are :func:`collapse`'s (the report's ``extra["search_cost"]`` says what the search
+    cost: its seconds and forward passes).
+
+    Example::
+
+        >>> smaller, report = hf_collapse.prune(llama, calibration_batches, method="sleb", num_units=4,
+        ...                                     eval_fn=lambda m: perplexity(m, held_out), higher_is_better=False)
+    """
+    from .scoring import DATA_FREE, SCORERS, score_blocks
+
+    batches = list(batches)
+    one_shot = [*SCORERS, "loss", *DATA_FREE]
+    if method in one_shot:
+        import time
+
+        start = time.perf_counter()
+        scores = score_blocks(model, batches, method=method, granularity=granularity, progress=progress, **score_kwargs)
+        seconds = time.perf_counter() - start
+        collapsed, report = collapse(
+            model,
+            scores,
+            num_units=num_units,
+            max_metric_delta=max_metric_delta,
+            eval_fn=eval_fn,
+            higher_is_better=higher_is_better,
+            max_metric_ratio=max_metric_ratio,
+            metric_name=metric_name,
+            example_inputs=example_inputs,
+            latency_repeats=latency_repeats,
+            method=f"prune ({method})",
+            progress=progress,
+            granularity=granularity,
+            progress_dir=progress_dir,
+            resume_from=resume_from,
+        )
+        report.extra["search_cost"] = {
+            "scoring_seconds": round(seconds, 2),
+            "forward_passes": _one_shot_passes(method, model, batches, granularity),
+        }
+        return collapsed, report
+    if method not in SEARCHES:
+        raise ValueError(f"unknown pruning method {method!r}; accepted: {', '.join([*one_shot, *SEARCHES])}")
+    if granularity != "block":
+        raise ValueError(f"method {method!r} chooses its own units: leave granularity='block'")
+    budget = Budget.from_arguments(
+        where="hf_collapse.prune",
+        higher_is_better=higher_is_better,
+        num_units=num_units,
+        max_metric_delta=max_metric_delta,
+        max_metric_ratio=max_metric_ratio,
+    )
+    if budget.needs_metric and eval_fn is None:
+        raise ValueError("a metric budget (max_metric_delta / max_metric_ratio) needs eval_fn")
+    if method == "span":
+        if budget.num_units is None:
+            raise ValueError("method 'span' removes num_units consecutive blocks at once: give num_units")
+        strategy: SearchStrategy = SpanStrategy(model, batches, budget.num_units)
+        strategy.measure(model)
+    else:
+        strategy = IterativeLossStrategy(model, batches, "block" if method == "sleb" else "sublayer")
+    return run_search(
+        model,
+        strategy,
+        budget,
+        method=f"prune ({method})",
+        evaluate=eval_fn,
+        metric_name=metric_name,
+        inputs=example_inputs,
+        latency_repeats=latency_repeats,
+        progress_dir=progress_dir,
+        resume_from=resume_from,
+        show_progress=progress,
+    )
+
+
+def _one_shot_passes(method: str, model: nn.Module, batches: list, granularity: str) -> int:
+    """Forward passes a one-shot scorer took: one per batch, and one more per unit and batch for ``"loss"``."""
+    if method == "random":
+        return 0
+    if method == "loss":
+        return (len(find_blocks(model, granularity)) + 1) * len(batches)
+    return len(batches)

@@ -39,7 +39,7 @@ class CollapseStep:
 
     Example::
 
-        >>> collapsed, report = hf_collapse.collapse(model, scores, num_blocks=2)
+        >>> collapsed, report = hf_collapse.collapse(model, scores, num_units=2)
         >>> [(step.removed, step.unit) for step in report.steps]
         [(0, None), (1, 'bert.encoder.layer.4'), (2, 'bert.encoder.layer.2')]
         >>> report.steps[-1].params < report.steps[0].params
@@ -74,7 +74,7 @@ class CollapseReport:
 
     Example::
 
-        >>> collapsed, report = hf_collapse.collapse(model, scores, num_blocks=2)
+        >>> collapsed, report = hf_collapse.collapse(model, scores, num_units=2)
         >>> print(report.to_markdown())
         >>> report.save("outputs/report")          # report.json, report.md, tradeoff.png
     """

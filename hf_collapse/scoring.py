@@ -124,7 +124,7 @@ def score_blocks(
     Example::
 
         >>> scores = hf_collapse.score_blocks(model, eval_loader, method="block_influence")
-        >>> collapsed, report = hf_collapse.collapse(model, scores, num_blocks=2)
+        >>> collapsed, report = hf_collapse.collapse(model, scores, num_units=2)
     """
     if method not in SCORERS and method not in DATA_FREE and method != "loss":
         raise ValueError(f"unknown scoring method {method!r}; available: {', '.join([*SCORERS, 'loss', *DATA_FREE])}")

@@ -83,6 +83,7 @@ def test_every_public_name_resolves_lazily():
         "hub",
         "heal",
         "DistillationTrainer",
+        "prune",
         "push_to_hub",
         "register_architecture",
         "remove_blocks",

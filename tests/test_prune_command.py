@@ -98,6 +98,35 @@ def test_prune_under_a_perplexity_budget_with_sublayers(tiny_llm, tmp_path, caps
     assert hf_collapse.collapse_record(reloaded) is not None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sleb", "blockpruner", "span"])
+def test_prune_with_each_search(method, tiny_llm, tmp_path, capsys):
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_llm),
+            "--method",
+            method,
+            "--num_units",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
+    assert code == 0
+    report = hf_collapse.CollapseReport.load(tmp_path / "report")
+    assert report.method == f"prune ({method})" and report.after.removed == 2
+    assert report.extra["search_cost"]["forward_passes"] > 0
+    if method == "span":  # two consecutive blocks, in one step
+        (step,) = report.steps[1:]
+        first, second = (int(name.rsplit(".", 1)[1]) for name in step.unit.split(", "))
+        assert second == first + 1
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
+    assert len(hf_collapse.collapse_record(reloaded)["edits"]) == (1 if method == "span" else 2)
+
+
 @pytest.mark.parametrize(
     "argv,expected",
     [
@@ -106,6 +135,8 @@ def test_prune_under_a_perplexity_budget_with_sublayers(tiny_llm, tmp_path, caps
         ([], "no budget: pass --num_units, --max_metric_delta, --max_metric_ratio"),
         (["--num_units", "1", "--heal", "magic"], "--heal 'magic': expected one of distill, lora, linear"),
         (["--num_units", "1", "--method", "magic"], "--method 'magic': expected one of"),
+        (["--num_units", "1", "--method", "sleb", "--granularity", "mlp"], "--method sleb chooses its own units"),
+        (["--max_metric_ratio", "2", "--method", "span"], "--method span removes --num_units consecutive blocks"),
     ],
 )
 def test_prune_refuses_bad_arguments_before_any_work(argv, expected, capsys, monkeypatch):

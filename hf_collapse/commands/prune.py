@@ -64,7 +64,12 @@ class PruneJobArguments(LMJobArguments):
     """The ``hf-collapse prune`` flags besides ``TrainingArguments`` (which configure healing by training)."""
 
     method: str = field(
-        default="block_influence", metadata={"help": "Scorer: block_influence, angular, loss (SLEB), msw, random."}
+        default="block_influence",
+        metadata={
+            "help": "One-shot scorer (block_influence, angular, loss, msw, random) or search: sleb (re-scored by loss "
+            "after each removal), blockpruner (attention and MLP sub-layers, re-scored), span (the closest contiguous "
+            "span of --num_units blocks)."
+        },
     )
     granularity: str = field(default="block", metadata={"help": "Units: block, attention or mlp."})
     num_units: int | None = field(default=None, metadata={"help": "Remove this many units."})
@@ -90,9 +95,10 @@ class PruneJobArguments(LMJobArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        from ..removal import SEARCHES
         from ..scoring import DATA_FREE, SCORERS
 
-        methods = [*SCORERS, "loss", *DATA_FREE]
+        methods = [*SCORERS, "loss", *DATA_FREE, *SEARCHES]
         if self.method not in methods:
             raise ValueError(f"--method {self.method!r}: expected one of {', '.join(methods)}")
         if self.heal is not None and self.heal not in HEALING:
@@ -101,6 +107,10 @@ class PruneJobArguments(LMJobArguments):
             raise ValueError(f"--granularity {self.granularity!r}: expected block, attention or mlp")
         if self.num_units is None and self.max_metric_delta is None and self.max_metric_ratio is None:
             raise ValueError("no budget: pass --num_units, --max_metric_delta, --max_metric_ratio, or several")
+        if self.method in SEARCHES and self.granularity != "block":
+            raise ValueError(f"--method {self.method} chooses its own units: leave out --granularity")
+        if self.method == "span" and self.num_units is None:
+            raise ValueError("--method span removes --num_units consecutive blocks at once: give --num_units")
         at_least("num_units", self.num_units, 1)
         at_least("max_metric_delta", self.max_metric_delta, 0)
         at_least("max_metric_ratio", self.max_metric_ratio, 1)
@@ -141,8 +151,7 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
     from ..distributed import is_main_process
     from ..healing import heal
     from ..metrics import perplexity
-    from ..removal import collapse
-    from ..scoring import score_blocks
+    from ..removal import prune
 
     seed_everything(args)
     with phase(f"loading {job.model} and {job.dataset}"):
@@ -153,28 +162,20 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
         calibration = lm_windows(train_text, tokenizer, max_length=job.max_length, max_windows=job.calibration_windows)
         held_out = lm_windows(held_out_text, tokenizer, max_length=job.max_length, max_windows=job.eval_windows)
         evaluation = DataLoader(held_out, batch_size=job.batch_size)
-    with phase(f"scoring the {job.granularity} units ({job.method})"):
-        scores = score_blocks(
+    output = Path(args.output_dir)
+    with phase(f"{job.method}: scoring and removing {job.granularity} units under the budget (perplexity of each)"):
+        collapsed, report = prune(
             model,
             DataLoader(calibration, batch_size=job.batch_size),
             method=job.method,
             granularity=job.granularity,
-            progress=not args.disable_tqdm,
-        )
-    output = Path(args.output_dir)
-    with phase("removing under the budget (perplexity of each state)"):
-        collapsed, report = collapse(
-            model,
-            scores,
             num_units=job.num_units,
             max_metric_delta=job.max_metric_delta,
             max_metric_ratio=job.max_metric_ratio,
             eval_fn=lambda m: perplexity(m, evaluation),
             higher_is_better=False,
             metric_name="perplexity",
-            granularity=job.granularity,
             latency_repeats=job.latency_repeats,
-            method=f"prune ({job.method})",
             progress=not args.disable_tqdm,
             progress_dir=job.resume_from or output / "prune_progress",
             resume_from=job.resume_from,

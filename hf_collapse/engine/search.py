@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,10 @@ class SearchStrategy:
 
     def report_scores(self) -> dict[str, float]:
         """The scores the report lists (a removal's per-unit scores; none for TLC, whose gaps change every step)."""
+        return {}
+
+    def cost(self) -> dict[str, Any]:
+        """What the search itself cost beyond the loop's evaluations (e.g. its forward passes), for the report."""
         return {}
 
 
@@ -243,12 +248,15 @@ def run_search(
     limit = report.after.removed + budget.units_to_try(strategy.available())
     if budget.num_units is not None:
         limit = min(limit, int(budget.num_units))
+    search_seconds = float((report.extra.get("search_cost") or {}).get("search_seconds", 0.0))
     bar = tqdm(
         total=limit, initial=report.after.removed, desc=description, disable=not (show_progress and is_main_process())
     )
     try:
         while report.after.removed < limit:
+            started = time.perf_counter()
             candidate = strategy.propose(current, limit - report.after.removed)
+            search_seconds += time.perf_counter() - started
             if candidate is None:
                 break
             names = ", ".join(candidate.units)
@@ -287,6 +295,8 @@ def run_search(
                 break
             current = trial
             strategy.accept(candidate)
+            if strategy.cost():
+                report.extra["search_cost"] = {"search_seconds": round(search_seconds, 2), **strategy.cost()}
             bar.update(len(candidate.units))
             save_progress(report, "running")
     except BaseException:
@@ -301,6 +311,8 @@ def run_search(
         raise
     finally:
         bar.close()
+    if strategy.cost():
+        report.extra["search_cost"] = {"search_seconds": round(search_seconds, 2), **strategy.cost()}
     report.pool_reference_latency()
     save_progress(report, "finished")
     if current is original:

@@ -75,7 +75,7 @@ class LaCoOTTrainer(Trainer):
         >>> trainer = LaCoOTTrainer(model=model, args=args, train_dataset=train, eval_dataset=test,
         ...                         processing_class=tokenizer, compute_metrics=accuracy)
         >>> trainer.train()
-        >>> collapsed, report = trainer.collapse(max_metric_drop=0.02)
+        >>> collapsed, report = trainer.collapse(max_metric_delta=0.02)
 
     The penalty is added in :meth:`compute_loss`, scaled like the task loss under gradient accumulation,
     computed in float32 under autocast, from hooks that record nothing during a gradient-checkpointing

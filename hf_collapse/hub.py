@@ -20,7 +20,7 @@ from torch import nn
 
 from .architectures.base import unwrap_model
 from .distributed import is_main_process
-from .report import CollapseReport, describe_speedup, format_count
+from .report import STAGES, CollapseReport, describe_speedup, format_count
 from .surgery import COLLAPSED_ADAPTER_MESSAGE, collapse_record, is_peft_model, model_class_name
 
 __all__ = ["collapsed_components", "loading_code", "model_card", "push_to_hub", "save_with_card"]
@@ -227,6 +227,19 @@ def model_card(
                 metric_value=float(report.after.metric),
             )
         ]
+    if report is not None:
+        for entry in report.evaluations:
+            stage = next((s for s in reversed(STAGES) if s in entry.values), None)
+            if stage is not None:
+                eval_results = (eval_results or []) + [
+                    EvalResult(
+                        task_type="text-generation",
+                        dataset_type=entry.name,
+                        dataset_name=f"{entry.name} ({entry.data})" if entry.data else entry.name,
+                        metric_type=entry.metric,
+                        metric_value=float(entry.values[stage]),
+                    )
+                ]
     name = model_name or (repo_id.split("/")[-1] if repo_id else f"{type(unwrap_model(model)).__name__}-collapsed")
     if base_model is None and is_peft_model(model):
         base_model = next(iter(model.peft_config.values())).base_model_name_or_path
@@ -254,6 +267,7 @@ def model_card(
             compression_table=_table(report),
             removed_list=f"Removed, in order (lowest score first):\n\n{removed}" if removed else "",
             plot="![Trade-off: metric and latency against units removed](tradeoff.png)",
+            evaluation=_evaluation_section(report),
             training=training or f"Method: {method}. Budget: {report.budget}. Settings: {extra or 'n/a'}.",
         )
     else:
@@ -262,6 +276,7 @@ def model_card(
             compression_table="No collapse report was given.",
             removed_list="",
             plot="",
+            evaluation="",
             training=training or "",
         )
     target = repo_id or "path/to/this/folder"
@@ -282,6 +297,26 @@ def model_card(
         model_name=name, method=method, loading_code=loading_code(model, target), loading_note=note, **kwargs
     )
     return ModelCard.from_template(card_data, template_str=_template_text(), **content_kwargs)
+
+
+def _evaluation_section(report: CollapseReport) -> str:
+    """The card's account of what the model was measured on beyond the budget's metric: which text healed it, and
+    its numbers on other text and zero-shot tasks at each stage."""
+    if not report.evaluations:
+        return ""
+    healed_on = sorted({e.data for e in report.evaluations if e.seen_in_healing and e.data})
+    others = sorted({e.data for e in report.evaluations if not e.seen_in_healing and e.data})
+    heal = report.extra.get("heal")
+    lines = ["## Measured beyond the budget", ""]
+    source = f"the training part of {', '.join(healed_on)}" if healed_on else "the calibration data"
+    lines.append(
+        f"Calibration{' and healing (' + str(heal) + ')' if heal else ''} used {source}"
+        + (f"; {', '.join(others)} are text neither saw." if others else ".")
+        + " Each row is measured on held-out text at every stage; the last column is the final model over the"
+        " original (a perplexity factor, or the share of an accuracy kept)."
+    )
+    lines += ["", report.evaluations_markdown()]
+    return "\n".join(lines)
 
 
 _DIFFUSERS_RECORD_NOTE = (

@@ -16,7 +16,10 @@ from typing import Any
 
 from .budget import Budget
 
-__all__ = ["CollapseReport", "CollapseStep", "describe_speedup", "format_count"]
+__all__ = ["STAGES", "CollapseReport", "CollapseStep", "Evaluation", "describe_speedup", "format_count"]
+
+#: The stages at which a model is evaluated beyond the budget's metric, in order.
+STAGES = ("original", "after removal", "after healing")
 
 
 @dataclass
@@ -69,6 +72,41 @@ class CollapseStep:
 
 
 @dataclass
+class Evaluation:
+    """One measurement of the model beyond the budget's metric, at each stage (:data:`STAGES`): perplexity on a
+    corpus, or a zero-shot task's accuracy.
+
+    Attributes:
+        name: what is measured, e.g. ``"perplexity on bbc_news"`` or ``"bbc_news_continuation"``.
+        metric: the metric's name (``"perplexity"``, ``"acc_norm"``, ...).
+        higher_is_better: whether a larger value is better.
+        data: the text it is measured on, and which part (e.g. ``"bbc_news, test split"``).
+        seen_in_healing: whether that corpus also gave the calibration / healing text (its held-out part is measured
+            either way): a model healed on it measures better on it than on other text.
+        values: ``{stage: value}``.
+
+    Example::
+
+        >>> entry = report.evaluations[0]
+        >>> entry.name, entry.values, entry.relative("after healing")
+        ('perplexity on wiki', {'original': 24.5, 'after removal': 88.1, 'after healing': 33.0}, 1.347)
+    """
+
+    name: str
+    metric: str
+    higher_is_better: bool
+    data: str = ""
+    seen_in_healing: bool = False
+    values: dict[str, float] = field(default_factory=dict)
+
+    def relative(self, stage: str) -> float | None:
+        """The value at ``stage`` over the original's: the retained fraction of an accuracy, the factor of a
+        perplexity."""
+        original, value = self.values.get("original"), self.values.get(stage)
+        return value / original if original and value is not None else None
+
+
+@dataclass
 class CollapseReport:
     """The result of :func:`hf_collapse.collapse` (and of TLC's ``compress``).
 
@@ -90,6 +128,7 @@ class CollapseReport:
     scores: dict[str, float] = field(default_factory=dict)
     steps: list[CollapseStep] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    evaluations: list[Evaluation] = field(default_factory=list)
 
     # -- views ---------------------------------------------------------------------------------------
     @property
@@ -131,6 +170,47 @@ class CollapseReport:
             "latency_significant": after.latency_significant,
         }
 
+    def record(
+        self,
+        name: str,
+        stage: str,
+        value: float,
+        *,
+        metric: str,
+        higher_is_better: bool,
+        data: str = "",
+        seen_in_healing: bool = False,
+    ) -> Evaluation:
+        """Record ``value`` of the evaluation ``name`` at ``stage`` (one of :data:`STAGES`), creating the entry on
+        first use. Returns the entry."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; accepted: {', '.join(STAGES)}")
+        entry = next((e for e in self.evaluations if e.name == name), None)
+        if entry is None:
+            entry = Evaluation(name, metric, higher_is_better, data, seen_in_healing)
+            self.evaluations.append(entry)
+        entry.values[stage] = float(value)
+        return entry
+
+    def evaluations_markdown(self) -> str:
+        """The evaluations as a markdown table: each stage's value and the last stage relative to the original
+        (``""`` when there are none)."""
+        if not self.evaluations:
+            return ""
+        stages = [s for s in STAGES if any(s in e.values for e in self.evaluations)]
+        last = stages[-1]
+        lines = [
+            f"| measured | on | {' | '.join(stages)} | {last} / original |",
+            f"| --- | --- | {' | '.join('---:' for _ in stages)} | ---: |",
+        ]
+        for e in self.evaluations:
+            relative = e.relative(last)
+            shown = "" if relative is None else f"{relative:.3f}" + ("x" if e.metric == "perplexity" else "")
+            data = e.data + (" (its corpus healed the model)" if e.seen_in_healing else "")
+            cells = " | ".join(_fmt(e.values.get(s), 2 if e.metric == "perplexity" else 4) for s in stages)
+            lines.append(f"| {e.name} ({e.metric}) | {data} | {cells} | {shown} |")
+        return "\n".join(lines)
+
     def pool_reference_latency(self) -> None:
         """Make step 0's latency the median of all its timings: the original was timed again beside every kept
         state (``reference_latency_s``), so its own latency is best estimated over all those rounds."""
@@ -153,6 +233,7 @@ class CollapseReport:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         kwargs["steps"] = [CollapseStep(**step) for step in data.get("steps", [])]
+        kwargs["evaluations"] = [Evaluation(**entry) for entry in data.get("evaluations", [])]
         return cls(**kwargs)
 
     @classmethod
@@ -182,6 +263,8 @@ class CollapseReport:
             )
         if self.hardware:
             lines.append(f"\nLatency measured on {self.hardware}.")
+        if self.evaluations:
+            lines.append(f"\n## Measured beyond the budget\n\n{self.evaluations_markdown()}")
         return "\n".join(lines)
 
     def _metric_limits(self) -> list[tuple[float, str]]:

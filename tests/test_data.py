@@ -14,6 +14,8 @@ from hf_collapse.data import (
     load_dialog_topics,
     load_digits_images,
     load_embedded_dataset,
+    load_wiki,
+    mixed_lm_windows,
     tokenize_text_dataset,
 )
 
@@ -153,7 +155,7 @@ def test_tokenize_with_real_minilm_tokenizer(dialog, minilm_tokenizer):
 
 
 def test_embedded_dataset_registry():
-    assert set(EMBEDDED_DATASETS) == {"dialog_topics", "digits", "bbc_news"}
+    assert set(EMBEDDED_DATASETS) == {"dialog_topics", "digits", "bbc_news", "wiki"}
     ds = load_embedded_dataset("digits", image_size=8, num_channels=1)
     assert ds["test"][0]["pixel_values"].shape == (1, 8, 8)
     with pytest.raises(KeyError) as raised:
@@ -259,3 +261,45 @@ def test_lm_windows_batches_and_refusals(bbc, minilm_tokenizer):
         lm_windows(["a b c"], minilm_tokenizer, max_length=2, max_windows=0)
     with pytest.raises(ValueError, match="separator"):
         lm_windows(["a b c"], minilm_tokenizer, max_length=2, separator="bos")
+
+
+def test_mixed_lm_windows_takes_each_share_and_shuffles(bbc, minilm_tokenizer):
+    news = lm_windows(bbc["train"]["text"], minilm_tokenizer, max_length=32, max_windows=6)
+    other = lm_windows(bbc["test"]["text"], minilm_tokenizer, max_length=32, max_windows=3)
+    mixed = mixed_lm_windows([(bbc["train"]["text"], 6), (bbc["test"]["text"], 3)], minilm_tokenizer, max_length=32)
+    rows = sorted(tuple(int(i) for i in r) for r in mixed["input_ids"])
+    assert rows == sorted(tuple(int(i) for i in r) for r in [*news["input_ids"], *other["input_ids"]])
+    assert [tuple(int(i) for i in r) for r in mixed["input_ids"][:6]] != [
+        tuple(int(i) for i in r) for r in news["input_ids"]
+    ]  # shuffled, not concatenated
+    assert set(mixed[0]) == {"input_ids", "attention_mask", "labels"} and torch.is_tensor(mixed[0]["labels"])
+    with pytest.raises(ValueError, match="at least one part"):
+        mixed_lm_windows([(bbc["test"]["text"], 0)], minilm_tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------------- wiki
+
+
+@pytest.fixture(scope="module")
+def wiki():
+    return load_wiki()
+
+
+def test_wiki_is_real_prose_split_by_article(wiki):
+    assert list(wiki) == ["train", "validation", "test"]
+    assert len(wiki["train"]) > 1000 and len(wiki["test"]) > 50 and wiki["train"].column_names == ["text", "title"]
+    titles = {split: set(wiki[split]["title"]) for split in wiki}
+    assert not titles["train"] & titles["test"] and not titles["train"] & titles["validation"]  # by article
+    assert len(titles["test"]) == round(0.1 * sum(len(t) for t in titles.values()))
+    everything = [t for split in wiki.values() for t in split["text"]]
+    assert all(len(t) >= 500 and "''" not in t and "==" not in t for t in everything)  # prose, no markup left
+    assert sum(len(t) for t in everything) > 2_000_000
+    assert not any(t.startswith(("List of", "Wikipedia:")) for split in titles.values() for t in split)
+    sections = dict(zip(wiki["train"]["text"], wiki["train"]["title"]))
+    sections.update(zip(wiki["test"]["text"], wiki["test"]["title"]))
+    sections.update(zip(wiki["validation"]["text"], wiki["validation"]["title"]))
+    albedo = [t for t, title in sections.items() if title == "Albedo"]
+    assert albedo and "reflect" in albedo[0]  # the article on albedo, about reflected light
+    again = load_embedded_dataset("wiki")
+    assert list(again["test"]["text"]) == list(wiki["test"]["text"])
+    assert set(load_wiki(seed=1)["test"]["title"]) != titles["test"]

@@ -195,6 +195,34 @@ def test_linear_replacement_heals_half_precision_models(dtype, llama_pair, tmp_p
         )
 
 
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_linear_cosine_objective_fits_directions_better_than_least_squares(kind, llama_pair, bert_pair, tmp_path):
+    """ReplaceMe's second objective: on the calibration tokens, the stream after the block the map is folded into
+    points closer to the teacher's stream after the span (mean cosine distance, measured here from the models'
+    hidden states) than with least squares, which it starts from."""
+    teacher, student, dataset, collator = setup(kind, llama_pair if kind == "llama" else bert_pair)
+    # hidden_states[i + 1] leaves block i: the student's folded block and the teacher's last removed block
+    after_fold, after_span = (2, 4) if kind == "llama" else (1, 2)
+    batch = collator([dataset[i] for i in range(32)])
+    mask = batch["attention_mask"].bool()
+
+    def direction_error(healed):
+        with torch.no_grad():
+            got = healed(**batch, output_hidden_states=True).hidden_states[after_fold][mask]
+            want = teacher(**batch, output_hidden_states=True).hidden_states[after_span][mask]
+        return float((1 - torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=-1)).mean())
+
+    common = dict(method="linear", data_collator=collator, calibration_batches=4)
+    lstsq = heal(student, teacher, dataset, **common)
+    cosine = heal(student, teacher, dataset, objective="cosine", cosine_steps=50, cosine_lr=1e-3, **common)
+    assert direction_error(cosine) < direction_error(lstsq) < direction_error(student)
+    still = heal(student, teacher, dataset, objective="cosine", cosine_steps=0, **common)  # no step: least squares
+    assert_same_state(state(still), state(lstsq))
+    assert_reloads_exactly(cosine, tmp_path, batch)
+    with pytest.raises(ValueError, match="objective must be 'lstsq' or 'cosine'"):
+        heal(student, teacher, dataset, objective="l1", **common)
+
+
 def test_linear_removed_spans_follow_the_record_across_edits():
     torch.manual_seed(0)
     teacher = llama().eval()

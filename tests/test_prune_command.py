@@ -127,6 +127,57 @@ def test_prune_with_each_search(method, tiny_llm, tmp_path, capsys):
     assert len(hf_collapse.collapse_record(reloaded)["edits"]) == (1 if method == "span" else 2)
 
 
+@pytest.mark.slow
+def test_prune_measures_other_text_and_zero_shot_tasks_at_every_stage(tiny_llm, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_llm),
+            "--num_units",
+            "2",
+            "--method",
+            "loss",
+            "--heal",
+            "linear",
+            "--heal_mix",
+            "wiki",
+            "--eval_tasks",
+            "local",
+            "--eval_limit",
+            "6",
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
+    assert code == 0
+    report = hf_collapse.CollapseReport.load(tmp_path / "report")
+    names = [e.name for e in report.evaluations]
+    assert names == [
+        "perplexity on bbc_news",
+        "perplexity on wiki",
+        "bbc_news_continuation",
+        "bbc_news_last_word",
+        "wiki_continuation",
+        "wiki_last_word",
+    ]
+    for entry in report.evaluations:
+        assert list(entry.values) == ["original", "after removal", "after healing"]
+        assert entry.seen_in_healing  # --heal_mix wiki: both corpora's training text healed it
+    news = report.evaluations[0]
+    assert news.values["original"] == pytest.approx(report.before.metric)  # the budget's own held-out text
+    assert news.values["after healing"] == pytest.approx(report.extra["perplexity_after_healing"])
+    assert report.extra["heal_mix"] == ["wiki"] and report.extra["heal_windows"] == 16
+    assert sorted(p.name for p in (tmp_path / "zero_shot_tasks").iterdir()) == sorted(
+        f"{c}_{k}.{x}" for c in ("bbc_news", "wiki") for k in ("continuation", "last_word") for x in ("jsonl", "yaml")
+    )
+    card = (tmp_path / "collapsed" / "README.md").read_text()
+    assert "## Measured beyond the budget" in card and "| wiki_continuation (acc_norm) |" in card
+    assert "Measured beyond the budget" in (tmp_path / "report" / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     "argv,expected",
     [
@@ -137,6 +188,10 @@ def test_prune_with_each_search(method, tiny_llm, tmp_path, capsys):
         (["--num_units", "1", "--method", "magic"], "--method 'magic': expected one of"),
         (["--num_units", "1", "--method", "sleb", "--granularity", "mlp"], "--method sleb chooses its own units"),
         (["--max_metric_ratio", "2", "--method", "span"], "--method span removes --num_units consecutive blocks"),
+        (["--num_units", "1", "--heal_mix", "wiki"], "--heal_mix mixes text into healing: give --heal too"),
+        (["--num_units", "1", "--eval_datasets", "./nowhere.txt"], "--eval_datasets: dataset './nowhere.txt'"),
+        (["--num_units", "1", "--eval_tasks", "nowhere.yaml"], "--eval_tasks 'nowhere.yaml': no such task file"),
+        (["--num_units", "1", "--heal", "lora", "--heal_mix_ratio", "1"], "--heal_mix_ratio must be between 0"),
     ],
 )
 def test_prune_refuses_bad_arguments_before_any_work(argv, expected, capsys, monkeypatch):

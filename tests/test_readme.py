@@ -172,6 +172,7 @@ DOCTEST_NOT_RUN = {
     "hf_collapse.surgery.linearize": _CONTINUES.format("a BERT model"),
     "hf_collapse.surgery.trial": _CONTINUES.format("a decoder LM and a batch"),
     "hf_collapse.evaluation": _CONTINUES.format("a model, training arguments, a dataset and a metric"),
+    "hf_collapse.lm_evaluation": _CONTINUES.format("a causal LM, its tokenizer, held-out loaders and a report"),
     "hf_collapse.tlc.compress": _CONTINUES.format("a model, datasets, training arguments and a metric"),
     "hf_collapse.tlc.statistics": _CONTINUES.format("a model and calibration batches"),
     "hf_collapse.tlc.transforms": _CONTINUES.format("a model and its activation statistics"),

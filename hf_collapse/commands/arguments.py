@@ -45,14 +45,25 @@ def seed_everything(args) -> None:
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
 
+def check_dataset(dataset: str, flag: str | None = None) -> None:
+    """Refuse a dataset argument that names nothing usable (an unknown embedded name, a missing or non-data file); the
+    message starts with ``flag`` when given (a flag other than ``--dataset``)."""
+    try:
+        check_source(
+            "dataset", dataset, list(EMBEDDED_DATASETS), f"a data file or folder ({', '.join(DATA_FILE_SUFFIXES)})"
+        )
+        path = Path(dataset)
+        if path.is_file() and path.suffix not in DATA_FILE_SUFFIXES:
+            raise ValueError(f"dataset file {dataset!r} is not a data file: accepted {', '.join(DATA_FILE_SUFFIXES)}")
+    except ValueError as error:
+        if flag is None:
+            raise
+        raise ValueError(f"{flag}: {error}") from None
+
+
 def _check_model_and_dataset(model: str, dataset: str) -> None:
     check_source("model", model, list(EMBEDDED_MODELS), "a saved model folder")
-    check_source(
-        "dataset", dataset, list(EMBEDDED_DATASETS), f"a data file or folder ({', '.join(DATA_FILE_SUFFIXES)})"
-    )
-    path = Path(dataset)
-    if path.is_file() and path.suffix not in DATA_FILE_SUFFIXES:
-        raise ValueError(f"dataset file {dataset!r} is not a data file: accepted {', '.join(DATA_FILE_SUFFIXES)}")
+    check_dataset(dataset)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """``hf-collapse prune``: depth compression of a causal LM in one command.
 
 Scores the units (blocks or sub-layers) on calibration text, removes them under a block count or a perplexity
-budget, heals the result if asked, and measures perplexity (before, after removal, after healing), parameters,
-FLOPs and generation speed (tokens/s with the KV cache); saves the model with its card, and the report.
+budget, heals the result if asked (on the training text, with other text mixed in if asked), and measures, before
+and after removal and after healing, perplexity on held-out text of the training corpus *and of other corpora*
+and, if asked, zero-shot task accuracy with lm-eval-harness; then parameters, FLOPs and generation speed (tokens/s
+with the KV cache). Saves the model with its card, and the report.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..data import lm_windows
+from ..data import lm_windows, mixed_lm_windows
 from ..data.tasks import model_source, text_splits
 from ..report import CollapseReport
 from . import COMMANDS
-from .arguments import LMJobArguments, at_least, parse_job_flags, seed_everything
+from .arguments import LMJobArguments, at_least, check_dataset, parse_job_flags, seed_everything
 from .output import phase, print_collapse_summary
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..lm_evaluation import LMEvaluation
 
 __all__ = [
     "DEFAULT_PRUNE_TRAINING",
@@ -92,6 +97,40 @@ class PruneJobArguments(LMJobArguments):
         default=None,
         metadata={"help": "Continue an interrupted removal from its progress folder (<output_dir>/prune_progress)."},
     )
+    eval_datasets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Corpora whose held-out text is measured besides --dataset's (perplexity at each stage). Default: "
+            "wiki (bbc_news when --dataset is wiki); none: only --dataset."
+        },
+    )
+    eval_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Zero-shot lm-eval tasks measured at each stage: task names (their data needs a network), task "
+            "YAML files, or local (next-sentence and last-word tasks built from the held-out text of --dataset and "
+            "--eval_datasets). Needs lm-eval: pip install 'hf_collapse[eval]'."
+        },
+    )
+    eval_limit: int = field(default=200, metadata={"help": "Items per zero-shot task."})
+    heal_mix: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Corpora whose training text is mixed into the healing text (general text, so that healing does "
+            "not make a specialist of --dataset)."
+        },
+    )
+    heal_mix_ratio: float = field(
+        default=0.5, metadata={"help": "Share of the healing windows taken from --heal_mix (the rest: --dataset)."}
+    )
+
+    def measured_corpora(self) -> list[str]:
+        """--dataset, then the corpora of --eval_datasets (default: the other embedded corpus)."""
+        others = self.eval_datasets
+        if others is None:
+            others = ["bbc_news"] if self.dataset.lower().replace("-", "_") == "wiki" else ["wiki"]
+        others = [c for c in others if c.lower() != "none" and c != self.dataset]
+        return [self.dataset, *dict.fromkeys(others)]
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,6 +157,23 @@ class PruneJobArguments(LMJobArguments):
             at_least(name, getattr(self, name), 1)
         at_least("generate_tokens", self.generate_tokens, 0)
         at_least("latency_repeats", self.latency_repeats, 0)
+        at_least("eval_limit", self.eval_limit, 1)
+        if not 0 < self.heal_mix_ratio < 1:
+            raise ValueError(f"--heal_mix_ratio must be between 0 and 1 (exclusive), got {self.heal_mix_ratio}")
+        if self.heal_mix and self.heal is None:
+            raise ValueError("--heal_mix mixes text into healing: give --heal too")
+        for name in self.measured_corpora()[1:]:
+            check_dataset(name, "--eval_datasets")
+        for name in self.heal_mix or []:
+            check_dataset(name, "--heal_mix")
+        if self.eval_tasks:
+            from ..lm_evaluation import is_available
+
+            if not is_available():
+                raise ValueError("--eval_tasks needs lm-eval-harness: pip install 'hf_collapse[eval]'")
+            for task in self.eval_tasks:
+                if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
+                    raise ValueError(f"--eval_tasks {task!r}: no such task file")
         if self.resume_from is not None and not Path(self.resume_from).is_dir():
             raise ValueError(
                 f"--resume_from {self.resume_from!r}: no such folder (the progress folder of an "
@@ -154,6 +210,7 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
     from ..removal import prune
 
     seed_everything(args)
+    output = Path(args.output_dir)
     with phase(f"loading {job.model} and {job.dataset}"):
         source = model_source(job.model)
         model = AutoModelForCausalLM.from_pretrained(source).eval()
@@ -162,7 +219,7 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
         calibration = lm_windows(train_text, tokenizer, max_length=job.max_length, max_windows=job.calibration_windows)
         held_out = lm_windows(held_out_text, tokenizer, max_length=job.max_length, max_windows=job.eval_windows)
         evaluation = DataLoader(held_out, batch_size=job.batch_size)
-    output = Path(args.output_dir)
+    measurements = _measurements(job, args, tokenizer, evaluation, held_out_text, output)
     with phase(f"{job.method}: scoring and removing {job.granularity} units under the budget (perplexity of each)"):
         collapsed, report = prune(
             model,
@@ -190,13 +247,20 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
         "perplexity_before": report.before.metric,
         "perplexity_after_removal": report.after.metric,
     }
+    stages = [("original", model), ("after removal", collapsed)]
     if job.heal is not None and report.after.removed:
-        with phase(f"healing ({job.heal})"):
-            healing = lm_windows(train_text, tokenizer, max_length=job.max_length, max_windows=job.heal_windows)
+        with phase(f"healing ({job.heal}{' with ' + ', '.join(job.heal_mix) + ' mixed in' if job.heal_mix else ''})"):
+            healing = _healing_windows(job, args, tokenizer, train_text)
             final = heal(collapsed, model, healing, method=job.heal, args=args)
             extra.update(
                 heal=job.heal, heal_windows=len(healing), perplexity_after_healing=perplexity(final, evaluation)
             )
+            if job.heal_mix:
+                extra.update(heal_mix=list(job.heal_mix), heal_mix_ratio=job.heal_mix_ratio)
+        stages.append(("after healing", final))
+    for stage, measured in stages:
+        with phase(f"measuring the {stage if stage == 'original' else 'model ' + stage} ({measurements.what()})"):
+            measurements.measure(measured, stage, report)
     if job.generate_tokens:
         with phase(f"timing generation ({job.generate_tokens} tokens, KV cache)"):
             prompt = {k: v[:1, : min(32, job.max_length)] for k, v in next(iter(evaluation)).items() if k != "labels"}
@@ -215,6 +279,61 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
             with phase(f"pushing to {args.hub_model_id}"):
                 hub.push_to_hub(final, args.hub_model_id, report=report, processor=tokenizer, token=args.hub_token)
     return final, report, report.summary()
+
+
+def _measurements(job: PruneJobArguments, args, tokenizer, evaluation, held_out_text, output: Path) -> LMEvaluation:
+    """Perplexity on the held-out text of --dataset and of each --eval_datasets corpus, and the --eval_tasks, as one
+    :class:`~hf_collapse.lm_evaluation.LMEvaluation` (corpora named by short names: the local tasks' prefixes)."""
+    from torch.utils.data import DataLoader
+
+    from ..data.zero_shot_tasks import write_tasks
+    from ..lm_evaluation import LMEvaluation
+
+    names = job.measured_corpora()
+    short = {name: _short_name(name) for name in names}
+    corpora, texts = {short[job.dataset]: evaluation}, {short[job.dataset]: held_out_text}
+    with phase(f"loading the held-out text of {', '.join(names)}"):
+        for name in names[1:]:
+            _, text = text_splits(name, job.text_column)
+            windows = lm_windows(text, tokenizer, max_length=job.max_length, max_windows=job.eval_windows)
+            corpora[short[name]], texts[short[name]] = DataLoader(windows, batch_size=job.batch_size), text
+    tasks: list[str | Path] = []
+    for task in job.eval_tasks or []:
+        if task == "local":
+            with phase("writing local zero-shot tasks (next sentence, last word) from the held-out text"):
+                for name, text in texts.items():
+                    tasks += write_tasks(output / "zero_shot_tasks", text, prefix=name, num_items=job.eval_limit)
+        else:
+            tasks.append(task)
+    return LMEvaluation(
+        corpora,
+        healing_corpora=[short[job.dataset], *(_short_name(n) for n in job.heal_mix or [])],
+        tokenizer=tokenizer,
+        tasks=tasks,
+        limit=job.eval_limit,
+        batch_size=job.batch_size,
+        described={short[name]: f"{name}, held-out split" for name in names},
+    )
+
+
+def _short_name(dataset: str) -> str:
+    """A dataset argument as a plain name (a file's stem for a path): the prefix of its local tasks."""
+    import re
+
+    name = Path(dataset).stem if Path(dataset).exists() else dataset.split("/")[-1]
+    return re.sub(r"\W+", "_", name).strip("_").lower() or "data"
+
+
+def _healing_windows(job: PruneJobArguments, args, tokenizer, train_text):
+    """--heal_windows windows of --dataset's training text, or with --heal_mix that share of them taken from the
+    training text of the mixed corpora (shuffled together)."""
+    if not job.heal_mix:
+        return lm_windows(train_text, tokenizer, max_length=job.max_length, max_windows=job.heal_windows)
+    mixed = round(job.heal_windows * job.heal_mix_ratio)
+    each = [mixed // len(job.heal_mix) + (i < mixed % len(job.heal_mix)) for i in range(len(job.heal_mix))]
+    parts = [(train_text, job.heal_windows - mixed)]
+    parts += [(text_splits(name, job.text_column)[0], count) for name, count in zip(job.heal_mix, each)]
+    return mixed_lm_windows(parts, tokenizer, max_length=job.max_length, seed=args.seed)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -3,10 +3,12 @@ and the tests run with no model or dataset hub.
 
 * :mod:`~hf_collapse.data.embedded_models`: ``"minilm"`` (all-MiniLM-L6-v2) and ``"smollm2"``
   (SmolLM2-135M-Instruct, a GGUF converted once); :func:`embedded_model_path`.
-* :mod:`~hf_collapse.data.embedded_datasets`: ``"dialog_topics"``, ``"digits"``, ``"bbc_news"``;
+* :mod:`~hf_collapse.data.embedded_datasets`: ``"dialog_topics"``, ``"digits"``, ``"bbc_news"``, ``"wiki"``;
   :func:`load_embedded_dataset`.
 * :mod:`~hf_collapse.data.text`: :func:`lm_windows`, documents cut into fixed-length token windows.
 * :mod:`~hf_collapse.data.sources`: :func:`check_source`, what the commands accept as a model or a dataset.
+* :mod:`~hf_collapse.data.zero_shot_tasks`: :func:`~hf_collapse.data.zero_shot_tasks.write_tasks`, offline
+  lm-eval tasks (next sentence, last word) from held-out documents.
 * :mod:`~hf_collapse.data.tasks`: :func:`prepare_task` and :func:`example_text_task`, models ready to train on data.
 
 The heavy libraries are imported only when a loader runs.
@@ -19,12 +21,13 @@ from .embedded_datasets import (
     load_dialog_topics,
     load_digits_images,
     load_embedded_dataset,
+    load_wiki,
     tokenize_text_dataset,
 )
 from .embedded_models import EMBEDDED_MODELS, EmbeddedModel, cache_dir, embedded_model_path, is_embedded
 from .sources import DATA_FILE_SUFFIXES, check_source
 from .tasks import ExampleTask, Task, example_text_task, prepare_task
-from .text import lm_windows
+from .text import lm_windows, mixed_lm_windows
 
 __all__ = [
     "DATA_FILE_SUFFIXES",
@@ -43,7 +46,9 @@ __all__ = [
     "load_dialog_topics",
     "load_digits_images",
     "load_embedded_dataset",
+    "load_wiki",
     "lm_windows",
+    "mixed_lm_windows",
     "prepare_task",
     "tokenize_text_dataset",
 ]

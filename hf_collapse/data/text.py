@@ -1,8 +1,9 @@
-"""Language-modelling text: documents cut into fixed-length token windows (:func:`lm_windows`)."""
+"""Language-modelling text: documents cut into fixed-length token windows (:func:`lm_windows`), and windows of
+several corpora mixed (:func:`mixed_lm_windows`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..deprecation import renamed
@@ -11,7 +12,7 @@ from .embedded_datasets import quiet_datasets, require_package
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
-__all__ = ["lm_windows"]
+__all__ = ["lm_windows", "mixed_lm_windows"]
 
 
 def lm_windows(
@@ -96,3 +97,27 @@ def lm_windows(
             ),
         )
     return dataset.with_format("torch")
+
+
+def mixed_lm_windows(
+    parts: Sequence[tuple[Iterable[str], int]], tokenizer: Any, max_length: int = 128, seed: int = 0
+) -> datasets.Dataset:
+    """Windows of several corpora in one shuffled dataset: ``parts`` is ``[(texts, windows), ...]``, each corpus cut
+    by :func:`lm_windows` into (at most) that many windows. Healing on a mix keeps general text in view: replay
+    against turning the model into a specialist of one corpus.
+
+    Example:
+        >>> from transformers import AutoTokenizer
+        >>> from hf_collapse.data import embedded_model_path, load_bbc_news, mixed_lm_windows
+        >>> tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("minilm"))
+        >>> news = load_bbc_news()   # with `load_wiki()["train"]["text"]` as the second part: news and general text
+        >>> mixed = mixed_lm_windows([(news["train"]["text"], 6), (news["test"]["text"], 2)], tokenizer, max_length=32)
+        >>> len(mixed), mixed[0]["input_ids"].shape
+        (8, torch.Size([32]))
+    """
+    datasets = require_package("datasets", "datasets", "mixed_lm_windows")
+    pieces = [lm_windows(texts, tokenizer, max_length=max_length, max_windows=count) for texts, count in parts if count]
+    if not pieces:
+        raise ValueError("mixed_lm_windows needs at least one part with a positive number of windows")
+    with quiet_datasets():
+        return datasets.concatenate_datasets(pieces).shuffle(seed=seed).flatten_indices().with_format("torch")

@@ -51,9 +51,10 @@ def heal(
             ``alpha``, ``hidden_weight``, and any ``Trainer`` argument such as ``data_collator``);
             ``"lora"`` — peft LoRA on the linears of the kept blocks, merged back (kwargs ``r``, ``lora_alpha``,
             ``lora_dropout``, ``target_modules`` and ``Trainer`` arguments);
-            ``"linear"`` — training-free least-squares replacement of each removed span folded into the preceding
-            block's projection (kwargs ``data_collator``, ``calibration_batches`` (16), ``ridge`` (1e-3); see
-            :mod:`hf_collapse.healing.linear` for the formulation).
+            ``"linear"`` — training-free linear replacement of each removed span folded into the preceding
+            block's projection (kwargs ``data_collator``, ``calibration_batches`` (16), ``ridge`` (1e-3),
+            ``objective`` (``"lstsq"`` or ReplaceMe's ``"cosine"``), ``cosine_steps`` (100), ``cosine_lr`` (1e-3);
+            see :mod:`hf_collapse.healing.linear` for the formulation).
         args: ``transformers.TrainingArguments`` (required by ``"distill"`` and ``"lora"``; for ``"linear"``
             only its batch size is read).
 

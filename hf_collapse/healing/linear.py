@@ -116,13 +116,14 @@ def _target(kind: str, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 
 def _predicted(kind: str, layer: nn.Module, base: torch.Tensor, m: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """The fitted predictor ``base + m T`` (through the block's LayerNorm for post-norm blocks), in float64."""
-    stream = base.double() + m.double() @ T
+    """The fitted predictor ``base + m T`` (through the block's LayerNorm for post-norm blocks), in ``T``'s dtype."""
+    stream = base.to(T.dtype) + m.to(T.dtype) @ T
     if kind == "residual":
         return stream
     norm = layer.output.LayerNorm
+    bias = None if norm.bias is None else norm.bias.detach().to(T.dtype)
     return torch.nn.functional.layer_norm(
-        stream, norm.normalized_shape, norm.weight.double(), None if norm.bias is None else norm.bias.double(), norm.eps
+        stream, norm.normalized_shape, norm.weight.detach().to(T.dtype), bias, norm.eps
     )
 
 
@@ -194,7 +195,16 @@ def check_fold_site(model: nn.Module, layer: nn.Module, batch: dict[str, torch.T
         )
 
 
-def _heal_span(student: nn.Module, teacher: nn.Module, span: RemovedSpan, batches: list[dict], ridge: float) -> None:
+def _heal_span(
+    student: nn.Module,
+    teacher: nn.Module,
+    span: RemovedSpan,
+    batches: list[dict],
+    ridge: float,
+    objective: str = "lstsq",
+    cosine_steps: int = 100,
+    cosine_lr: float = 1e-3,
+) -> None:
     layer = student.get_submodule(span.preceding)
     kind, projection = fold_site(layer)
     last_removed = teacher.get_submodule(span.teacher_blocks[-1])
@@ -202,6 +212,7 @@ def _heal_span(student: nn.Module, teacher: nn.Module, span: RemovedSpan, batche
     d = projection.out_features
     gram = torch.zeros(d, d, dtype=torch.float64, device=student_device)
     cross = torch.zeros(d, d, dtype=torch.float64, device=student_device)
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (m, base, y) per batch, for the cosine fit
     with torch.no_grad():
         for batch in batches:
             store: dict[str, torch.Tensor] = {}
@@ -212,22 +223,57 @@ def _heal_span(student: nn.Module, teacher: nn.Module, span: RemovedSpan, batche
             missing = [k for k in ("m", "out", "y") + (("a",) if kind == "post_norm" else ()) if k not in store]
             if missing:
                 raise RuntimeError(f"calibration did not reach {span.preceding!r} / {span.teacher_blocks[-1]!r}")
-            m, base = store["m"], _base(kind, store)
-            residual = _target(kind, layer, store["y"].to(student_device)).double() - base
+            m, base, y = store["m"], _base(kind, store), store["y"].to(student_device)
             mask = batch.get("attention_mask")
             if mask is not None and tuple(mask.shape) == tuple(m.shape[:2]):
                 keep = mask.to(student_device).bool()
-                m, residual = m[keep], residual[keep]
-            m, residual = m.reshape(-1, d).double(), residual.reshape(-1, d).double()
+                m, base, y = m[keep], base[keep], y[keep]
+            m, base, y = m.reshape(-1, d).double(), base.reshape(-1, d), y.reshape(-1, d)
+            residual = _target(kind, layer, y).double() - base
             gram += m.T @ m
             cross += m.T @ residual
+            if objective == "cosine":
+                kept.append((m.float(), base.float(), y.float()))
         identity = torch.eye(d, dtype=torch.float64, device=student_device)
         lam = ridge * float(torch.trace(gram)) / d + 1e-12
         T = torch.linalg.solve(gram + lam * identity, cross + lam * identity)
+    if objective == "cosine":
+        T = _cosine_fit(kind, layer, T, kept, cosine_steps, cosine_lr)
+    with torch.no_grad():
         weight = projection.weight
         projection.weight.copy_((T.T @ weight.double()).to(weight.dtype))
         if projection.bias is not None:
             projection.bias.copy_((projection.bias.double() @ T).to(projection.bias.dtype))
+
+
+def cosine_distance(kind: str, layer: nn.Module, T: torch.Tensor, kept) -> torch.Tensor:
+    """Mean cosine distance ``1 - cos(predicted, y)`` over the calibration tokens (ReplaceMe's second objective)."""
+    total, count = T.new_zeros(()), 0
+    for m, base, y in kept:
+        predicted = _predicted(kind, layer, base, m, T)
+        total = total + (1 - torch.nn.functional.cosine_similarity(predicted, y.to(T.dtype), dim=-1)).sum()
+        count += y.shape[0]
+    return total / max(count, 1)
+
+
+def _cosine_fit(kind: str, layer: nn.Module, start: torch.Tensor, kept, steps: int, lr: float) -> torch.Tensor:
+    """ReplaceMe's cosine objective: ``T`` minimising the mean cosine distance between the predicted stream and the
+    target, by full-batch Adam in float32 from the least-squares solution. The best ``T`` seen is returned, so the
+    fit never ends worse than least squares on the calibration tokens."""
+    T = start.float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([T], lr=lr)
+    best, best_loss = start, float("inf")
+    for step in range(steps + 1):
+        loss = cosine_distance(kind, layer, T, kept)
+        value = float(loss.detach())
+        if value < best_loss:
+            best, best_loss = (start if step == 0 else T.detach().double().clone()), value
+        if step == steps:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return best
 
 
 def linear(
@@ -239,8 +285,19 @@ def linear(
     data_collator=None,
     calibration_batches: int = 16,
     ridge: float = 1e-3,
+    objective: str = "lstsq",
+    cosine_steps: int = 100,
+    cosine_lr: float = 1e-3,
 ) -> nn.Module:
-    """Replace each removed span by a least-squares linear map folded into the preceding block (in place).
+    """Replace each removed span by a linear map folded into the preceding block (in place), fitted by least squares
+    (``objective="lstsq"``) or, as ReplaceMe's second objective, by the mean cosine distance to the teacher's stream
+    (``objective="cosine"``: ``cosine_steps`` full-batch Adam steps at ``cosine_lr`` from the least-squares
+    solution, keeping the best; it holds the calibration tokens' streams in memory).
+
+    Measured on SmolLM2-135M with 8 of 30 blocks removed (block_influence), fitted on 128 windows of BBC News: least
+    squares took held-out BBC perplexity from 3.03x the original's to 2.18x, and chat lines (text it was not fitted
+    on) from 3.33x to 3.27x; the cosine objective (100 steps at 1e-3) to 2.06x on BBC but 3.46x on chat lines: it
+    fits the calibration text's kind more closely, and generalises less.
 
     The fit has ``d x d`` unknowns per span (``d`` the hidden size): give it many more calibration tokens than ``d``.
     On SmolLM2 (``d`` = 576) with 8 of 30 blocks removed, 16 batches of 8 windows of 128 tokens took held-out
@@ -252,6 +309,10 @@ def linear(
     """
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if objective not in ("lstsq", "cosine"):
+        raise ValueError(f"objective must be 'lstsq' or 'cosine', got {objective!r}")
+    if cosine_steps < 0 or cosine_lr <= 0:
+        raise ValueError(f"cosine_steps must be >= 0 and cosine_lr > 0, got {cosine_steps} and {cosine_lr}")
     spans = removed_spans(student, teacher)
     for span in spans:
         if span.preceding is None:
@@ -270,7 +331,7 @@ def linear(
         for span in spans:  # refuse before any fit
             check_fold_site(student, student.get_submodule(span.preceding), batches[0])
         for span in spans:
-            _heal_span(student, teacher, span, batches, ridge)
+            _heal_span(student, teacher, span, batches, ridge, objective, cosine_steps, cosine_lr)
     finally:
         teacher.train(teacher_mode)
         student.train(student_mode)

@@ -223,6 +223,56 @@ def test_linear_cosine_objective_fits_directions_better_than_least_squares(kind,
         heal(student, teacher, dataset, objective="l1", **common)
 
 
+def test_linear_fit_equals_least_squares_computed_from_full_forward_passes():
+    """Two spans healed in forward order (the second fitted on the student the first already changed), each fit
+    recomputed here from full forward passes (output_hidden_states and a hook on the MLP output), not from the
+    library's early-stopped calibration passes."""
+    torch.manual_seed(0)
+    teacher = llama().eval()
+    amplify(teacher, [f"model.layers.{i}.mlp.down_proj" for i in (1, 3)], 10.0)
+    student = hf_collapse.remove_blocks(teacher, ["model.layers.1", "model.layers.3"])
+    dataset, ridge, batches = lm_dataset(), 1e-3, 4
+    healed = heal(
+        student,
+        teacher,
+        dataset,
+        method="linear",
+        data_collator=default_data_collator,
+        ridge=ridge,
+        calibration_batches=batches,
+    )
+    expected = copy.deepcopy(student)
+    rows = [default_data_collator([dataset[i] for i in range(b * 8, b * 8 + 8)]) for b in range(batches)]
+    # (student layer the map folds into, its hidden-state index, the teacher's hidden-state index after the span)
+    for layer, after_layer, after_span in ((0, 1, 2), (1, 2, 4)):
+        down = expected.model.layers[layer].mlp.down_proj
+        gram, cross = torch.zeros(32, 32, dtype=torch.float64), torch.zeros(32, 32, dtype=torch.float64)
+        for batch in rows:
+            seen = {}
+            handle = down.register_forward_hook(lambda m, a, out: seen.__setitem__("m", out))
+            with torch.no_grad():
+                stream = expected(**batch, output_hidden_states=True).hidden_states[after_layer]
+                target = teacher(**batch, output_hidden_states=True).hidden_states[after_span]
+            handle.remove()
+            real = batch["attention_mask"].bool()
+            m = seen["m"][real].double()
+            gram += m.T @ m
+            cross += m.T @ (target[real].double() - (stream[real].double() - m))
+        lam = ridge * float(torch.trace(gram)) / 32 + 1e-12
+        T = torch.linalg.solve(
+            gram + lam * torch.eye(32, dtype=torch.float64), cross + lam * torch.eye(32, dtype=torch.float64)
+        )
+        with torch.no_grad():
+            down.weight.copy_((T.T @ down.weight.double()).float())
+    for layer in (0, 1):
+        torch.testing.assert_close(
+            healed.model.layers[layer].mlp.down_proj.weight,
+            expected.model.layers[layer].mlp.down_proj.weight,
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
 def test_linear_removed_spans_follow_the_record_across_edits():
     torch.manual_seed(0)
     teacher = llama().eval()

@@ -18,7 +18,9 @@ solved in float64, the folded weights are rounded to the model's dtype, and the 
 
 The fit is ridge-regularised towards ``T = I`` (the unhealed student, where the span is the identity):
 ``T = (MᵀM + λI)⁻¹ (Mᵀ R + λI)``, ``λ = ridge · tr(MᵀM) / d``, over the real tokens of the calibration batches.
-Spans are healed in forward order on the student healed so far, so later fits see earlier corrections. Before
+Spans are healed in forward order on the student healed so far, so later fits see earlier corrections. The
+teacher runs once per calibration batch for all spans, and every pass stops at the deepest block it needs (the
+student's, at the block the map is folded into). Before
 any fit each block is checked (:func:`check_fold_site`): a family whose block does not add its down projection's output
 to the stream unchanged is refused rather than silently mis-folded. A span with no kept
 block before it (removed from the first position) has no projection to fold into and is refused.
@@ -88,15 +90,6 @@ def _capture(layer: nn.Module, kind: str, projection: nn.Linear, store: dict[str
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def _capture_output(module: nn.Module, store: dict[str, torch.Tensor]) -> Iterator[None]:
-    handle = module.register_forward_hook(lambda m, a, out: store.__setitem__("y", first_tensor(out).detach()))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _base(kind: str, store: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -195,11 +188,73 @@ def check_fold_site(model: nn.Module, layer: nn.Module, batch: dict[str, torch.T
         )
 
 
+class _Reached(Exception):
+    """Raised by a forward hook once everything a calibration pass needs is recorded: the rest of the model is not
+    run."""
+
+
+@contextmanager
+def _stop_after(module: nn.Module) -> Iterator[None]:
+    """Run forward passes only up to ``module`` (its output recorded by hooks registered before this one)."""
+
+    def stop(*_):
+        raise _Reached
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _run_until(model: nn.Module, module: nn.Module, batch: dict) -> None:
+    with _stop_after(module):
+        try:
+            model(**batch)
+        except _Reached:
+            pass
+
+
+def _teacher_targets(teacher: nn.Module, spans: list[RemovedSpan], batches: list[dict], device) -> list[list]:
+    """The teacher's stream after each span's last block, for every batch (real tokens only, ``(tokens, d)``): one
+    teacher pass per batch for all spans, stopped after the deepest of them."""
+    ends = [teacher.get_submodule(span.teacher_blocks[-1]) for span in spans]
+    targets: list[list[torch.Tensor]] = [[] for _ in spans]
+    teacher_device = device_of(teacher)
+    with torch.no_grad():
+        for batch in batches:
+            outputs: dict[int, torch.Tensor] = {}
+            handles = [
+                end.register_forward_hook(
+                    lambda m, a, out, i=i, kept=outputs: kept.__setitem__(i, first_tensor(out).detach())
+                )
+                for i, end in enumerate(ends)
+            ]
+            try:
+                _run_until(teacher, ends[-1], to_device(batch, teacher_device))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for i, span in enumerate(spans):
+                if i not in outputs:
+                    raise RuntimeError(f"calibration did not reach {span.teacher_blocks[-1]!r} in the teacher")
+                targets[i].append(_real_tokens(outputs[i].to(device), batch))
+    return targets
+
+
+def _real_tokens(tensor: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``(tokens, d)``: the rows of the real tokens (the attention mask's) of a ``(batch, sequence, d)`` tensor."""
+    mask = batch.get("attention_mask")
+    if mask is not None and tuple(mask.shape) == tuple(tensor.shape[:2]):
+        tensor = tensor[mask.to(tensor.device).bool()]
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
 def _heal_span(
     student: nn.Module,
-    teacher: nn.Module,
     span: RemovedSpan,
     batches: list[dict],
+    targets: list[torch.Tensor],
     ridge: float,
     objective: str = "lstsq",
     cosine_steps: int = 100,
@@ -207,28 +262,20 @@ def _heal_span(
 ) -> None:
     layer = student.get_submodule(span.preceding)
     kind, projection = fold_site(layer)
-    last_removed = teacher.get_submodule(span.teacher_blocks[-1])
-    student_device, teacher_device = device_of(student), device_of(teacher)
+    student_device = device_of(student)
     d = projection.out_features
     gram = torch.zeros(d, d, dtype=torch.float64, device=student_device)
     cross = torch.zeros(d, d, dtype=torch.float64, device=student_device)
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (m, base, y) per batch, for the cosine fit
     with torch.no_grad():
-        for batch in batches:
+        for batch, y in zip(batches, targets):
             store: dict[str, torch.Tensor] = {}
             with _capture(layer, kind, projection, store):
-                student(**to_device(batch, student_device))
-            with _capture_output(last_removed, store):
-                teacher(**to_device(batch, teacher_device))
-            missing = [k for k in ("m", "out", "y") + (("a",) if kind == "post_norm" else ()) if k not in store]
+                _run_until(student, layer, to_device(batch, student_device))
+            missing = [k for k in ("m", "out") + (("a",) if kind == "post_norm" else ()) if k not in store]
             if missing:
-                raise RuntimeError(f"calibration did not reach {span.preceding!r} / {span.teacher_blocks[-1]!r}")
-            m, base, y = store["m"], _base(kind, store), store["y"].to(student_device)
-            mask = batch.get("attention_mask")
-            if mask is not None and tuple(mask.shape) == tuple(m.shape[:2]):
-                keep = mask.to(student_device).bool()
-                m, base, y = m[keep], base[keep], y[keep]
-            m, base, y = m.reshape(-1, d).double(), base.reshape(-1, d), y.reshape(-1, d)
+                raise RuntimeError(f"calibration did not reach {span.preceding!r}")
+            m, base = _real_tokens(store["m"], batch).double(), _real_tokens(_base(kind, store), batch)
             residual = _target(kind, layer, y).double() - base
             gram += m.T @ m
             cross += m.T @ residual
@@ -330,8 +377,9 @@ def linear(
     try:
         for span in spans:  # refuse before any fit
             check_fold_site(student, student.get_submodule(span.preceding), batches[0])
-        for span in spans:
-            _heal_span(student, teacher, span, batches, ridge, objective, cosine_steps, cosine_lr)
+        targets = _teacher_targets(teacher, spans, batches, device_of(student))
+        for span, span_targets in zip(spans, targets):  # in forward order: later fits see earlier corrections
+            _heal_span(student, span, batches, span_targets, ridge, objective, cosine_steps, cosine_lr)
     finally:
         teacher.train(teacher_mode)
         student.train(student_mode)

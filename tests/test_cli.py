@@ -94,6 +94,50 @@ def test_lacoot_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
     assert AutoTokenizer.from_pretrained(tmp_path / "collapsed")("hello")["input_ids"]
 
 
+@pytest.mark.slow
+def test_lacoot_command_heals_the_collapsed_model_by_distillation_from_the_trained_one(tmp_path, capsys):
+    code = main(
+        [
+            "lacoot",
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--eval_strategy",
+            "no",
+            "--num_units",
+            "2",
+            "--max_metric_delta",
+            "1.0",
+            "--heal",
+            "distill",
+            "--heal_max_steps",
+            "2",
+            "--latency_repeats",
+            "0",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "hf-collapse: healing (distill from the LaCoOT-trained model) ..." in captured.err
+    assert "accuracy after healing (distill): " in captured.out
+    report = hf_collapse.CollapseReport.load(tmp_path / "report")
+    assert report.extra["heal"] == "distill" and report.extra["heal_max_steps"] == 2
+    (entry,) = report.evaluations
+    assert entry.name == "accuracy on dialog_topics" and entry.values == {
+        "original": report.before.metric,
+        "after removal": report.after.metric,
+        "after healing": report.extra["metric_after_healing"],
+    }
+    assert "## Measured beyond the budget" in (tmp_path / "report" / "report.md").read_text()
+    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
+    assert reloaded.config.num_hidden_layers == 4
+
+
 def test_lacoot_command_rejects_unknown_flags(capsys):
     assert main(["lacoot", "--no_such_flag", "1"]) == 2
     assert "--no_such_flag" in capsys.readouterr().err
@@ -149,6 +193,7 @@ def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
         ),
         (["lacoot", "--max_metric_delta", "-1"], "--max_metric_delta must be >= 0, got -1"),
         (["lacoot", "--num_units", "0"], "--num_units must be >= 1, got 0"),
+        (["lacoot", "--heal", "linear"], "--heal 'linear': expected one of distill, lora"),
         (
             ["lacoot", "--max_metric_delta", "lots"],
             "argument --max_metric_delta/--max-metric-delta: invalid float value: 'lots'",

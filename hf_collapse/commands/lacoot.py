@@ -1,4 +1,5 @@
-"""``hf-collapse lacoot``: fine-tune with the MSW penalty, score the blocks, collapse them under a metric budget, save.
+"""``hf-collapse lacoot``: fine-tune with the MSW penalty, score the blocks, collapse them under a metric budget, heal
+the collapsed model if asked (distillation from the LaCoOT-trained full model, or LoRA), save.
 
 The task is classification (metric: accuracy) or, for a causal LM, next-token prediction on text windows (metric:
 held-out perplexity). Default: the real pretrained all-MiniLM-L6-v2 on topic classification of the ``chatterbot-corpus``
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 DESCRIPTION = COMMANDS["lacoot"]
+
+#: The healing methods of ``hf-collapse lacoot`` (training ones: the linear map is for decoder LMs, see prune).
+LACOOT_HEALING = ("distill", "lora")
 
 #: The perplexity budget of ``hf-collapse lacoot`` on a causal LM when none is given: perplexity may grow by 25%.
 DEFAULT_PERPLEXITY_RATIO = 1.25
@@ -93,12 +97,25 @@ class LaCoOTJobArguments(JobArguments):
         },
     )
     num_units: int | None = field(default=None, metadata={"help": "Remove at most this many blocks."})
+    heal: str | None = field(
+        default=None,
+        metadata={
+            "help": "Heal the collapsed model: distill (from the LaCoOT-trained full model: its logits on the training "
+            "data) or lora (peft LoRA on the training loss, merged back)."
+        },
+    )
+    heal_epochs: float = field(default=1.0, metadata={"help": "Epochs of healing over the training data."})
+    heal_max_steps: int = field(default=-1, metadata={"help": "Steps of healing (overrides --heal_epochs when > 0)."})
 
     def __post_init__(self):
         super().__post_init__()
         at_least("max_metric_delta", self.max_metric_delta, 0)
         at_least("max_metric_ratio", self.max_metric_ratio, 1)
         at_least("num_units", self.num_units, 1)
+        if self.heal is not None and self.heal not in LACOOT_HEALING:
+            raise ValueError(f"--heal {self.heal!r}: expected one of {', '.join(LACOOT_HEALING)}")
+        if not self.heal_epochs > 0:
+            raise ValueError(f"--heal_epochs must be > 0, got {self.heal_epochs}")
 
     def metric_budget(self, task: str) -> dict[str, float | None]:
         """The metric budget for ``task`` as :func:`hf_collapse.collapse` keywords: the flags given, else the
@@ -149,8 +166,70 @@ def run_lacoot_job(job: LaCoOTJobArguments, args: LaCoOTArguments) -> tuple[Any,
             collapsed, report = trainer.collapse(num_units=job.num_units, latency_repeats=job.latency_repeats, **budget)
         else:
             collapsed, report = _collapse_causal_lm(trainer, data["test"], job, budget)
+    if job.heal is not None and report.after.removed:
+        with phase(f"healing ({job.heal}{' from the LaCoOT-trained model' if job.heal == 'distill' else ''})"):
+            collapsed = _heal(trainer, collapsed, report, job, args, data, task)
     save_collapse(args.output_dir, collapsed, processor, report, job, data)
     return collapsed, report, report.summary()
+
+
+def _heal(trainer: LaCoOTTrainer, collapsed, report: CollapseReport, job: LaCoOTJobArguments, args, data, task: str):
+    """Heal ``collapsed`` on the training data (the LaCoOT-trained full model as the distillation teacher), evaluate
+    it as the budget's metric was, and record it in ``report`` (``extra`` and ``evaluations``)."""
+    import dataclasses
+    from pathlib import Path
+
+    from transformers import TrainingArguments
+
+    from ..healing import heal
+    from ..metrics import perplexity
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    settings = {k: v for k, v in args.to_dict().items() if k in names and not k.startswith("_")}
+    settings.update(
+        output_dir=str(Path(args.output_dir) / "healing"),
+        num_train_epochs=job.heal_epochs,
+        max_steps=job.heal_max_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        push_to_hub=False,
+    )
+    heal_args = TrainingArguments(**{k: v for k, v in settings.items() if k in names})
+    teacher = trainer.model if job.heal == "distill" else None
+    healed = heal(
+        collapsed, teacher, data["train"], method=job.heal, args=heal_args, data_collator=trainer.data_collator
+    )
+    if task == "classification":
+        metric = float(trainer.evaluate_model(healed)[f"eval_{report.metric_name}"])
+    else:
+        from torch.utils.data import DataLoader
+
+        metric = perplexity(healed, DataLoader(data["test"], batch_size=trainer.args.per_device_eval_batch_size))
+    report.extra.update(heal=job.heal, metric_after_healing=metric, heal_epochs=job.heal_epochs)
+    if job.heal_max_steps > 0:
+        report.extra["heal_max_steps"] = job.heal_max_steps
+    name = f"{report.metric_name} on {job.dataset}"
+    for stage, value in (("original", report.before.metric), ("after removal", report.after.metric)):
+        report.record(
+            name,
+            stage,
+            value,
+            metric=report.metric_name,
+            higher_is_better=report.higher_is_better,
+            data=f"{job.dataset}, evaluation split",
+            seen_in_healing=True,
+        )
+    report.record(
+        name,
+        "after healing",
+        metric,
+        metric=report.metric_name,
+        higher_is_better=report.higher_is_better,
+        data=f"{job.dataset}, evaluation split",
+        seen_in_healing=True,
+    )
+    return healed
 
 
 def _collapse_causal_lm(trainer: LaCoOTTrainer, held_out, job: LaCoOTJobArguments, budget: dict[str, Any]):

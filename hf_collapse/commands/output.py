@@ -67,6 +67,8 @@ def print_collapse_summary(report: CollapseReport, model: str, dataset: str, set
     extra = report.extra
     if "perplexity_after_healing" in extra:
         print(f"perplexity after healing ({extra['heal']}): {extra['perplexity_after_healing']:.4f}")
+    elif "metric_after_healing" in extra:
+        print(f"{report.metric_name} after healing ({extra['heal']}): {extra['metric_after_healing']:.4f}")
     if "tokens_per_s_before" in extra:
         print(
             f"generation: {extra['tokens_per_s_before']:.1f} -> {extra['tokens_per_s_after']:.1f} tokens/s "

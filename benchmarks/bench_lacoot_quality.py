@@ -8,7 +8,9 @@ Blocks are scored on 512 training examples, accuracy is measured on the test spl
   angular distance (both reported; the better one after healing is "the best plain scorer");
 * ``lacoot``: fine-tuning with the LaCoOT penalty on every block (λ = 0.1), blocks scored by their MSW;
 * ``lacoot_targeted``: the penalty only on the half of the blocks the angular distance ranks lowest on the
-  *pretrained* model (before any fine-tuning), removed in MSW order.
+  *pretrained* model (before any fine-tuning), removed in MSW order;
+* ``lacoot_warmup``: the penalty on every block, λ ramped from 0 over the first half of training
+  (``msw_warmup_ratio=0.5``), so that the task is learnt before the blocks are bent towards identities.
 
 For k = 0 .. 3 blocks removed (3 is half the depth), test accuracy without healing and after healing by
 distillation from the recipe's own full model (``hf_collapse.heal(method="distill")``, one epoch, the same for every
@@ -51,7 +53,7 @@ from hf_collapse.lacoot import LaCoOTArguments, LaCoOTTrainer  # noqa: E402
 
 #: (loader, max_length, epochs) of each task: BBC articles are long and the task easy, two epochs suffice.
 TASKS = {"dialog_topics": (load_dialog_topics, 64, 4), "bbc_news": (load_bbc_news, 128, 2)}
-RECIPES = ("plain", "lacoot", "lacoot_targeted")
+RECIPES = ("plain", "lacoot", "lacoot_targeted", "lacoot_warmup")
 PLAIN_SCORERS = ("block_influence", "angular")
 MAX_K = 3
 LEARNING_RATE, BATCH, MSW_WEIGHT = 1e-4, 32, 0.1
@@ -124,6 +126,8 @@ def main() -> None:
                 extra = {"msw_weight": 0.0 if recipe == "plain" else MSW_WEIGHT}
                 if recipe == "lacoot_targeted":
                     extra["msw_blocks"] = ",".join(targeted_blocks())
+                if recipe == "lacoot_warmup":
+                    extra["msw_warmup_ratio"] = 0.5
                 with tempfile.TemporaryDirectory() as folder:
                     trainer = LaCoOTTrainer(
                         model=pretrained(seed),

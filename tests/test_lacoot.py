@@ -107,6 +107,24 @@ def test_penalty_is_added_and_logged_per_block(tmp_path):
     assert first["loss"] == pytest.approx(plain_first + total, rel=1e-3)
 
 
+def test_warmup_ramps_lambda_from_zero_with_the_steps(tmp_path):
+    """msw_warmup_ratio = 1 over 4 steps: λ is 0, 1/4, 2/4, 3/4 of msw_weight at the steps' starts. The first
+    step's loss is then the plain loss, and each logged weight is the one that step used."""
+    plain, _ = _train(LaCoOTTrainer, LaCoOTArguments(**make_args(tmp_path / "a"), msw_weight=0.0))
+    ramped, _ = _train(
+        LaCoOTTrainer, LaCoOTArguments(**make_args(tmp_path / "b"), msw_weight=2.0, msw_warmup_ratio=1.0)
+    )
+    logs = [h for h in ramped.state.log_history if "loss" in h]
+    plain_logs = [h for h in plain.state.log_history if "loss" in h]
+    assert logs[0]["loss"] == pytest.approx(plain_logs[0]["loss"], rel=1e-6)  # λ = 0 at step 0
+    assert [h["msw_weight"] for h in logs] == [0.5, 1.0, 1.5, 2.0]  # logged after each step: the next step's λ
+    assert ramped.current_msw_weight == 2.0
+    constant = LaCoOTTrainer(model=tiny_bert(), args=LaCoOTArguments(**make_args(tmp_path / "c"), msw_weight=2.0))
+    assert constant.current_msw_weight == 2.0
+    with pytest.raises(ValueError, match="msw_warmup_ratio must lie in"):
+        LaCoOTArguments(str(tmp_path), msw_warmup_ratio=1.5)
+
+
 # λ under gradient accumulation and DDP, resume and publishing: tests/test_lacoot_lifecycle.py.
 
 

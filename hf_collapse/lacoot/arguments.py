@@ -41,6 +41,13 @@ class LaCoOTArguments(TrainingArguments):
         default="auto",
         metadata={"help": "'auto' (every removable block the adapter knows) or comma-separated block names."},
     )
+    msw_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "λ grows linearly from 0 to msw_weight over this fraction of the training steps (0: constant), "
+            "so that the task is learnt before the penalty bends the blocks towards identities."
+        },
+    )
     msw_reduction: str = field(
         default="mean",
         metadata={
@@ -57,6 +64,8 @@ class LaCoOTArguments(TrainingArguments):
             raise ValueError(f"msw_slicing must be one of {SLICINGS}, got {self.msw_slicing!r}")
         if self.msw_reduction not in REDUCTIONS:
             raise ValueError(f"msw_reduction must be one of {REDUCTIONS}, got {self.msw_reduction!r}")
+        if not 0.0 <= self.msw_warmup_ratio <= 1.0:
+            raise ValueError(f"msw_warmup_ratio must lie in [0, 1], got {self.msw_warmup_ratio}")
         if self.msw_projections < 1:
             raise ValueError(f"msw_projections must be >= 1, got {self.msw_projections}")
         if self.msw_ascent_steps < 0:

@@ -257,6 +257,16 @@ class LaCoOTTrainer(Trainer):
                 return 1.0 / self.current_gradient_accumulation_steps
         return float(compat.trainer_task_loss_multiplier(self, num_items_in_batch))
 
+    @property
+    def current_msw_weight(self) -> float:
+        """λ at the current step: ``msw_weight``, ramped linearly from 0 over the first ``msw_warmup_ratio`` of the
+        training steps (it follows ``state.global_step``, so a resumed run continues the ramp where it was)."""
+        ratio = self.args.msw_warmup_ratio
+        if not ratio or not self.state.max_steps:
+            return self.args.msw_weight
+        ramp = ratio * self.state.max_steps
+        return self.args.msw_weight * min(1.0, self.state.global_step / ramp)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The task loss of ``Trainer.compute_loss`` plus ``msw_weight`` times the MSW penalty (training only),
         the penalty scaled like the task loss (see :meth:`_penalty_scale`)."""
@@ -273,7 +283,7 @@ class LaCoOTTrainer(Trainer):
             )
         penalty, per_block = self.msw_penalty()
         self._msw_total += float(penalty.detach())
-        loss = loss + (self.args.msw_weight * scale) * penalty.to(loss.dtype)
+        loss = loss + (self.current_msw_weight * scale) * penalty.to(loss.dtype)
         for name, value in per_block.items():
             self._msw_sums[name] += value
         self._msw_steps += 1
@@ -286,6 +296,8 @@ class LaCoOTTrainer(Trainer):
             for name, value in means.items():
                 logs[f"msw/{name}"] = round(value, 6)
             logs["msw_total"] = round(self._msw_total / self._msw_steps, 6)
+            if self.args.msw_warmup_ratio:
+                logs["msw_weight"] = self.current_msw_weight
             self._msw_sums.clear()
             self._msw_total = 0.0
             self._msw_steps = 0

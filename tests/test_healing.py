@@ -249,7 +249,7 @@ def test_linear_fit_equals_least_squares_computed_from_full_forward_passes():
         gram, cross = torch.zeros(32, 32, dtype=torch.float64), torch.zeros(32, 32, dtype=torch.float64)
         for batch in rows:
             seen = {}
-            handle = down.register_forward_hook(lambda m, a, out: seen.__setitem__("m", out))
+            handle = down.register_forward_hook(lambda m, a, out, kept=seen: kept.__setitem__("m", out))
             with torch.no_grad():
                 stream = expected(**batch, output_hidden_states=True).hidden_states[after_layer]
                 target = teacher(**batch, output_hidden_states=True).hidden_states[after_span]

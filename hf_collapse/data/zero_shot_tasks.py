@@ -61,14 +61,25 @@ def _context(before: list[str], max_words: int) -> str:
     return " ".join(words[-max_words:])
 
 
-def _rounds(count: int, num_items: int, rng: random.Random):
-    """Document indices in shuffled rounds (each document once per round) until ``num_items`` items are made or a
-    whole round makes none: a short corpus gives several items per document, at different positions."""
+def _round_robin(count: int, num_items: int, rng: random.Random, make) -> list[dict]:
+    """Items made by ``make(document index)`` (``None``: none from that document this time), visiting the documents
+    in shuffled rounds, each once per round, until ``num_items`` are made or a whole round makes none: a short
+    corpus gives several items per document."""
     order = list(range(count))
     rng.shuffle(order)
-    while True:
-        yield from order
-        yield None  # end of a round
+    items: list[dict] = []
+    while len(items) < num_items:
+        made = 0
+        for index in order:
+            if len(items) >= num_items:
+                break
+            item = make(index)
+            if item is not None:
+                items.append(item)
+                made += 1
+        if not made:
+            break
+    return items
 
 
 def continuation_items(
@@ -87,20 +98,12 @@ def continuation_items(
     if len(split) < 5:
         raise ValueError(f"continuation items need 5 documents of 4 or more sentences; got {len(split)}")
     used: set[tuple[int, int]] = set()
-    items: list[dict] = []
-    made_in_round = 0
-    for index in _rounds(len(split), num_items, rng):
-        if len(items) >= num_items:
-            break
-        if index is None:
-            if not made_in_round:
-                break
-            made_in_round = 0
-            continue
+
+    def make(index: int) -> dict | None:
         doc = split[index]
         free = [p for p in range(2, len(doc)) if (index, p) not in used]
         if not free:
-            continue
+            return None
         position = rng.choice(free)
         used.add((index, position))
         gold = doc[position]
@@ -111,14 +114,16 @@ def continuation_items(
         ]
         pool = sorted(set(pool) - {gold})
         if len(pool) < 3:
-            continue
+            return None
         choices = [gold, *rng.sample(pool, 3)]
         rng.shuffle(choices)
-        items.append(
-            {"context": _context(doc[:position], max_context_words), "choices": choices, "label": choices.index(gold)}
-        )
-        made_in_round += 1
-    return items
+        return {
+            "context": _context(doc[:position], max_context_words),
+            "choices": choices,
+            "label": choices.index(gold),
+        }
+
+    return _round_robin(len(split), num_items, rng, make)
 
 
 def last_word_items(
@@ -143,20 +148,7 @@ def last_word_items(
                 found.append({"context": context, "target": " " + last})
         rng.shuffle(found)
         candidates.append(found)
-    items: list[dict] = []
-    made_in_round = 0
-    for index in _rounds(len(candidates), num_items, rng):
-        if len(items) >= num_items:
-            break
-        if index is None:
-            if not made_in_round:
-                break
-            made_in_round = 0
-            continue
-        if candidates[index]:
-            items.append(candidates[index].pop())
-            made_in_round += 1
-    return items
+    return _round_robin(len(candidates), num_items, rng, lambda i: candidates[i].pop() if candidates[i] else None)
 
 
 _YAML = {

@@ -66,7 +66,8 @@ from hf_collapse.lacoot import LaCoOTArguments, LaCoOTTrainer  # noqa: E402
 from hf_collapse.lm_evaluation import primary_metric, zero_shot  # noqa: E402
 from hf_collapse.metrics import count_parameters, forward_flops, hardware_description, perplexity  # noqa: E402
 
-SEARCHES = ("block_influence", "loss", "sleb", "span")
+#: "sleb" re-scores on --search_windows windows, "sleb_same_data" on the one-shot scorers' --calibration_windows.
+SEARCHES = ("block_influence", "loss", "sleb", "sleb_same_data", "span")
 HEALS = ("linear", "linear-cosine", "lora", "distill", "lora+mix", "distill+mix")
 #: Learning rates: LoRA (r = 16 on every linear of the kept blocks) needs a larger step than full-parameter
 #: distillation (pure KL to the original's logits, temperature 2).
@@ -199,6 +200,7 @@ def main() -> None:
     def removal(method: str, k: int) -> dict:
         start = time.perf_counter()
         data = search_calibration if method == "sleb" else calibration
+        method = method.removesuffix("_same_data")
         smaller, report = hf_collapse.prune(model, data, method=method, num_units=k, latency_repeats=0, progress=False)
         return {
             **measure(smaller),
@@ -206,8 +208,8 @@ def main() -> None:
             "removed": [s.unit for s in report.kept_steps[1:]],
         }
 
-    def sleb_prefix(k: int) -> dict:
-        removed = rows[f"{max(opts.blocks)} removed/sleb"]["removed"][:k]
+    def sleb_prefix(k: int, method: str) -> dict:
+        removed = rows[f"{max(opts.blocks)} removed/{method}"]["removed"][:k]
         return {**measure(rebuild(removed)), "removed": removed}
 
     def rebuild(units: list[str]):
@@ -224,9 +226,9 @@ def main() -> None:
 
     for method in opts.searches:
         for k in sorted(opts.blocks, reverse=True):
-            if method == "sleb" and k != max(opts.blocks):
+            if method.startswith("sleb") and k != max(opts.blocks):
                 # SLEB is greedy: its k-block result is the first k steps of the largest run
-                row(f"{k} removed/sleb", lambda k=k: sleb_prefix(k))
+                row(f"{k} removed/{method}", lambda k=k, method=method: sleb_prefix(k, method))
                 continue
             row(f"{k} removed/{method}", lambda method=method, k=k: removal(method, k))
 
@@ -269,7 +271,13 @@ def main() -> None:
         return min(opts.searches, key=lambda m: rows[f"{k} removed/{m}"]["A bbc_news"])
 
     k = max(opts.blocks)
-    chosen = best(k)
+    # the removal that is healed, kept from the run that first chose it (a scorer added later does not redo the heals)
+    healed_before = [
+        key.split("/", 1)[1].split(" + ")[0]
+        for key in rows
+        if key.startswith(f"{k} removed/") and " + " in key and "LaCoOT" not in key
+    ]
+    chosen = results.setdefault("healed_removal", healed_before[0] if healed_before else best(k))
     student_units = rows[f"{k} removed/{chosen}"]["removed"]
 
     def student():

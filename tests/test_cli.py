@@ -188,7 +188,7 @@ def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
         (["lacoot", "--model", "minilmx"], "model 'minilmx' is not a local path, and the Hub is off"),
         (
             ["lacoot", "--dataset", "no_such_dataset"],
-            "expected an embedded dataset (dialog_topics, digits, bbc_news), a "
+            "expected an embedded dataset (dialog_topics, digits, bbc_news, wiki), a "
             "data file or folder (.json, .jsonl, .csv, .parquet)",
         ),
         (["lacoot", "--max_metric_delta", "-1"], "--max_metric_delta must be >= 0, got -1"),

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_collapse
 from hf_collapse.commands import main
+from hf_collapse.commands.prune import PruneJobArguments
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,8 @@ def test_prune_removes_heals_measures_and_saves(tiny_llm, tmp_path, capsys):
             "loss",
             "--heal",
             "linear",
+            "--heal_mix",
+            "none",  # the user's domain only, an explicit choice
             "--output_dir",
             str(tmp_path),
             *FAST,
@@ -65,7 +68,8 @@ def test_prune_removes_heals_measures_and_saves(tiny_llm, tmp_path, capsys):
         extra["perplexity_before"] == report.before.metric and extra["perplexity_after_removal"] == report.after.metric
     )
     assert extra["perplexity_after_healing"] > 1 and extra["tokens_per_s_after"] > 0 and extra["heal"] == "linear"
-    assert extra["heal_windows"] == 16
+    assert extra["heal_windows"] == 16 and "heal_mix" not in extra
+    assert "healing: linear" in out and "mixed in" not in out  # --heal_mix none: nothing mixed in
     saved = tmp_path / "collapsed"
     assert {"README.md", "tradeoff.png", "config.json", "model.safetensors"} <= {p.name for p in saved.iterdir()}
     reloaded = AutoModelForCausalLM.from_pretrained(saved)  # plain reload: 3 layers, the healed weights
@@ -140,9 +144,7 @@ def test_prune_measures_other_text_and_zero_shot_tasks_at_every_stage(tiny_llm, 
             "--method",
             "loss",
             "--heal",
-            "linear",
-            "--heal_mix",
-            "wiki",
+            "linear",  # general text (wiki) mixed into healing by default
             "--eval_tasks",
             "local",
             "--eval_limit",
@@ -165,17 +167,29 @@ def test_prune_measures_other_text_and_zero_shot_tasks_at_every_stage(tiny_llm, 
     ]
     for entry in report.evaluations:
         assert list(entry.values) == ["original", "after removal", "after healing"]
-        assert entry.seen_in_healing  # --heal_mix wiki: both corpora's training text healed it
+        assert entry.seen_in_healing  # wiki mixed in by default: both corpora's training text healed it
     news = report.evaluations[0]
     assert news.values["original"] == pytest.approx(report.before.metric)  # the budget's own held-out text
     assert news.values["after healing"] == pytest.approx(report.extra["perplexity_after_healing"])
     assert report.extra["heal_mix"] == ["wiki"] and report.extra["heal_windows"] == 16
+    assert "healing: linear with wiki mixed in" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "zero_shot_tasks").iterdir()) == sorted(
         f"{c}_{k}.{x}" for c in ("bbc_news", "wiki") for k in ("continuation", "last_word") for x in ("jsonl", "yaml")
     )
     card = (tmp_path / "collapsed" / "README.md").read_text()
     assert "## Measured beyond the budget" in card and "| wiki_continuation (acc_norm) |" in card
     assert "Measured beyond the budget" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_healing_mixes_general_text_by_default_and_the_domain_alone_is_a_choice():
+    def job(**flags):
+        return PruneJobArguments(num_units=1, **flags)
+
+    assert job(heal="lora").healing_mix() == ["wiki"]  # news (the default --dataset) healed with Wikipedia mixed in
+    assert job(heal="distill", dataset="wiki").healing_mix() == ["bbc_news"]
+    assert job(heal="lora", heal_mix=["none"]).healing_mix() == []  # the user's domain only
+    assert job(heal="lora", heal_mix=["bbc_news", "wiki"]).healing_mix() == ["wiki"]  # --dataset is not mixed in
+    assert job().healing_mix() == [] and job(heal_mix=["none"]).healing_mix() == []  # no healing, nothing mixed
 
 
 @pytest.mark.parametrize(

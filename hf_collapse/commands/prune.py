@@ -1,10 +1,10 @@
 """``hf-collapse prune``: depth compression of a causal LM in one command.
 
 Scores the units (blocks or sub-layers) on calibration text, removes them under a block count or a perplexity
-budget, heals the result if asked (on the training text, with other text mixed in if asked), and measures, before
-and after removal and after healing, perplexity on held-out text of the training corpus *and of other corpora*
-and, if asked, zero-shot task accuracy with lm-eval-harness; then parameters, FLOPs and generation speed (tokens/s
-with the KV cache). Saves the model with its card, and the report.
+budget, heals the result if asked (on the training text with general text mixed in, unless --heal_mix none), and
+measures, before and after removal and after healing, perplexity on held-out text of the training corpus *and of
+other corpora* and, if asked, zero-shot task accuracy with lm-eval-harness; then parameters, FLOPs and generation
+speed (tokens/s with the KV cache). Saves the model with its card, and the report.
 """
 
 from __future__ import annotations
@@ -116,8 +116,9 @@ class PruneJobArguments(LMJobArguments):
     heal_mix: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Corpora whose training text is mixed into the healing text (general text, so that healing does "
-            "not make a specialist of --dataset)."
+            "help": "Corpora whose training text is mixed into the healing text, so that healing does not make a "
+            "specialist of --dataset. Default: general text, wiki (bbc_news when --dataset is wiki); none: heal on "
+            "--dataset's text alone (a model for that domain only)."
         },
     )
     heal_mix_ratio: float = field(
@@ -126,11 +127,19 @@ class PruneJobArguments(LMJobArguments):
 
     def measured_corpora(self) -> list[str]:
         """--dataset, then the corpora of --eval_datasets (default: the other embedded corpus)."""
-        others = self.eval_datasets
-        if others is None:
-            others = ["bbc_news"] if self.dataset.lower().replace("-", "_") == "wiki" else ["wiki"]
-        others = [c for c in others if c.lower() != "none" and c != self.dataset]
-        return [self.dataset, *dict.fromkeys(others)]
+        return [self.dataset, *self._other_corpora(self.eval_datasets)]
+
+    def healing_mix(self) -> list[str]:
+        """The corpora mixed into the healing text: --heal_mix, by default the general embedded corpus (none
+        without --heal, or with --heal_mix none)."""
+        return self._other_corpora(self.heal_mix) if self.heal is not None else []
+
+    def _other_corpora(self, names: list[str] | None) -> list[str]:
+        """``names`` without --dataset and "none"; by default the embedded corpus that is not --dataset (wiki, or
+        bbc_news for --dataset wiki)."""
+        if names is None:
+            names = ["bbc_news"] if self.dataset.lower().replace("-", "_") == "wiki" else ["wiki"]
+        return list(dict.fromkeys(c for c in names if c.lower() != "none" and c != self.dataset))
 
     def __post_init__(self):
         super().__post_init__()
@@ -160,11 +169,11 @@ class PruneJobArguments(LMJobArguments):
         at_least("eval_limit", self.eval_limit, 1)
         if not 0 < self.heal_mix_ratio < 1:
             raise ValueError(f"--heal_mix_ratio must be between 0 and 1 (exclusive), got {self.heal_mix_ratio}")
-        if self.heal_mix and self.heal is None:
+        if self.heal is None and [c for c in self.heal_mix or [] if c.lower() != "none"]:
             raise ValueError("--heal_mix mixes text into healing: give --heal too")
         for name in self.measured_corpora()[1:]:
             check_dataset(name, "--eval_datasets")
-        for name in self.heal_mix or []:
+        for name in self.healing_mix():
             check_dataset(name, "--heal_mix")
         if self.eval_tasks:
             from ..lm_evaluation import is_available
@@ -248,15 +257,16 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
         "perplexity_after_removal": report.after.metric,
     }
     stages = [("original", model), ("after removal", collapsed)]
+    mix = job.healing_mix()
     if job.heal is not None and report.after.removed:
-        with phase(f"healing ({job.heal}{' with ' + ', '.join(job.heal_mix) + ' mixed in' if job.heal_mix else ''})"):
+        with phase(f"healing ({job.heal}{' with ' + ', '.join(mix) + ' mixed in' if mix else ''})"):
             healing = _healing_windows(job, args, tokenizer, train_text)
             final = heal(collapsed, model, healing, method=job.heal, args=args)
             extra.update(
                 heal=job.heal, heal_windows=len(healing), perplexity_after_healing=perplexity(final, evaluation)
             )
-            if job.heal_mix:
-                extra.update(heal_mix=list(job.heal_mix), heal_mix_ratio=job.heal_mix_ratio)
+            if mix:
+                extra.update(heal_mix=mix, heal_mix_ratio=job.heal_mix_ratio)
         stages.append(("after healing", final))
     for stage, measured in stages:
         with phase(f"measuring the {stage if stage == 'original' else 'model ' + stage} ({measurements.what()})"):
@@ -307,7 +317,7 @@ def _measurements(job: PruneJobArguments, args, tokenizer, evaluation, held_out_
             tasks.append(task)
     return LMEvaluation(
         corpora,
-        healing_corpora=[short[job.dataset], *(_short_name(n) for n in job.heal_mix or [])],
+        healing_corpora=[short[job.dataset], *(_short_name(n) for n in job.healing_mix())],
         tokenizer=tokenizer,
         tasks=tasks,
         limit=job.eval_limit,
@@ -325,14 +335,15 @@ def _short_name(dataset: str) -> str:
 
 
 def _healing_windows(job: PruneJobArguments, args, tokenizer, train_text):
-    """--heal_windows windows of --dataset's training text, or with --heal_mix that share of them taken from the
-    training text of the mixed corpora (shuffled together)."""
-    if not job.heal_mix:
+    """--heal_windows windows of --dataset's training text, or with text mixed in (:meth:`~PruneJobArguments.
+    healing_mix`) --heal_mix_ratio of them taken from the training text of the mixed corpora (shuffled together)."""
+    mix = job.healing_mix()
+    if not mix:
         return lm_windows(train_text, tokenizer, max_length=job.max_length, max_windows=job.heal_windows)
     mixed = round(job.heal_windows * job.heal_mix_ratio)
-    each = [mixed // len(job.heal_mix) + (i < mixed % len(job.heal_mix)) for i in range(len(job.heal_mix))]
+    each = [mixed // len(mix) + (i < mixed % len(mix)) for i in range(len(mix))]
     parts = [(train_text, job.heal_windows - mixed)]
-    parts += [(text_splits(name, job.text_column)[0], count) for name, count in zip(job.heal_mix, each)]
+    parts += [(text_splits(name, job.text_column)[0], count) for name, count in zip(mix, each)]
     return mixed_lm_windows(parts, tokenizer, max_length=job.max_length, seed=args.seed)
 
 
@@ -351,11 +362,12 @@ def main(argv: Sequence[str]) -> int:
         defaults_for_job=lambda job: prune_training_defaults(job.heal),
     )
     _, report, _ = run_prune_job(job, args)
+    mixed = f" with {', '.join(job.healing_mix())} mixed in" if job.healing_mix() else ""
     print_collapse_summary(
         report,
         job.model,
         job.dataset,
-        f"{job.method} scores, {job.granularity} units, healing: {job.heal or 'none'}",
+        f"{job.method} scores, {job.granularity} units, healing: {job.heal or 'none'}{mixed}",
         args.output_dir,
     )
     return 0

@@ -14,7 +14,8 @@ Blocks are scored on 512 training examples, accuracy is measured on the test spl
 
 For k = 0 .. 3 blocks removed (3 is half the depth), test accuracy without healing and after healing by
 distillation from the recipe's own full model (``hf_collapse.heal(method="distill")``, one epoch, the same for every
-recipe). Two tasks: the embedded dialog topics (19 classes of chat lines) and BBC News topics (5 classes).
+recipe; ``--healed_k 3`` heals at half depth only, a third of the time). Scorers that choose the same blocks share
+their measurements. Two tasks: the embedded dialog topics (19 classes of chat lines) and BBC News topics (5 classes).
 
 Targets (issue 21): at half depth, LaCoOT + healing >= the best plain scorer + the same healing + 1 point (mean), on
 every seed; LaCoOT's full-depth accuracy within 0.5 point of plain fine-tuning.
@@ -85,16 +86,28 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--heal_epochs", type=float, default=1.0)
     parser.add_argument(
+        "--healed_k",
+        type=int,
+        nargs="+",
+        default=list(range(1, MAX_K + 1)),
+        help="the k at which the removed model is also healed (default: every k)",
+    )
+    parser.add_argument(
         "--epochs", type=float, default=None, help="training epochs of every task (default: the task's)"
     )
     parser.add_argument("--out", default="benchmarks/results/bench_lacoot_quality")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--plot_only", action="store_true", help="print the summary and redraw the plot, no training")
     opts = parser.parse_args()
     out = Path(opts.out)
     cache = out.with_suffix(".json")
     cache.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(cache.read_text()) if cache.is_file() and not opts.fresh else {}
     rows = results.setdefault("rows", {})
+    if opts.plot_only:
+        print(summarize(rows, opts))
+        plot(rows, opts, out.with_suffix(".png"))
+        return
     path = embedded_model_path("minilm")
     tokenizer = AutoTokenizer.from_pretrained(path)
     collator = DataCollatorWithPadding(tokenizer)
@@ -120,7 +133,9 @@ def main() -> None:
         for seed in opts.seeds:
             for recipe in opts.recipes:
                 keys = [f"{task}/{seed}/{recipe}/{scorer}" for scorer in scorers_of(recipe)]
-                if all(f"{key}/k={MAX_K}/healed" in rows for key in keys):
+                if all(f"{key}/k={MAX_K}/plain" in rows for key in keys) and all(
+                    f"{key}/k={k}/healed" in rows for key in keys for k in opts.healed_k
+                ):
                     continue
                 start = time.perf_counter()
                 extra = {"msw_weight": 0.0 if recipe == "plain" else MSW_WEIGHT}
@@ -141,6 +156,7 @@ def main() -> None:
                     trainer.train()
                     full = trainer.model.eval()
                     training_seconds = time.perf_counter() - start
+                    measured: dict[tuple[str, ...], dict[str, float]] = {}  # scorers that agree share measurements
                     for scorer, key in zip(scorers_of(recipe), keys):
                         if scorer == "msw":
                             scores = trainer.block_scores(scoring)
@@ -150,9 +166,13 @@ def main() -> None:
                         if recipe == "lacoot_targeted":  # only the penalised blocks are candidates
                             order = [name for name in order if name in extra["msw_blocks"].split(",")]
                         for k in range(MAX_K + 1):
+                            done = measured.setdefault(tuple(order[:k]), {})
+                            if done:
+                                rows.update({f"{key}/k={k}/{kind}": value for kind, value in done.items()})
+                                continue
                             student = hf_collapse.remove_blocks(full, order[:k]) if k else full
-                            rows[f"{key}/k={k}/plain"] = evaluate(trainer, student)
-                            if k:
+                            rows[f"{key}/k={k}/plain"] = done["plain"] = evaluate(trainer, student)
+                            if k in opts.healed_k:
                                 healed = hf_collapse.heal(
                                     student,
                                     full,
@@ -171,8 +191,8 @@ def main() -> None:
                                     ),
                                     data_collator=collator,
                                 )
-                                rows[f"{key}/k={k}/healed"] = evaluate(trainer, healed)
-                            rows[f"{key}/removed"] = order[:MAX_K]
+                                rows[f"{key}/k={k}/healed"] = done["healed"] = evaluate(trainer, healed)
+                        rows[f"{key}/removed"] = order[:MAX_K]
                         rows[f"{key}/training_seconds"] = round(training_seconds, 1)
                 cache.write_text(json.dumps(results, indent=1))
                 print(f"{task} seed {seed} {recipe}: done in {time.perf_counter() - start:.0f} s", flush=True)
@@ -180,10 +200,49 @@ def main() -> None:
     results["summary"] = summarize(rows, opts)
     cache.write_text(json.dumps(results, indent=1))
     print(results["summary"])
+    plot(rows, opts, out.with_suffix(".png"))
 
 
 def scorers_of(recipe: str) -> tuple[str, ...]:
     return PLAIN_SCORERS if recipe == "plain" else ("msw",)
+
+
+def mean_accuracy(rows: dict, task: str, seeds, name: str, k: int, kind: str) -> float | None:
+    got = [rows.get(f"{task}/{seed}/{name}/k={k}/{kind}") for seed in seeds]
+    got = [g for g in got if g is not None]
+    return statistics.mean(got) if got else None
+
+
+def plot(rows: dict, opts, path: Path) -> None:
+    """Mean test accuracy against blocks removed, one panel per task: each recipe without healing (solid) and healed
+    (dashed, same colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(opts.tasks), figsize=(6 * len(opts.tasks), 4.2), dpi=110, squeeze=False)
+    for ax, task in zip(axes[0], opts.tasks):
+        for index, recipe in enumerate(opts.recipes):
+            for offset, scorer in enumerate(scorers_of(recipe)):
+                name, colour = f"{recipe}/{scorer}", f"C{index * 2 + offset}"
+                plain = [(k, mean_accuracy(rows, task, opts.seeds, name, k, "plain")) for k in range(MAX_K + 1)]
+                healed = [(0, plain[0][1])] + [
+                    (k, mean_accuracy(rows, task, opts.seeds, name, k, "healed")) for k in range(1, MAX_K + 1)
+                ]
+                for points, style, label in ((plain, "o-", f"{recipe} ({scorer})"), (healed, "s--", "  + healing")):
+                    points = [(k, a) for k, a in points if a is not None]
+                    if len(points) > 1:
+                        ax.plot(*zip(*points), style, color=colour, label=label)
+        ax.set_xticks(range(MAX_K + 1))
+        ax.set_xlabel("blocks removed (of 6)")
+        ax.set_ylabel(f"test accuracy, mean of seeds {', '.join(map(str, opts.seeds))}")
+        ax.set_title(f"MiniLM on {task}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def evaluate(trainer: LaCoOTTrainer, model) -> float:
@@ -206,10 +265,15 @@ def summarize(rows: dict, opts) -> str:
                 cells, values = [], {}
                 for k in range(MAX_K + 1):
                     for kind in ("plain", "healed") if k else ("plain",):
-                        got = [rows.get(f"{task}/{s}/{recipe}/{scorer}/k={k}/{kind}") for s in opts.seeds]
-                        got = [g for g in got if g is not None]
-                        values[f"{k}/{kind}"] = got
-                        cells.append(f"{statistics.mean(got):.3f} [{min(got):.3f}-{max(got):.3f}]" if got else "n/a")
+                        by_seed = {s: rows.get(f"{task}/{s}/{recipe}/{scorer}/k={k}/{kind}") for s in opts.seeds}
+                        values[f"{k}/{kind}"] = {s: v for s, v in by_seed.items() if v is not None}
+                        got = list(values[f"{k}/{kind}"].values())
+                        cell = f"{statistics.mean(got):.3f} [{min(got):.3f}-{max(got):.3f}]" if got else "n/a"
+                        cells.append(
+                            cell
+                            if len(got) in (0, len(opts.seeds))
+                            else f"{cell} ({len(got)} of {len(opts.seeds)} seeds)"
+                        )
                 means[name] = values
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -223,14 +287,16 @@ def verdicts(task: str, means: dict, opts) -> list[str]:
     key = f"{MAX_K}/healed"
     if not plain:
         return out
-    best_plain = max(plain, key=lambda n: statistics.mean(means[n][key]) if means[n][key] else -1)
+    best_plain = max(plain, key=lambda n: statistics.mean(means[n][key].values()) if means[n][key] else -1)
     for name in means:
-        if name.startswith("plain") or not means[name][key]:
+        # compared seed by seed, on the seeds both recipes have finished
+        seeds = [s for s in means[name][key] if s in means[best_plain][key]]
+        if name.startswith("plain") or not seeds:
             continue
-        lead = [a - b for a, b in zip(means[name][key], means[best_plain][key])]
-        full = statistics.mean(means[name]["0/plain"]) - statistics.mean(means[best_plain]["0/plain"])
+        lead = [means[name][key][s] - means[best_plain][key][s] for s in seeds]
+        full = statistics.mean(means[name]["0/plain"][s] - means[best_plain]["0/plain"][s] for s in seeds)
         out.append(
-            f"{task}: {name} + healing at half depth vs {best_plain} + healing: lead per seed "
+            f"{task}: {name} + healing at half depth vs {best_plain} + healing: lead on seeds {seeds} "
             f"{', '.join(f'{x * 100:+.1f}' for x in lead)} points, mean {statistics.mean(lead) * 100:+.1f} "
             f"(target >= +1.0 on every seed: {all(x >= 0.01 for x in lead)}); full depth {full * 100:+.1f} points "
             f"(target >= -0.5: {full >= -0.005})"

@@ -80,7 +80,7 @@ def test_lacoot_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
     phases = [line for line in captured.err.splitlines() if line.startswith("hf-collapse: ")]
     assert [line.split(" ...")[0] for line in phases if line.endswith(" ...")] == [
         "hf-collapse: loading minilm and dialog_topics",
-        "hf-collapse: training with the LaCoOT penalty (λ = 0.1, 1486 examples)",
+        "hf-collapse: training with the LaCoOT penalty (λ = 0.1 ramped up over 50% of training, 1486 examples)",
         "hf-collapse: scoring the blocks, then removing them under the budget (evaluating and timing each state)",
         f"hf-collapse: saving to {tmp_path}",
     ]

@@ -209,8 +209,7 @@ def scorers_of(recipe: str) -> tuple[str, ...]:
 
 def mean_accuracy(rows: dict, task: str, seeds, name: str, k: int, kind: str) -> float | None:
     got = [rows.get(f"{task}/{seed}/{name}/k={k}/{kind}") for seed in seeds]
-    got = [g for g in got if g is not None]
-    return statistics.mean(got) if got else None
+    return None if None in got else statistics.mean(got)  # plotted only once every seed has it
 
 
 def plot(rows: dict, opts, path: Path) -> None:

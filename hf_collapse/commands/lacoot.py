@@ -203,7 +203,7 @@ def _heal(trainer: LaCoOTTrainer, collapsed, report: CollapseReport, job: LaCoOT
         load_best_model_at_end=False,
         push_to_hub=False,
     )
-    heal_args = TrainingArguments(**{k: v for k, v in settings.items() if k in names})
+    heal_args = TrainingArguments(**settings)
     teacher = trainer.model if job.heal == "distill" else None
     healed = heal(
         collapsed, teacher, data["train"], method=job.heal, args=heal_args, data_collator=trainer.data_collator
@@ -217,10 +217,10 @@ def _heal(trainer: LaCoOTTrainer, collapsed, report: CollapseReport, job: LaCoOT
     report.extra.update(heal=job.heal, metric_after_healing=metric, heal_epochs=job.heal_epochs)
     if job.heal_max_steps > 0:
         report.extra["heal_max_steps"] = job.heal_max_steps
-    name = f"{report.metric_name} on {job.dataset}"
-    for stage, value in (("original", report.before.metric), ("after removal", report.after.metric)):
+    stages = (("original", report.before.metric), ("after removal", report.after.metric), ("after healing", metric))
+    for stage, value in stages:
         report.record(
-            name,
+            f"{report.metric_name} on {job.dataset}",
             stage,
             value,
             metric=report.metric_name,
@@ -228,15 +228,6 @@ def _heal(trainer: LaCoOTTrainer, collapsed, report: CollapseReport, job: LaCoOT
             data=f"{job.dataset}, evaluation split",
             seen_in_healing=True,
         )
-    report.record(
-        name,
-        "after healing",
-        metric,
-        metric=report.metric_name,
-        higher_is_better=report.higher_is_better,
-        data=f"{job.dataset}, evaluation split",
-        seen_in_healing=True,
-    )
     return healed
 
 

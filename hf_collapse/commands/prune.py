@@ -362,7 +362,8 @@ def main(argv: Sequence[str]) -> int:
         defaults_for_job=lambda job: prune_training_defaults(job.heal),
     )
     _, report, _ = run_prune_job(job, args)
-    mixed = f" with {', '.join(job.healing_mix())} mixed in" if job.healing_mix() else ""
+    mix = job.healing_mix()
+    mixed = f" with {', '.join(mix)} mixed in" if mix else ""
     print_collapse_summary(
         report,
         job.model,

@@ -194,6 +194,7 @@ def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
         (["lacoot", "--max_metric_delta", "-1"], "--max_metric_delta must be >= 0, got -1"),
         (["lacoot", "--num_units", "0"], "--num_units must be >= 1, got 0"),
         (["lacoot", "--heal", "linear"], "--heal 'linear': expected one of distill, lora"),
+        (["lacoot", "--heal", "distill", "--heal_epochs", "0"], "--heal_epochs must be > 0, got 0.0"),
         (
             ["lacoot", "--max_metric_delta", "lots"],
             "argument --max_metric_delta/--max-metric-delta: invalid float value: 'lots'",

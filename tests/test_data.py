@@ -1,6 +1,7 @@
 """The embedded default datasets: real data shipped by PyPI packages (chatterbot-corpus, scikit-learn)."""
 
 import collections
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from hf_collapse.data import (
     load_dialog_topics,
     load_digits_images,
     load_embedded_dataset,
+    load_newsgroups,
     load_wiki,
     mixed_lm_windows,
     tokenize_text_dataset,
@@ -155,7 +157,7 @@ def test_tokenize_with_real_minilm_tokenizer(dialog, minilm_tokenizer):
 
 
 def test_embedded_dataset_registry():
-    assert set(EMBEDDED_DATASETS) == {"dialog_topics", "digits", "bbc_news", "wiki"}
+    assert set(EMBEDDED_DATASETS) == {"dialog_topics", "digits", "bbc_news", "wiki", "newsgroups"}
     ds = load_embedded_dataset("digits", image_size=8, num_channels=1)
     assert ds["test"][0]["pixel_values"].shape == (1, 8, 8)
     with pytest.raises(KeyError) as raised:
@@ -303,3 +305,42 @@ def test_wiki_is_real_prose_split_by_article(wiki):
     again = load_embedded_dataset("wiki")
     assert list(again["test"]["text"]) == list(wiki["test"]["text"])
     assert set(load_wiki(seed=1)["test"]["title"]) != titles["test"]
+
+
+# ------------------------------------------------------------------------------------------------- newsgroups
+
+
+def test_newsgroups_are_the_posters_own_words_in_stratified_splits():
+    posts = load_newsgroups()
+    assert list(posts) == ["train", "validation", "test"]
+    assert posts["train"].features["label"].names == ["alt.atheism", "sci.space"]
+    sizes = {split: len(posts[split]) for split in posts}
+    assert sizes["train"] > 120 and 15 <= sizes["test"] <= 25 and sum(sizes.values()) <= 200
+    share = sum(sum(split["label"]) for split in posts.values()) / sum(sizes.values())
+    for split in posts.values():  # both groups in every split, in the same proportion
+        assert abs(sum(split["label"]) / len(split) - share) < 0.05
+    everything = [t for split in posts.values() for t in split["text"]]
+    assert all(len(t) >= 100 for t in everything)
+    # headers, quoted replies and attribution lines are gone: what is left is what the poster wrote
+    assert not any(re.search(r"^(From|Subject|Path|Message-ID|Newsgroups):", t, re.M) for t in everything)
+    assert not any(re.match(r"\s*\w{0,3}>", line) for t in everything for line in t.splitlines())
+    assert not any(re.search(r"(writes|wrote):\s*$", t, re.M) for t in everything)
+    assert 150_000 < sum(len(t) for t in everything) < 400_000
+    assert sum(len(line) > 200 for t in everything for line in t.splitlines()) > 100  # paragraphs, not 70-column lines
+    assert any("shuttle" in t.lower() for t in everything) and any("god" in t.lower() for t in everything)
+    again = load_embedded_dataset("Newsgroups")
+    assert list(again["test"]["text"]) == list(posts["test"]["text"])
+    assert set(load_newsgroups(seed=1)["test"]["text"]) != set(posts["test"]["text"])
+
+
+def test_newsgroups_unpickling_allows_only_the_samples_own_classes():
+    import pickle
+
+    from hf_collapse.data.embedded_datasets import _unpickle_bunch
+
+    class Payload:  # anything that is not a Bunch of lists and arrays is refused, never called
+        def __reduce__(self):
+            return (print, ("should never run",))
+
+    with pytest.raises(pickle.UnpicklingError, match="print is not expected"):
+        _unpickle_bunch(pickle.dumps(Payload(), protocol=2))

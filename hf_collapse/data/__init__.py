@@ -3,8 +3,8 @@ and the tests run with no model or dataset hub.
 
 * :mod:`~hf_collapse.data.embedded_models`: ``"minilm"`` (all-MiniLM-L6-v2) and ``"smollm2"``
   (SmolLM2-135M-Instruct, a GGUF converted once); :func:`embedded_model_path`.
-* :mod:`~hf_collapse.data.embedded_datasets`: ``"dialog_topics"``, ``"digits"``, ``"bbc_news"``, ``"wiki"``;
-  :func:`load_embedded_dataset`.
+* :mod:`~hf_collapse.data.embedded_datasets`: ``"dialog_topics"``, ``"digits"``, ``"bbc_news"``, ``"wiki"``,
+  ``"newsgroups"``; :func:`load_embedded_dataset`.
 * :mod:`~hf_collapse.data.text`: :func:`lm_windows`, documents cut into fixed-length token windows.
 * :mod:`~hf_collapse.data.sources`: :func:`check_source`, what the commands accept as a model or a dataset.
 * :mod:`~hf_collapse.data.zero_shot_tasks`: :func:`~hf_collapse.data.zero_shot_tasks.write_tasks`, offline
@@ -21,6 +21,7 @@ from .embedded_datasets import (
     load_dialog_topics,
     load_digits_images,
     load_embedded_dataset,
+    load_newsgroups,
     load_wiki,
     tokenize_text_dataset,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "load_dialog_topics",
     "load_digits_images",
     "load_embedded_dataset",
+    "load_newsgroups",
     "load_wiki",
     "lm_windows",
     "mixed_lm_windows",

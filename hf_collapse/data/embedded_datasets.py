@@ -9,6 +9,8 @@
   by :func:`hf_collapse.data.lm_windows`.
 * ``"wiki"`` (:func:`load_wiki`): English Wikipedia prose, the article sample that ships in the ``gensim`` package,
   one document per section: text of another kind than news, to measure a pruned LLM on text it was not healed on.
+* ``"newsgroups"`` (:func:`load_newsgroups`): 200 Usenet posts of 1993 (``alt.atheism``, ``sci.space``), the sample
+  of 20 Newsgroups that ships in the ``gensim`` package: informal discussion, a third kind of text.
 
 The heavy libraries (``datasets``, ``torch``, ``yaml``, ``scikit-learn``) are imported only when a loader runs.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "load_dialog_topics",
     "load_digits_images",
     "load_embedded_dataset",
+    "load_newsgroups",
     "load_wiki",
     "quiet_datasets",
     "require_package",
@@ -370,27 +373,16 @@ def load_bbc_news(
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
     with quiet_datasets():
         full = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
-        first = full.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
-        # a fraction of the whole corpus, not of what the test split left (rounded up, as datasets does)
-        n_validation = validation_size if isinstance(validation_size, int) else math.ceil(validation_size * len(full))
-        second = first["train"].train_test_split(test_size=n_validation, seed=seed, stratify_by_column="label")
-    return datasets.DatasetDict({"train": second["train"], "validation": second["test"], "test": first["test"]})
+        return _stratified_splits(full, validation_size, test_size, seed)
 
 
-#: Short names of the datasets available offline, and the function that builds each.
 #: Sections that are lists of links or references, not prose.
 _WIKI_SKIPPED_SECTIONS = {"see also", "references", "external links", "further reading", "notes", "bibliography"}
 
 
 def _wiki_dump() -> Path:
-    root = _package_root(
-        "gensim", "the 'wiki' dataset reads the Wikipedia sample that ships in the PyPI package gensim"
-    )
     name = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-    path = root / "test" / "test_data" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"gensim has no Wikipedia sample at {path}; install gensim 4.x")
-    return path
+    return _gensim_test_file(name, "wiki", "the Wikipedia sample")
 
 
 def _wiki_sections(markup_free: str, min_chars: int) -> list[str]:
@@ -485,11 +477,134 @@ def load_wiki(
     )
 
 
+def _gensim_test_file(name: str, dataset: str, what: str) -> Path:
+    root = _package_root("gensim", f"the {dataset!r} dataset reads {what} that ships in the PyPI package gensim")
+    path = root / "test" / "test_data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"gensim has no {what} at {path}; install gensim 4.x")
+    return path
+
+
+def _unpickle_bunch(raw: bytes) -> dict[str, Any]:
+    """gensim's 20 Newsgroups sample is a Python 2 pickle of a scikit-learn ``Bunch`` with numpy arrays: unpickled
+    with an allow-list of exactly those classes (a plain dict for the ``Bunch``), nothing else may be called."""
+    import copyreg
+    import io
+    import pickle
+
+    import numpy
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+
+    allowed = {
+        ("sklearn.datasets.base", "Bunch"): dict,
+        ("copy_reg", "_reconstructor"): copyreg._reconstructor,
+        ("__builtin__", "dict"): dict,
+        ("__builtin__", "object"): object,
+        ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
+        ("numpy", "ndarray"): numpy.ndarray,
+        ("numpy", "dtype"): numpy.dtype,
+    }
+
+    class AllowList(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(f"{module}.{name} is not expected in gensim's 20 Newsgroups sample")
+            return allowed[module, name]
+
+    return AllowList(io.BytesIO(raw), encoding="latin1").load()
+
+
+def _post_body(post: str) -> str:
+    """A Usenet post's own words: the headers (up to the first blank line; again for a forwarded post whose body
+    starts with headers of its own), quoted lines (``>``, ``MB>``, ``|``), the "... writes:" attribution lines and
+    the signature (after a ``--`` line) removed, and the lines of each paragraph (wrapped at about 70 columns)
+    joined into one."""
+    import re
+
+    body = post.partition("\n\n")[2]
+    while re.match(r"\s*([\w-]+: )", body):  # a forwarded post's own headers
+        body = body.partition("\n\n")[2]
+    lines = [
+        line
+        for line in body.splitlines()
+        if not re.match(r"\s*(\w{0,3}>|\|)", line) and not re.search(r"(writes|wrote):\s*$", line)
+    ]
+    body = re.split(r"\n--\s*\n", "\n".join(lines))[0]
+    # lines were wrapped at about 70 columns: each paragraph becomes one line, as prose
+    paragraphs = (" ".join(paragraph.split()) for paragraph in re.split(r"\n\s*\n", body))
+    return "\n".join(p for p in paragraphs if p)
+
+
+def load_newsgroups(
+    validation_size: float | int = 0.1, test_size: float | int = 0.1, seed: int = 0, min_chars: int = 100
+) -> datasets.DatasetDict:
+    """Usenet posts of 1993: the 200-post sample of the 20 Newsgroups corpus (100 from ``alt.atheism``, 100 from
+    ``sci.space``) that ships in the ``gensim`` package. Informal discussion by many authors, a third kind of text
+    beside news and encyclopaedic prose: general text to mix into healing (``hf-collapse prune --heal_mix``) while
+    Wikipedia stays text the model never saw.
+
+    Each post is its own words only: headers, quoted lines, attribution lines and signature removed, one line per
+    paragraph; posts shorter than ``min_chars`` characters are left out. About 240 kB of text (60k SmolLM2 tokens).
+
+    Args:
+        validation_size: fraction (float) or number (int) of the posts for ``"validation"``.
+        test_size: fraction (float) or number (int) of the posts for ``"test"``.
+        seed: seed of the shuffled, stratified splits.
+        min_chars: the shortest post kept.
+
+    Returns:
+        A ``DatasetDict`` with ``"train"``, ``"validation"`` and ``"test"``, columns ``text`` and ``label``
+        (``ClassLabel``: ``alt.atheism``, ``sci.space``), both groups in the same proportion in each split.
+
+    Raises:
+        ModuleNotFoundError: when gensim or datasets is missing (``pip install hf_collapse[assets]``).
+
+    Example:
+        >>> posts = load_newsgroups()
+        >>> posts["train"].features["label"].names, len(posts["train"]) > 100
+        (['alt.atheism', 'sci.space'], True)
+    """
+    import zlib
+
+    datasets = require_package("datasets", "datasets", "the 'newsgroups' dataset")
+    path = _gensim_test_file("mini_newsgroup", "newsgroups", "the 20 Newsgroups sample")
+    bunch = _unpickle_bunch(zlib.decompress(path.read_bytes()))
+    names = [str(n) for n in bunch["target_names"]]
+    pairs = [(_post_body(str(post)), int(label)) for post, label in zip(bunch["data"], bunch["target"])]
+    pairs = [(text, label) for text, label in pairs if len(text) >= min_chars]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    with quiet_datasets():
+        full = datasets.Dataset.from_dict(
+            {"text": [t for t, _ in pairs], "label": [label for _, label in pairs]}, features=features
+        )
+        return _stratified_splits(full, validation_size, test_size, seed)
+
+
+def _stratified_splits(
+    full: datasets.Dataset, validation_size: float | int, test_size: float | int, seed: int
+) -> datasets.DatasetDict:
+    """``"train"``, ``"validation"`` and ``"test"`` of a labelled dataset, each label in the same proportion; the
+    sizes are fractions of (or numbers of rows in) the whole dataset."""
+    import datasets
+
+    first = full.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+    # a fraction of the whole corpus, not of what the test split left (rounded up, as datasets does)
+    n_validation = validation_size if isinstance(validation_size, int) else math.ceil(validation_size * len(full))
+    second = first["train"].train_test_split(test_size=n_validation, seed=seed, stratify_by_column="label")
+    return datasets.DatasetDict({"train": second["train"], "validation": second["test"], "test": first["test"]})
+
+
+#: Short names of the datasets available offline, and the function that builds each.
 EMBEDDED_DATASETS: dict[str, Callable[..., datasets.DatasetDict]] = {
     "dialog_topics": load_dialog_topics,
     "digits": load_digits_images,
     "bbc_news": load_bbc_news,
     "wiki": load_wiki,
+    "newsgroups": load_newsgroups,
 }
 
 

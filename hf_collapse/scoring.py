@@ -233,15 +233,26 @@ def _replayed(
     outputs: Mapping[str, Any],
     batch: Mapping[str, Any],
 ) -> float:
-    """The loss without ``unit`` from its input on: the blocks before it return what they returned in the full
-    forward pass (recorded in ``outputs``), ``unit`` returns its input."""
-    swapped = {b.path: _swap(model, b.path, _Replay(outputs[b.name])) for b in all_blocks[: position[unit.name]]}
-    swapped[unit.path] = _swap(model, unit.path, _Skip(outputs[unit.name]))
-    try:
-        return _loss(model(**batch))
-    finally:
-        for path, original in swapped.items():
-            _swap(model, path, original)
+    """The loss without ``unit`` from its block's input on: the blocks before it return what they returned in the
+    full forward pass (recorded in ``outputs``); a block unit returns its input, a sub-layer unit is removed in place
+    (and put back) and its block runs without it."""
+    before = all_blocks[: position[unit.name]]
+    if unit.name in outputs:  # a whole block
+        swapped = {b.path: _swap(model, b.path, _Replay(outputs[b.name])) for b in before}
+        swapped[unit.path] = _swap(model, unit.path, _Skip(outputs[unit.name]))
+        try:
+            return _loss(model(**batch))
+        finally:
+            for path, original in swapped.items():
+                _swap(model, path, original)
+    with reverted(model):  # a sub-layer: removed first, on the whole model, then the blocks before it replayed
+        remove_blocks(model, [unit.name], inplace=True)
+        swapped = {b.path: _swap(model, b.path, _Replay(outputs[b.name])) for b in before}
+        try:
+            return _loss(model(**batch))
+        finally:
+            for path, original in swapped.items():
+                _swap(model, path, original)
 
 
 def _replay_is_exact(
@@ -257,8 +268,6 @@ def _replay_is_exact(
     for an auxiliary loss) or that a removal changes beyond the block (a UNet skip pair) shows the difference."""
     checked = [units[0]] + ([units[-1]] if len(units) > 1 else [])
     for unit in checked:
-        if unit.name not in outputs:  # a sub-layer unit: its removal is not one block's
-            return False
         try:
             fast = _replayed(model, all_blocks, position, unit, outputs, batch)
         except Exception as error:  # noqa: BLE001 - any failure of the shortcut means: measure the true removal
@@ -293,13 +302,14 @@ def loss_scores(
 ) -> dict[str, float]:
     """SLEB's criterion: the calibration loss of the model with each unit removed (lower: removed first).
 
-    One forward pass per candidate and batch, from the input of the removed block on: the blocks before it replay
-    what they returned in one full forward pass, so only the blocks after it run again. This shortcut is checked
-    against the true removal on the first batch, on the first unit and on the last (whose replayed prefix is the
-    longest); where it does not hold (sub-layer units, a model whose skipped blocks record something the loss needs,
-    e.g. MoE router logits, a removal that changes more than the block, e.g. a UNet skip pair), every candidate is
-    measured with the unit really removed, in place and put back (:func:`hf_collapse.surgery.reverted`): no copy of
-    the model is ever made. Losses are averaged over batches weighted by batch size and pooled over DDP ranks.
+    One forward pass per candidate and batch, from the input of the removed block (or of the block of a removed
+    sub-layer) on: the blocks before it replay what they returned in one full forward pass, so only the blocks from
+    it on run again. This shortcut is checked against the true removal on the first batch, on the first unit and on
+    the last (whose replayed prefix is the longest); where it does not hold (a model whose skipped blocks record
+    something the loss needs, e.g. MoE router logits, a removal that changes more than the block, e.g. a UNet skip
+    pair), every candidate is measured with the unit really removed, in place and put back
+    (:func:`hf_collapse.surgery.reverted`): no copy of the model is ever made. Losses are averaged over batches
+    weighted by batch size and pooled over DDP ranks.
 
     Example::
 
@@ -307,7 +317,10 @@ def loss_scores(
     """
     all_blocks = find_blocks(model)
     position = {b.name: i for i, b in enumerate(all_blocks)}
-    units = sorted(units, key=lambda b: position.get(b.name, -1))
+    by_place = {(b.stage, b.index): i for i, b in enumerate(all_blocks)}
+    for unit in units:  # a sub-layer unit runs from its block's input on
+        position.setdefault(unit.name, by_place.get((unit.stage, unit.index), 0))
+    units = sorted(units, key=lambda b: position[b.name])
     was_training = model.training
     model.eval()
     totals, weight, shortcut = {b.name: 0.0 for b in units}, 0, None

@@ -260,14 +260,25 @@ def test_a_lower_is_better_metric_with_an_increase_or_a_ratio_budget(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case_name,broken_shortcut",
-    [("llama", False), ("bert", False), ("gpt2", False), ("swin", False), ("llama", True), ("mixtral", False)],
+    "case_name,broken_shortcut,granularity",
+    [
+        ("llama", False, "block"),
+        ("bert", False, "block"),
+        ("gpt2", False, "block"),
+        ("swin", False, "block"),
+        ("llama", True, "block"),
+        ("mixtral", False, "block"),
+        ("llama", False, "attention"),
+        ("gpt2", False, "mlp"),
+        ("llama", True, "mlp"),
+    ],
 )
-def test_loss_scores_equal_the_loss_of_each_removal(case_name, broken_shortcut, caplog, monkeypatch):
+def test_loss_scores_equal_the_loss_of_each_removal(case_name, broken_shortcut, granularity, caplog, monkeypatch):
     """method='loss' (SLEB): each unit's score is the calibration loss of the model without it, as remove_blocks
-    builds it. The prefix-replay shortcut is checked against a true removal first, on the last unit too (the longest
-    replayed prefix): where it does not hold (broken on purpose here; a Mixtral whose replayed layers record no router
-    logits for its auxiliary loss), every candidate is measured by removing it in place, never on a copy."""
+    builds it. The prefix-replay shortcut (for sub-layers too: the blocks before the sub-layer's block replayed) is
+    checked against a true removal first, on the last unit too (the longest replayed prefix): where it does not hold
+    (broken on purpose here; a Mixtral whose replayed layers record no router logits for its auxiliary loss), every
+    candidate is measured by removing it in place, never on a copy."""
     from hf_collapse import scoring
 
     case = CASES_BY_NAME[case_name]
@@ -276,16 +287,17 @@ def test_loss_scores_equal_the_loss_of_each_removal(case_name, broken_shortcut, 
     batch["labels"] = batch["input_ids"] if case_name in ("llama", "gpt2", "mixtral") else torch.tensor([0, 1])
     if broken_shortcut:
         monkeypatch.setattr(scoring._Skip, "forward", lambda self, hidden_states=None, *a, **k: hidden_states * 2)
+        monkeypatch.setattr(scoring._Replay, "forward", lambda self, *a, **k: _doubled(self.output))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with caplog.at_level("INFO", logger="hf_collapse.scoring"), copies_of_modules() as copies:
-        scores = hf_collapse.score_blocks(model, [batch, batch], method="loss", progress=False)
+        scores = hf_collapse.score_blocks(model, [batch, batch], method="loss", progress=False, granularity=granularity)
     assert copies == []
     assert ("measuring every candidate by removing it in place" in caplog.text) == (
         broken_shortcut or case_name == "mixtral"
     )
     assert model.state_dict().keys() == before.keys()  # put back: the same structure and weights
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-    removable = [b.name for b in hf_collapse.find_blocks(model) if b.removable]
+    removable = [b.name for b in hf_collapse.find_blocks(model, granularity) if b.removable]
     assert list(scores) == removable
     for name in removable:
         with torch.no_grad():
@@ -293,6 +305,10 @@ def test_loss_scores_equal_the_loss_of_each_removal(case_name, broken_shortcut, 
         assert scores[name] == pytest.approx(expected, rel=1e-4, abs=1e-5), name
     with pytest.raises(ValueError, match="needs batches with labels"):
         hf_collapse.score_blocks(model, [case.inputs()], method="loss", progress=False)
+
+
+def _doubled(output):
+    return (output[0] * 2, *output[1:]) if isinstance(output, tuple) else output * 2
 
 
 @contextlib.contextmanager

@@ -304,14 +304,18 @@ def _evaluation_section(report: CollapseReport) -> str:
     its numbers on other text and zero-shot tasks at each stage."""
     if not report.evaluations:
         return ""
-    healed_on = sorted({e.data for e in report.evaluations if e.seen_in_healing and e.data})
-    others = sorted({e.data for e in report.evaluations if not e.seen_in_healing and e.data})
+    # the corpora, as the perplexity rows name them (a task row names the corpus it was built from in its "on" column)
+    corpora = {
+        e.name.removeprefix("perplexity on "): e.seen_in_healing for e in report.evaluations if e.metric == "perplexity"
+    }
+    healed_on = sorted(name for name, seen in corpora.items() if seen)
+    others = sorted(name for name, seen in corpora.items() if not seen)
     heal = report.extra.get("heal")
     lines = ["## Measured beyond the budget", ""]
     source = f"the training part of {', '.join(healed_on)}" if healed_on else "the calibration data"
     lines.append(
         f"Calibration{' and healing (' + str(heal) + ')' if heal else ''} used {source}"
-        + (f"; {', '.join(others)} are text neither saw." if others else ".")
+        + (f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} text neither saw." if others else ".")
         + " Each row is measured on held-out text at every stage; the last column is the final model over the"
         " original (a perplexity factor, or the share of an accuracy kept)."
     )

@@ -188,7 +188,7 @@ def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
         (["lacoot", "--model", "minilmx"], "model 'minilmx' is not a local path, and the Hub is off"),
         (
             ["lacoot", "--dataset", "no_such_dataset"],
-            "expected an embedded dataset (dialog_topics, digits, bbc_news, wiki), a "
+            "expected an embedded dataset (dialog_topics, digits, bbc_news, wiki, newsgroups), a "
             "data file or folder (.json, .jsonl, .csv, .parquet)",
         ),
         (["lacoot", "--max_metric_delta", "-1"], "--max_metric_delta must be >= 0, got -1"),
@@ -234,6 +234,26 @@ def test_dataset_files_are_checked(tmp_path, capsys, monkeypatch):
         f"dataset '{data}' has no column 'label' (its columns: sentence, topic); name the right ones with "
         "--text_column / --label_column"
     ) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_data_loaders_pin_memory_only_where_an_accelerator_takes_it(accelerator, monkeypatch):
+    """Pinned host memory only speeds up copies to a device: on a CPU-only machine the commands leave it off (torch
+    warns at every data loader otherwise); an explicit flag still wins."""
+    from transformers import TrainingArguments
+
+    from hf_collapse.commands import arguments
+    from hf_collapse.commands.prune import PruneJobArguments
+
+    monkeypatch.setattr(arguments, "_has_accelerator", lambda: accelerator)
+
+    def pinned(*flags):
+        argv = ["--num_units", "1", "--output_dir", "out", *flags]
+        _, args = arguments.parse_job_flags("p", "", PruneJobArguments, TrainingArguments, {}, argv)
+        return args.dataloader_pin_memory
+
+    assert pinned() is accelerator
+    assert pinned("--dataloader_pin_memory", "true") is True and pinned("--dataloader_pin_memory", "false") is False
 
 
 def test_debug_shows_the_traceback(capsys, monkeypatch):

@@ -153,6 +153,8 @@ def test_lm_evaluation_records_every_stage_into_the_report_and_the_card(tiny, ne
     again = CollapseReport.load(tmp_path / "report")
     assert again.evaluations == report.evaluations
     card = hf_collapse.hub.model_card(smaller, report).content
-    assert "## Measured beyond the budget" in card and "other, validation split are text neither saw" in card
+    assert (
+        "## Measured beyond the budget" in card and "used the training part of news; other is text neither saw." in card
+    )
     with pytest.raises(ValueError, match="unknown stage"):
         report.record("x", "after lunch", 1.0, metric="acc", higher_is_better=True)

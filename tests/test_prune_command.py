@@ -160,24 +160,32 @@ def test_prune_measures_other_text_and_zero_shot_tasks_at_every_stage(tiny_llm, 
     assert names == [
         "perplexity on bbc_news",
         "perplexity on wiki",
+        "perplexity on newsgroups",
         "bbc_news_continuation",
         "bbc_news_last_word",
         "wiki_continuation",
         "wiki_last_word",
+        "newsgroups_continuation",
+        "newsgroups_last_word",
     ]
     for entry in report.evaluations:
         assert list(entry.values) == ["original", "after removal", "after healing"]
-        assert entry.seen_in_healing  # wiki mixed in by default: both corpora's training text healed it
+        # wiki is mixed in by default: the training text of news and wiki healed the model, newsgroups' never did
+        assert entry.seen_in_healing == ("newsgroups" not in entry.name)
     news = report.evaluations[0]
     assert news.values["original"] == pytest.approx(report.before.metric)  # the budget's own held-out text
     assert news.values["after healing"] == pytest.approx(report.extra["perplexity_after_healing"])
     assert report.extra["heal_mix"] == ["wiki"] and report.extra["heal_windows"] == 16
     assert "healing: linear with wiki mixed in" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "zero_shot_tasks").iterdir()) == sorted(
-        f"{c}_{k}.{x}" for c in ("bbc_news", "wiki") for k in ("continuation", "last_word") for x in ("jsonl", "yaml")
+        f"{c}_{k}.{x}"
+        for c in ("bbc_news", "wiki", "newsgroups")
+        for k in ("continuation", "last_word")
+        for x in ("jsonl", "yaml")
     )
     card = (tmp_path / "collapsed" / "README.md").read_text()
     assert "## Measured beyond the budget" in card and "| wiki_continuation (acc_norm) |" in card
+    assert "used the training part of bbc_news, wiki; newsgroups is text neither saw." in card
     assert "Measured beyond the budget" in (tmp_path / "report" / "report.md").read_text()
 
 
@@ -190,6 +198,11 @@ def test_healing_mixes_general_text_by_default_and_the_domain_alone_is_a_choice(
     assert job(heal="lora", heal_mix=["none"]).healing_mix() == []  # the user's domain only
     assert job(heal="lora", heal_mix=["bbc_news", "wiki"]).healing_mix() == ["wiki"]  # --dataset is not mixed in
     assert job().healing_mix() == [] and job(heal_mix=["none"]).healing_mix() == []  # no healing, nothing mixed
+    # measured by default: the general corpus and newsgroups, text of a kind the default healing never sees
+    assert job(heal="lora").measured_corpora() == ["bbc_news", "wiki", "newsgroups"]
+    assert job(dataset="wiki").measured_corpora() == ["wiki", "bbc_news", "newsgroups"]
+    assert job(dataset="newsgroups", heal="lora").measured_corpora() == ["newsgroups", "wiki"]
+    assert job(eval_datasets=["none"]).measured_corpora() == ["bbc_news"]
 
 
 @pytest.mark.parametrize(

@@ -101,7 +101,8 @@ class PruneJobArguments(LMJobArguments):
         default=None,
         metadata={
             "help": "Corpora whose held-out text is measured besides --dataset's (perplexity at each stage). Default: "
-            "wiki (bbc_news when --dataset is wiki); none: only --dataset."
+            "wiki and newsgroups (bbc_news and newsgroups when --dataset is wiki): with the default --heal_mix, "
+            "newsgroups stays text that neither calibrated nor healed the model; none: only --dataset."
         },
     )
     eval_tasks: list[str] | None = field(
@@ -126,19 +127,24 @@ class PruneJobArguments(LMJobArguments):
     )
 
     def measured_corpora(self) -> list[str]:
-        """--dataset, then the corpora of --eval_datasets (default: the other embedded corpus)."""
-        return [self.dataset, *self._other_corpora(self.eval_datasets)]
+        """--dataset, then the corpora of --eval_datasets (default: the general embedded corpus and newsgroups, the
+        text of a kind that the default healing never sees)."""
+        names = self.eval_datasets if self.eval_datasets is not None else [*self._general_corpus(), "newsgroups"]
+        return [self.dataset, *self._other_corpora(names)]
 
     def healing_mix(self) -> list[str]:
         """The corpora mixed into the healing text: --heal_mix, by default the general embedded corpus (none
         without --heal, or with --heal_mix none)."""
-        return self._other_corpora(self.heal_mix) if self.heal is not None else []
+        if self.heal is None:
+            return []
+        return self._other_corpora(self.heal_mix if self.heal_mix is not None else self._general_corpus())
 
-    def _other_corpora(self, names: list[str] | None) -> list[str]:
-        """``names`` without --dataset and "none"; by default the embedded corpus that is not --dataset (wiki, or
-        bbc_news for --dataset wiki)."""
-        if names is None:
-            names = ["bbc_news"] if self.dataset.lower().replace("-", "_") == "wiki" else ["wiki"]
+    def _general_corpus(self) -> list[str]:
+        """The embedded corpus of general text that --dataset is not: wiki, or bbc_news for --dataset wiki."""
+        return ["bbc_news"] if self.dataset.lower().replace("-", "_") == "wiki" else ["wiki"]
+
+    def _other_corpora(self, names: list[str]) -> list[str]:
+        """``names`` without --dataset and "none"."""
         return list(dict.fromkeys(c for c in names if c.lower() != "none" and c != self.dataset))
 
     def __post_init__(self):

@@ -174,6 +174,13 @@ def unknown_flags_message(parser: argparse.ArgumentParser, unknown: list[str]) -
     return f"unrecognized arguments: {' '.join(unknown)}{hint}"
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 def parse_job_flags(
     prog: str,
     description: str,
@@ -185,7 +192,11 @@ def parse_job_flags(
 ):
     """``(job, training_args)`` of a job command, parsed by ``HfArgumentParser`` with ``defaults``; every mistake is a
     :class:`UsageError`. With ``defaults_for_job``, the training defaults depend on the job flags, which are read
-    first. Deprecated flags (:data:`DEPRECATED_FLAGS`) are accepted under their new names, with a warning."""
+    first. Deprecated flags (:data:`DEPRECATED_FLAGS`) are accepted under their new names, with a warning. Without
+    an accelerator, ``--dataloader_pin_memory`` defaults to false (pinned memory only speeds up copies to a device,
+    and torch warns at every data loader that it is unused)."""
+    import dataclasses
+
     from transformers import HfArgumentParser
 
     class Parser(HfArgumentParser):
@@ -199,6 +210,8 @@ def parse_job_flags(
             list(argv), return_remaining_strings=True
         )
         defaults = defaults_for_job(job_only)
+    if not _has_accelerator() and "dataloader_pin_memory" in {f.name for f in dataclasses.fields(args_class)}:
+        defaults = {"dataloader_pin_memory": False, **defaults}
     parser.set_defaults(**defaults)
     job, args, unknown = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
     if unknown:

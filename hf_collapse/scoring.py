@@ -13,10 +13,11 @@ features. A new scorer is one function registered in :data:`SCORERS`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -225,6 +226,17 @@ def _without(model: nn.Module, unit: Block, batch: Mapping[str, Any]) -> float:
         return _loss(model(**batch))
 
 
+@contextlib.contextmanager
+def _stand_ins(model: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+    """``model`` with the modules at the given paths replaced, put back after."""
+    swapped = {path: _swap(model, path, module) for path, module in modules.items()}
+    try:
+        yield
+    finally:
+        for path, original in swapped.items():
+            _swap(model, path, original)
+
+
 def _replayed(
     model: nn.Module,
     all_blocks: Sequence[Block],
@@ -236,23 +248,14 @@ def _replayed(
     """The loss without ``unit`` from its block's input on: the blocks before it return what they returned in the
     full forward pass (recorded in ``outputs``); a block unit returns its input, a sub-layer unit is removed in place
     (and put back) and its block runs without it."""
-    before = all_blocks[: position[unit.name]]
+    replays = {b.path: _Replay(outputs[b.name]) for b in all_blocks[: position[unit.name]]}
     if unit.name in outputs:  # a whole block
-        swapped = {b.path: _swap(model, b.path, _Replay(outputs[b.name])) for b in before}
-        swapped[unit.path] = _swap(model, unit.path, _Skip(outputs[unit.name]))
-        try:
+        with _stand_ins(model, {**replays, unit.path: _Skip(outputs[unit.name])}):
             return _loss(model(**batch))
-        finally:
-            for path, original in swapped.items():
-                _swap(model, path, original)
     with reverted(model):  # a sub-layer: removed first, on the whole model, then the blocks before it replayed
         remove_blocks(model, [unit.name], inplace=True)
-        swapped = {b.path: _swap(model, b.path, _Replay(outputs[b.name])) for b in before}
-        try:
+        with _stand_ins(model, replays):
             return _loss(model(**batch))
-        finally:
-            for path, original in swapped.items():
-                _swap(model, path, original)
 
 
 def _replay_is_exact(

@@ -265,12 +265,18 @@ def _replay_is_exact(
     units: Sequence[Block],
     outputs: Mapping[str, Any],
     batch: Mapping[str, Any],
-) -> bool:
+) -> dict[str, float] | None:
     """Whether replaying the prefix gives the true removal's loss, checked on the first and the last unit: the last
     has the longest replayed prefix, where a model that records something in the blocks it skips (MoE router logits
-    for an auxiliary loss) or that a removal changes beyond the block (a UNet skip pair) shows the difference."""
+    for an auxiliary loss) or that a removal changes beyond the block (a UNet skip pair) shows the difference.
+    Returns the checked units' true losses where it does (``None`` where it does not), so that they are not measured
+    twice. A sub-layer of the first block is not checked: with nothing before it to replay, its shortcut *is* the
+    true removal."""
     checked = [units[0]] + ([units[-1]] if len(units) > 1 else [])
+    exact_losses: dict[str, float] = {}
     for unit in checked:
+        if unit.name not in outputs and position[unit.name] == 0:
+            continue
         try:
             fast = _replayed(model, all_blocks, position, unit, outputs, batch)
         except Exception as error:  # noqa: BLE001 - any failure of the shortcut means: measure the true removal
@@ -281,7 +287,7 @@ def _replay_is_exact(
                 type(error).__name__,
                 error,
             )
-            return False
+            return None
         exact = _without(model, unit, batch)
         if not abs(fast - exact) <= 1e-4 * max(1.0, abs(exact)):
             logger.info(
@@ -291,8 +297,9 @@ def _replay_is_exact(
                 fast,
                 exact,
             )
-            return False
-    return True
+            return None
+        exact_losses[unit.name] = exact
+    return exact_losses
 
 
 @torch.no_grad()
@@ -335,6 +342,7 @@ def loss_scores(
             batch = model_inputs(model, batch)
             size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
             outputs: dict[str, Any] = {}
+            measured: dict[str, float] = {}  # the true losses the shortcut's check measured on the first batch
             if shortcut is not False:
                 handles = [
                     model.get_submodule(b.path).register_forward_hook(
@@ -348,13 +356,15 @@ def loss_scores(
                     for handle in handles:
                         handle.remove()
                 if shortcut is None:
-                    shortcut = _replay_is_exact(model, all_blocks, position, units, outputs, batch)
+                    checked = _replay_is_exact(model, all_blocks, position, units, outputs, batch)
+                    shortcut, measured = checked is not None, checked or {}
             for unit in units:
-                loss = (
-                    _replayed(model, all_blocks, position, unit, outputs, batch)
-                    if shortcut
-                    else _without(model, unit, batch)
-                )
+                if unit.name in measured:
+                    loss = measured[unit.name]
+                elif shortcut:
+                    loss = _replayed(model, all_blocks, position, unit, outputs, batch)
+                else:
+                    loss = _without(model, unit, batch)
                 totals[unit.name] += size * loss
             weight += size
     finally:

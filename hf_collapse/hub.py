@@ -304,9 +304,12 @@ def _evaluation_section(report: CollapseReport) -> str:
     its numbers on other text and zero-shot tasks at each stage."""
     if not report.evaluations:
         return ""
-    # the corpora, as the perplexity rows name them (a task row names the corpus it was built from in its "on" column)
+    # the corpora, as the rows measured on a corpus name them ("perplexity on wiki", "accuracy on dialog_topics"); a
+    # zero-shot task row names the corpus it was built from in its "on" column
     corpora = {
-        e.name.removeprefix("perplexity on "): e.seen_in_healing for e in report.evaluations if e.metric == "perplexity"
+        e.name.removeprefix(f"{e.metric} on "): e.seen_in_healing
+        for e in report.evaluations
+        if e.name.startswith(f"{e.metric} on ")
     }
     healed_on = sorted(name for name, seen in corpora.items() if seen)
     others = sorted(name for name, seen in corpora.items() if not seen)

@@ -136,6 +136,8 @@ def test_lacoot_command_heals_the_collapsed_model_by_distillation_from_the_train
     assert "## Measured beyond the budget" in (tmp_path / "report" / "report.md").read_text()
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
     assert reloaded.config.num_hidden_layers == 4
+    card = hf_collapse.hub.model_card(reloaded, report).content  # what --push_to_hub would publish
+    assert "Calibration and healing (distill) used the training part of dialog_topics." in card
 
 
 def test_lacoot_command_rejects_unknown_flags(capsys):

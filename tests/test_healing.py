@@ -428,6 +428,33 @@ def test_lora_lowers_the_loss_and_merges_into_the_kept_blocks(kind, llama_pair, 
     assert_reloads_exactly(healed, tmp_path, batch)
 
 
+def test_lora_can_distil_the_teacher_into_its_adapters(llama_pair, tmp_path):
+    teacher, student, dataset, collator = setup("llama", llama_pair)
+    before, teacher_before = state(student), state(teacher)
+    batch = batch_of("llama", 32)
+    healed = heal(
+        student,
+        teacher,
+        dataset,
+        method="lora",
+        args=training_args(tmp_path, steps=30, lr=1e-2),
+        data_collator=collator,
+        r=4,
+        distill_alpha=1.0,
+    )
+    assert_plain_copy(healed, student)
+    assert_same_state(state(student), before)
+    assert_same_state(state(teacher), teacher_before)
+    assert not teacher.training
+    changed = {k for k, v in state(healed).items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.layers.") and k.endswith(".weight") for k in changed), changed
+    kl_before, kl_after = kl_to_teacher(student, teacher, batch, True), kl_to_teacher(healed, teacher, batch, True)
+    assert kl_after < 0.8 * kl_before, (kl_before, kl_after)
+    assert_reloads_exactly(healed, tmp_path, batch)
+    with pytest.raises(ValueError, match="needs the uncollapsed teacher"):
+        heal(student, None, dataset, method="lora", args=training_args(tmp_path), distill_alpha=0.5)
+
+
 def test_lora_target_modules_restrict_the_changed_weights(llama_pair, tmp_path):
     teacher, student = llama_pair
     before = state(student)

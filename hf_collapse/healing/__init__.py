@@ -44,13 +44,14 @@ def heal(
 
     Args:
         student: the collapsed model (from :func:`hf_collapse.remove_blocks` / :func:`hf_collapse.collapse`).
-        teacher: the uncollapsed model it came from (same family); needed by ``"distill"`` and ``"linear"``,
-            checked for its family by all (``None`` is accepted for ``"lora"``).
+        teacher: the uncollapsed model it came from (same family); needed by ``"distill"``, ``"linear"`` and
+            ``"lora"`` with ``distill_alpha``, checked for its family by all (``None`` is accepted for ``"lora"``).
         train_dataset: the training data (``"linear"`` uses its first few batches for calibration).
         method: ``"distill"`` — knowledge distillation with :class:`DistillationTrainer` (kwargs ``temperature``,
             ``alpha``, ``hidden_weight``, and any ``Trainer`` argument such as ``data_collator``);
             ``"lora"`` — peft LoRA on the linears of the kept blocks, merged back (kwargs ``r``, ``lora_alpha``,
-            ``lora_dropout``, ``target_modules`` and ``Trainer`` arguments);
+            ``lora_dropout``, ``target_modules``, ``distill_alpha`` (0: the task loss; > 0: that share of the loss is
+            the KL to the teacher's logits, at ``temperature``) and ``Trainer`` arguments);
             ``"linear"`` — training-free linear replacement of each removed span folded into the preceding
             block's projection (kwargs ``data_collator``, ``calibration_batches`` (16), ``ridge`` (1e-3),
             ``objective`` (``"lstsq"`` or ReplaceMe's ``"cosine"``), ``cosine_steps`` (100), ``cosine_lr`` (1e-3);
@@ -77,7 +78,7 @@ def heal(
     if is_peft_model(student):
         raise ValueError("heal a plain model: merge the student's peft adapter first (`merge_and_unload()`)")
     if teacher is None:
-        if method != "lora":
+        if method != "lora" or kwargs.get("distill_alpha"):
             raise ValueError(f"method {method!r} needs the uncollapsed teacher model")
     else:
         check_teacher(student, teacher)
@@ -86,10 +87,10 @@ def heal(
     record = collapse_record(student)
     student_mode = student.training
     healed = copy.deepcopy(unwrap_model(student))
+    teacher_mode = teacher.training if teacher is not None else None
     if method == "distill":
         from .distill import distill
 
-        teacher_mode = teacher.training
         try:
             healed = distill(healed, teacher, train_dataset, args, **kwargs)
         finally:
@@ -97,7 +98,11 @@ def heal(
     elif method == "lora":
         from .lora import lora
 
-        healed = lora(healed, train_dataset, args, **kwargs)
+        try:
+            healed = lora(healed, train_dataset, args, teacher=teacher, **kwargs)
+        finally:
+            if teacher is not None:
+                teacher.train(teacher_mode)
     else:
         from .linear import linear
 

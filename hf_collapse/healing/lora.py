@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of the kept blocks with peft, merged back into a plain model (the ``"lora"`` method)."""
+"""LoRA fine-tuning of the kept blocks with peft, merged back into a plain model (the ``"lora"`` method), on the
+task's own loss or distilling the uncollapsed teacher (``distill_alpha``)."""
 
 from __future__ import annotations
 
@@ -44,17 +45,25 @@ def lora(
     lora_alpha: int | None = None,
     lora_dropout: float = 0.0,
     target_modules: Sequence[str] | None = None,
+    teacher: nn.Module | None = None,
+    distill_alpha: float = 0.0,
+    temperature: float = 2.0,
     **trainer_kwargs: Any,
 ) -> nn.Module:
     """Fine-tune LoRA adapters on the linears of ``student``'s blocks with a ``Trainer``, then merge them.
 
-    ``student`` is changed in place (:func:`hf_collapse.heal` passes a copy); the merged model is a plain model of
-    the student's class, with its config (and ``hf_collapse`` record) as they were.
+    With ``distill_alpha > 0`` the loss is :class:`~hf_collapse.healing.DistillationTrainer`'s, ``distill_alpha *
+    KL(teacher || student) + (1 - distill_alpha) * task loss`` at ``temperature``: the adapters learn the
+    uncollapsed ``teacher``'s whole next-token distribution rather than the healing text's tokens alone (1.0: the KL
+    only). ``student`` is changed in place (:func:`hf_collapse.heal` passes a copy); the merged model is a plain model
+    of the student's class, with its config (and ``hf_collapse`` record) as they were.
     """
     from peft import LoraConfig, get_peft_model
 
     if r < 1:
         raise ValueError(f"the LoRA rank r must be at least 1, got {r}")
+    if distill_alpha and teacher is None:
+        raise ValueError("distill_alpha > 0 distils the teacher into the adapters: pass the uncollapsed teacher")
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     targets = kept_block_linears(student, target_modules)
@@ -65,6 +74,19 @@ def lora(
         target_modules=targets,
     )
     peft_model = get_peft_model(unwrap_model(student), config)
-    trainer = Trainer(model=peft_model, args=args, train_dataset=train_dataset, **trainer_kwargs)
+    if distill_alpha:
+        from .distill import DistillationTrainer
+
+        trainer = DistillationTrainer(
+            model=peft_model,
+            teacher=teacher,
+            alpha=distill_alpha,
+            temperature=temperature,
+            args=args,
+            train_dataset=train_dataset,
+            **trainer_kwargs,
+        )
+    else:
+        trainer = Trainer(model=peft_model, args=args, train_dataset=train_dataset, **trainer_kwargs)
     trainer.train()
     return unwrap_model(trainer.model, keep_peft=True).merge_and_unload()

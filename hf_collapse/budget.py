@@ -8,6 +8,9 @@ at the first limit it reaches:
   (an accuracy drop of at most 0.02; a perplexity rise of at most 5);
 * ``max_metric_ratio``: while the metric stays within this factor (>= 1) of the original's (perplexity at most 1.25x;
   accuracy at least the original's / 1.25).
+* ``flops_fraction``: until the model's forward FLOPs are at most this fraction (0 < f < 1) of the original's (0.8:
+  a fifth fewer), counted after every step; the step that gets there is kept. The budget to give when units differ in
+  size (BlockPruner's attention and MLP sub-layers, ``per_flop=True``): a count of units says nothing of the saving.
 
 The spellings of earlier versions (``num_blocks``, ``target_layers``, ``max_metric_drop``, ``max_metric_increase``)
 are accepted by :meth:`Budget.from_arguments` with a ``FutureWarning``, for one release.
@@ -20,7 +23,10 @@ from typing import Any
 
 from .deprecation import renamed
 
-__all__ = ["DEPRECATED_BUDGET_NAMES", "Budget"]
+__all__ = ["BUDGET_FIELDS", "DEPRECATED_BUDGET_NAMES", "Budget"]
+
+#: The limits a budget may set.
+BUDGET_FIELDS = ("num_units", "max_metric_delta", "max_metric_ratio", "flops_fraction")
 
 #: Earlier spellings of the budget's fields, and the field each now is.
 DEPRECATED_BUDGET_NAMES = {
@@ -39,6 +45,7 @@ class Budget:
         num_units: remove (collapse) at most this many units.
         max_metric_delta: how much worse the metric may get than the original model's, in absolute terms.
         max_metric_ratio: how many times worse (>= 1).
+        flops_fraction: stop once the forward FLOPs are at most this fraction of the original's (0 < f < 1).
         higher_is_better: the metric's direction (``False`` for a loss or a perplexity).
 
     Example::
@@ -52,6 +59,7 @@ class Budget:
     num_units: int | None = None
     max_metric_delta: float | None = None
     max_metric_ratio: float | None = None
+    flops_fraction: float | None = None
     higher_is_better: bool = True
 
     def __post_init__(self):
@@ -67,10 +75,15 @@ class Budget:
             raise ValueError(
                 f"max_metric_ratio must be >= 1 (the metric may get this many times worse), got {self.max_metric_ratio}"
             )
-        if self.num_units is None and not self.needs_metric:
+        if self.flops_fraction is not None and not 0 < self.flops_fraction < 1:
             raise ValueError(
-                "no budget: give num_units, a metric budget (max_metric_delta / max_metric_ratio, with "
-                "an evaluation), or both"
+                f"flops_fraction must be between 0 and 1 (the share of the original's FLOPs to reach), got "
+                f"{self.flops_fraction}"
+            )
+        if self.num_units is None and self.flops_fraction is None and not self.needs_metric:
+            raise ValueError(
+                "no budget: give num_units, flops_fraction, a metric budget (max_metric_delta / max_metric_ratio, "
+                "with an evaluation), or several"
             )
 
     @classmethod
@@ -88,7 +101,7 @@ class Budget:
             if value is None:
                 continue
             field = DEPRECATED_BUDGET_NAMES.get(name, name)
-            if field not in ("num_units", "max_metric_delta", "max_metric_ratio"):
+            if field not in BUDGET_FIELDS:
                 raise TypeError(f"{where}: unknown budget argument {name!r}")
             if name != field:
                 renamed(name, field, where, stacklevel=4)
@@ -113,6 +126,13 @@ class Budget:
     def units_to_try(self, available: int) -> int:
         """How many units a search may remove, out of ``available`` candidates."""
         return available if self.num_units is None else min(int(self.num_units), available)
+
+    def flops_reached(self, original_flops: int | None, flops: int | None) -> bool:
+        """Whether a model of ``flops`` forward FLOPs has reached ``flops_fraction`` of the original's (``False``
+        without that limit or a count)."""
+        if self.flops_fraction is None or not original_flops or flops is None:
+            return False
+        return flops <= self.flops_fraction * original_flops
 
     def allows(self, baseline: float | None, metric: float | None) -> bool:
         """Whether a model whose metric is ``metric`` stays within the budget, the original's being ``baseline``."""
@@ -149,11 +169,7 @@ class Budget:
 
     def to_dict(self) -> dict[str, Any]:
         """The limits that are set, as a report and a model card show them."""
-        return {
-            name: getattr(self, name)
-            for name in ("num_units", "max_metric_delta", "max_metric_ratio")
-            if getattr(self, name) is not None
-        }
+        return {name: getattr(self, name) for name in BUDGET_FIELDS if getattr(self, name) is not None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], higher_is_better: bool = True) -> Budget | None:
@@ -161,6 +177,6 @@ class Budget:
         values = {}
         for name, value in (data or {}).items():
             field = DEPRECATED_BUDGET_NAMES.get(name, name)
-            if value is not None and field in ("num_units", "max_metric_delta", "max_metric_ratio"):
+            if value is not None and field in BUDGET_FIELDS:
                 values[field] = value
         return cls(higher_is_better=higher_is_better, **values) if values else None

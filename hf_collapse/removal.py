@@ -111,6 +111,7 @@ def collapse(
     *,
     higher_is_better: bool = True,
     max_metric_ratio: float | None = None,
+    flops_fraction: float | None = None,
     metric_name: str | None = None,
     example_inputs: Mapping[str, Any] | None = None,
     latency_repeats: int = 5,
@@ -139,6 +140,8 @@ def collapse(
         max_metric_ratio: remove while the metric stays within this factor (>= 1) of the uncollapsed model's:
             ``metric <= ratio * before`` when lower is better (a perplexity budget), ``metric >= before / ratio``
             when higher is better.
+        flops_fraction: remove until the forward FLOPs (on ``example_inputs``) are at most this fraction of the
+            uncollapsed model's (0 < f < 1); the removal that gets there is kept.
         metric_name: the metric's name in the report.
         example_inputs: inputs for FLOPs and latency (default: the adapter's example inputs at batch size 1).
         latency_repeats: interleaved rounds of each latency measurement, each state timed side by side with the
@@ -169,6 +172,7 @@ def collapse(
         num_units=num_units,
         max_metric_delta=max_metric_delta,
         max_metric_ratio=max_metric_ratio,
+        flops_fraction=flops_fraction,
         num_blocks=num_blocks,
         max_metric_drop=max_metric_drop,
         max_metric_increase=max_metric_increase,
@@ -227,12 +231,19 @@ class IterativeLossStrategy(SearchStrategy):
     """Re-score every remaining unit on the current model at each step and remove the one whose removal costs the
     least calibration loss (SLEB: blocks; BlockPruner: attention and MLP sub-layers, a layer's last sub-layer taken
     as its whole block). Each step costs a forward pass per candidate and batch, from the candidate's input on where
-    the blocks before it can replay one full pass (:func:`hf_collapse.scoring.loss_scores`)."""
+    the blocks before it can replay one full pass (:func:`hf_collapse.scoring.loss_scores`).
 
-    def __init__(self, model: nn.Module, batches: list[Mapping[str, Any]], granularity: str = "block"):
+    With ``per_flop``, the unit removed is the one whose removal costs the least loss increase per parameter it
+    removes (its matrix multiplications' FLOPs), not the least loss: units of unequal size (an attention sub-layer
+    holds a third of an MLP's weights in Llama-like layers) are then compared by what they cost for what they save,
+    which is what a FLOPs budget asks. It costs one more forward pass per batch and step (the loss before removal)."""
+
+    def __init__(
+        self, model: nn.Module, batches: list[Mapping[str, Any]], granularity: str = "block", per_flop: bool = False
+    ):
         if granularity not in ("block", "sublayer"):
             raise ValueError(f"granularity must be 'block' or 'sublayer', got {granularity!r}")
-        self.batches, self.granularity = batches, granularity
+        self.batches, self.granularity, self.per_flop = batches, granularity, bool(per_flop)
         self.unit_name = "blocks" if granularity == "block" else "sub-layers"
         self.names = _OriginalNames(model)
         self.removed: list[str] = []
@@ -259,7 +270,7 @@ class IterativeLossStrategy(SearchStrategy):
         return max(self._initial - len(self.removed), 0)
 
     def propose(self, model: nn.Module, room: int) -> Candidate | None:
-        from .scoring import loss_scores
+        from .scoring import calibration_loss, loss_scores
 
         pool = self._pool(model)
         if len(find_blocks(model)) == 1:  # never the last block
@@ -268,11 +279,19 @@ class IterativeLossStrategy(SearchStrategy):
             return None
         losses = loss_scores(model, self.batches, pool, progress=False)
         self.forward_passes += (len(pool) + 1) * len(self.batches)
-        name = min(losses, key=losses.get)
+        scores = losses
+        if self.per_flop:  # the loss increase per million parameters removed
+            before = calibration_loss(model, self.batches)
+            self.forward_passes += len(self.batches)
+            scores = {u.name: (losses[u.name] - before) * 1e6 / max(u.params, 1) for u in pool}
+        name = min(scores, key=scores.get)
         unit = next(u for u in pool if u.name == name)
+        details = {"calibration_loss": losses[name], "parameters": unit.params} if self.per_flop else {}
         original = self.names.of(model, unit)
         self._proposed[original] = unit.kind
-        return Candidate(units=[original], score=losses[name], apply=lambda m: remove_blocks(m, [name]))
+        return Candidate(
+            units=[original], score=scores[name], apply=lambda m: remove_blocks(m, [name]), details=details
+        )
 
     def accept(self, candidate: Candidate) -> None:
         original = candidate.units[0]
@@ -290,7 +309,8 @@ class IterativeLossStrategy(SearchStrategy):
     def fingerprint(self) -> dict[str, Any]:
         from .engine.progress import batches_digest
 
-        return {"strategy": f"iterative loss ({self.granularity})", "data": batches_digest(self.batches)}
+        strategy = f"iterative loss{' per FLOP' if self.per_flop else ''} ({self.granularity})"
+        return {"strategy": strategy, "data": batches_digest(self.batches)}
 
     def cost(self) -> dict[str, Any]:
         return {"forward_passes": self.forward_passes}
@@ -401,6 +421,7 @@ def prune(
     num_units: int | None = None,
     max_metric_delta: float | None = None,
     max_metric_ratio: float | None = None,
+    flops_fraction: float | None = None,
     eval_fn: Callable[[nn.Module], float] | None = None,
     higher_is_better: bool = True,
     metric_name: str | None = None,
@@ -409,6 +430,7 @@ def prune(
     progress: bool = True,
     progress_dir: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
+    per_flop: bool = False,
     **score_kwargs: Any,
 ) -> tuple[nn.Module, CollapseReport]:
     """Score and remove units of ``model`` under a budget with the field's depth-pruning methods, in one API.
@@ -421,11 +443,14 @@ def prune(
     * ``"sleb"``: SLEB proper: at every step each remaining block is re-scored by the calibration loss of the current
       model without it, and the cheapest removed;
     * ``"blockpruner"``: BlockPruner / FinerCut: the same over every attention and MLP sub-layer (a layer's last
-      sub-layer counts as its whole block);
+      sub-layer counts as its whole block); with ``per_flop=True``, the sub-layer removed at each step is the one of
+      least loss increase per parameter (FLOP) it removes, for a FLOPs budget (plain BlockPruner spends it on the
+      small attention sub-layers first);
     * ``"span"``: Gromov et al. / PruneMe: the contiguous span of ``num_units`` blocks whose input and output are
       closest by angular distance, removed at once (needs ``num_units``).
 
-    ``batches`` are calibration batches (with labels for the loss-based methods). The budget, evaluation, latency,
+    ``batches`` are calibration batches (with labels for the loss-based methods). The budget (``flops_fraction``
+    included: the one to give ``"blockpruner"``, whose units differ in size), evaluation, latency,
     progress folder and report are :func:`collapse`'s (the report's ``extra["search_cost"]`` says what the search
     cost: its seconds and forward passes).
 
@@ -438,6 +463,11 @@ def prune(
 
     batches = list(batches)
     one_shot = [*SCORERS, "loss", *DATA_FREE]
+    if per_flop and method != "blockpruner":
+        raise ValueError(
+            f"per_flop ranks units of unequal size, which only method 'blockpruner' mixes (got {method!r}: its units "
+            "all remove the same FLOPs)"
+        )
     if method in one_shot:
         import time
 
@@ -452,6 +482,7 @@ def prune(
             eval_fn=eval_fn,
             higher_is_better=higher_is_better,
             max_metric_ratio=max_metric_ratio,
+            flops_fraction=flops_fraction,
             metric_name=metric_name,
             example_inputs=example_inputs,
             latency_repeats=latency_repeats,
@@ -476,6 +507,7 @@ def prune(
         num_units=num_units,
         max_metric_delta=max_metric_delta,
         max_metric_ratio=max_metric_ratio,
+        flops_fraction=flops_fraction,
     )
     if budget.needs_metric and eval_fn is None:
         raise ValueError("a metric budget (max_metric_delta / max_metric_ratio) needs eval_fn")
@@ -485,7 +517,7 @@ def prune(
         strategy: SearchStrategy = SpanStrategy(model, batches, budget.num_units)
         strategy.measure(model)
     else:
-        strategy = IterativeLossStrategy(model, batches, "block" if method == "sleb" else "sublayer")
+        strategy = IterativeLossStrategy(model, batches, "block" if method == "sleb" else "sublayer", per_flop)
     return run_search(
         model,
         strategy,

@@ -31,7 +31,7 @@ from .metrics import device_of, to_device
 from .ot import max_sliced_wasserstein
 from .surgery import find_blocks, remove_blocks, reverted
 
-__all__ = ["SCORERS", "loss_scores", "model_inputs", "score_blocks"]
+__all__ = ["SCORERS", "calibration_loss", "loss_scores", "model_inputs", "score_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +300,27 @@ def _replay_is_exact(
             return None
         exact_losses[unit.name] = exact
     return exact_losses
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, dataloader: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """The loss of ``model`` on ``dataloader`` as :func:`loss_scores` measures it without a removal: per-batch losses
+    averaged weighted by batch size, pooled over DDP ranks (the reference a removal's loss increase is taken from)."""
+    was_training = model.training
+    model.eval()
+    total, weight = 0.0, 0
+    try:
+        for batch in dataloader:
+            batch = model_inputs(model, batch)
+            size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+            total += size * _loss(model(**batch))
+            weight += size
+    finally:
+        model.train(was_training)
+    reduced = sum_across_ranks(torch.tensor([weight, total], dtype=torch.float64))
+    if float(reduced[0]) == 0:
+        raise ValueError("the dataloader yielded no batches")
+    return float(reduced[1] / reduced[0])
 
 
 @torch.no_grad()

@@ -103,8 +103,9 @@ def test_prune_under_a_perplexity_budget_with_sublayers(tiny_llm, tmp_path, caps
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sleb", "blockpruner", "span"])
+@pytest.mark.parametrize("method", ["sleb", "blockpruner", "blockpruner --per_flop --flops_fraction 0.9", "span"])
 def test_prune_with_each_search(method, tiny_llm, tmp_path, capsys):
+    method, *flags = method.split()
     code = main(
         [
             "prune",
@@ -112,6 +113,7 @@ def test_prune_with_each_search(method, tiny_llm, tmp_path, capsys):
             str(tiny_llm),
             "--method",
             method,
+            *flags,
             "--num_units",
             "2",
             "--output_dir",
@@ -121,14 +123,19 @@ def test_prune_with_each_search(method, tiny_llm, tmp_path, capsys):
     )
     assert code == 0
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
-    assert report.method == f"prune ({method})" and report.after.removed == 2
-    assert report.extra["search_cost"]["forward_passes"] > 0
+    assert report.method == f"prune ({method})" and report.extra["search_cost"]["forward_passes"] > 0
+    if flags:  # per FLOP: each step says the loss it reached; the search stops at 2 units or at 90% of the FLOPs
+        assert report.budget == {"num_units": 2, "flops_fraction": 0.9}
+        assert report.after.removed == 2 or report.after.flops <= 0.9 * report.before.flops
+        assert all("calibration_loss" in s.details for s in report.steps[1:])
+    else:
+        assert report.after.removed == 2
     if method == "span":  # two consecutive blocks, in one step
         (step,) = report.steps[1:]
         first, second = (int(name.rsplit(".", 1)[1]) for name in step.unit.split(", "))
         assert second == first + 1
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
-    assert len(hf_collapse.collapse_record(reloaded)["edits"]) == (1 if method == "span" else 2)
+    assert len(hf_collapse.collapse_record(reloaded)["edits"]) == (1 if method == "span" else report.after.removed)
 
 
 @pytest.mark.slow
@@ -210,11 +217,13 @@ def test_healing_mixes_general_text_by_default_and_the_domain_alone_is_a_choice(
     [
         (["--num_units", "0"], "--num_units must be >= 1, got 0"),
         (["--max_metric_ratio", "0.5"], "--max_metric_ratio must be >= 1, got 0.5"),
-        ([], "no budget: pass --num_units, --max_metric_delta, --max_metric_ratio"),
+        ([], "no budget: pass --num_units, --flops_fraction, --max_metric_delta, --max_metric_ratio"),
+        (["--flops_fraction", "1.5"], "--flops_fraction must be between 0 and 1, got 1.5"),
         (["--num_units", "1", "--heal", "magic"], "--heal 'magic': expected one of distill, lora, linear"),
         (["--num_units", "1", "--method", "magic"], "--method 'magic': expected one of"),
         (["--num_units", "1", "--method", "sleb", "--granularity", "mlp"], "--method sleb chooses its own units"),
         (["--max_metric_ratio", "2", "--method", "span"], "--method span removes --num_units consecutive blocks"),
+        (["--num_units", "1", "--method", "sleb", "--per_flop"], "--per_flop ranks sub-layers of unequal size"),
         (["--num_units", "1", "--heal_mix", "wiki"], "--heal_mix mixes text into healing: give --heal too"),
         (["--num_units", "1", "--eval_datasets", "./nowhere.txt"], "--eval_datasets: dataset './nowhere.txt'"),
         (["--num_units", "1", "--eval_tasks", "nowhere.yaml"], "--eval_tasks 'nowhere.yaml': no such task file"),

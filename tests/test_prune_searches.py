@@ -41,8 +41,13 @@ def _layers(model):
     return model.model.layers
 
 
-def _greedy_by_loss(model, batches, steps, sublayers: bool):
-    """SLEB / BlockPruner by brute force: at each step try every removal on a deep copy, keep the cheapest."""
+def _weights(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _greedy_by_loss(model, batches, steps, sublayers: bool, per_flop: bool = False):
+    """SLEB / BlockPruner by brute force: at each step try every removal on a deep copy, keep the cheapest (with
+    ``per_flop``: the least loss increase per parameter removed, a sub-layer counted with the norm that feeds it)."""
     model = copy.deepcopy(model).eval()
     original = [f"model.layers.{i}" for i in range(len(_layers(model)))]  # original names, in order
     gone: dict[int, set[str]] = {i: set() for i in range(len(original))}  # original index -> sub-layers gone
@@ -65,8 +70,17 @@ def _greedy_by_loss(model, batches, steps, sublayers: bool):
         if len(alive) == 1:  # never the last block
             options = [o for o in options if o[0] not in original]
         losses = {}
+        before = _loss(model, batches)
         for unit, current in options:
             losses[unit] = _loss(hf_collapse.remove_blocks(model, [current]), batches)
+            if per_flop:
+                module = model.get_submodule(current)
+                if current.endswith("self_attn"):
+                    module = [module, model.get_submodule(current.replace("self_attn", "input_layernorm"))]
+                elif current.endswith("mlp"):
+                    module = [module, model.get_submodule(current.replace("mlp", "post_attention_layernorm"))]
+                removed = sum(_weights(m) for m in module) if isinstance(module, list) else _weights(module)
+                losses[unit] = (losses[unit] - before) / (removed / 1e6)
         unit = min(losses, key=losses.get)
         current = dict(options)[unit]
         model = hf_collapse.remove_blocks(model, [current])
@@ -96,6 +110,66 @@ def test_iterative_searches_remove_what_brute_force_greedy_removes(method):
     # the pruned model reloads exactly (the edits are recorded in original names)
     record = hf_collapse.collapse_record(pruned)
     assert len(record["edits"]) == steps
+
+
+def test_blockpruner_per_flop_ranks_by_loss_increase_per_parameter_as_brute_force_does():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    # MLPs four times the attention's weights (SmolLM2's ratio is three): the two criteria part ways
+    config = LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    batches = _batches()
+    expected = _greedy_by_loss(model, batches, 6, sublayers=True, per_flop=True)
+    assert expected != _greedy_by_loss(model, batches, 6, sublayers=True)  # the criterion changes the choice here
+
+    pruned, report = hf_collapse.prune(
+        model, batches, method="blockpruner", per_flop=True, num_units=6, latency_repeats=0, progress=False
+    )
+
+    assert [s.unit for s in report.steps[1:]] == expected
+    last = report.steps[-1]
+    assert _loss(pruned, batches) == pytest.approx(last.details["calibration_loss"], rel=1e-5)
+    assert report.extra["search_cost"]["forward_passes"] > 0
+    with pytest.raises(ValueError, match="only method 'blockpruner'"):
+        hf_collapse.prune(model, batches, method="sleb", per_flop=True, num_units=1)
+
+
+def _torch_flops(model, inputs) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    return counter.get_total_flops()
+
+
+def test_a_flops_budget_stops_blockpruner_at_the_first_state_that_reaches_it():
+    model = CASES_BY_NAME["llama"].build()
+    batches = _batches()
+    inputs = {"input_ids": batches[0]["input_ids"][:1]}
+    original = _torch_flops(model, inputs)
+
+    pruned, report = hf_collapse.prune(
+        model,
+        batches,
+        method="blockpruner",
+        per_flop=True,
+        flops_fraction=0.6,
+        example_inputs=inputs,
+        latency_repeats=0,
+        progress=False,
+    )
+
+    assert report.budget == {"flops_fraction": 0.6}
+    assert all(s.kept for s in report.steps)  # nothing over a budget: the search stopped on reaching it
+    flops = _torch_flops(pruned, inputs)  # counted by torch, not by the library
+    assert flops <= 0.6 * original and report.steps[-1].flops == flops and report.steps[0].flops == original
+    assert len(report.steps) >= 3 and report.steps[-2].flops > 0.6 * original  # not a step further than needed
+    with pytest.raises(ValueError, match="flops_fraction must be between 0 and 1"):
+        hf_collapse.prune(model, batches, method="sleb", flops_fraction=1.0)
 
 
 def test_sleb_never_removes_the_last_block_and_stops_when_nothing_is_left():

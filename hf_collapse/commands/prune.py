@@ -77,9 +77,20 @@ class PruneJobArguments(LMJobArguments):
         },
     )
     granularity: str = field(default="block", metadata={"help": "Units: block, attention or mlp."})
+    per_flop: bool = field(
+        default=False,
+        metadata={
+            "help": "blockpruner: remove the sub-layer of least loss increase per parameter (FLOP) it removes, not of "
+            "least loss (which spends a FLOPs budget on the small attention sub-layers first)."
+        },
+    )
     num_units: int | None = field(default=None, metadata={"help": "Remove this many units."})
     max_metric_delta: float | None = field(default=None, metadata={"help": "Perplexity may rise by this much."})
     max_metric_ratio: float | None = field(default=None, metadata={"help": "Perplexity may grow by this factor."})
+    flops_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Remove until the forward FLOPs are at most this fraction of the original's (e.g. 0.8)."},
+    )
     heal: str | None = field(default=None, metadata={"help": f"Healing after removal: {', '.join(HEALING)}."})
     max_length: int = field(default=128, metadata={"help": "Tokens per calibration / evaluation window."})
     calibration_windows: int = field(default=32, metadata={"help": "Windows of training text for scoring."})
@@ -159,10 +170,19 @@ class PruneJobArguments(LMJobArguments):
             raise ValueError(f"--heal {self.heal!r}: expected one of {', '.join(HEALING)}")
         if self.granularity not in ("block", "attention", "mlp"):
             raise ValueError(f"--granularity {self.granularity!r}: expected block, attention or mlp")
-        if self.num_units is None and self.max_metric_delta is None and self.max_metric_ratio is None:
-            raise ValueError("no budget: pass --num_units, --max_metric_delta, --max_metric_ratio, or several")
+        budgets = (self.num_units, self.flops_fraction, self.max_metric_delta, self.max_metric_ratio)
+        if all(limit is None for limit in budgets):
+            raise ValueError(
+                "no budget: pass --num_units, --flops_fraction, --max_metric_delta, --max_metric_ratio, or several"
+            )
+        if self.flops_fraction is not None and not 0 < self.flops_fraction < 1:
+            raise ValueError(f"--flops_fraction must be between 0 and 1, got {self.flops_fraction}")
         if self.method in SEARCHES and self.granularity != "block":
             raise ValueError(f"--method {self.method} chooses its own units: leave out --granularity")
+        if self.per_flop and self.method != "blockpruner":
+            raise ValueError(
+                f"--per_flop ranks sub-layers of unequal size: it needs --method blockpruner, not {self.method}"
+            )
         if self.method == "span" and self.num_units is None:
             raise ValueError("--method span removes --num_units consecutive blocks at once: give --num_units")
         at_least("num_units", self.num_units, 1)
@@ -241,9 +261,11 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
             DataLoader(calibration, batch_size=job.batch_size),
             method=job.method,
             granularity=job.granularity,
+            per_flop=job.per_flop,
             num_units=job.num_units,
             max_metric_delta=job.max_metric_delta,
             max_metric_ratio=job.max_metric_ratio,
+            flops_fraction=job.flops_fraction,
             eval_fn=lambda m: perplexity(m, evaluation),
             higher_is_better=False,
             metric_name="perplexity",

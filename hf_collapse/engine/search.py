@@ -253,7 +253,8 @@ def run_search(
         total=limit, initial=report.after.removed, desc=description, disable=not (show_progress and is_main_process())
     )
     try:
-        while report.after.removed < limit:
+        # a FLOPs budget ends the search at the first state that reaches it (checked here too: a resumed run)
+        while report.after.removed < limit and not budget.flops_reached(report.steps[0].flops, report.after.flops):
             started = time.perf_counter()
             candidate = strategy.propose(current, limit - report.after.removed)
             search_seconds += time.perf_counter() - started

@@ -352,11 +352,12 @@ class LaCoOTTrainer(Trainer):
         replaces that evaluation, e.g. held-out perplexity for a causal LM
         (``eval_fn=lambda m: perplexity(m, loader), higher_is_better=False, metric_name="perplexity",
         max_metric_ratio=1.2``). Other keywords go to :func:`hf_collapse.collapse` (``max_metric_ratio``,
-        ``latency_repeats``, ``progress_dir`` / ``resume_from`` to continue an interrupted collapse, and the
-        deprecated ``num_blocks`` / ``max_metric_drop``). Returns a new model and its :class:`CollapseReport`; the
-        trained model is untouched. Call it on every rank under DDP (it is deterministic) and save on the main process
-        only (``trainer.is_world_process_zero()``). Under FSDP the sharded model is first gathered into a plain copy on
-        every rank (:func:`hf_collapse.distributed.unsharded_copy`): surgery needs whole tensors.
+        ``flops_fraction``, ``latency_repeats``, ``progress_dir`` / ``resume_from`` to continue an interrupted
+        collapse, and the deprecated ``num_blocks`` / ``max_metric_drop``). Returns a new model and its
+        :class:`CollapseReport`; the trained model is untouched. Call it on every rank under DDP (it is deterministic)
+        and save on the main process only (``trainer.is_world_process_zero()``). Under FSDP the sharded model is first
+        gathered into a plain copy on every rank (:func:`hf_collapse.distributed.unsharded_copy`): surgery needs whole
+        tensors.
         """
         scores = scores if scores is not None else self.block_scores(eval_dataset)
         metric_name, higher_is_better = metric_key(self.args, self.compute_metrics is not None)

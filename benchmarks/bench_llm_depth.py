@@ -72,6 +72,9 @@ from hf_collapse.metrics import count_parameters, forward_flops, hardware_descri
 
 #: "sleb" re-scores on --search_windows windows, "sleb_same_data" on the one-shot scorers' --calibration_windows.
 SEARCHES = ("block_influence", "loss", "sleb", "sleb_same_data", "span")
+#: searches calibrated on half A, half general text (the healing mix): the removal chosen with generality in view
+GENERAL_SEARCHES = ("sleb+newsgroups",)
+SUBLAYER_SEARCHES = ("blockpruner", "blockpruner_per_flop")
 HEALS = (
     "linear",
     "linear-cosine",
@@ -79,6 +82,7 @@ HEALS = (
     "lora",
     "distill",
     "lora+newsgroups",
+    "lora-distill+newsgroups",
     "distill+newsgroups",
     "lora+wiki",
     "distill+wiki",
@@ -89,6 +93,8 @@ REFERENCED = ("lora", "lora+newsgroups")
 #: distillation (pure KL to the original's logits, temperature 2).
 SETTINGS = {
     "lora": dict(learning_rate=5e-4, r=16),
+    # LoRA whose loss is the KL to the original's logits (temperature 2), as distillation's, not the text's tokens
+    "lora-distill": dict(learning_rate=5e-4, r=16, distill_alpha=1.0),
     "distill": dict(learning_rate=5e-5, alpha=1.0, temperature=2.0),
 }
 LINEAR_CALIBRATION_BATCHES = 16  # of 8 windows of 128 tokens: 16k tokens for 576 x 576 maps
@@ -133,7 +139,14 @@ def training_arguments(folder: str, learning_rate: float, cls=TrainingArguments,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--searches", nargs="+", default=list(SEARCHES))
+    parser.add_argument("--searches", nargs="+", choices=(*SEARCHES, *GENERAL_SEARCHES), default=list(SEARCHES))
+    parser.add_argument(
+        "--sublayer_searches",
+        nargs="*",
+        choices=SUBLAYER_SEARCHES,
+        default=list(SUBLAYER_SEARCHES),
+        help="BlockPruner's sub-layer search by loss, or by loss increase per FLOP, at the block removals' FLOPs",
+    )
     parser.add_argument("--heal", nargs="+", default=list(HEALS))
     parser.add_argument(
         "--lacoot",
@@ -143,6 +156,12 @@ def main() -> None:
         help="LaCoOT rows: the penalty on every block, or on the blocks of the healed removal",
     )
     parser.add_argument("--heal_minutes", type=float, default=9.0, help="wall-time budget of each training heal")
+    parser.add_argument(
+        "--heal_other",
+        nargs="+",
+        metavar=("REMOVAL", "HEAL"),
+        help="heal another removal than the one chosen first (e.g. sleb+newsgroups lora+newsgroups linear+newsgroups)",
+    )
     parser.add_argument(
         "--long_heal",
         nargs=2,
@@ -184,6 +203,11 @@ def main() -> None:
 
     calibration = DataLoader(windows(news["train"]["text"], opts.calibration_windows), batch_size=8)
     search_calibration = DataLoader(windows(news["train"]["text"], opts.search_windows), batch_size=8)
+    half = opts.search_windows // 2
+    general_search_calibration = DataLoader(
+        mixed_lm_windows([(news["train"]["text"], half), (groups["train"]["text"], half)], tokenizer, length),
+        batch_size=8,
+    )
     training = windows(news["train"]["text"], 6000)
     # half A, half general text: up to 3,000 windows of each, as many of A as the general corpus holds (the 20
     # Newsgroups sample: a few hundred, seen over several epochs)
@@ -236,8 +260,8 @@ def main() -> None:
 
     def removal(method: str, k: int) -> dict:
         start = time.perf_counter()
-        data = search_calibration if method == "sleb" else calibration
-        method = method.removesuffix("_same_data")
+        data = {"sleb": search_calibration, "sleb+newsgroups": general_search_calibration}.get(method, calibration)
+        method = method.removesuffix("_same_data").removesuffix("+newsgroups")
         smaller, report = hf_collapse.prune(model, data, method=method, num_units=k, latency_repeats=0, progress=False)
         return {
             **measure(smaller),
@@ -269,7 +293,7 @@ def main() -> None:
                 continue
             row(f"{k} removed/{method}", lambda method=method, k=k: removal(method, k))
 
-    def sublayers_at_block_flops() -> dict:
+    def sublayers_at_block_flops(per_flop: bool) -> dict:
         """BlockPruner's sub-layer search until its FLOPs are at most those of the largest block removal; the
         smaller removals are its prefixes at their FLOPs."""
         target = min(rows[f"{k} removed/{m}"]["flops"] for k in opts.blocks for m in opts.searches)
@@ -278,31 +302,33 @@ def main() -> None:
             model,
             search_calibration,
             method="blockpruner",
-            num_units=4 * max(opts.blocks),
+            per_flop=per_flop,
+            flops_fraction=(target + 0.5) / base["flops"],  # the search stops at the first state at or under target
             latency_repeats=0,
             progress=False,
             example_inputs=probe,
-            eval_fn=lambda m: forward_flops(m, probe),
-            higher_is_better=True,
-            max_metric_delta=base["flops"] - target + 1,
-        )  # the metric is the FLOPs: the search stops at (and records, as over budget) the first state under target
+        )
         steps = report.steps[1:]
         return {
             "search_seconds": round(time.perf_counter() - start, 1),
             "removed": [s.unit for s in steps],
-            "flops_per_step": [s.metric for s in steps],
-            "kept": [s.kept for s in steps],
+            "flops_per_step": [s.flops for s in steps],
         }
 
-    search = row("blockpruner search", sublayers_at_block_flops)
-    for k in opts.blocks:
-        target = max(rows[f"{k} removed/{m}"]["flops"] for m in opts.searches)
-        # the first state of the search at or under the block removal's FLOPs
-        n = next(i + 1 for i, f in enumerate(search["flops_per_step"]) if f <= target)
-        row(
-            f"{k} removed/blockpruner (same FLOPs)",
-            lambda n=n: {**measure(rebuild(search["removed"][:n])), "removed": search["removed"][:n]},
-        )
+    for sublayer_search in opts.sublayer_searches:
+        per_flop = sublayer_search == "blockpruner_per_flop"
+        search = row(f"{sublayer_search} search", lambda per_flop=per_flop: sublayers_at_block_flops(per_flop))
+        for k in opts.blocks:
+            target = max(rows[f"{k} removed/{m}"]["flops"] for m in opts.searches)
+            # the first state of the search at or under the block removal's FLOPs
+            n = next(i + 1 for i, f in enumerate(search["flops_per_step"]) if f <= target)
+            row(
+                f"{k} removed/{sublayer_search} (same FLOPs)",
+                lambda n=n, search=search: {
+                    **measure(rebuild(search["removed"][:n])),
+                    "removed": search["removed"][:n],
+                },
+            )
 
     def best(k: int) -> str:
         return min(opts.searches, key=lambda m: rows[f"{k} removed/{m}"]["A bbc_news"])
@@ -317,13 +343,15 @@ def main() -> None:
     chosen = results.setdefault("healed_removal", healed_before[0] if healed_before else best(k))
     student_units = rows[f"{k} removed/{chosen}"]["removed"]
 
-    def student():
-        return rebuild(student_units)
+    def student(removal: str = chosen):
+        return rebuild(rows[f"{k} removed/{removal}"]["removed"])
 
     row(f"{k} removed/{chosen} (best), measured fully", lambda: measure(student(), tasks_too=True))
 
-    def heal_row(method: str, uncompressed: bool = False, minutes: float = opts.heal_minutes) -> dict:
-        base_model = copy.deepcopy(model) if uncompressed else student()
+    def heal_row(
+        method: str, uncompressed: bool = False, minutes: float = opts.heal_minutes, removal: str = chosen
+    ) -> dict:
+        base_model = copy.deepcopy(model) if uncompressed else student(removal)
         kind, mix = method.partition("+")[::2]
         if kind.startswith("linear"):
             healed = hf_collapse.heal(
@@ -335,7 +363,7 @@ def main() -> None:
                 calibration_batches=LINEAR_CALIBRATION_BATCHES,
                 objective="cosine" if kind == "linear-cosine" else "lstsq",
             )
-            return {**measure(healed.eval(), tasks_too=True), "scorer": chosen}
+            return {**measure(healed.eval(), tasks_too=True), "scorer": removal}
         settings = dict(SETTINGS[kind])
         args = training_arguments(str(out.parent / f"_heal_{kind}"), settings.pop("learning_rate"))
         budget = TimeBudget(60 * minutes)
@@ -343,12 +371,12 @@ def main() -> None:
             base_model,
             None if kind == "lora" else model,
             mixed[mix] if mix else training,
-            method=kind,
+            method=kind.partition("-")[0],  # lora-distill: LoRA with the distillation loss
             args=args,
             callbacks=[budget],
             **settings,
         )
-        return {**measure(healed.eval(), tasks_too=True), "scorer": chosen, "steps": budget.steps}
+        return {**measure(healed.eval(), tasks_too=True), "scorer": removal, "steps": budget.steps}
 
     for method in opts.heal:
         row(f"{k} removed/{chosen} + {method}", lambda method=method: heal_row(method))
@@ -357,6 +385,11 @@ def main() -> None:
     if opts.long_heal:
         method, minutes = opts.long_heal[0], float(opts.long_heal[1])
         row(f"{k} removed/{chosen} + {method}, {minutes:g} min", lambda: heal_row(method, minutes=minutes))
+    if opts.heal_other:
+        other, *heals = opts.heal_other
+        row(f"{k} removed/{other}, measured fully", lambda: measure(student(other), tasks_too=True))
+        for method in heals:
+            row(f"{k} removed/{other} + {method}", lambda method=method: heal_row(method, removal=other))
 
     def command() -> dict:
         with tempfile.TemporaryDirectory() as tmp:
@@ -469,7 +502,7 @@ def summarize(rows: dict, opts, base: dict, chosen: str) -> str:
             line(key, r, 0)
     for k in opts.blocks:
         for key, r in rows.items():
-            if key.startswith(f"{k} removed/") and "+" not in key and "measured fully" not in key:
+            if key.startswith(f"{k} removed/") and " + " not in key and "measured fully" not in key:
                 line(f"{key.split('/', 1)[1]}", r, k)
     k = max(opts.blocks)
     line(f"{chosen}, all measures", rows[f"{k} removed/{chosen} (best), measured fully"], k)
@@ -482,6 +515,11 @@ def summarize(rows: dict, opts, base: dict, chosen: str) -> str:
     for key, r in rows.items():
         if key.startswith(f"{k} removed/{chosen} + ") and key.endswith(" min"):
             line(f"{chosen} + heal {key.split(' + ', 1)[1]}", r, k)
+    if opts.heal_other:
+        other, *heals = opts.heal_other
+        line(f"{other}, all measures", rows[f"{k} removed/{other}, measured fully"], k)
+        for method in heals:
+            line(f"{other} + heal {method}", rows[f"{k} removed/{other} + {method}"], k)
     for key, r in rows.items():
         if key.startswith(f"{k} removed/LaCoOT"):
             line(f"{key.split('/', 1)[1]} (training {opts.heal_minutes:g} min)", r, k)
@@ -492,28 +530,32 @@ def summarize(rows: dict, opts, base: dict, chosen: str) -> str:
         f"task's accuracy retained ({', '.join(tasks)})."
     )
     verdicts = []
-    for method in opts.heal:
-        r = rows[f"{k} removed/{chosen} + {method}"]
+    healed = [(chosen, method) for method in opts.heal]
+    if opts.heal_other:
+        healed += [(opts.heal_other[0], method) for method in opts.heal_other[1:]]
+    for removal, method in healed:
+        r = rows[f"{k} removed/{removal} + {method}"]
         b_target = (
             "B's kind mixed into healing: not a measure of unseen text"
             if method.endswith("+wiki")
             else (f"target <= 1.5{', training-free <= 2.0' if method.startswith('linear') else ''}")
         )
         verdicts.append(
-            f"{method}: A x{r['A bbc_news'] / base['A bbc_news']:.2f} (target <= 1.3), "
+            f"{'' if removal == chosen else removal + ' + '}{method}: "
+            f"A x{r['A bbc_news'] / base['A bbc_news']:.2f} (target <= 1.3), "
             f"B x{r['B wiki'] / base['B wiki']:.2f} ({b_target}), tasks kept {retained(r):.1%} (target >= 95%)"
         )
     for kk in opts.blocks:
         scores = {m: rows[f"{kk} removed/{m}"]["A bbc_news"] for m in opts.searches}
         best = min(scores, key=scores.get)
-        sub = rows.get(f"{kk} removed/blockpruner (same FLOPs)")
+        subs = {m: rows[f"{kk} removed/{m} (same FLOPs)"] for m in opts.sublayer_searches}
         verdicts.append(
             f"{kk} removed: best scorer {best} {scores[best]:.1f} vs one-shot loss "
             f"{scores.get('loss', float('nan')):.1f}"
-            + (
-                f"; sub-layers at the same FLOPs {sub['A bbc_news']:.1f} (FLOPs x{base['flops'] / sub['flops']:.2f})"
-                if sub
-                else ""
+            + "".join(
+                f"; sub-layers ({m}) at the same FLOPs {sub['A bbc_news']:.1f} "
+                f"(FLOPs x{base['flops'] / sub['flops']:.2f})"
+                for m, sub in subs.items()
             )
         )
     command = rows.get(f"hf-collapse prune --num_units {k} --heal linear")

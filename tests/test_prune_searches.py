@@ -172,6 +172,15 @@ def test_a_flops_budget_stops_blockpruner_at_the_first_state_that_reaches_it():
         hf_collapse.prune(model, batches, method="sleb", flops_fraction=1.0)
 
 
+def test_a_flops_budget_is_refused_when_no_flops_can_be_counted(monkeypatch):
+    import hf_collapse.engine.search as search
+
+    counted = search.measure_step
+    monkeypatch.setattr(search, "measure_step", lambda *a, **k: {**counted(*a, **k), "flops": 0})
+    with pytest.raises(ValueError, match="torch counted none for this transformers.LlamaForCausalLM"):
+        hf_collapse.prune(CASES_BY_NAME["llama"].build(), _batches(), method="sleb", flops_fraction=0.5)
+
+
 def test_sleb_never_removes_the_last_block_and_stops_when_nothing_is_left():
     model = CASES_BY_NAME["llama"].build()
     pruned, report = hf_collapse.prune(

@@ -245,6 +245,11 @@ def run_search(
         save_progress(report, "running")
 
     baseline = report.steps[0].metric
+    if budget.flops_fraction is not None and not report.steps[0].flops:
+        raise ValueError(
+            f"a FLOPs budget (flops_fraction) needs the model's FLOPs, and torch counted none for this "
+            f"{model_class} on the example inputs: pass inputs it computes on (example_inputs=...), or another budget"
+        )
     limit = report.after.removed + budget.units_to_try(strategy.available())
     if budget.num_units is not None:
         limit = min(limit, int(budget.num_units))

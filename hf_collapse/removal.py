@@ -236,7 +236,8 @@ class IterativeLossStrategy(SearchStrategy):
     With ``per_flop``, the unit removed is the one whose removal costs the least loss increase per parameter it
     removes (its matrix multiplications' FLOPs), not the least loss: units of unequal size (an attention sub-layer
     holds a third of an MLP's weights in Llama-like layers) are then compared by what they cost for what they save,
-    which is what a FLOPs budget asks. It costs one more forward pass per batch and step (the loss before removal)."""
+    which is what a FLOPs budget asks. The loss before removal comes from the full forward pass the scoring replays
+    (:func:`hf_collapse.scoring.loss_scores_and_reference`)."""
 
     def __init__(
         self, model: nn.Module, batches: list[Mapping[str, Any]], granularity: str = "block", per_flop: bool = False
@@ -270,19 +271,17 @@ class IterativeLossStrategy(SearchStrategy):
         return max(self._initial - len(self.removed), 0)
 
     def propose(self, model: nn.Module, room: int) -> Candidate | None:
-        from .scoring import calibration_loss, loss_scores
+        from .scoring import loss_scores_and_reference
 
         pool = self._pool(model)
         if len(find_blocks(model)) == 1:  # never the last block
             pool = [u for u in pool if u.kind != "block"]
         if not pool:
             return None
-        losses = loss_scores(model, self.batches, pool, progress=False)
+        losses, before = loss_scores_and_reference(model, self.batches, pool, progress=False)
         self.forward_passes += (len(pool) + 1) * len(self.batches)
         scores = losses
         if self.per_flop:  # the loss increase per million parameters removed
-            before = calibration_loss(model, self.batches)
-            self.forward_passes += len(self.batches)
             scores = {u.name: (losses[u.name] - before) * 1e6 / max(u.params, 1) for u in pool}
         name = min(scores, key=scores.get)
         unit = next(u for u in pool if u.name == name)

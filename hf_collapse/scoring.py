@@ -31,7 +31,7 @@ from .metrics import device_of, to_device
 from .ot import max_sliced_wasserstein
 from .surgery import find_blocks, remove_blocks, reverted
 
-__all__ = ["SCORERS", "calibration_loss", "loss_scores", "model_inputs", "score_blocks"]
+__all__ = ["SCORERS", "loss_scores", "loss_scores_and_reference", "model_inputs", "score_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -302,28 +302,6 @@ def _replay_is_exact(
     return exact_losses
 
 
-@torch.no_grad()
-def calibration_loss(model: nn.Module, dataloader: Iterable[Mapping[str, torch.Tensor]]) -> float:
-    """The loss of ``model`` on ``dataloader`` as :func:`loss_scores` measures it without a removal: per-batch losses
-    averaged weighted by batch size, pooled over DDP ranks (the reference a removal's loss increase is taken from)."""
-    was_training = model.training
-    model.eval()
-    total, weight = 0.0, 0
-    try:
-        for batch in dataloader:
-            batch = model_inputs(model, batch)
-            size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
-            total += size * _loss(model(**batch))
-            weight += size
-    finally:
-        model.train(was_training)
-    reduced = sum_across_ranks(torch.tensor([weight, total], dtype=torch.float64))
-    if float(reduced[0]) == 0:
-        raise ValueError("the dataloader yielded no batches")
-    return float(reduced[1] / reduced[0])
-
-
-@torch.no_grad()
 def loss_scores(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, torch.Tensor]],
@@ -346,6 +324,32 @@ def loss_scores(
 
         >>> scores = hf_collapse.score_blocks(llama, calibration_loader, method="loss")   # batches with labels
     """
+    return _removal_losses(model, dataloader, units, max_batches, progress, reference=False)[0]
+
+
+def loss_scores_and_reference(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    units: Sequence[Block],
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, float], float]:
+    """:func:`loss_scores`, and the loss of ``model`` as it is on the same batches, averaged the same way: the
+    reference a removal's loss increase is taken from (BlockPruner per FLOP). Where the shortcut holds, the full
+    forward pass it replays already gives that loss; elsewhere it costs one more pass per batch."""
+    scores, reference = _removal_losses(model, dataloader, units, max_batches, progress, reference=True)
+    return scores, float(reference)
+
+
+@torch.no_grad()
+def _removal_losses(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    units: Sequence[Block],
+    max_batches: int | None,
+    progress: bool,
+    reference: bool,
+) -> tuple[dict[str, float], float | None]:
     all_blocks = find_blocks(model)
     position = {b.name: i for i, b in enumerate(all_blocks)}
     by_place = {(b.stage, b.index): i for i, b in enumerate(all_blocks)}
@@ -354,7 +358,7 @@ def loss_scores(
     units = sorted(units, key=lambda b: position[b.name])
     was_training = model.training
     model.eval()
-    totals, weight, shortcut = {b.name: 0.0 for b in units}, 0, None
+    totals, weight, shortcut, reference_total = {b.name: 0.0 for b in units}, 0, None, 0.0
     try:
         bar = tqdm(dataloader, desc="scoring units (loss without each)", disable=not (progress and is_main_process()))
         for step, batch in enumerate(bar):
@@ -372,13 +376,17 @@ def loss_scores(
                     for b in all_blocks
                 ]
                 try:
-                    model(**batch)
+                    full = model(**batch)
                 finally:
                     for handle in handles:
                         handle.remove()
+                if reference:
+                    reference_total += size * _loss(full)
                 if shortcut is None:
                     checked = _replay_is_exact(model, all_blocks, position, units, outputs, batch)
                     shortcut, measured = checked is not None, checked or {}
+            elif reference:
+                reference_total += size * _loss(model(**batch))
             for unit in units:
                 if unit.name in measured:
                     loss = measured[unit.name]
@@ -390,7 +398,8 @@ def loss_scores(
             weight += size
     finally:
         model.train(was_training)
-    reduced = sum_across_ranks(torch.tensor([weight, *totals.values()], dtype=torch.float64))
+    reduced = sum_across_ranks(torch.tensor([weight, reference_total, *totals.values()], dtype=torch.float64))
     if float(reduced[0]) == 0:
         raise ValueError("the dataloader yielded no batches")
-    return {name: float(total / reduced[0]) for name, total in zip(totals, reduced[1:].tolist())}
+    losses = {name: float(total / reduced[0]) for name, total in zip(totals, reduced[2:].tolist())}
+    return losses, float(reduced[1] / reduced[0]) if reference else None

@@ -304,6 +304,12 @@ def test_loss_scores_equal_the_loss_of_each_removal(case_name, broken_shortcut, 
         with torch.no_grad():
             expected = float(hf_collapse.remove_blocks(model, [name]).eval()(**batch).loss)
         assert scores[name] == pytest.approx(expected, rel=1e-4, abs=1e-5), name
+    # the same scores, and the loss of the model as it is (from the replayed full pass, or one more pass without it)
+    units = [b for b in hf_collapse.find_blocks(model, granularity) if b.removable]
+    again, reference = scoring.loss_scores_and_reference(model, [batch, batch], units, progress=False)
+    with torch.no_grad():
+        assert reference == pytest.approx(float(model.eval()(**batch).loss), rel=1e-5)
+    assert again == pytest.approx(scores, rel=1e-6)
     with pytest.raises(ValueError, match="needs batches with labels"):
         hf_collapse.score_blocks(model, [case.inputs()], method="loss", progress=False)
 

@@ -88,25 +88,22 @@ def heal(
     student_mode = student.training
     healed = copy.deepcopy(unwrap_model(student))
     teacher_mode = teacher.training if teacher is not None else None
-    if method == "distill":
-        from .distill import distill
+    try:
+        if method == "distill":
+            from .distill import distill
 
-        try:
             healed = distill(healed, teacher, train_dataset, args, **kwargs)
-        finally:
-            teacher.train(teacher_mode)
-    elif method == "lora":
-        from .lora import lora
+        elif method == "lora":
+            from .lora import lora
 
-        try:
             healed = lora(healed, train_dataset, args, teacher=teacher, **kwargs)
-        finally:
-            if teacher is not None:
-                teacher.train(teacher_mode)
-    else:
-        from .linear import linear
+        else:
+            from .linear import linear
 
-        healed = linear(healed, teacher, train_dataset, args, **kwargs)
+            healed = linear(healed, teacher, train_dataset, args, **kwargs)
+    finally:  # the teacher leaves in the train / eval mode it came in
+        if teacher is not None:
+            teacher.train(teacher_mode)
     if collapse_record(healed) != record:
         raise RuntimeError("healing changed the model's hf_collapse record; this is a bug in hf_collapse.heal")
     return healed.train(student_mode)

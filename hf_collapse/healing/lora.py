@@ -74,19 +74,12 @@ def lora(
         target_modules=targets,
     )
     peft_model = get_peft_model(unwrap_model(student), config)
+    trainer_class, distillation = Trainer, {}
     if distill_alpha:
         from .distill import DistillationTrainer
 
-        trainer = DistillationTrainer(
-            model=peft_model,
-            teacher=teacher,
-            alpha=distill_alpha,
-            temperature=temperature,
-            args=args,
-            train_dataset=train_dataset,
-            **trainer_kwargs,
-        )
-    else:
-        trainer = Trainer(model=peft_model, args=args, train_dataset=train_dataset, **trainer_kwargs)
+        trainer_class = DistillationTrainer
+        distillation = dict(teacher=teacher, alpha=distill_alpha, temperature=temperature)
+    trainer = trainer_class(model=peft_model, args=args, train_dataset=train_dataset, **distillation, **trainer_kwargs)
     trainer.train()
     return unwrap_model(trainer.model, keep_peft=True).merge_and_unload()

@@ -321,6 +321,10 @@ def test_bad_input_is_refused(llama_pair, bert_pair, tmp_path):
         heal(student, None, lm_dataset(), method="distill", args=training_args(tmp_path))
     with pytest.raises(ValueError, match="needs the uncollapsed teacher"):  # LoRA distilling needs one too
         heal(student, None, lm_dataset(), method="lora", args=training_args(tmp_path), distill_alpha=0.5)
+    from hf_collapse.healing.lora import lora
+
+    with pytest.raises(ValueError, match="pass the uncollapsed teacher"):  # the method's own check, called directly
+        lora(copy.deepcopy(student), lm_dataset(), training_args(tmp_path), distill_alpha=0.5)
     with pytest.raises(ValueError, match="alpha"):
         DistillationTrainer(model=student, teacher=teacher, args=training_args(tmp_path), alpha=2.0)
 

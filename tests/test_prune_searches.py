@@ -291,10 +291,14 @@ def test_one_shot_scorers_go_through_the_same_api():
     assert report.extra["search_cost"]["forward_passes"] == len(_batches())
 
 
-def test_an_interrupted_sleb_search_resumes_where_it_stopped(tmp_path):
+@pytest.mark.parametrize(
+    "method,settings",
+    [("sleb", dict(num_units=3)), ("blockpruner", dict(per_flop=True, flops_fraction=0.6))],  # a FLOPs budget too
+)
+def test_an_interrupted_search_resumes_where_it_stopped(method, settings, tmp_path):
     model = CASES_BY_NAME["llama"].build()
     batches = _batches()
-    full, full_report = hf_collapse.prune(model, batches, method="sleb", num_units=3, latency_repeats=0)
+    full, full_report = hf_collapse.prune(model, batches, method=method, latency_repeats=0, **settings)
 
     class Crash(RuntimeError):
         pass
@@ -312,8 +316,8 @@ def test_an_interrupted_sleb_search_resumes_where_it_stopped(tmp_path):
         hf_collapse.prune(
             model,
             batches,
-            method="sleb",
-            num_units=3,
+            method=method,
+            **settings,
             eval_fn=crash_on_third,
             higher_is_better=False,
             latency_repeats=0,
@@ -324,8 +328,8 @@ def test_an_interrupted_sleb_search_resumes_where_it_stopped(tmp_path):
     resumed, report = hf_collapse.prune(
         model,
         batches,
-        method="sleb",
-        num_units=3,
+        method=method,
+        **settings,
         eval_fn=lambda m: perplexity(m, batches),
         higher_is_better=False,
         latency_repeats=0,

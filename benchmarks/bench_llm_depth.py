@@ -8,7 +8,8 @@ Rows:
 * removal, 4 and 8 blocks, with the field's scorers in one API (:func:`hf_collapse.prune`): one-shot
   block_influence (ShortGPT) and loss (one-shot SLEB), SLEB proper (re-scored after each removal), PruneMe's
   contiguous span, and BlockPruner's attention / MLP sub-layers stopped at the same FLOPs as the block removal;
-* healing of the best 8-block removal (best held-out perplexity on A), each method at most ``--heal_minutes`` of
+* healing of the best 8-block removal (best perplexity on A's *validation* windows: the choice is never made on the
+  test text the rows report), each method at most ``--heal_minutes`` of
   wall time: linear maps (least squares, on A or on A and general text; ReplaceMe's cosine objective), LoRA on A's
   language-model loss, distillation from the original's logits on A, and both with general text mixed in (half the
   windows): Usenet posts (``+newsgroups``: a kind of text none of A, B, C is, so that B stays text the model never
@@ -217,6 +218,8 @@ def main() -> None:
         name: mixed_lm_windows([(news["train"]["text"], halves[name]), (texts, halves[name])], tokenizer, length)
         for name, texts in general.items()
     }
+    # the test windows every row reports; the validation windows of A choose the removal to heal (and nothing else)
+    deciding = DataLoader(windows(news["validation"]["text"], opts.eval_windows), batch_size=8)
     corpora = {
         "A bbc_news": DataLoader(windows(news["test"]["text"], opts.eval_windows), batch_size=8),
         "B wiki": DataLoader(windows(wiki["test"]["text"], opts.eval_windows), batch_size=8),
@@ -242,14 +245,16 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     print(
-        f"SmolLM2-135M: {depth} blocks, calibrated and healed on BBC News (A); perplexity on {opts.eval_windows} "
-        f"held-out windows of {length} tokens of A, Wikipedia (B) and chat lines (C); zero-shot tasks of "
+        f"SmolLM2-135M: {depth} blocks, calibrated and healed on BBC News (A) training articles; the removal to heal "
+        f"chosen on {opts.eval_windows} validation windows of A; perplexity on {opts.eval_windows} test windows of "
+        f"{length} tokens of A, Wikipedia (B) and chat lines (C); zero-shot tasks of "
         f"{opts.task_items} items; {results['setup']['hardware']}",
         flush=True,
     )
 
     def measure(m, *, tasks_too: bool = False) -> dict:
         result = {name: round(perplexity(m, loader), 3) for name, loader in corpora.items()}
+        result["A validation"] = round(perplexity(m, deciding), 3)
         result.update(params=count_parameters(m), flops=forward_flops(m, probe))
         if tasks_too:
             scores = zero_shot(m, tokenizer, tasks, batch_size=8)
@@ -331,7 +336,7 @@ def main() -> None:
             )
 
     def best(k: int) -> str:
-        return min(opts.searches, key=lambda m: rows[f"{k} removed/{m}"]["A bbc_news"])
+        return min(opts.searches, key=lambda m: rows[f"{k} removed/{m}"]["A validation"])
 
     k = max(opts.blocks)
     # the removal that is healed, kept from the run that first chose it (a scorer added later does not redo the heals)

@@ -20,10 +20,17 @@ from torch import nn
 
 from .architectures.base import unwrap_model
 from .distributed import is_main_process
-from .report import STAGES, CollapseReport, describe_speedup, format_count
+from .report import CollapseReport, Evaluation, describe_speedup, format_count, roles_markdown
 from .surgery import COLLAPSED_ADAPTER_MESSAGE, collapse_record, is_peft_model, model_class_name
 
-__all__ = ["collapsed_components", "loading_code", "model_card", "push_to_hub", "save_with_card"]
+__all__ = [
+    "collapsed_components",
+    "headline_sentence",
+    "loading_code",
+    "model_card",
+    "push_to_hub",
+    "save_with_card",
+]
 
 #: The model card template, package data of hf_collapse (installed with it, wheel or editable).
 TEMPLATE = resources.files(__package__).joinpath("model_cards", "collapsed_model.md")
@@ -139,6 +146,8 @@ def _count_of(count: int, unit_name: str) -> str:
 
 
 def _table(report: CollapseReport) -> str:
+    """Size and speed, the original against the collapsed model (healing changes neither): what the model costs.
+    What it computes is in the results (:func:`_results_section`), stage by stage."""
     s = report.summary()
     rows = [
         (
@@ -163,24 +172,66 @@ def _table(report: CollapseReport) -> str:
                 describe_speedup(s),
             )
         )
-    if s["metric_before"] is not None and s["metric_after"] is not None:
-        rows.append(
-            (
-                report.metric_name or "metric",
-                f"{s['metric_before']:.4f}",
-                f"{s['metric_after']:.4f}",
-                f"{s['metric_after'] - s['metric_before']:+.4f}",
-            )
-        )
-    lines = ["| | before | after | change |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| | original | this model | change |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
     lines.append(
-        f"\n{_count_of(s['removed'], report.unit_name)} removed. FLOPs counted with "
+        f"\n{_count_of(s['removed'], report.unit_name)} removed. {report.budget_sentence()} FLOPs counted with "
         "`torch.utils.flop_counter` on "
         "one example input; latency is the median of timed runs after warm-up, the collapsed and the original "
         f"model timed side by side in interleaved rounds, on {report.hardware or 'n/a'}."
     )
     return "\n".join(lines)
+
+
+def _value(entry: Evaluation, stage: str) -> str:
+    return f"{entry.values[stage]:.{2 if entry.metric == 'perplexity' else 4}f}"
+
+
+def headline_sentence(report: CollapseReport) -> str:
+    """The card's first result: the saved model's metric on test data (:meth:`CollapseReport.headline`), or, when no
+    test data was measured, the budget's metric said to be on the data that decided."""
+    entry = report.headline()
+    if entry is None or entry.final_stage is None:
+        return ""
+    stage = entry.final_stage
+    value = f"**{entry.metric} {_value(entry, stage)}**"
+    data = entry.data or "data that was not described"
+    original = f"; the original model: {_value(entry, 'original')}" if "original" in entry.values else ""
+    if entry.role == "test":
+        return (
+            f"Result of this model ({stage}): {value} on {data} (test data: only reported, never used for a "
+            f"decision){original}."
+        )
+    return (
+        f"Result of this model ({stage}): {value} on {data}, the data that decided the budget: no untouched test "
+        f"data was measured, so this number flatters the model; evaluate it on your own test data{original}."
+    )
+
+
+def _eval_results(report: CollapseReport, datasets: list[str] | None):
+    """``model-index`` results: the saved model's value of every test measurement (one per dataset and metric); the
+    budget's metric (on validation data, so said) only when nothing was measured on test data."""
+    from huggingface_hub import EvalResult
+
+    tested = [e for e in report.evaluations if e.role == "test" and e.final_stage is not None]
+    entries = tested or [e for e in [report.budget_evaluation()] if e is not None and e.final_stage is not None]
+    results = []
+    for entry in entries:
+        corpus = entry.name.removeprefix(f"{entry.metric} on ")
+        if entry.role == "validation":
+            corpus = str(report.extra.get("dataset", (datasets or ["custom"])[0]))
+        results.append(
+            EvalResult(
+                task_type="text-generation" if entry.metric == "perplexity" else "other",
+                dataset_type=corpus,
+                dataset_name=entry.data or corpus,
+                dataset_split=entry.role,
+                metric_type=entry.metric,
+                metric_name=f"{entry.metric} ({entry.final_stage})",
+                metric_value=float(entry.values[entry.final_stage]),
+            )
+        )
+    return results or None
 
 
 def model_card(
@@ -192,6 +243,7 @@ def model_card(
     datasets: list[str] | None = None,
     training: str | None = None,
     model_name: str | None = None,
+    data_roles: dict[str, str] | None = None,
 ):
     """A ``huggingface_hub.ModelCard`` for a collapsed (or TraDy-tuned) model, or a diffusers pipeline that holds one.
 
@@ -202,13 +254,16 @@ def model_card(
         base_model: the Hub id of the model it was compressed from.
         datasets: Hub ids of the data it was trained / evaluated on.
         training: a sentence on how it was trained (default: built from the report's settings).
+        model_name: the card's title (default: from ``repo_id``, else the model class).
+        data_roles: ``{role: description}`` of the data (:data:`hf_collapse.report.DATA_ROLES`), for a model without
+            a report (a TraDy adapter); a report carries its own (``report.data_roles``).
 
     Example::
 
         >>> card = hf_collapse.hub.model_card(collapsed, report, repo_id="me/minilm-collapsed")
         >>> card.save("out/README.md")
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     method = (
         report.method
@@ -216,30 +271,7 @@ def model_card(
         else (str(next(iter(model.peft_config.values())).peft_type) if is_peft_model(model) else "hf_collapse")
     )
     tags = ["hf-collapse", method.lower()]
-    eval_results = None
-    if report is not None and report.after.metric is not None and report.metric_name:
-        eval_results = [
-            EvalResult(
-                task_type="other",
-                dataset_type=(datasets or ["custom"])[0],
-                dataset_name=str(report.extra.get("dataset", (datasets or ["custom"])[0])),
-                metric_type=report.metric_name,
-                metric_value=float(report.after.metric),
-            )
-        ]
-    if report is not None:
-        for entry in report.evaluations:
-            stage = next((s for s in reversed(STAGES) if s in entry.values), None)
-            if stage is not None:
-                eval_results = (eval_results or []) + [
-                    EvalResult(
-                        task_type="text-generation",
-                        dataset_type=entry.name,
-                        dataset_name=f"{entry.name} ({entry.data})" if entry.data else entry.name,
-                        metric_type=entry.metric,
-                        metric_value=float(entry.values[stage]),
-                    )
-                ]
+    eval_results = _eval_results(report, datasets) if report is not None else None
     name = model_name or (repo_id.split("/")[-1] if repo_id else f"{type(unwrap_model(model)).__name__}-collapsed")
     if base_model is None and is_peft_model(model):
         base_model = next(iter(model.peft_config.values())).base_model_name_or_path
@@ -264,19 +296,23 @@ def model_card(
             )
         kwargs = dict(
             summary=summary,
+            headline=headline_sentence(report),
             compression_table=_table(report),
             removed_list=f"Removed, in order (lowest score first):\n\n{removed}" if removed else "",
             plot="![Trade-off: metric and latency against units removed](tradeoff.png)",
-            evaluation=_evaluation_section(report),
+            results=_results_section(report),
+            data=_data_section({**(data_roles or {}), **report.data_roles}),
             training=training or f"Method: {method}. Budget: {report.budget}. Settings: {extra or 'n/a'}.",
         )
     else:
         kwargs = dict(
             summary=f"{type(unwrap_model(model)).__name__} prepared with hf_collapse.",
+            headline="",
             compression_table="No collapse report was given.",
             removed_list="",
             plot="",
-            evaluation="",
+            results="No collapse report was given: nothing was measured.",
+            data=_data_section(data_roles or {}),
             training=training or "",
         )
     target = repo_id or "path/to/this/folder"
@@ -299,31 +335,43 @@ def model_card(
     return ModelCard.from_template(card_data, template_str=_template_text(), **content_kwargs)
 
 
-def _evaluation_section(report: CollapseReport) -> str:
-    """The card's account of what the model was measured on beyond the budget's metric: which text healed it, and
-    its numbers on other text and zero-shot tasks at each stage."""
-    if not report.evaluations:
-        return ""
-    # the corpora, as the rows measured on a corpus name them ("perplexity on wiki", "accuracy on dialog_topics"); a
-    # zero-shot task row names the corpus it was built from in its "on" column
+def _results_section(report: CollapseReport) -> str:
+    """Every measurement at every stage (original, after removal, after healing), each row naming its data and that
+    data's role, and which corpora healed the model."""
+    table = report.evaluations_markdown()
+    if not table:
+        return "No metric was measured."
+    # the corpora, as the rows measured on a corpus name them ("perplexity on wiki", "accuracy on dialog_topics")
     corpora = {
         e.name.removeprefix(f"{e.metric} on "): e.seen_in_healing
         for e in report.evaluations
-        if e.name.startswith(f"{e.metric} on ")
+        if e.role == "test" and e.name.startswith(f"{e.metric} on ")
     }
     healed_on = sorted(name for name, seen in corpora.items() if seen)
     others = sorted(name for name, seen in corpora.items() if not seen)
-    heal = report.extra.get("heal")
-    lines = ["## Measured beyond the budget", ""]
-    source = f"the training part of {', '.join(healed_on)}" if healed_on else "the calibration data"
-    lines.append(
-        f"Calibration{' and healing (' + str(heal) + ')' if heal else ''} used {source}"
-        + (f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} text neither saw." if others else ".")
-        + " Each row is measured on held-out text at every stage; the last column is the final model over the"
-        " original (a perplexity factor, or the share of an accuracy kept)."
+    lines = [
+        "The budget's metric is measured on the data that decided the budget; every other row on test data, which "
+        "no decision used. The last column is the final model over the original (a perplexity factor, or the share "
+        "of an accuracy kept)."
+    ]
+    if healed_on:
+        heal = report.extra.get("heal")
+        did = f"healed the model ({heal})" if heal else "calibrated the model"
+        sentence = f"The training part of {', '.join(healed_on)} {did}"
+        if others:
+            sentence += f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} text of a kind it never saw"
+        lines.append(sentence + ".")
+    return "\n\n".join([*lines, table])
+
+
+def _data_section(data_roles: dict[str, str]) -> str:
+    roles = roles_markdown(data_roles)
+    if roles:
+        return f"Which data played which role (calibration, validation and test data are kept apart):\n\n{roles}"
+    return (
+        "Not recorded: the code that made this model did not say which data calibrated it, which decided the budget "
+        "and which measured it (`report.data_roles`)."
     )
-    lines += ["", report.evaluations_markdown()]
-    return "\n".join(lines)
 
 
 _DIFFUSERS_RECORD_NOTE = (

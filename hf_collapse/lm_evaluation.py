@@ -41,6 +41,16 @@ logger = logging.getLogger(__name__)
 _PREFERRED = ("acc_norm", "acc", "exact_match")
 
 
+#: The kinds of local task :mod:`hf_collapse.data.zero_shot_tasks` writes, named ``<corpus>_<kind>``.
+LOCAL_TASK_KINDS = ("continuation", "last_word")
+
+
+def local_task_corpus(task: str, corpora: Iterable[str]) -> str | None:
+    """The corpus a local task was built from: ``"wiki"`` for ``"wiki_continuation"``, by its whole name, never a
+    prefix (``"wiki_2024_continuation"`` is not ``wiki``'s); ``None`` for any other task."""
+    return next((c for c in corpora if task in {f"{c}_{kind}" for kind in LOCAL_TASK_KINDS}), None)
+
+
 def is_available() -> bool:
     """Whether lm-eval-harness is installed (without importing it)."""
     import importlib.util
@@ -214,7 +224,7 @@ class LMEvaluation:
             results = zero_shot(model, self.tokenizer, self.tasks, limit=self.limit, batch_size=self.batch_size)
             for task, metrics in results.items():
                 metric, value = primary_metric(metrics)
-                corpus = next((c for c in self.corpora if task.startswith(f"{c}_")), None)
+                corpus = local_task_corpus(task, self.corpora)
                 entry = report.record(
                     task,
                     stage,

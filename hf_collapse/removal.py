@@ -14,7 +14,8 @@ from typing import Any
 from torch import nn
 
 from .architectures.base import Block, adapter_for
-from .engine import Budget, Candidate, SearchStrategy, run_search
+from .engine import Budget, Candidate, ProgressFolder, SearchStrategy, run_search
+from .engine.progress import batches_digest, json_safe
 from .metrics import module_flops
 from .names import resolve_names
 from .report import CollapseReport
@@ -55,6 +56,11 @@ class RemovalStrategy(SearchStrategy):
     def available(self) -> int:
         # Never the last unit of the model: a model needs at least one block.
         return min(len(self.order) - self.next, len(self.alive) - 1)
+
+    def least_flops(self) -> int | None:
+        if self.flops is None:
+            return None
+        return self.flops - sum(self.unit_flops[name] for name in self.order[self.next : self.next + self.available()])
 
     def propose(self, model: nn.Module, room: int) -> Candidate | None:
         if self.available() < 1:
@@ -123,6 +129,7 @@ def collapse(
     num_blocks: int | None = None,
     max_metric_drop: float | None = None,
     max_metric_increase: float | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, CollapseReport]:
     """Remove blocks in ascending score order under a budget, measuring the model at every step.
 
@@ -152,7 +159,10 @@ def collapse(
             (as scored by ``score_blocks(..., granularity=...)``).
         progress_dir: write the run's progress there after every removal, so that an interrupted run continues with
             ``resume_from`` (:mod:`hf_collapse.engine.progress`).
-        resume_from: the progress folder of an interrupted run of the same model, scores and budget.
+        resume_from: the progress folder of an interrupted run of the same model, scores and budget (of a finished
+            run: its result, rebuilt from the folder).
+        fingerprint: what else the run depends on, that a resumed run must share (e.g. ``{"data": digest}`` of the
+            data the scores came from; see :func:`hf_collapse.engine.run_search`).
         num_blocks, max_metric_drop, max_metric_increase: the names of ``num_units`` and ``max_metric_delta`` in
             earlier versions (deprecated: a ``FutureWarning``).
 
@@ -177,10 +187,6 @@ def collapse(
         max_metric_drop=max_metric_drop,
         max_metric_increase=max_metric_increase,
     )
-    if budget.num_units is not None and budget.num_units > len(strategy.order):
-        raise ValueError(
-            f"num_units must be between 1 and the {len(strategy.order)} scored blocks, got {budget.num_units}"
-        )
     if budget.needs_metric and eval_fn is None:
         raise ValueError(
             "a metric budget (max_metric_delta / max_metric_ratio) needs eval_fn, the function that "
@@ -200,6 +206,7 @@ def collapse(
         latency_repeats=latency_repeats,
         progress_dir=progress_dir,
         resume_from=resume_from,
+        fingerprint=fingerprint,
         show_progress=progress,
     )
 
@@ -250,7 +257,8 @@ class IterativeLossStrategy(SearchStrategy):
         self.removed: list[str] = []
         self.forward_passes = 0
         self._proposed: dict[str, str] = {}
-        self._initial = len(self._pool(model))
+        # never the last block: with every block removable, one unit (the last block's last sub-layer) always stays
+        self._initial = len(self._pool(model)) - int(all(b.removable for b in find_blocks(model)))
 
     def _pool(self, model: nn.Module) -> list[Block]:
         blocks = find_blocks(model)
@@ -306,8 +314,6 @@ class IterativeLossStrategy(SearchStrategy):
         self.forward_passes = int(state["forward_passes"])
 
     def fingerprint(self) -> dict[str, Any]:
-        from .engine.progress import batches_digest
-
         strategy = f"iterative loss{' per FLOP' if self.per_flop else ''} ({self.granularity})"
         return {"strategy": strategy, "data": batches_digest(self.batches)}
 
@@ -387,8 +393,6 @@ class SpanStrategy(SearchStrategy):
         self.done = bool(state["done"])
 
     def fingerprint(self) -> dict[str, Any]:
-        from .engine.progress import batches_digest
-
         return {"strategy": "span", "length": self.length, "data": batches_digest(self.batches)}
 
     def report_scores(self) -> dict[str, float]:
@@ -471,7 +475,12 @@ def prune(
         import time
 
         start = time.perf_counter()
-        scores = score_blocks(model, batches, method=method, granularity=granularity, progress=progress, **score_kwargs)
+        data = {"data": batches_digest(batches), "scorer": json_safe({"method": method, **score_kwargs})}
+        scores = _saved_scores(resume_from, data) if resume_from is not None else None
+        if scores is None:  # a resumed run scored on the same data takes its scores from the folder
+            scores = score_blocks(
+                model, batches, method=method, granularity=granularity, progress=progress, **score_kwargs
+            )
         seconds = time.perf_counter() - start
         collapsed, report = collapse(
             model,
@@ -490,6 +499,7 @@ def prune(
             granularity=granularity,
             progress_dir=progress_dir,
             resume_from=resume_from,
+            fingerprint=data,
         )
         report.extra["search_cost"] = {
             "scoring_seconds": round(seconds, 2),
@@ -530,6 +540,16 @@ def prune(
         resume_from=resume_from,
         show_progress=progress,
     )
+
+
+def _saved_scores(folder: str | os.PathLike, data: Mapping[str, Any]) -> dict[str, float] | None:
+    """The scores a one-shot run saved in its progress folder, when it scored the same data with the same scorer
+    (else ``None``: score again, and the resume's own checks say what differs)."""
+    saved = ProgressFolder(folder).read()["fingerprint"]
+    if any(saved.get(key) != value for key, value in json_safe(dict(data)).items()):
+        return None
+    scores = (saved.get("search") or {}).get("scores")
+    return dict(scores) if isinstance(scores, dict) else None
 
 
 def _one_shot_passes(method: str, model: nn.Module, batches: list, granularity: str) -> int:

@@ -16,10 +16,39 @@ from typing import Any
 
 from .budget import Budget
 
-__all__ = ["STAGES", "CollapseReport", "CollapseStep", "Evaluation", "describe_speedup", "format_count"]
+__all__ = [
+    "DATA_ROLES",
+    "STAGES",
+    "STOP_REASONS",
+    "CollapseReport",
+    "CollapseStep",
+    "Evaluation",
+    "describe_speedup",
+    "describe_split",
+    "format_count",
+    "roles_markdown",
+]
 
 #: The stages at which a model is evaluated beyond the budget's metric, in order.
 STAGES = ("original", "after removal", "after healing")
+
+#: The roles data plays in a compression, in the order a card lists them, with what each role means. Calibration,
+#: validation and test data are kept apart: what decides is never what is reported.
+DATA_ROLES = {
+    "training": "trained the model before the collapse",
+    "calibration": "scored the units and fitted what the method fits",
+    "healing": "healed the model after the removal",
+    "validation": "decided: the budget's metric, early stops",
+    "test": "only reported: no decision was made on it",
+}
+
+#: Why a search stopped (``CollapseReport.stopped_by``).
+STOP_REASONS = {
+    "num_units": "it removed the number of units asked for",
+    "flops_fraction": "the FLOPs reached the share asked for",
+    "metric": "the next step would have taken the metric over its budget",
+    "exhausted": "nothing was left to remove",
+}
 
 
 @dataclass
@@ -84,6 +113,7 @@ class Evaluation:
         seen_in_healing: whether that corpus also gave the calibration / healing text (its held-out part is measured
             either way): a model healed on it measures better on it than on other text.
         values: ``{stage: value}``.
+        role: ``"test"`` (only reported: the default) or ``"validation"`` (the data that decided the budget).
 
     Example::
 
@@ -98,6 +128,12 @@ class Evaluation:
     data: str = ""
     seen_in_healing: bool = False
     values: dict[str, float] = field(default_factory=dict)
+    role: str = "test"
+
+    @property
+    def final_stage(self) -> str | None:
+        """The last stage measured (the saved model's)."""
+        return next((s for s in reversed(STAGES) if s in self.values), None)
 
     def relative(self, stage: str) -> float | None:
         """The value at ``stage`` over the original's: the retained fraction of an accuracy, the factor of a
@@ -129,6 +165,13 @@ class CollapseReport:
     steps: list[CollapseStep] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     evaluations: list[Evaluation] = field(default_factory=list)
+    #: ``{role: description}`` of the data each role of :data:`DATA_ROLES` was played by (what the caller said).
+    data_roles: dict[str, str] = field(default_factory=dict)
+    #: Why the search stopped (a key of :data:`STOP_REASONS`), ``None`` before it ran.
+    stopped_by: str | None = None
+    #: Whether the budget was met: ``False`` when a target it set (``num_units``, ``flops_fraction``) was not reached
+    #: because nothing was left to remove; ``None`` before the search ran.
+    budget_met: bool | None = None
 
     # -- views ---------------------------------------------------------------------------------------
     @property
@@ -180,36 +223,114 @@ class CollapseReport:
         higher_is_better: bool,
         data: str = "",
         seen_in_healing: bool = False,
+        role: str = "test",
     ) -> Evaluation:
         """Record ``value`` of the evaluation ``name`` at ``stage`` (one of :data:`STAGES`), creating the entry on
-        first use. Returns the entry."""
+        first use; ``role`` is ``"test"`` (only reported) or ``"validation"`` (the data that decided). Returns the
+        entry."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; accepted: {', '.join(STAGES)}")
+        if role not in ("validation", "test"):
+            raise ValueError(f"unknown role {role!r}; accepted: validation, test")
         entry = next((e for e in self.evaluations if e.name == name), None)
         if entry is None:
-            entry = Evaluation(name, metric, higher_is_better, data, seen_in_healing)
+            entry = Evaluation(name, metric, higher_is_better, data, seen_in_healing, role=role)
             self.evaluations.append(entry)
         entry.values[stage] = float(value)
         return entry
 
+    def record_budget_metric(self, stage: str, value: float) -> Evaluation:
+        """Record the budget's metric at ``stage`` on the data that decided it (``data_roles["validation"]``): the
+        search measured the original and the collapsed model (recorded with the first call); a job records it after
+        healing too."""
+
+        def record(at: str, measured: float) -> Evaluation:
+            return self.record(
+                f"{self.metric_name or 'metric'} (the budget's)",
+                at,
+                measured,
+                metric=self.metric_name or "metric",
+                higher_is_better=self.higher_is_better,
+                data=self.data_roles.get("validation", ""),
+                role="validation",
+            )
+
+        if not any(e.role == "validation" for e in self.evaluations) and self.steps:
+            for known, measured in (("original", self.before.metric), ("after removal", self.after.metric)):
+                if measured is not None and known != stage:
+                    record(known, measured)
+        return record(stage, value)
+
+    def budget_evaluation(self) -> Evaluation | None:
+        """The budget's metric at each stage, on the data that decided it: the row recorded with
+        :meth:`record_budget_metric`, else one made of the search's first and last kept states (``None`` without a
+        metric)."""
+        recorded = next((e for e in self.evaluations if e.role == "validation"), None)
+        if recorded is not None:
+            return recorded
+        if not self.steps or self.before.metric is None or self.after.metric is None:
+            return None
+        return Evaluation(
+            f"{self.metric_name or 'metric'} (the budget's)",
+            self.metric_name or "metric",
+            self.higher_is_better,
+            self.data_roles.get("validation", ""),
+            values={"original": self.before.metric, "after removal": self.after.metric},
+            role="validation",
+        )
+
+    def results(self) -> list[Evaluation]:
+        """Every measurement at each stage: the budget's metric on the data that decided it, then what was measured
+        on test data (:attr:`evaluations`)."""
+        budget = self.budget_evaluation()
+        rest = [e for e in self.evaluations if e is not budget]
+        return ([budget] if budget is not None else []) + rest
+
+    def headline(self) -> Evaluation | None:
+        """The result to show first: the saved model's (last stage's) value on **test** data, the first test row
+        recorded; without test rows, the budget's metric (on the data that decided it: say so), ``None`` without
+        any."""
+        tested = [e for e in self.evaluations if e.role == "test" and e.final_stage is not None]
+        return tested[0] if tested else self.budget_evaluation()
+
     def evaluations_markdown(self) -> str:
-        """The evaluations as a markdown table: each stage's value and the last stage relative to the original
-        (``""`` when there are none)."""
-        if not self.evaluations:
+        """Every result (:meth:`results`) as a markdown table: the role of its data, each stage's value and the last
+        stage relative to the original (``""`` when there are none)."""
+        results = self.results()
+        if not results:
             return ""
-        stages = [s for s in STAGES if any(s in e.values for e in self.evaluations)]
+        stages = [s for s in STAGES if any(s in e.values for e in results)]
         last = stages[-1]
         lines = [
-            f"| measured | on | {' | '.join(stages)} | {last} / original |",
-            f"| --- | --- | {' | '.join('---:' for _ in stages)} | ---: |",
+            f"| measured | data | role | {' | '.join(stages)} | {last} / original |",
+            f"| --- | --- | --- | {' | '.join('---:' for _ in stages)} | ---: |",
         ]
-        for e in self.evaluations:
+        for e in results:
             relative = e.relative(last)
             shown = "" if relative is None else f"{relative:.3f}" + ("x" if e.metric == "perplexity" else "")
-            data = e.data + (" (its corpus healed the model)" if e.seen_in_healing else "")
+            data = (e.data or "not described") + (" (its corpus healed the model)" if e.seen_in_healing else "")
+            role = "validation (decided)" if e.role == "validation" else "test (reported only)"
             cells = " | ".join(_fmt(e.values.get(s), 2 if e.metric == "perplexity" else 4) for s in stages)
-            lines.append(f"| {e.name} ({e.metric}) | {data} | {cells} | {shown} |")
+            name = e.name if e.metric in e.name else f"{e.name} ({e.metric})"
+            lines.append(f"| {name} | {data} | {role} | {cells} | {shown} |")
         return "\n".join(lines)
+
+    def roles_markdown(self) -> str:
+        """Which data played which role (:data:`DATA_ROLES`), as a markdown list (``""`` when none was said)."""
+        return roles_markdown(self.data_roles)
+
+    def budget_sentence(self) -> str:
+        """What the budget asked, why the search stopped, and whether that met it, in one sentence."""
+        asked = ", ".join(f"{k} = {v}" for k, v in self.budget.items()) or "none"
+        if self.stopped_by is None:
+            return f"Budget: {asked}."
+        sentence = f"Budget: {asked}; the search stopped because {STOP_REASONS.get(self.stopped_by, self.stopped_by)}"
+        if self.budget_met is False:
+            reached = f"{self.after.removed} {self.unit_name}"
+            if self.budget.get("flops_fraction") and self.before.flops:
+                reached += f", {self.after.flops / self.before.flops:.2f} of the original FLOPs"
+            return f"{sentence}: **the budget was not met** (reached {reached})."
+        return sentence + "."
 
     def pool_reference_latency(self) -> None:
         """Make step 0's latency the median of all its timings: the original was timed again beside every kept
@@ -263,8 +384,12 @@ class CollapseReport:
             )
         if self.hardware:
             lines.append(f"\nLatency measured on {self.hardware}.")
+        if self.stopped_by is not None:
+            lines.append(f"\n{self.budget_sentence()}")
         if self.evaluations:
-            lines.append(f"\n## Measured beyond the budget\n\n{self.evaluations_markdown()}")
+            lines.append(f"\n## Results at each stage\n\n{self.evaluations_markdown()}")
+        if self.data_roles:
+            lines.append(f"\n## Data\n\n{self.roles_markdown()}")
         return "\n".join(lines)
 
     def _metric_limits(self) -> list[tuple[float, str]]:
@@ -343,6 +468,22 @@ class CollapseReport:
         (folder / "report.md").write_text(f"# Collapse report: {self.method}\n\n{self.to_markdown()}\n")
         self.plot(folder / "tradeoff.png")
         return folder
+
+
+def roles_markdown(data_roles: dict[str, str]) -> str:
+    """``{role: description}`` (:data:`DATA_ROLES`) as a markdown list, in the roles' order (``""`` for none)."""
+    return "\n".join(
+        f"- **{role}** ({meaning}): {data_roles[role]}" for role, meaning in DATA_ROLES.items() if data_roles.get(role)
+    )
+
+
+def describe_split(dataset: Any) -> str:
+    """Where a split of :func:`hf_collapse.data.load_splits` / :func:`~hf_collapse.data.prepare_task` comes from and
+    which part it is, e.g. ``"dialog_topics: 10% of the train split, carved out (seed 0)"`` (its
+    ``info.description``, kept through ``map``, ``select`` and the other ``datasets`` operations; ``""`` for data that
+    was not described, or that is no ``datasets.Dataset``)."""
+    info = getattr(dataset, "info", None)
+    return (getattr(info, "description", None) or "") if info is not None else ""
 
 
 def describe_speedup(summary: dict[str, Any]) -> str:

@@ -5,11 +5,33 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from fresh_process import run_card_code
+from huggingface_hub import ModelCard
 from tiny_models import CASES_BY_NAME
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 import hf_collapse
 from hf_collapse.commands import main
-from hf_collapse.data import embedded_model_path
+from hf_collapse.data import embedded_model_path, load_splits
+
+
+def _tokens() -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("minilm"))
+    return dict(tokenizer("How do I reset my password?", return_tensors="pt"))
+
+
+def _accuracy(model, split: str) -> float:
+    """The model's accuracy on a split of the dialog lines, computed here with plain torch (the job's 64 tokens)."""
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("minilm"))
+    data = load_splits("dialog_topics", label_column="label")[split]
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(data), 64):
+            rows = data[start : start + 64]
+            batch = tokenizer(rows["text"], truncation=True, max_length=64, padding=True, return_tensors="pt")
+            correct += int((model.eval()(**batch).logits.argmax(-1) == torch.tensor(rows["label"])).sum())
+    return correct / len(data)
 
 
 def test_inspect_minilm_lists_its_six_encoder_blocks(capsys):
@@ -80,15 +102,34 @@ def test_lacoot_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
     phases = [line for line in captured.err.splitlines() if line.startswith("hf-collapse: ")]
     assert [line.split(" ...")[0] for line in phases if line.endswith(" ...")] == [
         "hf-collapse: loading minilm and dialog_topics",
-        "hf-collapse: training with the LaCoOT penalty (λ = 0.1 ramped up over 50% of training, 1486 examples)",
-        "hf-collapse: scoring the blocks, then removing them under the budget (evaluating and timing each state)",
+        "hf-collapse: training with the LaCoOT penalty (λ = 0.1 ramped up over 50% of training, 1321 examples)",
+        "hf-collapse: scoring the blocks on training data, then removing them under the budget (validation data)",
+        f"hf-collapse: saving to {tmp_path}",  # the collapsed model, before anything else can fail
+        "hf-collapse: measuring every stage on the test data (reported only)",
         f"hf-collapse: saving to {tmp_path}",
     ]
-    assert sum(": done in " in line for line in phases) == 4
+    assert sum(": done in " in line for line in phases) == 6
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert len(report.removed) == 2 and report.metric_name == "accuracy"
-    reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
-    assert reloaded.config.num_hidden_layers == 4 and reloaded.config.num_labels == 19
+    # three roles of data, apart: the blocks scored on training lines, the budget decided on the validation lines
+    # carved out of them, the test lines only reported
+    assert report.data_roles == {
+        "training": "dialog_topics, train split less what was carved out of it",
+        "calibration": "dialog_topics, train split less what was carved out of it (its first 8 batches of 64: the "
+        "blocks' MSW)",
+        "validation": "dialog_topics: 10% of the train split, carved out (seed 0)",
+        "test": "dialog_topics, test split",
+    }
+    trained = BertForSequenceClassification.from_pretrained(tmp_path / "trained")  # kept as soon as training ended
+    assert report.before.metric == pytest.approx(_accuracy(trained, "validation"))  # the budget: validation lines
+    (tested,) = [e for e in report.evaluations if e.role == "test"]
+    assert tested.values["original"] == pytest.approx(_accuracy(trained, "test"))
+    assert (tmp_path / "collapsed" / "README.md").is_file()  # the folder a user uploads has its card
+    output = run_card_code(tmp_path / "collapsed", _tokens())  # the card's own loading code, in a fresh process
+    assert output["output"].shape == (1, 19) and output["class"] == "BertForSequenceClassification"
+    card = ModelCard.load(tmp_path / "collapsed" / "README.md")
+    (result,) = card.data.eval_results  # the headline: the saved model on the test lines
+    assert (result.dataset_split, result.metric_value) == ("test", tested.values["after removal"])
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path / "collapsed")("hello")["input_ids"]
@@ -127,17 +168,18 @@ def test_lacoot_command_heals_the_collapsed_model_by_distillation_from_the_train
     assert "accuracy after healing (distill): " in captured.out
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert report.extra["heal"] == "distill" and report.extra["heal_max_steps"] == 2
-    (entry,) = report.evaluations
-    assert entry.name == "accuracy on dialog_topics" and entry.values == {
-        "original": report.before.metric,
-        "after removal": report.after.metric,
-        "after healing": report.extra["metric_after_healing"],
-    }
-    assert "## Measured beyond the budget" in (tmp_path / "report" / "report.md").read_text()
+    budget, tested = report.evaluations
+    assert budget.role == "validation" and budget.values["original"] == report.before.metric
+    assert budget.values["after removal"] == report.after.metric and "after healing" in budget.values
+    assert tested.name == "accuracy on dialog_topics" and tested.role == "test"
+    assert list(tested.values) == ["original", "after removal", "after healing"]
+    assert "## Results at each stage" in (tmp_path / "report" / "report.md").read_text()
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
     assert reloaded.config.num_hidden_layers == 4
-    card = hf_collapse.hub.model_card(reloaded, report).content  # what --push_to_hub would publish
-    assert "Calibration and healing (distill) used the training part of dialog_topics." in card
+    card = (tmp_path / "collapsed" / "README.md").read_text()  # the card saved with the healed model
+    assert "The training part of dialog_topics healed the model (distill)." in card
+    headline = f"Result of this model (after healing): **accuracy {tested.values['after healing']:.4f}** on "
+    assert headline + "dialog_topics, test split" in card
 
 
 def test_lacoot_command_rejects_unknown_flags(capsys):
@@ -174,8 +216,15 @@ def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
     assert "TLC on minilm / dialog_topics" in out and "removed 1 activation layers" in out
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert report.method == "TLC" and len(report.removed) == 1
+    assert report.data_roles["validation"] == "dialog_topics: 10% of the train split, carved out (seed 0)"
+    assert report.data_roles["test"] == "dialog_topics, test split"
+    (tested,) = [e for e in report.evaluations if e.role == "test"]
+    assert list(tested.values) == ["original", "after removal"]
     reloaded = hf_collapse.AutoCollapsedModel.from_pretrained(tmp_path / "collapsed")
     assert hf_collapse.collapse_record(reloaded)["edits"][0]["op"] == "linearize"
+    output = run_card_code(tmp_path / "collapsed", _tokens())  # the saved card's loading code, in a fresh process
+    assert output["output"].shape == (1, 19)
+    assert "on dialog_topics, test split (test data" in (tmp_path / "collapsed" / "README.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -109,7 +109,7 @@ def test_penalty_is_added_and_logged_per_block(tmp_path):
 
 def test_warmup_ramps_lambda_from_zero_with_the_steps(tmp_path):
     """msw_warmup_ratio = 1 over 4 steps: λ is 0, 1/4, 2/4, 3/4 of msw_weight at the steps' starts. The first
-    step's loss is then the plain loss, and each logged weight is the one that step used."""
+    step's loss is then the plain loss, and each logged weight is the one that step used (not the next step's)."""
     plain, _ = _train(LaCoOTTrainer, LaCoOTArguments(**make_args(tmp_path / "a"), msw_weight=0.0))
     ramped, _ = _train(
         LaCoOTTrainer, LaCoOTArguments(**make_args(tmp_path / "b"), msw_weight=2.0, msw_warmup_ratio=1.0)
@@ -117,7 +117,7 @@ def test_warmup_ramps_lambda_from_zero_with_the_steps(tmp_path):
     logs = [h for h in ramped.state.log_history if "loss" in h]
     plain_logs = [h for h in plain.state.log_history if "loss" in h]
     assert logs[0]["loss"] == pytest.approx(plain_logs[0]["loss"], rel=1e-6)  # λ = 0 at step 0
-    assert [h["msw_weight"] for h in logs] == [0.5, 1.0, 1.5, 2.0]  # logged after each step: the next step's λ
+    assert [h["msw_weight"] for h in logs] == [0.0, 0.5, 1.0, 1.5]  # each log: the λ its steps applied
     assert ramped.current_msw_weight == 2.0
     constant = LaCoOTTrainer(model=tiny_bert(), args=LaCoOTArguments(**make_args(tmp_path / "c"), msw_weight=2.0))
     assert constant.current_msw_weight == 2.0

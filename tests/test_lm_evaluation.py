@@ -19,7 +19,13 @@ from hf_collapse.report import CollapseReport
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from hf_collapse.lm_evaluation import LMEvaluation, primary_metric, task_name, zero_shot  # noqa: E402
+from hf_collapse.lm_evaluation import (  # noqa: E402
+    LMEvaluation,
+    local_task_corpus,
+    primary_metric,
+    task_name,
+    zero_shot,
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +154,23 @@ def test_lm_evaluation_records_every_stage_into_the_report_and_the_card(tiny, ne
     assert entry.relative("after removal") == pytest.approx(entry.values["after removal"] / entry.values["original"])
     assert report.evaluations[2].metric == "acc_norm" and report.evaluations[2].seen_in_healing
     markdown = report.to_markdown()
-    assert "## Measured beyond the budget" in markdown and "| perplexity on other (perplexity) |" in markdown
+    assert "## Results at each stage" in markdown and "| perplexity on other | other, validation split |" in markdown
     report.save(tmp_path / "report")
     again = CollapseReport.load(tmp_path / "report")
     assert again.evaluations == report.evaluations
     card = hf_collapse.hub.model_card(smaller, report).content
-    assert (
-        "## Measured beyond the budget" in card and "used the training part of news; other is text neither saw." in card
-    )
+    assert "## Results" in card
+    assert "The training part of news calibrated the model; other is text of a kind it never saw." in card
     with pytest.raises(ValueError, match="unknown stage"):
         report.record("x", "after lunch", 1.0, metric="acc", higher_is_better=True)
+
+
+def test_a_local_task_belongs_to_the_corpus_of_its_whole_name():
+    """``wiki_2024_continuation`` is a task of a corpus named ``wiki_2024``, never of ``wiki`` by a shared prefix (it
+    would be marked as text that healed the model)."""
+    corpora = ["wiki", "bbc_news"]
+    assert local_task_corpus("wiki_continuation", corpora) == "wiki"
+    assert local_task_corpus("bbc_news_last_word", corpora) == "bbc_news"
+    assert local_task_corpus("wiki_2024_continuation", corpora) is None
+    assert local_task_corpus("wiki_2024_continuation", [*corpora, "wiki_2024"]) == "wiki_2024"
+    assert local_task_corpus("hellaswag", corpora) is None

@@ -61,13 +61,14 @@ def test_prune_removes_heals_measures_and_saves(tiny_llm, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "removed 2 blocks: perplexity" in out and "perplexity after healing (linear)" in out and "tokens/s" in out
+    assert "saved model (after healing) on test data: perplexity on bbc_news" in out
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert len(report.removed) == 2 and report.metric_name == "perplexity" and not report.higher_is_better
     extra = report.extra
-    assert (
-        extra["perplexity_before"] == report.before.metric and extra["perplexity_after_removal"] == report.after.metric
-    )
-    assert extra["perplexity_after_healing"] > 1 and extra["tokens_per_s_after"] > 0 and extra["heal"] == "linear"
+    budget = report.budget_evaluation()  # the budget's metric on the validation text, at every stage
+    assert budget.role == "validation" and budget.values["original"] == report.before.metric
+    assert budget.values["after removal"] == report.after.metric and budget.values["after healing"] > 1
+    assert extra["tokens_per_s_after"] > 0 and extra["heal"] == "linear"
     assert extra["heal_windows"] == 16 and "heal_mix" not in extra
     assert "healing: linear" in out and "mixed in" not in out  # --heal_mix none: nothing mixed in
     saved = tmp_path / "collapsed"
@@ -165,6 +166,7 @@ def test_prune_measures_other_text_and_zero_shot_tasks_at_every_stage(tiny_llm, 
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     names = [e.name for e in report.evaluations]
     assert names == [
+        "perplexity (the budget's)",
         "perplexity on bbc_news",
         "perplexity on wiki",
         "perplexity on newsgroups",
@@ -175,13 +177,13 @@ def test_prune_measures_other_text_and_zero_shot_tasks_at_every_stage(tiny_llm, 
         "newsgroups_continuation",
         "newsgroups_last_word",
     ]
-    for entry in report.evaluations:
+    for entry in report.evaluations[1:]:
         assert list(entry.values) == ["original", "after removal", "after healing"]
         # wiki is mixed in by default: the training text of news and wiki healed the model, newsgroups' never did
-        assert entry.seen_in_healing == ("newsgroups" not in entry.name)
-    news = report.evaluations[0]
-    assert news.values["original"] == pytest.approx(report.before.metric)  # the budget's own held-out text
-    assert news.values["after healing"] == pytest.approx(report.extra["perplexity_after_healing"])
+        assert entry.seen_in_healing == ("newsgroups" not in entry.name) and entry.role == "test"
+    news = report.evaluations[1]  # the first test row: the budget's (validation) row comes first
+    assert news.name == "perplexity on bbc_news" and news.role == "test" and news.data == "bbc_news, test split"
+    assert news.values["original"] != pytest.approx(report.before.metric)  # test text, not the budget's
     assert report.extra["heal_mix"] == ["wiki"] and report.extra["heal_windows"] == 16
     assert "healing: linear with wiki mixed in" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "zero_shot_tasks").iterdir()) == sorted(
@@ -191,9 +193,9 @@ def test_prune_measures_other_text_and_zero_shot_tasks_at_every_stage(tiny_llm, 
         for x in ("jsonl", "yaml")
     )
     card = (tmp_path / "collapsed" / "README.md").read_text()
-    assert "## Measured beyond the budget" in card and "| wiki_continuation (acc_norm) |" in card
-    assert "used the training part of bbc_news, wiki; newsgroups is text neither saw." in card
-    assert "Measured beyond the budget" in (tmp_path / "report" / "report.md").read_text()
+    assert "## Results" in card and "| wiki_continuation (acc_norm) | lm-eval task on wiki, test split" in card
+    assert "The training part of bbc_news, wiki healed the model (linear); newsgroups is text of a kind it" in card
+    assert "## Results at each stage" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_healing_mixes_general_text_by_default_and_the_domain_alone_is_a_choice():
@@ -228,6 +230,9 @@ def test_healing_mixes_general_text_by_default_and_the_domain_alone_is_a_choice(
         (["--num_units", "1", "--eval_datasets", "./nowhere.txt"], "--eval_datasets: dataset './nowhere.txt'"),
         (["--num_units", "1", "--eval_tasks", "nowhere.yaml"], "--eval_tasks 'nowhere.yaml': no such task file"),
         (["--num_units", "1", "--heal", "lora", "--heal_mix_ratio", "1"], "--heal_mix_ratio must be between 0"),
+        # a healing that cannot heal the removal is refused before the search, not after it
+        (["--num_units", "1", "--method", "blockpruner", "--heal", "linear"], "--heal linear: healing 'linear'"),
+        (["--num_units", "1", "--granularity", "attention", "--heal", "linear"], "heal it with distill or lora"),
     ],
 )
 def test_prune_refuses_bad_arguments_before_any_work(argv, expected, capsys, monkeypatch):
@@ -280,7 +285,8 @@ def test_lacoot_command_on_a_causal_lm_trains_on_text_windows_and_collapses_unde
     report = hf_collapse.CollapseReport.load(tmp_path / "report")
     assert report.metric_name == "perplexity" and not report.higher_is_better
     assert report.budget["max_metric_ratio"] == 100 and len(report.removed) == 2
-    assert report.extra["msw_weight"] == 1e-4 and report.extra["eval_examples"] == 8  # the causal-LM default λ
+    assert report.extra["msw_weight"] == 1e-4 and report.extra["test_examples"] == 8  # the causal-LM default λ
+    assert report.extra["validation_examples"] == 8
     collapsed = AutoModelForCausalLM.from_pretrained(tmp_path / "collapsed")  # plain reload
     assert collapsed.config.num_hidden_layers == 3
     assert AutoTokenizer.from_pretrained(tmp_path / "collapsed").eos_token_id is not None

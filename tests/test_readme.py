@@ -144,8 +144,8 @@ def test_example_text_task_is_small_reproducible_and_leaves_the_random_state_alo
         type("Prediction", (), {"predictions": output.logits.detach().numpy(), "label_ids": batch["labels"].numpy()})()
     )
     assert 0.0 <= metrics["accuracy"] <= 1.0
-    full = example_text_task(train_size=None, test_size=None)
-    assert (len(full.train), len(full.test)) == (1486, 372)
+    full = example_text_task(train_size=None, test_size=None, validation_size=None)
+    assert (len(full.train), len(full.validation), len(full.test)) == (1321, 147, 366)
     with pytest.raises(ValueError, match="train_size"):
         example_text_task(train_size=0)
 

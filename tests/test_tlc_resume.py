@@ -122,13 +122,19 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(interrupted, uninterr
     expected_state = expected_model.state_dict()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, expected_state[name], atol=1e-5, rtol=0)
-    # A finished run leaves what the caller expects: the returned report, and no weights or checkpoints.
+    # A finished run leaves the returned report and the final weights (no checkpoints): resuming it again gives its
+    # result back, without a step more (what a job does when a later phase, such as measuring, failed).
     for run_folder, run_report in ((folder, report), (expected_folder, expected_report)):
-        assert sorted(p.name for p in run_folder.iterdir()) == ["progress.json", "report.json"]
+        assert sorted(p.name for p in run_folder.iterdir()) == [
+            "progress.json",
+            "report.json",
+            "weights-step3.safetensors",
+        ]
         assert CollapseReport.load(run_folder).to_dict() == run_report.to_dict()
         assert json.loads((run_folder / "progress.json").read_text())["status"] == "finished"
-    with pytest.raises(ValueError, match="already finished"):
-        _run(tmp_path, resume_from=folder)
+    again, again_report = _run(tmp_path, resume_from=folder)
+    assert again_report.to_dict() == report.to_dict()
+    torch.testing.assert_close(_logits(again), _logits(expected_model), atol=1e-5, rtol=0)
 
 
 def test_progress_of_another_model_or_config_is_refused(interrupted, tmp_path):

@@ -59,7 +59,7 @@ def test_trady_command_trains_measures_and_saves_a_reloadable_adapter_and_merged
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "TraDy on" in out and "| peak of a training step |" in out and "held-out perplexity:" in out
+    assert "TraDy on" in out and "| peak of a training step |" in out and "test perplexity:" in out
     report = json.loads((tmp_path / "memory_report.json").read_text())
     assert report["task"] == "causal_lm" and report["train_steps"] == 4 and report["train_examples"] == 8
     assert report["metric_before"] > 1 and report["metric_after"] > 1
@@ -73,6 +73,10 @@ def test_trady_command_trains_measures_and_saves_a_reloadable_adapter_and_merged
     assert 0 < report["budget_summary"]["used_bytes"] <= report["budget_summary"]["budget_bytes"]
     markdown = (tmp_path / "memory_report.md").read_text()
     assert "## Peak memory of one training step" in markdown and "| trady | full |" in markdown
+    # the adapter folder a user uploads has its card: the data's roles and the test metric, before and after
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "- **test** (only reported: no decision was made on it): bbc_news, test split" in card
+    assert f"Test perplexity: {report['metric_before']:.4f} before, {report['metric_after']:.4f} after" in card
 
     from safetensors.torch import load_file
 
@@ -159,7 +163,7 @@ def test_trady_command_fine_tunes_a_classifier_on_a_labelled_dataset(tiny_llm, t
         ]
     )
     assert code == 0
-    assert "held-out accuracy:" in capsys.readouterr().out
+    assert "test accuracy:" in capsys.readouterr().out
     report = json.loads((tmp_path / "memory_report.json").read_text())
     assert report["task"] == "classification" and report["metric_name"] == "accuracy"
     assert 0 <= report["metric_after"] <= 1 and report["train_steps"] == 4

@@ -8,16 +8,21 @@ dialog lines, a few minutes on 2 CPU cores; ``--model smollm2`` (or any causal L
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from torch.utils.data import DataLoader
 
 from ..data.tasks import accuracy, prepare_task, resolve_task
 from ..lacoot import LaCoOTArguments, LaCoOTTrainer
-from ..report import CollapseReport
+from ..metrics import perplexity
+from ..report import CollapseReport, describe_split
 from . import COMMANDS
 from .arguments import JobArguments, at_least, parse_job_flags, seed_everything
-from .output import phase, print_collapse_summary, save_collapse
+from .output import phase, print_collapse_summary, save_collapse, say_on_failure
 
 __all__ = [
     "DEFAULT_LACOOT_LM_TRAINING",
@@ -113,6 +118,17 @@ class LaCoOTJobArguments(JobArguments):
     )
     heal_epochs: float = field(default=1.0, metadata={"help": "Epochs of healing over the training data."})
     heal_max_steps: int = field(default=-1, metadata={"help": "Steps of healing (overrides --heal_epochs when > 0)."})
+    calibration_batches: int = field(
+        default=8,
+        metadata={"help": "Batches of training data (of per_device_eval_batch_size) the blocks' MSW is scored on."},
+    )
+    resume_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue a run whose collapse, healing or measuring failed: its progress folder "
+            "(<output_dir>/collapse_progress); the trained model saved in <output_dir>/trained is reused."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,6 +139,12 @@ class LaCoOTJobArguments(JobArguments):
             raise ValueError(f"--heal {self.heal!r}: expected one of {', '.join(LACOOT_HEALING)}")
         if not self.heal_epochs > 0:
             raise ValueError(f"--heal_epochs must be > 0, got {self.heal_epochs}")
+        at_least("calibration_batches", self.calibration_batches, 1)
+        if self.resume_from is not None and not Path(self.resume_from).is_dir():
+            raise ValueError(
+                f"--resume_from {self.resume_from!r}: no such folder (the progress folder of an interrupted run, "
+                "<output_dir>/collapse_progress by default)"
+            )
 
     def metric_budget(self, task: str) -> dict[str, float | None]:
         """The metric budget for ``task`` as :func:`hf_collapse.collapse` keywords: the flags given, else the
@@ -147,50 +169,111 @@ def default_lacoot_arguments(**overrides: Any) -> LaCoOTArguments:
 def run_lacoot_job(job: LaCoOTJobArguments, args: LaCoOTArguments) -> tuple[Any, CollapseReport, dict[str, Any]]:
     """Fine-tune ``job.model`` on ``job.dataset`` with LaCoOT, collapse it and save everything in ``args.output_dir``.
 
-    Writes ``<output_dir>/collapsed`` (the collapsed model, loadable with ``from_pretrained`` / ``AutoCollapsedModel``,
-    plus its tokenizer) and ``<output_dir>/report`` (JSON, markdown, PNG). Returns ``(collapsed_model, report,
-    summary)``.
+    Three roles of data, kept apart: the training split trains the model and calibrates the blocks' MSW scores
+    (``--calibration_batches`` of it); the validation split (the dataset's, else carved out of train) decides the
+    budget; the test split is only reported, at every stage (original, after removal, after healing).
+
+    Writes ``<output_dir>/trained`` (the LaCoOT-trained model, as soon as training ends), ``<output_dir>/collapsed``
+    (the collapsed model with its card, loadable with ``from_pretrained`` / ``AutoCollapsedModel``, plus its
+    tokenizer; saved before healing, then again healed) and ``<output_dir>/report`` (JSON, markdown, PNG). When
+    collapsing, healing or measuring fails, ``--resume_from <output_dir>/collapse_progress`` goes on from the trained
+    model without training again. Returns ``(collapsed_model, report, summary)``.
     """
     task = resolve_task(job.model, job.task)
     budget = job.metric_budget(task)
     seed_everything(args)
+    output = Path(args.output_dir)
+    trained, progress = output / "trained", Path(job.resume_from or output / "collapse_progress")
     with phase(f"loading {job.model} and {job.dataset}"):
         model, data, processor, collator = prepare_task(job.model, job.dataset, task=task, **job.task_kwargs())
+        if job.resume_from:
+            if not (trained / "config.json").is_file():
+                raise ValueError(f"cannot resume: {trained} holds no trained model (the first run saves it there)")
+            model = type(model).from_pretrained(trained)
     trainer = LaCoOTTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=data["test"],
+        eval_dataset=data["validation"],
         data_collator=collator,
         processing_class=processor,
         compute_metrics=accuracy if task == "classification" else None,
     )
     unit = "examples" if task == "classification" else f"causal-LM windows of {job.max_length} tokens"
-    ramp = f" ramped up over {args.msw_warmup_ratio:.0%} of training" if args.msw_warmup_ratio else ""
-    with phase(f"training with the LaCoOT penalty (λ = {args.msw_weight}{ramp}, {len(data['train'])} {unit})"):
-        trainer.train()
-    with phase("scoring the blocks, then removing them under the budget (evaluating and timing each state)"):
+    if not job.resume_from:
+        ramp = f" ramped up over {args.msw_warmup_ratio:.0%} of training" if args.msw_warmup_ratio else ""
+        with phase(f"training with the LaCoOT penalty (λ = {args.msw_weight}{ramp}, {len(data['train'])} {unit})"):
+            trainer.train()
+        if trainer.is_world_process_zero():
+            model.save_pretrained(trained)  # what training cost is kept, whatever fails next
+        trainer.accelerator.wait_for_everyone()
+    with phase("scoring the blocks on training data, then removing them under the budget (validation data)"):
+        scores = trainer.block_scores(max_batches=job.calibration_batches)
+        collapse_kwargs = dict(
+            scores=scores,
+            num_units=job.num_units,
+            latency_repeats=job.latency_repeats,
+            progress_dir=progress,
+            resume_from=job.resume_from,
+            **budget,
+        )
         if task == "classification":
-            collapsed, report = trainer.collapse(num_units=job.num_units, latency_repeats=job.latency_repeats, **budget)
+            collapsed, report = trainer.collapse(**collapse_kwargs)
         else:
-            collapsed, report = _collapse_causal_lm(trainer, data["test"], job, budget)
-    if job.heal is not None and report.after.removed:
-        with phase(f"healing ({job.heal}{' from the LaCoOT-trained model' if job.heal == 'distill' else ''})"):
-            collapsed = _heal(trainer, collapsed, report, job, args, data, task)
-    save_collapse(args.output_dir, collapsed, processor, report, job, data)
-    return collapsed, report, report.summary()
+            validation = DataLoader(data["validation"], batch_size=args.per_device_eval_batch_size)
+            collapsed, report = trainer.collapse(
+                eval_fn=lambda m: perplexity(m, validation),
+                higher_is_better=False,
+                metric_name="perplexity",
+                **collapse_kwargs,
+            )
+    batches = min(job.calibration_batches, math.ceil(len(data["train"]) / args.per_device_eval_batch_size))
+    report.data_roles = {
+        "training": describe_split(data["train"]),
+        "calibration": f"{describe_split(data['train'])} (its first {batches} batches of "
+        f"{args.per_device_eval_batch_size}: the blocks' MSW)",
+        "validation": describe_split(data["validation"]),
+        "test": describe_split(data["test"]),
+    }
+    save_collapse(args.output_dir, collapsed, processor, report, job, data)  # safe before anything else can fail
+    hint = f"Continue without training again: --resume_from {progress} (the trained model in {trained} is reused)"
+    with say_on_failure(f"collapsing was done, but healing or measuring failed. {hint}"):
+        final = collapsed
+        if job.heal is not None and report.after.removed:
+            with phase(f"healing ({job.heal}{' from the LaCoOT-trained model' if job.heal == 'distill' else ''})"):
+                final = _heal(trainer, collapsed, report, job, args, data)
+        with phase("measuring every stage on the test data (reported only)"):
+            stages = [("original", trainer.model), ("after removal", collapsed)]
+            stages += [("after healing", final)] if final is not collapsed else []
+            for stage, measured in stages:
+                report.record(
+                    f"{report.metric_name} on {job.dataset}",
+                    stage,
+                    _metric(trainer, measured, data["test"], task, report.metric_name),
+                    metric=report.metric_name,
+                    higher_is_better=report.higher_is_better,
+                    data=describe_split(data["test"]),
+                    seen_in_healing=True,
+                )
+        save_collapse(args.output_dir, final, processor, report, job, data)
+    return final, report, report.summary()
 
 
-def _heal(trainer: LaCoOTTrainer, collapsed, report: CollapseReport, job: LaCoOTJobArguments, args, data, task: str):
-    """Heal ``collapsed`` on the training data (the LaCoOT-trained full model as the distillation teacher), evaluate
-    it as the budget's metric was, and record it in ``report`` (``extra`` and ``evaluations``)."""
+def _metric(trainer: LaCoOTTrainer, model, dataset, task: str, metric_name: str) -> float:
+    """``model``'s metric on ``dataset``: the trainer's evaluation (classification) or perplexity (causal LM)."""
+    if task == "classification":
+        return float(trainer.evaluate_model(model, dataset)[f"eval_{metric_name}"])
+    return perplexity(model, DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size))
+
+
+def _heal(trainer: LaCoOTTrainer, collapsed, report: CollapseReport, job: LaCoOTJobArguments, args, data):
+    """Heal ``collapsed`` on the training data (the LaCoOT-trained full model as the distillation teacher), measure
+    the budget's metric on the validation data again, and record it in ``report``."""
     import dataclasses
-    from pathlib import Path
 
     from transformers import TrainingArguments
 
     from ..healing import heal
-    from ..metrics import perplexity
 
     names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     settings = {k: v for k, v in args.to_dict().items() if k in names and not k.startswith("_")}
@@ -208,44 +291,13 @@ def _heal(trainer: LaCoOTTrainer, collapsed, report: CollapseReport, job: LaCoOT
     healed = heal(
         collapsed, teacher, data["train"], method=job.heal, args=heal_args, data_collator=trainer.data_collator
     )
-    if task == "classification":
-        metric = float(trainer.evaluate_model(healed)[f"eval_{report.metric_name}"])
-    else:
-        from torch.utils.data import DataLoader
-
-        metric = perplexity(healed, DataLoader(data["test"], batch_size=trainer.args.per_device_eval_batch_size))
-    report.extra.update(heal=job.heal, metric_after_healing=metric, heal_epochs=job.heal_epochs)
+    task = "classification" if report.metric_name != "perplexity" else "causal_lm"
+    report.record_budget_metric("after healing", _metric(trainer, healed, data["validation"], task, report.metric_name))
+    report.extra.update(heal=job.heal, heal_epochs=job.heal_epochs)
+    report.data_roles["healing"] = describe_split(data["train"])
     if job.heal_max_steps > 0:
         report.extra["heal_max_steps"] = job.heal_max_steps
-    stages = (("original", report.before.metric), ("after removal", report.after.metric), ("after healing", metric))
-    for stage, value in stages:
-        report.record(
-            f"{report.metric_name} on {job.dataset}",
-            stage,
-            value,
-            metric=report.metric_name,
-            higher_is_better=report.higher_is_better,
-            data=f"{job.dataset}, evaluation split",
-            seen_in_healing=True,
-        )
     return healed
-
-
-def _collapse_causal_lm(trainer: LaCoOTTrainer, held_out, job: LaCoOTJobArguments, budget: dict[str, Any]):
-    """Remove the blocks with the smallest MSW under a perplexity budget (the held-out windows' perplexity)."""
-    from torch.utils.data import DataLoader
-
-    from ..metrics import perplexity
-
-    evaluation = DataLoader(held_out, batch_size=trainer.args.per_device_eval_batch_size)
-    return trainer.collapse(
-        num_units=job.num_units,
-        latency_repeats=job.latency_repeats,
-        eval_fn=lambda model: perplexity(model, evaluation),
-        higher_is_better=False,
-        metric_name="perplexity",
-        **budget,
-    )
 
 
 def main(argv: Sequence[str]) -> int:

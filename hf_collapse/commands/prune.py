@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..data import lm_windows, mixed_lm_windows
-from ..data.tasks import model_source, text_splits
+from ..data import lm_window_parts, lm_windows, shuffle_windows
+from ..data.tasks import model_source
 from ..report import CollapseReport
 from . import COMMANDS
 from .arguments import LMJobArguments, at_least, check_dataset, parse_job_flags, seed_everything
-from .output import phase, print_collapse_summary
+from .output import phase, print_collapse_summary, say_on_failure
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..lm_evaluation import LMEvaluation
@@ -168,6 +168,13 @@ class PruneJobArguments(LMJobArguments):
             raise ValueError(f"--method {self.method!r}: expected one of {', '.join(methods)}")
         if self.heal is not None and self.heal not in HEALING:
             raise ValueError(f"--heal {self.heal!r}: expected one of {', '.join(HEALING)}")
+        if self.heal is not None:
+            from ..healing import check_heal_applicable
+
+            try:
+                check_heal_applicable(self.heal, sublayers=self.method == "blockpruner" or self.granularity != "block")
+            except ValueError as error:
+                raise ValueError(f"--heal {self.heal}: {error}") from None
         if self.granularity not in ("block", "attention", "mlp"):
             raise ValueError(f"--granularity {self.granularity!r}: expected block, attention or mlp")
         budgets = (self.num_units, self.flops_fraction, self.max_metric_delta, self.max_metric_ratio)
@@ -232,33 +239,54 @@ def generation_speed(models: list[Any], prompt: dict[str, Any], new_tokens: int,
 
 def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, dict[str, Any]]:
     """Score, remove, heal and measure a causal LM, then save it with its card and report in ``args.output_dir``
-    (``collapsed/`` and ``report/``) and push it when ``args.push_to_hub`` is set. The removal writes its progress
-    to ``<output_dir>/prune_progress``: ``--resume_from`` continues an interrupted run. Returns
-    ``(model, report, summary)``."""
+    (``collapsed/`` and ``report/``) and push it when ``args.push_to_hub`` is set. Returns ``(model, report,
+    summary)``.
+
+    Three roles of data, kept apart: the training text calibrates the scores and heals; the validation text decides
+    the budget (its perplexity at every step); the test text is only reported (perplexity at every stage, the
+    ``--eval_datasets`` corpora's and the local zero-shot tasks too). The removal writes its progress to
+    ``<output_dir>/prune_progress``, and the pruned model is saved before healing and evaluation: when a later phase
+    fails, ``--resume_from <output_dir>/prune_progress`` heals and measures again without searching again (with the
+    same or another ``--heal``)."""
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .. import hub
+    from ..data import describe_split, load_splits
     from ..distributed import is_main_process
-    from ..healing import heal
     from ..metrics import perplexity
     from ..removal import prune
 
     seed_everything(args)
     output = Path(args.output_dir)
+    progress = Path(job.resume_from) if job.resume_from else output / "prune_progress"
     with phase(f"loading {job.model} and {job.dataset}"):
         source = model_source(job.model)
         model = AutoModelForCausalLM.from_pretrained(source).eval()
         tokenizer = AutoTokenizer.from_pretrained(source)
-        train_text, held_out_text = text_splits(job.dataset, job.text_column)
-        calibration = lm_windows(train_text, tokenizer, max_length=job.max_length, max_windows=job.calibration_windows)
-        held_out = lm_windows(held_out_text, tokenizer, max_length=job.max_length, max_windows=job.eval_windows)
-        evaluation = DataLoader(held_out, batch_size=job.batch_size)
-    measurements = _measurements(job, args, tokenizer, evaluation, held_out_text, output)
+        splits = load_splits(job.dataset, text_column=job.text_column)
+        texts = {split: list(splits[split][job.text_column]) for split in splits}
+        windows = {
+            split: lm_windows(texts[split], tokenizer, max_length=job.max_length, max_windows=count)
+            for split, count in (
+                ("train", job.calibration_windows),
+                ("validation", job.eval_windows),
+                ("test", job.eval_windows),
+            )
+        }
+        deciding = DataLoader(windows["validation"], batch_size=job.batch_size)
+        tested = DataLoader(windows["test"], batch_size=job.batch_size)
+    cut = lambda split: f"{len(windows[split])} windows of {job.max_length} tokens"  # noqa: E731
+    roles = {
+        "calibration": f"{describe_split(splits['train'])} (its first {cut('train')})",
+        "validation": f"{describe_split(splits['validation'])} (its first {cut('validation')})",
+        "test": f"{describe_split(splits['test'])} (its first {cut('test')})",
+    }
+    measurements = _measurements(job, args, tokenizer, tested, texts, output)
     with phase(f"{job.method}: scoring and removing {job.granularity} units under the budget (perplexity of each)"):
         collapsed, report = prune(
             model,
-            DataLoader(calibration, batch_size=job.batch_size),
+            DataLoader(windows["train"], batch_size=job.batch_size),
             method=job.method,
             granularity=job.granularity,
             per_flop=job.per_flop,
@@ -266,81 +294,131 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
             max_metric_delta=job.max_metric_delta,
             max_metric_ratio=job.max_metric_ratio,
             flops_fraction=job.flops_fraction,
-            eval_fn=lambda m: perplexity(m, evaluation),
+            eval_fn=lambda m: perplexity(m, deciding),
             higher_is_better=False,
             metric_name="perplexity",
             latency_repeats=job.latency_repeats,
             progress=not args.disable_tqdm,
-            progress_dir=job.resume_from or output / "prune_progress",
+            progress_dir=progress,
             resume_from=job.resume_from,
         )
+    others = job.measured_corpora()[1:]
+    roles["test"] += f"; the test splits of {', '.join(others)}" if others else ""
+    report.data_roles = roles
+    report.extra.update(
+        {
+            "model": job.model,
+            "dataset": job.dataset,
+            "max_length": job.max_length,
+            "calibration_windows": len(windows["train"]),
+            "validation_windows": len(windows["validation"]),
+            "test_windows": len(windows["test"]),
+        }
+    )
+    _save(collapsed, report, tokenizer, output)  # the search's result is safe before anything else can fail
+    saved = f"{output / 'collapsed'} and {output / 'report'}"
+    with say_on_failure(
+        f"healing or measuring failed; the pruned model (before healing) and its report are saved in {saved}. Continue "
+        f"without searching again: --resume_from {progress} (another --heal, or none, is fine)"
+    ):
+        final = _heal_and_measure(job, args, model, collapsed, report, tokenizer, texts, deciding, measurements)
+        _save(final, report, tokenizer, output)
+    if is_main_process() and args.push_to_hub and args.hub_model_id:
+        with phase(f"pushing to {args.hub_model_id}"):
+            hub.push_to_hub(final, args.hub_model_id, report=report, processor=tokenizer, token=args.hub_token)
+    return final, report, report.summary()
+
+
+def _heal_and_measure(job, args, model, collapsed, report, tokenizer, texts, deciding, measurements):
+    """Heal the pruned model if asked, measure every stage on the test text (and the budget's metric after healing
+    on the validation text), time generation; returns the final model. Everything lands in ``report``."""
+    from ..healing import heal
+    from ..metrics import perplexity
+
     final = collapsed
-    extra: dict[str, Any] = {
-        "model": job.model,
-        "dataset": job.dataset,
-        "max_length": job.max_length,
-        "calibration_windows": len(calibration),
-        "eval_windows": len(held_out),
-        "perplexity_before": report.before.metric,
-        "perplexity_after_removal": report.after.metric,
-    }
     stages = [("original", model), ("after removal", collapsed)]
     mix = job.healing_mix()
     if job.heal is not None and report.after.removed:
         with phase(f"healing ({job.heal}{' with ' + ', '.join(mix) + ' mixed in' if mix else ''})"):
-            healing = _healing_windows(job, args, tokenizer, train_text)
+            healing, shares = _healing_windows(job, args, tokenizer, texts["train"])
             final = heal(collapsed, model, healing, method=job.heal, args=args)
-            extra.update(
-                heal=job.heal, heal_windows=len(healing), perplexity_after_healing=perplexity(final, evaluation)
-            )
+            report.extra.update(heal=job.heal, heal_windows=len(healing))
+            report.data_roles["healing"] = _healing_description(job, shares)
             if mix:
-                extra.update(heal_mix=mix, heal_mix_ratio=job.heal_mix_ratio)
+                report.extra.update(heal_mix=mix, heal_mix_ratio=round(1 - shares[0] / len(healing), 4))
+                if job.heal_mix_ratio != report.extra["heal_mix_ratio"]:
+                    report.extra["heal_mix_ratio_requested"] = job.heal_mix_ratio
+                    logger.warning(
+                        "--heal_mix_ratio %s asked for, %s reached: the mixed corpora hold fewer windows than asked",
+                        job.heal_mix_ratio,
+                        report.extra["heal_mix_ratio"],
+                    )
+        with phase("perplexity after healing on the validation text"):
+            report.record_budget_metric("after healing", perplexity(final, deciding))
         stages.append(("after healing", final))
     for stage, measured in stages:
         with phase(f"measuring the {stage if stage == 'original' else 'model ' + stage} ({measurements.what()})"):
             measurements.measure(measured, stage, report)
     if job.generate_tokens:
         with phase(f"timing generation ({job.generate_tokens} tokens, KV cache)"):
-            prompt = {k: v[:1, : min(32, job.max_length)] for k, v in next(iter(evaluation)).items() if k != "labels"}
+            batch = next(iter(measurements.corpora.values()))
+            prompt = {k: v[:1, : min(32, job.max_length)] for k, v in next(iter(batch)).items() if k != "labels"}
             speed = generation_speed([model, final], prompt, job.generate_tokens, job.latency_repeats)
-            extra.update(
+            report.extra.update(
                 tokens_per_s_before=round(speed[0], 2),
                 tokens_per_s_after=round(speed[1], 2),
                 generation_speedup=round(speed[1] / speed[0], 3),
             )
-    report.extra.update(extra)
+    return final
+
+
+def _save(model, report: CollapseReport, tokenizer, output: Path) -> None:
+    """The model with its card (``collapsed/``) and the report (``report/``), on the main process."""
+    from .. import hub
+    from ..distributed import is_main_process
+
     if is_main_process():
         with phase(f"saving to {output}"):
-            hub.save_with_card(final, output / "collapsed", report, processor=tokenizer)
+            hub.save_with_card(model, output / "collapsed", report, processor=tokenizer)
             report.save(output / "report")
-        if args.push_to_hub and args.hub_model_id:
-            with phase(f"pushing to {args.hub_model_id}"):
-                hub.push_to_hub(final, args.hub_model_id, report=report, processor=tokenizer, token=args.hub_token)
-    return final, report, report.summary()
 
 
-def _measurements(job: PruneJobArguments, args, tokenizer, evaluation, held_out_text, output: Path) -> LMEvaluation:
-    """Perplexity on the held-out text of --dataset and of each --eval_datasets corpus, and the --eval_tasks, as one
-    :class:`~hf_collapse.lm_evaluation.LMEvaluation` (corpora named by short names: the local tasks' prefixes)."""
+def _healing_description(job: PruneJobArguments, shares: list[int]) -> str:
+    """The healing text, with the windows each corpus gave."""
+    corpora = [job.dataset, *job.healing_mix()]
+    parts = ", ".join(f"{count} windows of {name}" for name, count in zip(corpora, shares))
+    return f"the train splits ({parts}; {job.max_length} tokens each)"
+
+
+def _measurements(job: PruneJobArguments, args, tokenizer, tested, texts, output: Path) -> LMEvaluation:
+    """Perplexity on the test text of --dataset and of each --eval_datasets corpus, and the --eval_tasks, as one
+    :class:`~hf_collapse.lm_evaluation.LMEvaluation` (corpora named by short names: the local tasks' prefixes). Local
+    zero-shot tasks are built from test text and keep no item that overlaps the training text."""
     from torch.utils.data import DataLoader
 
+    from ..data import load_splits
     from ..data.zero_shot_tasks import write_tasks
     from ..lm_evaluation import LMEvaluation
 
     names = job.measured_corpora()
     short = {name: _short_name(name) for name in names}
-    corpora, texts = {short[job.dataset]: evaluation}, {short[job.dataset]: held_out_text}
-    with phase(f"loading the held-out text of {', '.join(names)}"):
+    corpora, tests, trains = {short[job.dataset]: tested}, {short[job.dataset]: texts["test"]}, [texts["train"]]
+    with phase(f"loading the test text of {', '.join(names)}"):
         for name in names[1:]:
-            _, text = text_splits(name, job.text_column)
-            windows = lm_windows(text, tokenizer, max_length=job.max_length, max_windows=job.eval_windows)
-            corpora[short[name]], texts[short[name]] = DataLoader(windows, batch_size=job.batch_size), text
+            other = load_splits(name, text_column=job.text_column)
+            tests[short[name]] = list(other["test"][job.text_column])
+            trains.append(list(other["train"][job.text_column]))
+            windows = lm_windows(tests[short[name]], tokenizer, max_length=job.max_length, max_windows=job.eval_windows)
+            corpora[short[name]] = DataLoader(windows, batch_size=job.batch_size)
     tasks: list[str | Path] = []
     for task in job.eval_tasks or []:
         if task == "local":
-            with phase("writing local zero-shot tasks (next sentence, last word) from the held-out text"):
-                for name, text in texts.items():
-                    tasks += write_tasks(output / "zero_shot_tasks", text, prefix=name, num_items=job.eval_limit)
+            with phase("writing local zero-shot tasks (next sentence, last word) from the test text"):
+                training = [text for part in trains for text in part]
+                for name, text in tests.items():
+                    tasks += write_tasks(
+                        output / "zero_shot_tasks", text, prefix=name, num_items=job.eval_limit, exclude=training
+                    )
         else:
             tasks.append(task)
     return LMEvaluation(
@@ -350,7 +428,7 @@ def _measurements(job: PruneJobArguments, args, tokenizer, evaluation, held_out_
         tasks=tasks,
         limit=job.eval_limit,
         batch_size=job.batch_size,
-        described={short[name]: f"{name}, held-out split" for name in names},
+        described={short[name]: f"{name}, test split" for name in names},
     )
 
 
@@ -362,17 +440,24 @@ def _short_name(dataset: str) -> str:
     return re.sub(r"\W+", "_", name).strip("_").lower() or "data"
 
 
-def _healing_windows(job: PruneJobArguments, args, tokenizer, train_text):
+def _healing_windows(job: PruneJobArguments, args, tokenizer, train_text) -> tuple[Any, list[int]]:
     """--heal_windows windows of --dataset's training text, or with text mixed in (:meth:`~PruneJobArguments.
-    healing_mix`) --heal_mix_ratio of them taken from the training text of the mixed corpora (shuffled together)."""
+    healing_mix`) --heal_mix_ratio of them taken from the training text of the mixed corpora (shuffled together), and
+    the number of windows each corpus gave (a short corpus gives fewer than asked)."""
+    from ..data import load_splits
+
     mix = job.healing_mix()
     if not mix:
-        return lm_windows(train_text, tokenizer, max_length=job.max_length, max_windows=job.heal_windows)
+        windows = lm_windows(train_text, tokenizer, max_length=job.max_length, max_windows=job.heal_windows)
+        return windows, [len(windows)]
     mixed = round(job.heal_windows * job.heal_mix_ratio)
     each = [mixed // len(mix) + (i < mixed % len(mix)) for i in range(len(mix))]
     parts = [(train_text, job.heal_windows - mixed)]
-    parts += [(text_splits(name, job.text_column)[0], count) for name, count in zip(mix, each)]
-    return mixed_lm_windows(parts, tokenizer, max_length=job.max_length, seed=args.seed)
+    parts += [
+        (load_splits(name, text_column=job.text_column)["train"][job.text_column], n) for name, n in zip(mix, each)
+    ]
+    pieces = lm_window_parts(parts, tokenizer, max_length=job.max_length)
+    return shuffle_windows(pieces, seed=args.seed), [len(piece) for piece in pieces]
 
 
 def main(argv: Sequence[str]) -> int:

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ..data.tasks import accuracy, prepare_task, resolve_task
-from ..report import CollapseReport
+from ..report import CollapseReport, describe_split
 from ..tlc import TLCConfig, compress
 from . import COMMANDS
 from .arguments import JobArguments, at_least, parse_job_flags, seed_everything
 from .lacoot import DEFAULT_TRAINING
-from .output import phase, print_collapse_summary, save_collapse
+from .output import phase, print_collapse_summary, save_collapse, say_on_failure
 
 __all__ = ["DEFAULT_TLC_TRAINING", "DESCRIPTION", "TLCJobArguments", "main", "run_tlc_job"]
 
@@ -61,8 +61,15 @@ class TLCJobArguments(JobArguments):
 
 def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[str, Any]]:
     """Fine-tune ``job.model`` on ``job.dataset`` (plain ``Trainer``), collapse activation layers with TLC, and
-    save the compressed model (``AutoCollapsedModel`` reloads it) and the report in ``args.output_dir``."""
+    save the compressed model with its card (``AutoCollapsedModel`` reloads it) and the report in
+    ``args.output_dir``.
+
+    Three roles of data, kept apart: the training split fine-tunes and calibrates (TLC's statistics and candidate
+    ranking); the validation split (the dataset's, else carved out of train) decides the budget; the test split is
+    only reported (the fine-tuned and the compressed model)."""
     from transformers import Trainer
+
+    from ..evaluation import evaluate_model
 
     if resolve_task(job.model, job.task) != "classification":
         raise ValueError(
@@ -78,7 +85,7 @@ def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[s
         model=model,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=data["test"],
+        eval_dataset=data["validation"],
         data_collator=collator,
         processing_class=processor,
         compute_metrics=accuracy,
@@ -108,13 +115,35 @@ def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[s
             model,
             config,
             data["train"],
-            data["test"],
+            data["validation"],
             args,
             data_collator=collator,
             compute_metrics=accuracy,
             resume_from=job.resume_from,
         )
-    save_collapse(args.output_dir, compressed, processor, report, job, data)
+    training = describe_split(data["train"])
+    report.data_roles = {
+        "training": f"{training} (and the fine-tuning after each step)",
+        "calibration": f"{training} (its first {report.extra['calibration_batches']} batches: statistics, ranking)",
+        "validation": describe_split(data["validation"]),
+        "test": describe_split(data["test"]),
+    }
+    save_collapse(args.output_dir, compressed, processor, report, job, data)  # safe before anything else can fail
+    progress = Path(job.resume_from or Path(args.output_dir) / "tlc_progress")
+    with say_on_failure(f"measuring failed after TLC; continue with --resume_from {progress} (no search again)"):
+        with phase("measuring the fine-tuned and the compressed model on the test data (reported only)"):
+            for stage, measured in (("original", model), ("after removal", compressed)):
+                metrics = evaluate_model(measured, args, data["test"], data_collator=collator, compute_metrics=accuracy)
+                report.record(
+                    f"accuracy on {job.dataset}",
+                    stage,
+                    metrics["eval_accuracy"],
+                    metric="accuracy",
+                    higher_is_better=True,
+                    data=describe_split(data["test"]),
+                    seen_in_healing=True,
+                )
+        save_collapse(args.output_dir, compressed, processor, report, job, data)
     return compressed, report, report.summary()
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data.tasks import TASKS, prepare_task, resolve_task
+from ..report import describe_split, roles_markdown
 from . import COMMANDS
 from .arguments import LMJobArguments, at_least, parse_job_flags, seed_everything
-from .output import phase
+from .output import phase, say_on_failure
 
 __all__ = ["DEFAULT_TRADY_TRAINING", "DESCRIPTION", "TraDyJobArguments", "main", "memory_markdown", "run_trady_job"]
 
@@ -90,7 +91,7 @@ class TraDyJobArguments(LMJobArguments):
         default=None,
         metadata={"help": "causal_lm: at most this many training windows (default: all of the training text)."},
     )
-    eval_windows: int = field(default=32, metadata={"help": "causal_lm: held-out windows for perplexity."})
+    eval_windows: int = field(default=32, metadata={"help": "causal_lm: test windows for perplexity (reported only)."})
     merge: bool = field(
         default=False,
         metadata={"help": "Also save the merged model (OUT/merged), reloadable with plain from_pretrained."},
@@ -197,8 +198,10 @@ def memory_markdown(summary: dict[str, Any]) -> str:
         f"{summary['budget_summary']['used_bytes']:,.0f} used). Trainable elements: "
         f"{summary['trainable_elements']:,} of {summary['total_elements']:,}.",
         "",
-        f"Held-out {metric}: {summary['metric_before']:.4f} before, {summary['metric_after']:.4f} after "
-        f"{summary['train_steps']} steps.",
+        f"Test {metric}: {summary['metric_before']:.4f} before, {summary['metric_after']:.4f} after "
+        f"{summary['train_steps']} steps (test data: only reported; no decision was made on it).",
+        "",
+        roles_markdown(summary.get("data_roles", {})),
         "",
         f"## Peak memory of one training step (batch {summary['memory_batch_size']}, "
         f"{steps['trady'].optimizer}, {steps['trady'].device})",
@@ -215,6 +218,19 @@ def memory_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _card_training(summary: dict[str, Any], args) -> str:
+    """The card's account of a TraDy fine-tuning: budget, steps, the test metric, the memory measured."""
+    text = (
+        f"Fine-tuned with TraDy under the budget {summary['budget']} ({summary['budget_summary']['channels']} channels "
+        f"in {summary['budget_summary']['layers_with_channels']} layers) for {summary['train_steps']} steps at "
+        f"learning rate {args.learning_rate:g}. Test {summary['metric_name']}: {summary['metric_before']:.4f} before, "
+        f"{summary['metric_after']:.4f} after (test data: only reported)."
+    )
+    if "peak_ratio_to_full" in summary:
+        text += f" The peak memory of a training step was {summary['peak_ratio_to_full']:.3f}x full fine-tuning's."
+    return text
+
+
 def run_trady_job(job: TraDyJobArguments, args) -> tuple[Any, dict[str, Any]]:
     """Fine-tune ``job.model`` on ``job.dataset`` with TraDy and save, in ``args.output_dir``, the adapter
     (``adapter/``), the merged model if ``job.merge`` (``merged/``), ``memory_report.json`` and ``memory_report.md``.
@@ -225,6 +241,7 @@ def run_trady_job(job: TraDyJobArguments, args) -> tuple[Any, dict[str, Any]]:
     from transformers import Trainer
 
     from ..distributed import is_main_process
+    from ..hub import save_with_card
     from ..profiling import step_memory
     from ..trady import TraDyCallback, TraDyConfig, calibrate, find_trady_model
 
@@ -244,7 +261,13 @@ def run_trady_job(job: TraDyJobArguments, args) -> tuple[Any, dict[str, Any]]:
         "memory_batch_size": int(next(iter(batch.values())).shape[0]),
         "step_memory": {},
     }
-    with phase(f"held-out {metric_name} before fine-tuning"):
+    training = describe_split(train)
+    summary["data_roles"] = {
+        "training": training,
+        "calibration": f"{training} (its first {job.calibration_batches} batches: TraDy's a priori ranking)",
+        "test": describe_split(held_out),
+    }
+    with phase(f"test {metric_name} before fine-tuning"):
         summary["metric_before"] = _evaluate(model, held_out, collator, args.per_device_eval_batch_size, task)
     if job.compare_full:
         with phase("peak memory of a full fine-tuning step (for comparison)"):
@@ -277,8 +300,12 @@ def run_trady_job(job: TraDyJobArguments, args) -> tuple[Any, dict[str, Any]]:
     )
     with phase("fine-tuning"):
         result = trainer.train()
-    with phase(f"held-out {metric_name} after fine-tuning"):
-        summary["metric_after"] = _evaluate(peft_model, held_out, collator, args.per_device_eval_batch_size, task)
+    output = Path(args.output_dir)
+    if is_main_process():  # what training cost is kept before anything else can fail
+        peft_model.save_pretrained(output / "adapter")
+    with say_on_failure(f"fine-tuning was done and the adapter is saved in {output / 'adapter'}; measuring failed"):
+        with phase(f"test {metric_name} after fine-tuning"):
+            summary["metric_after"] = _evaluate(peft_model, held_out, collator, args.per_device_eval_batch_size, task)
     summary.update(
         budget=config.budget_description,
         budget_summary={k: v for k, v in budget.items() if k != "pool_layers"},
@@ -293,14 +320,17 @@ def run_trady_job(job: TraDyJobArguments, args) -> tuple[Any, dict[str, Any]]:
     steps = summary["step_memory"]
     if "full" in steps:
         summary["peak_ratio_to_full"] = steps["trady"]["peak_bytes"] / steps["full"]["peak_bytes"]
-    output = Path(args.output_dir)
     final: Any = peft_model
     if is_main_process():
         with phase(f"saving to {output}"):
             output.mkdir(parents=True, exist_ok=True)
-            peft_model.save_pretrained(output / "adapter")
-            if processor is not None:
-                processor.save_pretrained(output / "adapter")
+            save_with_card(
+                peft_model,
+                output / "adapter",
+                processor=processor,
+                data_roles=summary["data_roles"],
+                training=_card_training(summary, args),
+            )
             if job.merge:
                 final = peft_model.merge_and_unload()
                 final.save_pretrained(output / "merged")
@@ -328,7 +358,7 @@ def main(argv: Sequence[str]) -> int:
         f"{summary['train_steps']} steps, lr {args.learning_rate:g})\n"
     )
     print(memory_markdown(summary))
-    print(f"held-out {summary['metric_name']}: {summary['metric_before']:.4f} -> {summary['metric_after']:.4f}")
+    print(f"test {summary['metric_name']}: {summary['metric_before']:.4f} -> {summary['metric_after']:.4f}")
     saved = ", ".join(f"{path} ({what})" for what, path in summary.get("saved", {}).items())
     print(f"saved: {saved}, {args.output_dir}/memory_report.json, {args.output_dir}/memory_report.md")
     return 0

@@ -9,7 +9,9 @@ and the tests run with no model or dataset hub.
 * :mod:`~hf_collapse.data.sources`: :func:`check_source`, what the commands accept as a model or a dataset.
 * :mod:`~hf_collapse.data.zero_shot_tasks`: :func:`~hf_collapse.data.zero_shot_tasks.write_tasks`, offline
   lm-eval tasks (next sentence, last word) from held-out documents.
-* :mod:`~hf_collapse.data.tasks`: :func:`prepare_task` and :func:`example_text_task`, models ready to train on data.
+* :mod:`~hf_collapse.data.tasks`: :func:`load_splits` (train, validation and test kept apart), :func:`prepare_task`
+  and :func:`example_text_task`, models ready to train on data.
+* :mod:`~hf_collapse.data.overlap`: duplicates within a corpus and held-out text that overlaps training text.
 
 The heavy libraries are imported only when a loader runs.
 """
@@ -27,8 +29,8 @@ from .embedded_datasets import (
 )
 from .embedded_models import EMBEDDED_MODELS, EmbeddedModel, cache_dir, embedded_model_path, is_embedded
 from .sources import DATA_FILE_SUFFIXES, check_source
-from .tasks import ExampleTask, Task, example_text_task, prepare_task
-from .text import lm_windows, mixed_lm_windows
+from .tasks import ExampleTask, Task, describe_split, example_text_task, load_splits, prepare_task
+from .text import lm_window_parts, lm_windows, mixed_lm_windows, shuffle_windows
 
 __all__ = [
     "DATA_FILE_SUFFIXES",
@@ -39,6 +41,7 @@ __all__ = [
     "Task",
     "cache_dir",
     "check_source",
+    "describe_split",
     "embedded_model_path",
     "example_text_task",
     "is_embedded",
@@ -49,8 +52,11 @@ __all__ = [
     "load_embedded_dataset",
     "load_newsgroups",
     "load_wiki",
+    "lm_window_parts",
     "lm_windows",
+    "load_splits",
     "mixed_lm_windows",
     "prepare_task",
+    "shuffle_windows",
     "tokenize_text_dataset",
 ]

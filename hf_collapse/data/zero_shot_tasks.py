@@ -35,10 +35,13 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..lm_evaluation import LOCAL_TASK_KINDS
+from .overlap import OVERLAP_CONTAINMENT, ShingleIndex
+
 __all__ = ["TASK_KINDS", "continuation_items", "last_word_items", "sentences", "write_tasks"]
 
 #: The kinds of task :func:`write_tasks` writes.
-TASK_KINDS = ("continuation", "last_word")
+TASK_KINDS = LOCAL_TASK_KINDS
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
 _WORD = re.compile(r"[A-Za-z]+")
@@ -197,6 +200,12 @@ metadata:
 }
 
 
+def _item_text(item: dict) -> str:
+    """An item's passage with its answer (the true next sentence, or the last word)."""
+    answer = item["choices"][item["label"]] if "choices" in item else item["target"]
+    return f"{item['context']} {answer}"
+
+
 def write_tasks(
     folder: str | os.PathLike,
     documents: Sequence[str],
@@ -205,10 +214,14 @@ def write_tasks(
     kinds: Sequence[str] = TASK_KINDS,
     num_items: int = 200,
     seed: int = 0,
+    exclude: Sequence[str] = (),
 ) -> list[Path]:
     """Write one lm-eval task per kind (``<prefix>_continuation``, ``<prefix>_last_word``) built from ``documents``
-    (held-out documents: never the calibration or healing text) into ``folder``: ``<task>.jsonl`` and
+    (test documents: never the calibration, healing or validation text) into ``folder``: ``<task>.jsonl`` and
     ``<task>.yaml``. Returns the YAML paths, in ``kinds`` order, for :func:`hf_collapse.zero_shot.zero_shot`.
+
+    ``exclude`` is the text the model was fitted on (training documents): an item whose passage and answer overlap
+    it (:mod:`hf_collapse.data.overlap`) is left out, so that no item can be answered from memory.
 
     Raises:
         ValueError: for an unknown kind, a prefix that is not a plain name, or documents that give no items.
@@ -225,9 +238,14 @@ def write_tasks(
         "continuation": "the true next sentence of a held-out document among four",
         "last_word": "the last word of a sentence, greedy, LAMBADA-style",
     }
+    index = ShingleIndex()
+    for text in exclude:
+        index.add(text)
     paths = []
     for kind in kinds:
         items = build[kind](documents, num_items, seed=seed)
+        if len(index):
+            items = [item for item in items if index.containment(_item_text(item)) < OVERLAP_CONTAINMENT]
         if not items:
             raise ValueError(f"the documents give no {kind} item")
         name = f"{prefix}_{kind}"

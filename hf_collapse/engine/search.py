@@ -99,10 +99,27 @@ class SearchStrategy:
         """What the search itself cost beyond the loop's evaluations (e.g. its forward passes), for the report."""
         return {}
 
+    def least_flops(self) -> int | None:
+        """The fewest forward FLOPs the search can reach (every unit it may remove removed), when it knows them
+        before it starts; ``None`` otherwise. A FLOPs budget below it is refused up front."""
+        return None
+
 
 def _edits_since(model: nn.Module, original_edits: int) -> list[dict[str, Any]]:
     record = collapse_record(model)
     return record["edits"][original_edits:] if record else []
+
+
+def _stop_reason(report: CollapseReport, budget: Budget) -> tuple[str, bool]:
+    """Why the search stopped, and whether that met the budget: a target it sets (a number of units, a share of the
+    FLOPs) is missed when the search ran out of units before reaching it (a metric limit is a bound, never a target)."""
+    if not report.steps[-1].kept:
+        return "metric", True
+    if budget.flops_reached(report.before.flops, report.after.flops):
+        return "flops_fraction", True
+    if budget.num_units is not None and report.after.removed >= budget.num_units:
+        return "num_units", True
+    return "exhausted", budget.num_units is None and budget.flops_fraction is None
 
 
 def run_search(
@@ -157,6 +174,11 @@ def run_search(
             "a metric budget (max_metric_delta / max_metric_ratio) needs an evaluation of the model: pass "
             "eval_fn (or an eval_dataset)"
         )
+    if resume_from is None and budget.num_units is not None and budget.num_units > strategy.available():
+        raise ValueError(
+            f"num_units = {budget.num_units}, but this search can remove at most {strategy.available()} of this "
+            f"model's {strategy.unit_name} (a model keeps at least one block): ask for at most that many"
+        )
     original = unwrap_model(model, keep_peft=True)
     reference = original if reference is None else reference
     model_class = model_class_name(original)
@@ -193,17 +215,20 @@ def run_search(
             "rng": progress_format.rng_state(),
             "report": report.to_dict(),
         }
-        keep_weights = status == "running" and saves_weights and current is not original
+        # the weights go with the progress whenever replaying the edits does not rebuild them, the final state's too:
+        # a finished run's result can then be rebuilt from its folder
+        keep_weights = saves_weights and current is not original
         folder.write(state, current if keep_weights else None, report.to_json())
 
     if resume_from is not None:
         state = ProgressFolder(resume_from).read()
         problems = progress_format.compare_fingerprints(state["fingerprint"], run_fingerprint, is_main_process())
         progress_format.refuse_everywhere(problems, Path(resume_from), f"this {method} run")
-        if state["status"] == "finished":
+        if state["status"] == "finished" and saves_weights and state["edits"] and state.get("weights") is None:
             raise ValueError(
-                f"the run in {resume_from} has already finished (its report is "
-                f"{Path(resume_from) / 'report.json'}); start a new run without resume_from"
+                f"the run in {resume_from} has already finished, and its folder (written by an earlier version) does "
+                f"not keep its final weights (its report is {Path(resume_from) / 'report.json'}); start a new run "
+                "without resume_from"
             )
         if state["edits"]:
             current = copy.deepcopy(original)
@@ -215,6 +240,9 @@ def run_search(
         report = CollapseReport.from_dict(state["report"])
         strategy.restore(state["search"])
         progress_format.set_rng_state(state["rng"])
+        if state["status"] == "finished":
+            logger.info("the %s run in %s had finished: its result is rebuilt from its folder", method, resume_from)
+            return (current if current is not original else copy.deepcopy(original)), report
         logger.info(
             "resuming %s from %s after step %d (%d %s collapsed)",
             method,
@@ -249,6 +277,16 @@ def run_search(
         raise ValueError(
             f"a FLOPs budget (flops_fraction) needs the model's FLOPs, and torch counted none for this "
             f"{model_class} on the example inputs: pass inputs it computes on (example_inputs=...), or another budget"
+        )
+    least = strategy.least_flops()
+    if (
+        budget.flops_fraction is not None
+        and least is not None
+        and not budget.flops_reached(report.steps[0].flops, least)
+    ):
+        raise ValueError(
+            f"flops_fraction = {budget.flops_fraction}, but removing every {strategy.unit_name[:-1]} this search may "
+            f"remove leaves {least / report.steps[0].flops:.3f} of the original FLOPs: ask for at least that share"
         )
     limit = report.after.removed + budget.units_to_try(strategy.available())
     if budget.num_units is not None:
@@ -320,6 +358,9 @@ def run_search(
     if strategy.cost():
         report.extra["search_cost"] = {"search_seconds": round(search_seconds, 2), **strategy.cost()}
     report.pool_reference_latency()
+    report.stopped_by, report.budget_met = _stop_reason(report, budget)
+    if report.budget_met is False:
+        logger.warning("%s: %s", method, report.budget_sentence().replace("**", ""))
     save_progress(report, "finished")
     if current is original:
         logger.warning("the budget allowed no step: returning an unmodified copy of the model")

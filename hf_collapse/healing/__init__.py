@@ -21,6 +21,7 @@ from .lora import kept_block_linears
 
 __all__ = [
     "HEAL_METHODS",
+    "check_heal_applicable",
     "DistillationTrainer",
     "RemovedSpan",
     "calibration_batches",
@@ -35,6 +36,26 @@ __all__ = [
 
 #: The methods :func:`heal` accepts.
 HEAL_METHODS = ("distill", "lora", "linear")
+
+#: The methods that heal only removals of whole blocks: the linear replacement stands in for a span of blocks.
+WHOLE_BLOCKS_ONLY = ("linear",)
+
+
+def check_heal_applicable(method: str, *, sublayers: bool) -> None:
+    """Refuse, before any work, a healing method that cannot heal the removal asked for (``sublayers``: attention or
+    MLP sub-layers are removed, not whole blocks).
+
+    Raises:
+        ValueError: for an unknown method, or ``"linear"`` after a sub-layer removal.
+    """
+    if method not in HEAL_METHODS:
+        raise ValueError(f"unknown healing method {method!r}; accepted: {', '.join(HEAL_METHODS)}")
+    if sublayers and method in WHOLE_BLOCKS_ONLY:
+        usable = [m for m in HEAL_METHODS if m not in WHOLE_BLOCKS_ONLY]
+        raise ValueError(
+            f"healing {method!r} replaces removed spans of whole blocks by a linear map, and this removal takes "
+            f"attention or MLP sub-layers: heal it with {' or '.join(usable)}, or remove whole blocks"
+        )
 
 
 def heal(

@@ -37,10 +37,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .. import compat
 from ..block_io import DATA_PARALLEL_MESSAGE, BlockIO
+from ..deprecation import renamed
 from ..distributed import is_sharded, sum_across_ranks, unsharded_copy
 from ..evaluation import evaluate_model, metric_key
 from ..removal import collapse as collapse_model
-from ..report import CollapseReport
+from ..report import CollapseReport, describe_split
 from ..scoring import score_blocks
 from .arguments import LaCoOTArguments
 from .penalty import MSWPenalty
@@ -105,6 +106,7 @@ class LaCoOTTrainer(Trainer):
         )
         self._msw_sums: dict[str, float] = defaultdict(float)  # per block, since the last log
         self._msw_total = 0.0
+        self._msw_weight_applied = 0.0  # the sum of the λ applied since the last log (logged as their mean)
         self._msw_steps = 0
         self._loss_uses_num_items: bool | None = None  # probed once (see _penalty_scale)
         self.collapse_report: CollapseReport | None = None  # set by collapse(), used by the model card
@@ -283,32 +285,47 @@ class LaCoOTTrainer(Trainer):
             )
         penalty, per_block = self.msw_penalty()
         self._msw_total += float(penalty.detach())
-        loss = loss + (self.current_msw_weight * scale) * penalty.to(loss.dtype)
+        weight = self.current_msw_weight
+        self._msw_weight_applied += weight
+        loss = loss + (weight * scale) * penalty.to(loss.dtype)
         for name, value in per_block.items():
             self._msw_sums[name] += value
         self._msw_steps += 1
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Adds the mean per-block MSW since the last log (``msw/<block>``) and their total (``msw_total``)."""
+        """Adds the mean per-block MSW since the last log (``msw/<block>``), their total (``msw_total``) and, when λ is
+        ramped, the mean λ applied over the same steps (``msw_weight``), as the loss is their mean."""
         if self._msw_steps and "loss" in logs:
             means = {name: total / self._msw_steps for name, total in self._msw_sums.items()}
             for name, value in means.items():
                 logs[f"msw/{name}"] = round(value, 6)
             logs["msw_total"] = round(self._msw_total / self._msw_steps, 6)
             if self.args.msw_warmup_ratio:
-                logs["msw_weight"] = self.current_msw_weight
+                logs["msw_weight"] = self._msw_weight_applied / self._msw_steps
             self._msw_sums.clear()
             self._msw_total = 0.0
+            self._msw_weight_applied = 0.0
             self._msw_steps = 0
         super().log(logs, *args, **kwargs)
 
     # -- scoring and collapse --------------------------------------------------------------------------
-    def block_scores(self, eval_dataset=None, max_batches: int | None = None) -> dict[str, float]:
-        """Per-block MSW on evaluation data, deterministic (seeded directions, no warm start)."""
+    def block_scores(self, dataset=None, max_batches: int | None = None, *, eval_dataset=None) -> dict[str, float]:
+        """Per-block MSW on calibration data, deterministic (seeded directions, no warm start, the examples in order).
+
+        The calibration data is the training data by default (``train_dataset``, its first ``max_batches`` batches
+        of ``per_device_eval_batch_size``): the data that decides the budget (``eval_dataset``) and the data a model
+        is reported on must not also choose the blocks. ``eval_dataset`` is the name of ``dataset`` in earlier
+        versions (deprecated: a ``FutureWarning``)."""
+        if eval_dataset is not None:
+            renamed("eval_dataset", "dataset", "LaCoOTTrainer.block_scores")
+            dataset = eval_dataset if dataset is None else dataset
+        dataset = dataset if dataset is not None else self.train_dataset
+        if dataset is None:
+            raise ValueError("block_scores needs calibration data: a train_dataset, or pass dataset=")
         return score_blocks(
             self.model,
-            self.get_eval_dataloader(eval_dataset),
+            self.get_eval_dataloader(dataset),
             method="msw",
             blocks=[b.name for b in self.msw_blocks],
             max_batches=max_batches,
@@ -347,8 +364,11 @@ class LaCoOTTrainer(Trainer):
     ) -> tuple[nn.Module, CollapseReport]:
         """Remove the blocks with the smallest MSW, under a block count and/or a metric budget.
 
-        The metric is ``args.metric_for_best_model`` (default: ``accuracy`` when ``compute_metrics`` is set,
-        else the loss), evaluated on ``eval_dataset`` (default: the trainer's). ``eval_fn`` (``model -> float``)
+        The blocks are scored on the training data (:meth:`block_scores`) unless ``scores`` are given; the metric is
+        ``args.metric_for_best_model`` (default: ``accuracy`` when ``compute_metrics`` is set, else the loss),
+        evaluated on ``eval_dataset`` (default: the trainer's), the validation data that decides the budget: report on
+        test data apart. The report names which data played which role (``report.data_roles``). ``eval_fn``
+        (``model -> float``)
         replaces that evaluation, e.g. held-out perplexity for a causal LM
         (``eval_fn=lambda m: perplexity(m, loader), higher_is_better=False, metric_name="perplexity",
         max_metric_ratio=1.2``). Other keywords go to :func:`hf_collapse.collapse` (``max_metric_ratio``,
@@ -359,7 +379,8 @@ class LaCoOTTrainer(Trainer):
         gathered into a plain copy on every rank (:func:`hf_collapse.distributed.unsharded_copy`): surgery needs whole
         tensors.
         """
-        scores = scores if scores is not None else self.block_scores(eval_dataset)
+        scored_here = scores is None
+        scores = scores if scores is not None else self.block_scores()
         metric_name, higher_is_better = metric_key(self.args, self.compute_metrics is not None)
         metric_name = collapse_kwargs.pop("metric_name", None) or metric_name.removeprefix("eval_")
         higher_is_better = collapse_kwargs.pop("higher_is_better", higher_is_better)
@@ -396,9 +417,11 @@ class LaCoOTTrainer(Trainer):
             method="LaCoOT",
             **collapse_kwargs,
         )
+        report.data_roles = self._data_roles(eval_dataset, eval_fn, scored=scored_here)
         report.extra.update(
             {
                 "msw_weight": self.args.msw_weight,
+                "msw_warmup_ratio": self.args.msw_warmup_ratio,
                 "msw_slicing": self.args.msw_slicing,
                 "msw_reduction": self.args.msw_reduction,
                 "epochs": self.args.num_train_epochs,
@@ -407,6 +430,19 @@ class LaCoOTTrainer(Trainer):
         )
         self.collapse_report, self.collapsed_model = report, collapsed
         return collapsed, report
+
+    def _data_roles(self, eval_dataset, eval_fn, scored: bool) -> dict[str, str]:
+        """Which data trained, calibrated and decided, as far as this trainer knows (:data:`~hf_collapse.report.
+        DATA_ROLES`)."""
+        training = describe_split(self.train_dataset) or "the LaCoOTTrainer's train_dataset"
+        roles = {"training": training}
+        if scored:
+            roles["calibration"] = f"{training} (the blocks' MSW)"
+        if eval_fn is None:
+            deciding = eval_dataset if eval_dataset is not None else self.eval_dataset
+            if deciding is not None:
+                roles["validation"] = describe_split(deciding) or "the LaCoOTTrainer's eval_dataset"
+        return roles
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model``, except after :meth:`collapse`: then the collapsed model (the one the report

@@ -10,9 +10,9 @@ TraDy (a peft method)::
 LaCoOT::
 
     args = hf_collapse.LaCoOTArguments("out", msw_weight=1.0, num_train_epochs=3)
-    trainer = hf_collapse.LaCoOTTrainer(model=model, args=args, train_dataset=train, eval_dataset=test)
+    trainer = hf_collapse.LaCoOTTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation)
     trainer.train()
-    collapsed, report = trainer.collapse(max_metric_delta=0.02)   # or num_units=3
+    collapsed, report = trainer.collapse(max_metric_delta=0.02)   # decided on validation data; or num_units=3
 
 All of it stands on depth surgery that reloads exactly::
 
@@ -47,6 +47,7 @@ _LAZY_NAMES = {
     "prune": "removal",
     "DistillationTrainer": "healing",
     "heal": "healing",
+    "run_pipeline": "pipeline",
     "push_to_hub": "hub",
     "LaCoOTArguments": "lacoot",
     "LaCoOTTrainer": "lacoot",
@@ -91,6 +92,7 @@ __all__ = [
     "push_to_hub",
     "register_architecture",
     "remove_blocks",
+    "run_pipeline",
     "score_blocks",
     "supported_families",
     "tlc",

@@ -18,12 +18,12 @@ are accepted by :meth:`Budget.from_arguments` with a ``FutureWarning``, for one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .deprecation import renamed
 
-__all__ = ["BUDGET_FIELDS", "DEPRECATED_BUDGET_NAMES", "Budget"]
+__all__ = ["BUDGET_FIELDS", "DEPRECATED_BUDGET_NAMES", "Budget", "BudgetArguments", "check_limits"]
 
 #: The limits a budget may set.
 BUDGET_FIELDS = ("num_units", "max_metric_delta", "max_metric_ratio", "flops_fraction")
@@ -35,6 +35,70 @@ DEPRECATED_BUDGET_NAMES = {
     "max_metric_drop": "max_metric_delta",
     "max_metric_increase": "max_metric_delta",
 }
+
+
+def check_limits(
+    num_units: int | None = None,
+    max_metric_delta: float | None = None,
+    max_metric_ratio: float | None = None,
+    flops_fraction: float | None = None,
+) -> None:
+    """Refuse a limit out of its range (each one given; none at all is :class:`Budget`'s to refuse)."""
+    if num_units is not None and (isinstance(num_units, bool) or int(num_units) != num_units or num_units < 1):
+        raise ValueError(f"num_units must be an integer >= 1, got {num_units!r}")
+    if max_metric_delta is not None and not max_metric_delta >= 0:
+        raise ValueError(f"max_metric_delta must be >= 0 (how much worse the metric may get), got {max_metric_delta}")
+    if max_metric_ratio is not None and not max_metric_ratio >= 1:
+        raise ValueError(
+            f"max_metric_ratio must be >= 1 (the metric may get this many times worse), got {max_metric_ratio}"
+        )
+    if flops_fraction is not None and not 0 < flops_fraction < 1:
+        raise ValueError(
+            f"flops_fraction must be between 0 and 1 (the share of the original's FLOPs to reach), got {flops_fraction}"
+        )
+
+
+@dataclass
+class BudgetArguments:
+    """The budget as arguments: the fields of every job's flags (``hf-collapse lacoot | tlc | prune``) and of
+    :class:`~hf_collapse.tlc.TLCConfig`, declared once; :class:`Budget` checks them (each as it is given, then
+    :meth:`budget` that there is one).
+
+    Example::
+
+        >>> from hf_collapse.budget import BudgetArguments
+        >>> BudgetArguments(num_units=2, max_metric_ratio=1.25).budget(higher_is_better=False).to_dict()
+        {'num_units': 2, 'max_metric_ratio': 1.25}
+    """
+
+    num_units: int | None = field(default=None, metadata={"help": "Remove (collapse) at most this many units."})
+    max_metric_delta: float | None = field(
+        default=None,
+        metadata={
+            "help": "The metric may get this much worse than the original's (an accuracy drop, a perplexity rise)."
+        },
+    )
+    max_metric_ratio: float | None = field(
+        default=None, metadata={"help": "The metric may get this many times worse than the original's (>= 1)."}
+    )
+    flops_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Remove until the forward FLOPs are at most this fraction of the original's (e.g. 0.8)."},
+    )
+
+    def __post_init__(self):
+        check_limits(**self.limits())
+
+    def limits(self) -> dict[str, Any]:
+        """``{field: value}`` of the four limits (``None`` where not given)."""
+        return {name: getattr(self, name) for name in BUDGET_FIELDS}
+
+    def has_budget(self) -> bool:
+        return any(value is not None for value in self.limits().values())
+
+    def budget(self, higher_is_better: bool = True) -> Budget:
+        """The :class:`Budget` these arguments give (``ValueError`` when they give none)."""
+        return Budget(higher_is_better=higher_is_better, **self.limits())
 
 
 @dataclass(frozen=True)
@@ -63,23 +127,12 @@ class Budget:
     higher_is_better: bool = True
 
     def __post_init__(self):
-        if self.num_units is not None and (
-            isinstance(self.num_units, bool) or int(self.num_units) != self.num_units or self.num_units < 1
-        ):
-            raise ValueError(f"num_units must be an integer >= 1, got {self.num_units!r}")
-        if self.max_metric_delta is not None and not self.max_metric_delta >= 0:
-            raise ValueError(
-                f"max_metric_delta must be >= 0 (how much worse the metric may get), got {self.max_metric_delta}"
-            )
-        if self.max_metric_ratio is not None and not self.max_metric_ratio >= 1:
-            raise ValueError(
-                f"max_metric_ratio must be >= 1 (the metric may get this many times worse), got {self.max_metric_ratio}"
-            )
-        if self.flops_fraction is not None and not 0 < self.flops_fraction < 1:
-            raise ValueError(
-                f"flops_fraction must be between 0 and 1 (the share of the original's FLOPs to reach), got "
-                f"{self.flops_fraction}"
-            )
+        check_limits(
+            num_units=self.num_units,
+            max_metric_delta=self.max_metric_delta,
+            max_metric_ratio=self.max_metric_ratio,
+            flops_fraction=self.flops_fraction,
+        )
         if self.num_units is None and self.flops_fraction is None and not self.needs_metric:
             raise ValueError(
                 "no budget: give num_units, flops_fraction, a metric budget (max_metric_delta / max_metric_ratio, "

@@ -44,6 +44,7 @@ __all__ = [
     "forget_accelerate_preparation",
     "unwrap_optimizer",
     # Python
+    "parser_actions",
     "parser_option_strings",
     # transformers
     "no_split_modules",
@@ -293,12 +294,17 @@ def forget_accelerate_preparation(model: Any) -> None:
 # =============================================================================================================
 
 
-def parser_option_strings(parser: Any) -> list[str]:
-    """Every option string (``--flag``) an ``argparse`` parser accepts, for suggesting the closest to a typo.
+def parser_actions(parser: Any) -> list[Any]:
+    """The actions (one per flag) of an ``argparse`` parser.
 
     Assumes: ``argparse.ArgumentParser`` keeps its actions in ``_actions`` (unchanged since Python 3.2).
     """
-    return [option for action in parser._actions for option in action.option_strings]
+    return list(parser._actions)
+
+
+def parser_option_strings(parser: Any) -> list[str]:
+    """Every option string (``--flag``) an ``argparse`` parser accepts, for suggesting the closest to a typo."""
+    return [option for action in parser_actions(parser) for option in action.option_strings]
 
 
 # =============================================================================================================

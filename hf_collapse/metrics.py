@@ -25,6 +25,7 @@ __all__ = [
     "count_parameters",
     "example_inputs",
     "forward_flops",
+    "generation_speed",
     "hardware_description",
     "measure_latency",
     "measure_step",
@@ -420,3 +421,24 @@ def perplexity(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> float:
     if total_tokens == 0:
         raise ValueError("perplexity: no token to count (no batch, or every label is -100 or padding)")
     return math.exp(float(total_nll) / total_tokens)
+
+
+def generation_speed(
+    models: Sequence[nn.Module], prompt: Mapping[str, Any], new_tokens: int, rounds: int = 3
+) -> list[float]:
+    """Tokens per second of greedy generation with the KV cache (``new_tokens`` new tokens after ``prompt``), the
+    models timed side by side in ``rounds`` interleaved rounds (:func:`compare_latency`; the median per model).
+
+    Example::
+
+        >>> from hf_collapse.metrics import generation_speed
+        >>> before, after = generation_speed([llama, pruned], {"input_ids": ids}, new_tokens=32)  # doctest: +SKIP
+    """
+
+    def generate(model: nn.Module, inputs: Mapping[str, Any]) -> Any:
+        return model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True
+        )
+
+    timing = compare_latency(models, prompt, warmup=1, rounds=max(rounds, 1), min_seconds=0, call=generate)
+    return [new_tokens * prompt["input_ids"].shape[0] / seconds for seconds in timing.seconds]

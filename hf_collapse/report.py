@@ -308,7 +308,8 @@ class CollapseReport:
         for e in results:
             relative = e.relative(last)
             shown = "" if relative is None else f"{relative:.3f}" + ("x" if e.metric == "perplexity" else "")
-            data = (e.data or "not described") + (" (its corpus healed the model)" if e.seen_in_healing else "")
+            fitted = " (its training part fitted the model)" if e.seen_in_healing else ""
+            data = (e.data or "not described") + fitted
             role = "validation (decided)" if e.role == "validation" else "test (reported only)"
             cells = " | ".join(_fmt(e.values.get(s), 2 if e.metric == "perplexity" else 4) for s in stages)
             name = e.name if e.metric in e.name else f"{e.name} ({e.metric})"
@@ -479,7 +480,7 @@ def roles_markdown(data_roles: dict[str, str]) -> str:
 
 def describe_split(dataset: Any) -> str:
     """Where a split of :func:`hf_collapse.data.load_splits` / :func:`~hf_collapse.data.prepare_task` comes from and
-    which part it is, e.g. ``"dialog_topics: 10% of the train split, carved out (seed 0)"`` (its
+    which part it is, e.g. ``"dialog_topics: 20% of the train split, carved out (seed 0)"`` (its
     ``info.description``, kept through ``map``, ``select`` and the other ``datasets`` operations; ``""`` for data that
     was not described, or that is no ``datasets.Dataset``)."""
     info = getattr(dataset, "info", None)

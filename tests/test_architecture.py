@@ -1,5 +1,5 @@
 """The architecture, as rules a change cannot break silently: no module imports another's private names, every module
-says what it is for, and the README's layout names every module. (ruff and the import-linter contracts of
+says what it is for, and the layout of docs/architecture.md names every module. (ruff and the import-linter contracts of
 pyproject.toml, run by `make test`, check the style, the layers and the absence of import cycles.)"""
 
 import ast
@@ -35,9 +35,9 @@ def test_every_module_says_what_it_is_for():
 
 
 def test_the_readme_layout_names_every_module():
-    """The README's layout section draws the package: every module and subpackage of hf_collapse appears in it."""
-    readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("## Layout") :]
+    """The layout of docs/architecture.md draws the package: every module and subpackage of hf_collapse appears."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    layout = page[page.index("## Layout") :]
     end = layout.find("\n## ", 4)
     layout = layout if end < 0 else layout[:end]
     named = set(re.findall(r"[\w/]+\.py|[\w]+/", layout))
@@ -50,5 +50,27 @@ def test_the_readme_layout_names_every_module():
             continue
         expected.add(relative.name)
     absent = sorted(name for name in expected if name not in named)
-    assert absent == [], f"the README's layout does not show {absent}"
+    assert absent == [], f"the layout of docs/architecture.md does not show {absent}"
     assert hf_collapse.__version__
+
+
+def test_every_job_and_tlc_take_their_budget_from_one_dataclass_checked_by_budget_alone():
+    """The budget flags are declared once (BudgetArguments), by every job and TLCConfig alike, and one checker words
+    every refusal (the command names the flag)."""
+    import dataclasses
+
+    import pytest
+
+    from hf_collapse.budget import BUDGET_FIELDS, BudgetArguments
+    from hf_collapse.commands.lacoot import LaCoOTJobArguments
+    from hf_collapse.commands.prune import PruneJobArguments
+    from hf_collapse.commands.tlc import TLCJobArguments
+    from hf_collapse.tlc import TLCConfig
+
+    for owner in (LaCoOTJobArguments, PruneJobArguments, TLCJobArguments, TLCConfig):
+        assert issubclass(owner, BudgetArguments), owner
+        assert {f.name for f in dataclasses.fields(owner)} >= set(BUDGET_FIELDS), owner
+    for owner in (LaCoOTJobArguments, TLCConfig):
+        with pytest.raises(ValueError, match=r"^max_metric_ratio must be >= 1 \(the metric may get this many times"):
+            owner(max_metric_ratio=0.5)
+    assert TLCConfig(num_units=2, flops_fraction=0.8).budget().to_dict() == {"num_units": 2, "flops_fraction": 0.8}

@@ -12,7 +12,11 @@ from tiny_models import CASES, CASES_BY_NAME, output_of
 import hf_collapse
 from hf_collapse import metrics
 from hf_collapse.report import CollapseReport
-from hf_collapse.scoring import angular_scorer, block_influence_scorer, msw_scorer
+from hf_collapse.scoring import SCORERS
+
+msw_scorer, block_influence_scorer, angular_scorer = (
+    SCORERS.get(name).statistic for name in ("msw", "block_influence", "angular")
+)
 
 
 def _loader(case, batches=2):
@@ -280,7 +284,7 @@ def test_loss_scores_equal_the_loss_of_each_removal(case_name, broken_shortcut, 
     checked against a true removal first, on the last unit too (the longest replayed prefix): where it does not hold
     (broken on purpose here; a Mixtral whose replayed layers record no router logits for its auxiliary loss), every
     candidate is measured by removing it in place, never on a copy."""
-    from hf_collapse import scoring
+    from hf_collapse.scoring import loss as scoring
 
     case = CASES_BY_NAME[case_name]
     model = case.build()

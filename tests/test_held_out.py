@@ -99,7 +99,7 @@ def test_splits_carved_out_of_a_users_data_are_separated_and_described(tmp_path)
     splits = load_splits(str(data), label_column="label")
     assert set(splits) == {"train", "validation", "test"}
     assert describe_split(splits["test"]) == f"{data}: 20% of the train split, carved out (seed 0)"
-    assert describe_split(splits["validation"]) == f"{data}: 10% of the train split, carved out (seed 0)"
+    assert describe_split(splits["validation"]) == f"{data}: 20% of the train split, carved out (seed 0)"
     assert describe_split(splits["train"]) == f"{data}, train split less what was carved out of it"
     texts = {split: set(splits[split]["text"]) for split in splits}
     assert not texts["train"] & texts["validation"] and not texts["train"] & texts["test"]
@@ -107,7 +107,7 @@ def test_splits_carved_out_of_a_users_data_are_separated_and_described(tmp_path)
     # an embedded corpus with its own validation split keeps it; one without gets one carved out of train
     assert describe_split(load_splits("bbc_news")["validation"]) == "bbc_news, validation split"
     dialog = load_splits("dialog_topics", label_column="label")
-    assert len(dialog["validation"]) == 147 and describe_split(dialog["test"]) == "dialog_topics, test split"
+    assert len(dialog["validation"]) == 293 and describe_split(dialog["test"]) == "dialog_topics, test split"
     assert describe_split(dialog["train"].map(lambda row: row)) == describe_split(dialog["train"])  # kept by map
 
 

@@ -124,7 +124,7 @@ def test_the_healing_windows_say_how_many_each_corpus_gave(tiny_llm):
 def test_a_failure_after_the_search_keeps_the_pruned_model_and_resume_heals_without_searching(
     tiny_llm, tmp_path, capsys, monkeypatch
 ):
-    import hf_collapse.healing
+    import hf_collapse.pipeline
     import hf_collapse.scoring
 
     def out_of_memory(*args, **kwargs):
@@ -132,7 +132,7 @@ def test_a_failure_after_the_search_keeps_the_pruned_model_and_resume_heals_with
 
     argv = ["prune", "--model", str(tiny_llm), "--method", "loss", "--num_units", "2", "--eval_datasets", "none"]
     argv += ["--output_dir", str(tmp_path), *FAST, "--max_steps", "2"]
-    monkeypatch.setattr(hf_collapse.healing, "heal", out_of_memory)
+    monkeypatch.setattr(hf_collapse.pipeline, "heal", out_of_memory)  # the pipeline's healing step
     assert main([*argv, "--heal", "distill"]) == 2
     err = capsys.readouterr().err
     assert "CUDA out of memory (simulated)" in err

@@ -87,6 +87,7 @@ def test_every_public_name_resolves_lazily():
         "push_to_hub",
         "register_architecture",
         "remove_blocks",
+        "run_pipeline",
         "score_blocks",
         "supported_families",
         "tlc",

@@ -217,21 +217,27 @@ def test_healing_mixes_general_text_by_default_and_the_domain_alone_is_a_choice(
 @pytest.mark.parametrize(
     "argv,expected",
     [
-        (["--num_units", "0"], "--num_units must be >= 1, got 0"),
-        (["--max_metric_ratio", "0.5"], "--max_metric_ratio must be >= 1, got 0.5"),
+        (["--num_units", "0"], "--num_units must be an integer >= 1, got 0"),
+        (
+            ["--max_metric_ratio", "0.5"],
+            "max_metric_ratio must be >= 1 (the metric may get this many times worse), got",
+        ),
         ([], "no budget: pass --num_units, --flops_fraction, --max_metric_delta, --max_metric_ratio"),
-        (["--flops_fraction", "1.5"], "--flops_fraction must be between 0 and 1, got 1.5"),
-        (["--num_units", "1", "--heal", "magic"], "--heal 'magic': expected one of distill, lora, linear"),
+        (["--flops_fraction", "1.5"], "--flops_fraction must be between 0 and 1 (the share of the original's FLOPs"),
+        (["--num_units", "1", "--heal", "magic"], "--heal 'magic': expected one of distill, linear, lora"),
         (["--num_units", "1", "--method", "magic"], "--method 'magic': expected one of"),
-        (["--num_units", "1", "--method", "sleb", "--granularity", "mlp"], "--method sleb chooses its own units"),
-        (["--max_metric_ratio", "2", "--method", "span"], "--method span removes --num_units consecutive blocks"),
-        (["--num_units", "1", "--method", "sleb", "--per_flop"], "--per_flop ranks sub-layers of unequal size"),
+        (
+            ["--num_units", "1", "--method", "sleb", "--granularity", "mlp"],
+            "--method sleb: method 'sleb' chooses its own units",
+        ),
+        (["--max_metric_ratio", "2", "--method", "span"], "method 'span' removes num_units consecutive blocks"),
+        (["--num_units", "1", "--method", "sleb", "--per_flop"], "per_flop is an option of method 'blockpruner', not"),
         (["--num_units", "1", "--heal_mix", "wiki"], "--heal_mix mixes text into healing: give --heal too"),
         (["--num_units", "1", "--eval_datasets", "./nowhere.txt"], "--eval_datasets: dataset './nowhere.txt'"),
         (["--num_units", "1", "--eval_tasks", "nowhere.yaml"], "--eval_tasks 'nowhere.yaml': no such task file"),
         (["--num_units", "1", "--heal", "lora", "--heal_mix_ratio", "1"], "--heal_mix_ratio must be between 0"),
         # a healing that cannot heal the removal is refused before the search, not after it
-        (["--num_units", "1", "--method", "blockpruner", "--heal", "linear"], "--heal linear: healing 'linear'"),
+        (["--num_units", "1", "--method", "blockpruner", "--heal", "linear"], "--heal linear: healing 'linear' ("),
         (["--num_units", "1", "--granularity", "attention", "--heal", "linear"], "heal it with distill or lora"),
     ],
 )

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: The pages whose code blocks run: the README and every page of docs/.
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 NOT_RUN = "# not run:"
 
 
@@ -39,15 +42,17 @@ def _tiny_dit_pipeline(folder: Path) -> str:
 #: the Hub id it downloads with ``from_pretrained`` and a function ``folder -> local path`` that saves a tiny model
 #: of the same class to stand in for it.
 EXEMPT_BLOCKS = {
-    "Model cards and the Hub #2": ("facebook/DiT-XL-2-256", _tiny_dit_pipeline),
+    "docs/hub.md: Model cards and the Hub #2": ("facebook/DiT-XL-2-256", _tiny_dit_pipeline),
 }
 BLOCK_TIMEOUT_S = 300
 
 
-def readme_blocks() -> list[tuple[str, str]]:
-    """``(id, code)`` of each ```python block, the id being the nearest heading above it and its rank there."""
+def page_blocks(page: Path) -> list[tuple[str, str]]:
+    """``(id, code)`` of each ```python block of ``page``, the id being the nearest heading above it and its rank
+    there (``"docs/<page>: "`` before it for a docs page)."""
     blocks, heading, rank = [], "top", 0
-    lines = README.read_text(encoding="utf-8").splitlines()
+    lines = page.read_text(encoding="utf-8").splitlines()
+    prefix = "" if page == README else f"{page.relative_to(ROOT).as_posix()}: "
     index = 0
     while index < len(lines):
         line = lines[index]
@@ -56,13 +61,13 @@ def readme_blocks() -> list[tuple[str, str]]:
         elif line.strip() == "```python":
             end = next(j for j in range(index + 1, len(lines)) if lines[j].strip() == "```")
             rank += 1
-            blocks.append((f"{heading} #{rank}", "\n".join(lines[index + 1 : end]) + "\n"))
+            blocks.append((f"{prefix}{heading} #{rank}", "\n".join(lines[index + 1 : end]) + "\n"))
             index = end
         index += 1
     return blocks
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [block for page in PAGES for block in page_blocks(page)]
 
 
 def test_the_readme_has_its_snippets():
@@ -71,11 +76,24 @@ def test_the_readme_has_its_snippets():
         "LaCoOT #1",
         "TLC #1",
         "TraDy #1",
-        "Depth surgery #1",
-        "LoRA and collapse #1",
-        "Model cards and the Hub #1",
+        "Decoder LLMs #1",
+        "docs/surgery.md: Depth surgery #1",
+        "docs/surgery.md: LoRA and collapse #1",
+        "docs/hub.md: Model cards and the Hub #1",
+        "docs/lacoot.md: LaCoOT in any training loop #1",
+        "docs/extending.md: Extending hf_collapse #1",
     ):
-        assert section in ids, f"README.md lost its ```python block under {section!r}: {ids}"
+        assert section in ids, f"a page lost its ```python block under {section!r}: {ids}"
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 250
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name})" in text, f"the README does not link {page.name}"
+    for page in PAGES:  # every relative link of a page points at a file of the repository
+        for target in re.findall(r"\]\((?!https?:)([^)#]+)", page.read_text(encoding="utf-8")):
+            assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"
     marked = {block_id for block_id, code in BLOCKS if code.startswith(NOT_RUN)}
     assert marked == set(EXEMPT_BLOCKS), f"blocks marked {NOT_RUN!r}: {sorted(marked)}, listed: {sorted(EXEMPT_BLOCKS)}"
 
@@ -91,7 +109,7 @@ def _run(code: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProce
 @pytest.mark.slow
 @pytest.mark.parametrize("block_id, code", BLOCKS, ids=[block_id for block_id, _ in BLOCKS])
 def test_readme_block_runs_as_written(block_id, code, tmp_path):
-    compile(code, f"README.md: {block_id}", "exec")
+    compile(code, block_id, "exec")
     work = tmp_path / "work"
     work.mkdir()
     if code.startswith(NOT_RUN):  # the download, replaced by a tiny local model of the same class
@@ -108,7 +126,7 @@ def test_readme_block_runs_as_written(block_id, code, tmp_path):
 
         with running_hub(tmp_path / "hub") as endpoint:
             result = _run(code, work, {**env, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_local"})
-        assert result.returncode == 0, f"README block {block_id} failed:\n{code}\n{result.stderr[-6000:]}"
+        assert result.returncode == 0, f"block {block_id} failed:\n{code}\n{result.stderr[-6000:]}"
         for repo_id in re.findall(r'push_to_hub\([^,]+,\s*"([^"]+)"', code):
             pushed = tmp_path / "hub" / repo_id
             has_model = (pushed / "config.json").is_file() or (pushed / "model_index.json").is_file()  # or a pipeline
@@ -117,7 +135,7 @@ def test_readme_block_runs_as_written(block_id, code, tmp_path):
             )
     else:
         result = _run(code, work, env)
-        assert result.returncode == 0, f"README block {block_id} failed:\n{code}\n{result.stderr[-6000:]}"
+        assert result.returncode == 0, f"block {block_id} failed:\n{code}\n{result.stderr[-6000:]}"
     print(f"{block_id}: {time.perf_counter() - started:.1f} s")
 
 
@@ -145,7 +163,7 @@ def test_example_text_task_is_small_reproducible_and_leaves_the_random_state_alo
     )
     assert 0.0 <= metrics["accuracy"] <= 1.0
     full = example_text_task(train_size=None, test_size=None, validation_size=None)
-    assert (len(full.train), len(full.validation), len(full.test)) == (1321, 147, 366)
+    assert (len(full.train), len(full.validation), len(full.test)) == (1174, 293, 366)
     with pytest.raises(ValueError, match="train_size"):
         example_text_task(train_size=0)
 
@@ -165,13 +183,16 @@ DOCTEST_NOT_RUN = {
     "hf_collapse.removal": _CONTINUES.format("a model, block scores and an evaluation function"),
     "hf_collapse.engine.search": _CONTINUES.format("a model, a search strategy and a budget"),
     "hf_collapse.report": _CONTINUES.format("a model, block scores and the report of a collapse"),
-    "hf_collapse.scoring": _CONTINUES.format("a model, an evaluation loader and a UNet's batch"),
+    "hf_collapse.scoring.base": _CONTINUES.format("a UNet and its batch"),
+    "hf_collapse.scoring.blocks": _CONTINUES.format("a model and a calibration loader"),
+    "hf_collapse.scoring.loss": _CONTINUES.format("a decoder LM and a calibration loader"),
     "hf_collapse.surgery.blocks": _CONTINUES.format("a model and the result of a removal"),
     "hf_collapse.surgery.record": _CONTINUES.format("a model and the result of a removal"),
     "hf_collapse.surgery.sites": _CONTINUES.format("a model of a supported family"),
     "hf_collapse.surgery.linearize": _CONTINUES.format("a BERT model"),
     "hf_collapse.surgery.trial": _CONTINUES.format("a decoder LM and a batch"),
     "hf_collapse.evaluation": _CONTINUES.format("a model, training arguments, a dataset and a metric"),
+    "hf_collapse.pipeline": _CONTINUES.format("a model, its calibration, validation and test data"),
     "hf_collapse.lm_evaluation": _CONTINUES.format("a causal LM, its tokenizer, held-out loaders and a report"),
     "hf_collapse.tlc.compress": _CONTINUES.format("a model, datasets, training arguments and a metric"),
     "hf_collapse.tlc.statistics": _CONTINUES.format("a model and calibration batches"),

@@ -4,9 +4,10 @@ seeding before a model is built."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,21 @@ def rename_deprecated_flags(argv: Sequence[str], accepted: set[str]) -> list[str
     return renamed
 
 
+def healing_help() -> str:
+    """The ``--heal`` help: the registered healing methods (:data:`hf_collapse.healing.HEALING`)."""
+    from ..healing import HEALING
+
+    return f"Heal the collapsed model: {HEALING.describe()}."
+
+
+def check_healing(method: str | None) -> None:
+    """Refuse an unknown ``--heal`` before any work, naming the registered methods."""
+    from ..healing import HEALING
+
+    if method is not None and method not in HEALING:
+        raise ValueError(f"--heal {method!r}: expected one of {', '.join(HEALING)}")
+
+
 def unknown_flags_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     """The one-line error for unknown flags, with the closest known flag suggested."""
     flags = [a for a in unknown if a.startswith("-")] or unknown
@@ -179,6 +195,19 @@ def _has_accelerator() -> bool:
 
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def _named_as_flags(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """A refusal that starts with a field's name (``num_units must be ...``, as the library words it) names it as the
+    flag the user typed (``--num_units must be ...``)."""
+    try:
+        yield
+    except ValueError as error:
+        message = str(error)
+        if f"--{message.split(' ', 1)[0]}" in compat.parser_option_strings(parser):
+            raise ValueError(f"--{message}") from None
+        raise
 
 
 def parse_job_flags(
@@ -204,16 +233,23 @@ def parse_job_flags(
             raise UsageError(message)
 
     parser = Parser((job_class, args_class), prog=prog, description=description, allow_abbrev=False)
+    for action in compat.parser_actions(parser):
+        # a field whose metadata["help"] is a function: its help is built now, from a registry (an entry registered
+        # by the user's own code is listed too), e.g. healing_help
+        if callable(action.help):
+            action.help = action.help()
     argv = rename_deprecated_flags(argv, set(compat.parser_option_strings(parser)))
     if defaults_for_job is not None and not {"-h", "--help"} & set(argv):
-        job_only, _ = Parser(job_class, allow_abbrev=False).parse_args_into_dataclasses(
-            list(argv), return_remaining_strings=True
-        )
+        with _named_as_flags(parser):
+            job_only, _ = Parser(job_class, allow_abbrev=False).parse_args_into_dataclasses(
+                list(argv), return_remaining_strings=True
+            )
         defaults = defaults_for_job(job_only)
     if not _has_accelerator() and "dataloader_pin_memory" in {f.name for f in dataclasses.fields(args_class)}:
         defaults = {"dataloader_pin_memory": False, **defaults}
     parser.set_defaults(**defaults)
-    job, args, unknown = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
+    with _named_as_flags(parser):
+        job, args, unknown = parser.parse_args_into_dataclasses(list(argv), return_remaining_strings=True)
     if unknown:
         raise UsageError(unknown_flags_message(parser, unknown))
     return job, args

@@ -16,13 +16,22 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from ..budget import BudgetArguments
 from ..data.tasks import accuracy, prepare_task, resolve_task
 from ..lacoot import LaCoOTArguments, LaCoOTTrainer
 from ..metrics import perplexity
+from ..pipeline import Healing, run_pipeline
 from ..report import CollapseReport, describe_split
 from . import COMMANDS
-from .arguments import JobArguments, at_least, parse_job_flags, seed_everything
-from .output import phase, print_collapse_summary, save_collapse, say_on_failure
+from .arguments import (
+    JobArguments,
+    at_least,
+    check_healing,
+    healing_help,
+    parse_job_flags,
+    seed_everything,
+)
+from .output import phase, print_collapse_summary, save_collapse, say
 
 __all__ = [
     "DEFAULT_LACOOT_LM_TRAINING",
@@ -39,8 +48,6 @@ __all__ = [
 
 DESCRIPTION = COMMANDS["lacoot"]
 
-#: The healing methods of ``hf-collapse lacoot`` (training ones: the linear map is for decoder LMs, see prune).
-LACOOT_HEALING = ("distill", "lora")
 
 #: The perplexity budget of ``hf-collapse lacoot`` on a causal LM when none is given: perplexity may grow by 25%.
 DEFAULT_PERPLEXITY_RATIO = 1.25
@@ -91,30 +98,14 @@ DEFAULT_LACOOT_LM_TRAINING: dict[str, Any] = dict(
 
 
 @dataclass
-class LaCoOTJobArguments(JobArguments):
-    """How to collapse after LaCoOT training (the ``hf-collapse lacoot`` flags besides ``LaCoOTArguments``)."""
+class LaCoOTJobArguments(JobArguments, BudgetArguments):
+    """How to collapse after LaCoOT training (the ``hf-collapse lacoot`` flags besides ``LaCoOTArguments``). Without a
+    metric budget, the task's default: an accuracy drop of 0.05 (classification), a perplexity ratio of 1.25
+    (causal LM)."""
 
-    max_metric_delta: float | None = field(
-        default=None,
-        metadata={
-            "help": "Collapse while the metric stays within this of the trained model's: an accuracy drop "
-            "(classification; default 0.05) or a perplexity rise (causal_lm)."
-        },
-    )
-    max_metric_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "Collapse while the metric stays within this factor of the trained model's (causal_lm default "
-            f"{DEFAULT_PERPLEXITY_RATIO} when no other metric budget is given)."
-        },
-    )
-    num_units: int | None = field(default=None, metadata={"help": "Remove at most this many blocks."})
     heal: str | None = field(
         default=None,
-        metadata={
-            "help": "Heal the collapsed model: distill (from the LaCoOT-trained full model: its logits on the training "
-            "data) or lora (peft LoRA on the training loss, merged back)."
-        },
+        metadata={"help": healing_help},  # distill: from the LaCoOT-trained full model
     )
     heal_epochs: float = field(default=1.0, metadata={"help": "Epochs of healing over the training data."})
     heal_max_steps: int = field(default=-1, metadata={"help": "Steps of healing (overrides --heal_epochs when > 0)."})
@@ -131,12 +122,9 @@ class LaCoOTJobArguments(JobArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        at_least("max_metric_delta", self.max_metric_delta, 0)
-        at_least("max_metric_ratio", self.max_metric_ratio, 1)
-        at_least("num_units", self.num_units, 1)
-        if self.heal is not None and self.heal not in LACOOT_HEALING:
-            raise ValueError(f"--heal {self.heal!r}: expected one of {', '.join(LACOOT_HEALING)}")
+        JobArguments.__post_init__(self)
+        BudgetArguments.__post_init__(self)
+        check_healing(self.heal)
         if not self.heal_epochs > 0:
             raise ValueError(f"--heal_epochs must be > 0, got {self.heal_epochs}")
         at_least("calibration_batches", self.calibration_batches, 1)
@@ -207,55 +195,59 @@ def run_lacoot_job(job: LaCoOTJobArguments, args: LaCoOTArguments) -> tuple[Any,
         if trainer.is_world_process_zero():
             model.save_pretrained(trained)  # what training cost is kept, whatever fails next
         trainer.accelerator.wait_for_everyone()
-    with phase("scoring the blocks on training data, then removing them under the budget (validation data)"):
-        scores = trainer.block_scores(max_batches=job.calibration_batches)
-        collapse_kwargs = dict(
-            scores=scores,
-            num_units=job.num_units,
-            latency_repeats=job.latency_repeats,
-            progress_dir=progress,
-            resume_from=job.resume_from,
-            **budget,
-        )
-        if task == "classification":
-            collapsed, report = trainer.collapse(**collapse_kwargs)
-        else:
-            validation = DataLoader(data["validation"], batch_size=args.per_device_eval_batch_size)
-            collapsed, report = trainer.collapse(
-                eval_fn=lambda m: perplexity(m, validation),
+    metric_name = "accuracy" if task == "classification" else "perplexity"
+
+    def remove():
+        with phase("scoring the blocks on training data, then removing them under the budget (validation data)"):
+            scores = trainer.block_scores(max_batches=job.calibration_batches)
+            collapse_kwargs = dict(
+                scores=scores,
+                num_units=job.num_units,
+                flops_fraction=job.flops_fraction,
+                latency_repeats=job.latency_repeats,
+                progress_dir=progress,
+                resume_from=job.resume_from,
+                **budget,
+            )
+            if task == "classification":
+                return trainer.collapse(**collapse_kwargs)
+            return trainer.collapse(
+                eval_fn=lambda m: _metric(trainer, m, data["validation"], task, metric_name),
                 higher_is_better=False,
-                metric_name="perplexity",
+                metric_name=metric_name,
                 **collapse_kwargs,
             )
+
+    def measure(model, stage: str, report: CollapseReport) -> None:
+        report.record(
+            f"{report.metric_name} on {job.dataset}",
+            stage,
+            _metric(trainer, model, data["test"], task, report.metric_name),
+            metric=report.metric_name,
+            higher_is_better=report.higher_is_better,
+            data=describe_split(data["test"]),
+            seen_in_healing=True,
+        )
+
     batches = min(job.calibration_batches, math.ceil(len(data["train"]) / args.per_device_eval_batch_size))
-    report.data_roles = {
-        "training": describe_split(data["train"]),
-        "calibration": f"{describe_split(data['train'])} (its first {batches} batches of "
-        f"{args.per_device_eval_batch_size}: the blocks' MSW)",
-        "validation": describe_split(data["validation"]),
-        "test": describe_split(data["test"]),
-    }
-    save_collapse(args.output_dir, collapsed, processor, report, job, data)  # safe before anything else can fail
     hint = f"Continue without training again: --resume_from {progress} (the trained model in {trained} is reused)"
-    with say_on_failure(f"collapsing was done, but healing or measuring failed. {hint}"):
-        final = collapsed
-        if job.heal is not None and report.after.removed:
-            with phase(f"healing ({job.heal}{' from the LaCoOT-trained model' if job.heal == 'distill' else ''})"):
-                final = _heal(trainer, collapsed, report, job, args, data)
-        with phase("measuring every stage on the test data (reported only)"):
-            stages = [("original", trainer.model), ("after removal", collapsed)]
-            stages += [("after healing", final)] if final is not collapsed else []
-            for stage, measured in stages:
-                report.record(
-                    f"{report.metric_name} on {job.dataset}",
-                    stage,
-                    _metric(trainer, measured, data["test"], task, report.metric_name),
-                    metric=report.metric_name,
-                    higher_is_better=report.higher_is_better,
-                    data=describe_split(data["test"]),
-                    seen_in_healing=True,
-                )
-        save_collapse(args.output_dir, final, processor, report, job, data)
+    final, report = run_pipeline(
+        trainer.model,
+        remove,
+        healing=(lambda: _healing(trainer, job, args, data)) if job.heal is not None else None,
+        validation_metric=lambda m: _metric(trainer, m, data["validation"], task, metric_name),
+        measure=measure,
+        save=lambda model, report: save_collapse(args.output_dir, model, processor, report, job, data),
+        data_roles={
+            "training": describe_split(data["train"]),
+            "calibration": f"{describe_split(data['train'])} (its first {batches} batches of "
+            f"{args.per_device_eval_batch_size}: the blocks' MSW)",
+            "validation": describe_split(data["validation"]),
+            "test": describe_split(data["test"]),
+        },
+        on_failure=lambda error: say(f"collapsing was done, but healing or measuring failed. {hint}"),
+        phase=phase,
+    )
     return final, report, report.summary()
 
 
@@ -266,14 +258,12 @@ def _metric(trainer: LaCoOTTrainer, model, dataset, task: str, metric_name: str)
     return perplexity(model, DataLoader(dataset, batch_size=trainer.args.per_device_eval_batch_size))
 
 
-def _heal(trainer: LaCoOTTrainer, collapsed, report: CollapseReport, job: LaCoOTJobArguments, args, data):
-    """Heal ``collapsed`` on the training data (the LaCoOT-trained full model as the distillation teacher), measure
-    the budget's metric on the validation data again, and record it in ``report``."""
+def _healing(trainer: LaCoOTTrainer, job: LaCoOTJobArguments, args, data) -> Healing:
+    """The healing of --heal: on the training data, with the job's training arguments for --heal_epochs (or
+    --heal_max_steps), the LaCoOT-trained full model as the teacher of distillation."""
     import dataclasses
 
     from transformers import TrainingArguments
-
-    from ..healing import heal
 
     names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     settings = {k: v for k, v in args.to_dict().items() if k in names and not k.startswith("_")}
@@ -286,18 +276,18 @@ def _heal(trainer: LaCoOTTrainer, collapsed, report: CollapseReport, job: LaCoOT
         load_best_model_at_end=False,
         push_to_hub=False,
     )
-    heal_args = TrainingArguments(**settings)
-    teacher = trainer.model if job.heal == "distill" else None
-    healed = heal(
-        collapsed, teacher, data["train"], method=job.heal, args=heal_args, data_collator=trainer.data_collator
-    )
-    task = "classification" if report.metric_name != "perplexity" else "causal_lm"
-    report.record_budget_metric("after healing", _metric(trainer, healed, data["validation"], task, report.metric_name))
-    report.extra.update(heal=job.heal, heal_epochs=job.heal_epochs)
-    report.data_roles["healing"] = describe_split(data["train"])
+    extra: dict[str, Any] = {"heal_epochs": job.heal_epochs}
     if job.heal_max_steps > 0:
-        report.extra["heal_max_steps"] = job.heal_max_steps
-    return healed
+        extra["heal_max_steps"] = job.heal_max_steps
+    return Healing(
+        job.heal,
+        data["train"],
+        teacher=trainer.model,
+        args=TrainingArguments(**settings),
+        options={"data_collator": trainer.data_collator},
+        described=describe_split(data["train"]),
+        extra=extra,
+    )
 
 
 def main(argv: Sequence[str]) -> int:

@@ -15,12 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..budget import BudgetArguments
 from ..data import lm_window_parts, lm_windows, shuffle_windows
 from ..data.tasks import model_source
+from ..pipeline import Healing, run_pipeline
 from ..report import CollapseReport
 from . import COMMANDS
-from .arguments import LMJobArguments, at_least, check_dataset, parse_job_flags, seed_everything
-from .output import phase, print_collapse_summary, say_on_failure
+from .arguments import (
+    LMJobArguments,
+    at_least,
+    check_dataset,
+    check_healing,
+    healing_help,
+    parse_job_flags,
+    seed_everything,
+)
+from .output import phase, print_collapse_summary, say
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..lm_evaluation import LMEvaluation
@@ -29,7 +39,6 @@ __all__ = [
     "DEFAULT_PRUNE_TRAINING",
     "DESCRIPTION",
     "PruneJobArguments",
-    "generation_speed",
     "main",
     "prune_training_defaults",
     "run_prune_job",
@@ -39,7 +48,13 @@ logger = logging.getLogger(__name__)
 
 DESCRIPTION = COMMANDS["prune"]
 
-HEALING = ("distill", "lora", "linear")
+
+def _method_help() -> str:
+    from ..scoring import SCORERS
+    from ..searches import SEARCHES
+
+    return f"One-shot scorer: {SCORERS.describe()}; or search: {SEARCHES.describe()}."
+
 
 #: TrainingArguments of the command (they matter to healing by training, "distill" and "lora"); flags override them.
 DEFAULT_PRUNE_TRAINING: dict[str, Any] = dict(
@@ -54,27 +69,25 @@ DEFAULT_PRUNE_TRAINING: dict[str, Any] = dict(
     report_to="none",
     seed=0,
 )
-#: LoRA heals with a larger step than full-parameter distillation: on SmolLM2 with 8 of 30 blocks removed, 7 minutes
-#: of LoRA (r=16) at 5e-4 took perplexity from 101.8 to 42.5, distillation at 5e-5 to 51.5 (benchmarks/bench_llm_depth).
-LORA_LEARNING_RATE = 5e-4
 
 
 def prune_training_defaults(heal: str | None) -> dict[str, Any]:
-    """The ``TrainingArguments`` defaults of ``hf-collapse prune`` for the healing method (flags override them)."""
-    return {**DEFAULT_PRUNE_TRAINING, "learning_rate": LORA_LEARNING_RATE} if heal == "lora" else DEFAULT_PRUNE_TRAINING
+    """The ``TrainingArguments`` defaults of ``hf-collapse prune`` for the healing method (flags override them): a
+    method's own learning rate where it declares one (:attr:`hf_collapse.healing.HealingMethod.learning_rate`)."""
+    from ..healing import HEALING
+
+    rate = HEALING.get(heal).learning_rate if heal in HEALING else None
+    return DEFAULT_PRUNE_TRAINING if rate is None else {**DEFAULT_PRUNE_TRAINING, "learning_rate": rate}
 
 
 @dataclass
-class PruneJobArguments(LMJobArguments):
-    """The ``hf-collapse prune`` flags besides ``TrainingArguments`` (which configure healing by training)."""
+class PruneJobArguments(LMJobArguments, BudgetArguments):
+    """The ``hf-collapse prune`` flags besides ``TrainingArguments`` (which configure healing by training); the budget
+    (:class:`~hf_collapse.budget.BudgetArguments`) is on perplexity: lower is better."""
 
     method: str = field(
         default="block_influence",
-        metadata={
-            "help": "One-shot scorer (block_influence, angular, loss, msw, random) or search: sleb (re-scored by loss "
-            "after each removal), blockpruner (attention and MLP sub-layers, re-scored), span (the closest contiguous "
-            "span of --num_units blocks)."
-        },
+        metadata={"help": _method_help},
     )
     granularity: str = field(default="block", metadata={"help": "Units: block, attention or mlp."})
     per_flop: bool = field(
@@ -84,14 +97,7 @@ class PruneJobArguments(LMJobArguments):
             "least loss (which spends a FLOPs budget on the small attention sub-layers first)."
         },
     )
-    num_units: int | None = field(default=None, metadata={"help": "Remove this many units."})
-    max_metric_delta: float | None = field(default=None, metadata={"help": "Perplexity may rise by this much."})
-    max_metric_ratio: float | None = field(default=None, metadata={"help": "Perplexity may grow by this factor."})
-    flops_fraction: float | None = field(
-        default=None,
-        metadata={"help": "Remove until the forward FLOPs are at most this fraction of the original's (e.g. 0.8)."},
-    )
-    heal: str | None = field(default=None, metadata={"help": f"Healing after removal: {', '.join(HEALING)}."})
+    heal: str | None = field(default=None, metadata={"help": healing_help})
     max_length: int = field(default=128, metadata={"help": "Tokens per calibration / evaluation window."})
     calibration_windows: int = field(default=32, metadata={"help": "Windows of training text for scoring."})
     heal_windows: int = field(
@@ -159,42 +165,29 @@ class PruneJobArguments(LMJobArguments):
         return list(dict.fromkeys(c for c in names if c.lower() != "none" and c != self.dataset))
 
     def __post_init__(self):
-        super().__post_init__()
-        from ..removal import SEARCHES
-        from ..scoring import DATA_FREE, SCORERS
+        LMJobArguments.__post_init__(self)
+        BudgetArguments.__post_init__(self)
+        from ..healing import check_heal_applicable
+        from ..searches import find_search, method_names
 
-        methods = [*SCORERS, "loss", *DATA_FREE, *SEARCHES]
-        if self.method not in methods:
-            raise ValueError(f"--method {self.method!r}: expected one of {', '.join(methods)}")
-        if self.heal is not None and self.heal not in HEALING:
-            raise ValueError(f"--heal {self.heal!r}: expected one of {', '.join(HEALING)}")
-        if self.heal is not None:
-            from ..healing import check_heal_applicable
-
-            try:
-                check_heal_applicable(self.heal, sublayers=self.method == "blockpruner" or self.granularity != "block")
-            except ValueError as error:
-                raise ValueError(f"--heal {self.heal}: {error}") from None
+        try:
+            search = find_search(self.method)
+        except ValueError:
+            raise ValueError(f"--method {self.method!r}: expected one of {', '.join(method_names())}") from None
+        check_healing(self.heal)
         if self.granularity not in ("block", "attention", "mlp"):
             raise ValueError(f"--granularity {self.granularity!r}: expected block, attention or mlp")
-        budgets = (self.num_units, self.flops_fraction, self.max_metric_delta, self.max_metric_ratio)
-        if all(limit is None for limit in budgets):
+        if not self.has_budget():
             raise ValueError(
                 "no budget: pass --num_units, --flops_fraction, --max_metric_delta, --max_metric_ratio, or several"
             )
-        if self.flops_fraction is not None and not 0 < self.flops_fraction < 1:
-            raise ValueError(f"--flops_fraction must be between 0 and 1, got {self.flops_fraction}")
-        if self.method in SEARCHES and self.granularity != "block":
-            raise ValueError(f"--method {self.method} chooses its own units: leave out --granularity")
-        if self.per_flop and self.method != "blockpruner":
-            raise ValueError(
-                f"--per_flop ranks sub-layers of unequal size: it needs --method blockpruner, not {self.method}"
-            )
-        if self.method == "span" and self.num_units is None:
-            raise ValueError("--method span removes --num_units consecutive blocks at once: give --num_units")
-        at_least("num_units", self.num_units, 1)
-        at_least("max_metric_delta", self.max_metric_delta, 0)
-        at_least("max_metric_ratio", self.max_metric_ratio, 1)
+        budget = self.budget(higher_is_better=False)
+        try:  # what the search cannot do, and a healing that cannot heal what it removes, before any work
+            search.check(budget, self.granularity, {"per_flop": self.per_flop})
+            if self.heal is not None:
+                check_heal_applicable(self.heal, sublayers=search.removes_sublayers(self.granularity))
+        except ValueError as error:
+            raise ValueError(f"--method {self.method}{' --heal ' + self.heal if self.heal else ''}: {error}") from None
         for name in ("max_length", "calibration_windows", "heal_windows", "eval_windows", "batch_size"):
             at_least(name, getattr(self, name), 1)
         at_least("generate_tokens", self.generate_tokens, 0)
@@ -221,20 +214,6 @@ class PruneJobArguments(LMJobArguments):
                 f"--resume_from {self.resume_from!r}: no such folder (the progress folder of an "
                 "interrupted run, <output_dir>/prune_progress by default)"
             )
-
-
-def generation_speed(models: list[Any], prompt: dict[str, Any], new_tokens: int, rounds: int) -> list[float]:
-    """Tokens per second of greedy generation with the KV cache, the models timed side by side in ``rounds``
-    interleaved rounds (:func:`hf_collapse.metrics.compare_latency`; median per model)."""
-    from ..metrics import compare_latency
-
-    def generate(model: Any, inputs: dict[str, Any]) -> Any:
-        return model.generate(
-            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True
-        )
-
-    timing = compare_latency(models, prompt, warmup=1, rounds=max(rounds, 1), min_seconds=0, call=generate)
-    return [new_tokens * prompt["input_ids"].shape[0] / seconds for seconds in timing.seconds]
 
 
 def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, dict[str, Any]]:
@@ -277,99 +256,101 @@ def run_prune_job(job: PruneJobArguments, args) -> tuple[Any, CollapseReport, di
         deciding = DataLoader(windows["validation"], batch_size=job.batch_size)
         tested = DataLoader(windows["test"], batch_size=job.batch_size)
     cut = lambda split: f"{len(windows[split])} windows of {job.max_length} tokens"  # noqa: E731
+    others = job.measured_corpora()[1:]
     roles = {
         "calibration": f"{describe_split(splits['train'])} (its first {cut('train')})",
         "validation": f"{describe_split(splits['validation'])} (its first {cut('validation')})",
-        "test": f"{describe_split(splits['test'])} (its first {cut('test')})",
+        "test": f"{describe_split(splits['test'])} (its first {cut('test')})"
+        + (f"; the test splits of {', '.join(others)}" if others else ""),
     }
     measurements = _measurements(job, args, tokenizer, tested, texts, output)
-    with phase(f"{job.method}: scoring and removing {job.granularity} units under the budget (perplexity of each)"):
-        collapsed, report = prune(
-            model,
-            DataLoader(windows["train"], batch_size=job.batch_size),
-            method=job.method,
-            granularity=job.granularity,
-            per_flop=job.per_flop,
-            num_units=job.num_units,
-            max_metric_delta=job.max_metric_delta,
-            max_metric_ratio=job.max_metric_ratio,
-            flops_fraction=job.flops_fraction,
-            eval_fn=lambda m: perplexity(m, deciding),
-            higher_is_better=False,
-            metric_name="perplexity",
-            latency_repeats=job.latency_repeats,
-            progress=not args.disable_tqdm,
-            progress_dir=progress,
-            resume_from=job.resume_from,
+    healing = (lambda: _healing(job, args, tokenizer, texts["train"])) if job.heal is not None else None
+
+    def remove():
+        with phase(f"{job.method}: scoring and removing {job.granularity} units under the budget (validation text)"):
+            return prune(
+                model,
+                DataLoader(windows["train"], batch_size=job.batch_size),
+                method=job.method,
+                granularity=job.granularity,
+                per_flop=job.per_flop,
+                **job.limits(),
+                eval_fn=lambda m: perplexity(m, deciding),
+                higher_is_better=False,
+                metric_name="perplexity",
+                latency_repeats=job.latency_repeats,
+                progress=not args.disable_tqdm,
+                progress_dir=progress,
+                resume_from=job.resume_from,
+            )
+
+    def save(saved, report: CollapseReport) -> None:
+        report.extra.update(
+            model=job.model,
+            dataset=job.dataset,
+            max_length=job.max_length,
+            calibration_windows=len(windows["train"]),
+            validation_windows=len(windows["validation"]),
+            test_windows=len(windows["test"]),
         )
-    others = job.measured_corpora()[1:]
-    roles["test"] += f"; the test splits of {', '.join(others)}" if others else ""
-    report.data_roles = roles
-    report.extra.update(
-        {
-            "model": job.model,
-            "dataset": job.dataset,
-            "max_length": job.max_length,
-            "calibration_windows": len(windows["train"]),
-            "validation_windows": len(windows["validation"]),
-            "test_windows": len(windows["test"]),
-        }
+        _save(saved, report, tokenizer, output)
+
+    place = f"{output / 'collapsed'} and {output / 'report'}"
+    final, report = run_pipeline(
+        model,
+        remove,
+        healing=healing,
+        validation_metric=lambda m: perplexity(m, deciding),
+        measure=lambda measured, stage, report: measurements.measure(measured, stage, report),
+        compare=_generation_speed(job, tested) if job.generate_tokens else None,
+        save=save,
+        data_roles=roles,
+        on_failure=lambda error: say(
+            f"healing or measuring failed; the pruned model (before healing) and its report are saved in {place}. "
+            f"Continue without searching again: --resume_from {progress} (another --heal, or none, is fine)"
+        ),
+        phase=phase,
     )
-    _save(collapsed, report, tokenizer, output)  # the search's result is safe before anything else can fail
-    saved = f"{output / 'collapsed'} and {output / 'report'}"
-    with say_on_failure(
-        f"healing or measuring failed; the pruned model (before healing) and its report are saved in {saved}. Continue "
-        f"without searching again: --resume_from {progress} (another --heal, or none, is fine)"
-    ):
-        final = _heal_and_measure(job, args, model, collapsed, report, tokenizer, texts, deciding, measurements)
-        _save(final, report, tokenizer, output)
+    if report.extra.get("heal_mix_ratio_requested") is not None:
+        logger.warning(
+            "--heal_mix_ratio %s asked for, %s reached: the mixed corpora hold fewer windows than asked",
+            job.heal_mix_ratio,
+            report.extra["heal_mix_ratio"],
+        )
     if is_main_process() and args.push_to_hub and args.hub_model_id:
         with phase(f"pushing to {args.hub_model_id}"):
             hub.push_to_hub(final, args.hub_model_id, report=report, processor=tokenizer, token=args.hub_token)
     return final, report, report.summary()
 
 
-def _heal_and_measure(job, args, model, collapsed, report, tokenizer, texts, deciding, measurements):
-    """Heal the pruned model if asked, measure every stage on the test text (and the budget's metric after healing
-    on the validation text), time generation; returns the final model. Everything lands in ``report``."""
-    from ..healing import heal
-    from ..metrics import perplexity
+def _generation_speed(job: PruneJobArguments, tested):
+    """``(original, final, report)``: tokens/s of greedy generation with the KV cache, side by side, after the first
+    32 tokens of the first test window."""
+    from ..metrics import generation_speed
 
-    final = collapsed
-    stages = [("original", model), ("after removal", collapsed)]
+    def compare(original, final, report: CollapseReport) -> None:
+        first = next(iter(tested))
+        prompt = {k: v[:1, : min(32, job.max_length)] for k, v in first.items() if k != "labels"}
+        speed = generation_speed([original, final], prompt, job.generate_tokens, job.latency_repeats)
+        report.extra.update(
+            tokens_per_s_before=round(speed[0], 2),
+            tokens_per_s_after=round(speed[1], 2),
+            generation_speedup=round(speed[1] / speed[0], 3),
+        )
+
+    return compare
+
+
+def _healing(job: PruneJobArguments, args, tokenizer, train_text) -> Healing:
+    """The healing of --heal: its windows of training text (with --heal_mix mixed in), the share of each corpus."""
+    windows, shares = _healing_windows(job, args, tokenizer, train_text)
+    extra: dict[str, Any] = {"heal_windows": len(windows)}
     mix = job.healing_mix()
-    if job.heal is not None and report.after.removed:
-        with phase(f"healing ({job.heal}{' with ' + ', '.join(mix) + ' mixed in' if mix else ''})"):
-            healing, shares = _healing_windows(job, args, tokenizer, texts["train"])
-            final = heal(collapsed, model, healing, method=job.heal, args=args)
-            report.extra.update(heal=job.heal, heal_windows=len(healing))
-            report.data_roles["healing"] = _healing_description(job, shares)
-            if mix:
-                report.extra.update(heal_mix=mix, heal_mix_ratio=round(1 - shares[0] / len(healing), 4))
-                if job.heal_mix_ratio != report.extra["heal_mix_ratio"]:
-                    report.extra["heal_mix_ratio_requested"] = job.heal_mix_ratio
-                    logger.warning(
-                        "--heal_mix_ratio %s asked for, %s reached: the mixed corpora hold fewer windows than asked",
-                        job.heal_mix_ratio,
-                        report.extra["heal_mix_ratio"],
-                    )
-        with phase("perplexity after healing on the validation text"):
-            report.record_budget_metric("after healing", perplexity(final, deciding))
-        stages.append(("after healing", final))
-    for stage, measured in stages:
-        with phase(f"measuring the {stage if stage == 'original' else 'model ' + stage} ({measurements.what()})"):
-            measurements.measure(measured, stage, report)
-    if job.generate_tokens:
-        with phase(f"timing generation ({job.generate_tokens} tokens, KV cache)"):
-            batch = next(iter(measurements.corpora.values()))
-            prompt = {k: v[:1, : min(32, job.max_length)] for k, v in next(iter(batch)).items() if k != "labels"}
-            speed = generation_speed([model, final], prompt, job.generate_tokens, job.latency_repeats)
-            report.extra.update(
-                tokens_per_s_before=round(speed[0], 2),
-                tokens_per_s_after=round(speed[1], 2),
-                generation_speedup=round(speed[1] / speed[0], 3),
-            )
-    return final
+    if mix:
+        extra.update(heal_mix=mix, heal_mix_ratio=round(1 - shares[0] / len(windows), 4))
+        if job.heal_mix_ratio != extra["heal_mix_ratio"]:
+            extra["heal_mix_ratio_requested"] = job.heal_mix_ratio
+    return Healing(job.heal, windows, args=args, described=_healing_description(job, shares), extra=extra)
 
 
 def _save(model, report: CollapseReport, tokenizer, output: Path) -> None:

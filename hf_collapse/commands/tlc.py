@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..budget import BudgetArguments
 from ..data.tasks import accuracy, prepare_task, resolve_task
+from ..pipeline import run_pipeline
 from ..report import CollapseReport, describe_split
 from ..tlc import TLCConfig, compress
 from . import COMMANDS
 from .arguments import JobArguments, at_least, parse_job_flags, seed_everything
 from .lacoot import DEFAULT_TRAINING
-from .output import phase, print_collapse_summary, save_collapse, say_on_failure
+from .output import phase, print_collapse_summary, save_collapse, say
 
 __all__ = ["DEFAULT_TLC_TRAINING", "DESCRIPTION", "TLCJobArguments", "main", "run_tlc_job"]
 
@@ -26,11 +28,10 @@ DEFAULT_TLC_TRAINING: dict[str, Any] = {**DEFAULT_TRAINING, "output_dir": "outpu
 
 
 @dataclass
-class TLCJobArguments(JobArguments):
+class TLCJobArguments(JobArguments, BudgetArguments):
     """How TLC collapses the fine-tuned model (the ``hf-collapse tlc`` flags besides ``TrainingArguments``)."""
 
-    num_units: int | None = field(default=3, metadata={"help": "Activation layers to collapse."})
-    max_metric_delta: float | None = field(default=None, metadata={"help": "Stop before a larger accuracy drop."})
+    num_units: int | None = field(default=3, metadata={"help": "Collapse at most this many activation layers."})
     calibration_batches: int = field(default=8, metadata={"help": "Batches for statistics and candidate ranking."})
     finetune_steps: int = field(default=20, metadata={"help": "Fine-tuning steps after each collapse."})
     no_fuse: bool = field(default=False, metadata={"help": "Linearize without fusing the adjacent maps."})
@@ -42,14 +43,13 @@ class TLCJobArguments(JobArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        JobArguments.__post_init__(self)
         if self.task == "causal_lm":
             raise ValueError(
                 "--task causal_lm: hf-collapse tlc runs classification tasks (for a causal LM, use "
                 "hf-collapse lacoot or hf-collapse prune)"
             )
-        at_least("num_units", self.num_units, 1)
-        at_least("max_metric_delta", self.max_metric_delta, 0)
+        BudgetArguments.__post_init__(self)
         at_least("calibration_batches", self.calibration_batches, 1)
         at_least("finetune_steps", self.finetune_steps, 0)
         if self.resume_from is not None and not Path(self.resume_from).is_dir():
@@ -104,46 +104,53 @@ def run_tlc_job(job: TLCJobArguments, args) -> tuple[Any, CollapseReport, dict[s
         logger.info("resuming TLC from %s, starting from the fine-tuned model in %s", job.resume_from, finetuned)
     model = type(model).from_pretrained(finetuned)
     config = TLCConfig(
-        num_units=job.num_units,
-        max_metric_delta=job.max_metric_delta,
+        **job.limits(),
         calibration_batches=job.calibration_batches,
         finetune_steps=job.finetune_steps,
         fuse=not job.no_fuse,
     )
-    with phase("collapsing activation layers with TLC (ranking, linearizing, fine-tuning, timing each step)"):
-        compressed, report = compress(
-            model,
-            config,
-            data["train"],
-            data["validation"],
-            args,
-            data_collator=collator,
-            compute_metrics=accuracy,
-            resume_from=job.resume_from,
+
+    def remove():
+        with phase("collapsing activation layers with TLC (ranking, linearizing, fine-tuning, timing each step)"):
+            return compress(
+                model,
+                config,
+                data["train"],
+                data["validation"],
+                args,
+                data_collator=collator,
+                compute_metrics=accuracy,
+                resume_from=job.resume_from,
+            )
+
+    def measure(measured, stage: str, report: CollapseReport) -> None:
+        metrics = evaluate_model(measured, args, data["test"], data_collator=collator, compute_metrics=accuracy)
+        report.record(
+            f"accuracy on {job.dataset}",
+            stage,
+            metrics["eval_accuracy"],
+            metric="accuracy",
+            higher_is_better=True,
+            data=describe_split(data["test"]),
+            seen_in_healing=True,
         )
+
     training = describe_split(data["train"])
-    report.data_roles = {
-        "training": f"{training} (and the fine-tuning after each step)",
-        "calibration": f"{training} (its first {report.extra['calibration_batches']} batches: statistics, ranking)",
-        "validation": describe_split(data["validation"]),
-        "test": describe_split(data["test"]),
-    }
-    save_collapse(args.output_dir, compressed, processor, report, job, data)  # safe before anything else can fail
     progress = Path(job.resume_from or Path(args.output_dir) / "tlc_progress")
-    with say_on_failure(f"measuring failed after TLC; continue with --resume_from {progress} (no search again)"):
-        with phase("measuring the fine-tuned and the compressed model on the test data (reported only)"):
-            for stage, measured in (("original", model), ("after removal", compressed)):
-                metrics = evaluate_model(measured, args, data["test"], data_collator=collator, compute_metrics=accuracy)
-                report.record(
-                    f"accuracy on {job.dataset}",
-                    stage,
-                    metrics["eval_accuracy"],
-                    metric="accuracy",
-                    higher_is_better=True,
-                    data=describe_split(data["test"]),
-                    seen_in_healing=True,
-                )
-        save_collapse(args.output_dir, compressed, processor, report, job, data)
+    compressed, report = run_pipeline(
+        model,
+        remove,
+        measure=measure,
+        save=lambda saved, report: save_collapse(args.output_dir, saved, processor, report, job, data),
+        data_roles={
+            "training": f"{training} (and the fine-tuning after each step)",
+            "calibration": f"{training} (its first {config.calibration_batches} batches: statistics, ranking)",
+            "validation": describe_split(data["validation"]),
+            "test": describe_split(data["test"]),
+        },
+        on_failure=lambda error: say(f"measuring failed after TLC; continue with --resume_from {progress}"),
+        phase=phase,
+    )
     return compressed, report, report.summary()
 
 

@@ -100,8 +100,9 @@ def load_data_source(name: str):
     return datasets.load_dataset(kind, data_files=[str(f) for f in files])
 
 
-#: The share of the training split carved out as validation data when a dataset has no validation split.
-VALIDATION_FRACTION = 0.1
+#: The share of the training split carved out as validation data when a dataset has no validation split: 20%, so that
+#: a budget decided on it is not decided by noise (on the dialog topics, 293 lines: a point is 3 lines).
+VALIDATION_FRACTION = 0.2
 #: The share of the training split carved out as test data when a dataset has neither a test nor a validation split.
 TEST_FRACTION = 0.2
 
@@ -136,7 +137,7 @@ def load_splits(
 
         >>> splits = load_splits("dialog_topics", label_column="label")
         >>> sorted(splits), describe_split(splits["validation"])
-        (['test', 'train', 'validation'], 'dialog_topics: 10% of the train split, carved out (seed 0)')
+        (['test', 'train', 'validation'], 'dialog_topics: 20% of the train split, carved out (seed 0)')
     """
     import datasets
 
@@ -292,13 +293,13 @@ def example_text_task(
 
     Args:
         train_size: keep the first ``train_size`` training examples (the split is already shuffled); ``None``:
-            all 1,321.
+            all 1,174.
         test_size: the same for the test split (reported only); ``None``: all 366.
         max_length: the most tokens of an example.
         seed: seeds the new classification head, without touching the global random state: the same seed gives
             the same model.
         validation_size: the same for the validation split (carved out of the training lines: what decides a
-            collapse's budget); ``None``: all 147.
+            collapse's budget); ``None``: all 293.
 
     Returns:
         An :class:`ExampleTask` (``model``, ``tokenizer``, ``train``, ``validation``, ``test``, ``collator``,

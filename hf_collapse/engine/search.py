@@ -171,8 +171,8 @@ def run_search(
     """
     if budget.needs_metric and evaluate is None:
         raise ValueError(
-            "a metric budget (max_metric_delta / max_metric_ratio) needs an evaluation of the model: pass "
-            "eval_fn (or an eval_dataset)"
+            "a metric budget (max_metric_delta / max_metric_ratio) needs eval_fn, the function that evaluates the "
+            "metric of a model (or an eval_dataset)"
         )
     if resume_from is None and budget.num_units is not None and budget.num_units > strategy.available():
         raise ValueError(

@@ -1,4 +1,8 @@
-"""Healing a collapsed model: :func:`heal` with distillation, LoRA, or training-free linear replacement.
+"""Healing a collapsed model: :func:`heal` with any registered healing method (:data:`HEALING`).
+
+Built in: ``"distill"`` (:mod:`~hf_collapse.healing.distill`), ``"lora"`` (:mod:`~hf_collapse.healing.lora`) and the
+training-free ``"linear"`` replacement (:mod:`~hf_collapse.healing.linear`). A new method is one file with one
+:class:`HealingMethod` subclass and one registration (``HEALING.register(MyHealing())``).
 
 Every method returns a healed **copy** of the student with the student's architecture and ``hf_collapse``
 record, so ``save_pretrained`` + plain ``from_pretrained`` / ``AutoCollapsedModel.from_pretrained`` reload it
@@ -14,17 +18,23 @@ from torch import nn
 
 from ..architectures.base import unwrap_model
 from ..surgery import collapse_record, is_peft_model
+from .base import HEALING, HealingMethod
 from .common import RemovedSpan, calibration_batches, check_teacher, removed_spans
-from .distill import DistillationTrainer, distillation_loss, is_causal_lm, logit_mask
-from .linear import fold_site
-from .lora import kept_block_linears
+from .distill import Distill, DistillationTrainer, distillation_loss, is_causal_lm, logit_mask
+from .linear import LinearReplacement, fold_site
+from .lora import LoRA, kept_block_linears
 
 __all__ = [
+    "HEALING",
     "HEAL_METHODS",
-    "check_heal_applicable",
+    "Distill",
     "DistillationTrainer",
+    "HealingMethod",
+    "LinearReplacement",
+    "LoRA",
     "RemovedSpan",
     "calibration_batches",
+    "check_heal_applicable",
     "distillation_loss",
     "fold_site",
     "heal",
@@ -34,11 +44,8 @@ __all__ = [
     "removed_spans",
 ]
 
-#: The methods :func:`heal` accepts.
-HEAL_METHODS = ("distill", "lora", "linear")
-
-#: The methods that heal only removals of whole blocks: the linear replacement stands in for a span of blocks.
-WHOLE_BLOCKS_ONLY = ("linear",)
+#: The methods :func:`heal` accepts (the registry: ``in``, iteration and ``len`` work on its names).
+HEAL_METHODS = HEALING
 
 
 def check_heal_applicable(method: str, *, sublayers: bool) -> None:
@@ -46,14 +53,13 @@ def check_heal_applicable(method: str, *, sublayers: bool) -> None:
     MLP sub-layers are removed, not whole blocks).
 
     Raises:
-        ValueError: for an unknown method, or ``"linear"`` after a sub-layer removal.
+        ValueError: for an unknown method, or one that heals whole-block removals only after a sub-layer removal.
     """
-    if method not in HEAL_METHODS:
-        raise ValueError(f"unknown healing method {method!r}; accepted: {', '.join(HEAL_METHODS)}")
-    if sublayers and method in WHOLE_BLOCKS_ONLY:
-        usable = [m for m in HEAL_METHODS if m not in WHOLE_BLOCKS_ONLY]
+    entry = HEALING.get(method)
+    if sublayers and entry.whole_blocks_only:
+        usable = [m.name for m in HEALING.entries() if not m.whole_blocks_only]
         raise ValueError(
-            f"healing {method!r} replaces removed spans of whole blocks by a linear map, and this removal takes "
+            f"healing {method!r} ({entry.description}) heals removals of whole blocks, and this removal takes "
             f"attention or MLP sub-layers: heal it with {' or '.join(usable)}, or remove whole blocks"
         )
 
@@ -68,8 +74,9 @@ def heal(
         teacher: the uncollapsed model it came from (same family); needed by ``"distill"``, ``"linear"`` and
             ``"lora"`` with ``distill_alpha``, checked for its family by all (``None`` is accepted for ``"lora"``).
         train_dataset: the training data (``"linear"`` uses its first few batches for calibration).
-        method: ``"distill"`` — knowledge distillation with :class:`DistillationTrainer` (kwargs ``temperature``,
-            ``alpha``, ``hidden_weight``, and any ``Trainer`` argument such as ``data_collator``);
+        method: a registered healing method (:data:`HEALING`); built in: ``"distill"`` — knowledge distillation
+            with :class:`DistillationTrainer` (kwargs ``temperature``, ``alpha``, ``hidden_weight``, and any
+            ``Trainer`` argument such as ``data_collator``);
             ``"lora"`` — peft LoRA on the linears of the kept blocks, merged back (kwargs ``r``, ``lora_alpha``,
             ``lora_dropout``, ``target_modules``, ``distill_alpha`` (0: the task loss; > 0: that share of the loss is
             the KL to the teacher's logits, at ``temperature``) and ``Trainer`` arguments);
@@ -77,8 +84,8 @@ def heal(
             block's projection (kwargs ``data_collator``, ``calibration_batches`` (16), ``ridge`` (1e-3),
             ``objective`` (``"lstsq"`` or ReplaceMe's ``"cosine"``), ``cosine_steps`` (100), ``cosine_lr`` (1e-3);
             see :mod:`hf_collapse.healing.linear` for the formulation).
-        args: ``transformers.TrainingArguments`` (required by ``"distill"`` and ``"lora"``; for ``"linear"``
-            only its batch size is read).
+        args: ``transformers.TrainingArguments`` (required by a method that trains, ``"distill"`` and ``"lora"``;
+            for ``"linear"`` only its batch size is read).
 
     Returns:
         The healed model, a plain model of the student's class in the student's train/eval mode, whose
@@ -94,34 +101,22 @@ def heal(
         >>> healed = hf_collapse.heal(student, teacher, dataset, method="linear", data_collator=collator)
         >>> healed.save_pretrained("healed")          # reloads exactly, as the student would
     """
-    if method not in HEAL_METHODS:
-        raise ValueError(f"unknown healing method {method!r}; accepted: {', '.join(HEAL_METHODS)}")
+    entry = HEALING.get(method)
     if is_peft_model(student):
         raise ValueError("heal a plain model: merge the student's peft adapter first (`merge_and_unload()`)")
     if teacher is None:
-        if method != "lora" or kwargs.get("distill_alpha"):
+        if entry.needs_teacher(kwargs):
             raise ValueError(f"method {method!r} needs the uncollapsed teacher model")
     else:
         check_teacher(student, teacher)
-    if method in ("distill", "lora") and args is None:
+    if entry.trains and args is None:
         raise ValueError(f"method {method!r} trains: pass args=transformers.TrainingArguments(output_dir=..., ...)")
     record = collapse_record(student)
     student_mode = student.training
     healed = copy.deepcopy(unwrap_model(student))
     teacher_mode = teacher.training if teacher is not None else None
     try:
-        if method == "distill":
-            from .distill import distill
-
-            healed = distill(healed, teacher, train_dataset, args, **kwargs)
-        elif method == "lora":
-            from .lora import lora
-
-            healed = lora(healed, train_dataset, args, teacher=teacher, **kwargs)
-        else:
-            from .linear import linear
-
-            healed = linear(healed, teacher, train_dataset, args, **kwargs)
+        healed = entry.run(healed, teacher, train_dataset, args, **kwargs)
     finally:  # the teacher leaves in the train / eval mode it came in
         if teacher is not None:
             teacher.train(teacher_mode)

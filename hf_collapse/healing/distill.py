@@ -11,8 +11,9 @@ from transformers import Trainer
 
 from ..architectures.base import is_causal_lm, unwrap_model
 from ..metrics import device_of, to_device
+from .base import HEALING, HealingMethod
 
-__all__ = ["DistillationTrainer", "distillation_loss", "is_causal_lm", "logit_mask"]
+__all__ = ["Distill", "DistillationTrainer", "distill", "distillation_loss", "is_causal_lm", "logit_mask"]
 
 
 def logit_mask(inputs: dict[str, Any], logits: torch.Tensor, causal: bool) -> torch.Tensor | None:
@@ -173,3 +174,17 @@ def distill(
     )
     trainer.train()
     return unwrap_model(trainer.model)
+
+
+class Distill(HealingMethod):
+    """``"distill"``: knowledge distillation from the uncollapsed teacher with :class:`DistillationTrainer` (options
+    ``temperature``, ``alpha``, ``hidden_weight`` and any ``Trainer`` argument)."""
+
+    name = "distill"
+    description = "knowledge distillation from the uncollapsed model"
+
+    def run(self, student, teacher, train_dataset, args, **options):
+        return distill(student, teacher, train_dataset, args, **options)
+
+
+HEALING.register(Distill())

@@ -36,10 +36,11 @@ from torch import nn
 
 from ..architectures.base import first_tensor, unwrap_model
 from ..metrics import device_of, to_device
+from .base import HEALING, HealingMethod
 from .common import RemovedSpan, removed_spans
 from .common import calibration_batches as collect_batches
 
-__all__ = ["check_fold_site", "fold_site", "linear"]
+__all__ = ["LinearReplacement", "check_fold_site", "fold_site", "linear"]
 
 
 def fold_site(layer: nn.Module) -> tuple[str, nn.Linear]:
@@ -384,3 +385,21 @@ def linear(
         teacher.train(teacher_mode)
         student.train(student_mode)
     return inner_student
+
+
+class LinearReplacement(HealingMethod):
+    """``"linear"``: training-free replacement of each removed span of blocks by a linear map folded into the
+    preceding block's projection, ReplaceMe-style (options ``data_collator``, ``calibration_batches`` (16), ``ridge``
+    (1e-3), ``objective`` (``"lstsq"`` or ``"cosine"``), ``cosine_steps`` (100), ``cosine_lr`` (1e-3)); ``args``
+    (optional) only gives the calibration batch size."""
+
+    name = "linear"
+    description = "training-free linear map folded into the block before each removed span (ReplaceMe)"
+    trains = False
+    whole_blocks_only = True
+
+    def run(self, student, teacher, train_dataset, args, **options):
+        return linear(student, teacher, train_dataset, args, **options)
+
+
+HEALING.register(LinearReplacement())

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..architectures.base import unwrap_model
+from ..budget import BUDGET_FIELDS
 from ..distributed import is_main_process, sum_across_ranks
 from ..engine import Budget, Candidate, SearchStrategy, run_search
 from ..engine.progress import batches_digest, training_fingerprint
@@ -143,7 +144,7 @@ class TLCStrategy(SearchStrategy):
 
 
 #: The TLCConfig fields that make its budget (the engine's Budget), not the search's settings.
-_BUDGET_FIELDS = ("num_units", "max_metric_delta", "target_layers", "max_metric_drop")
+_BUDGET_FIELDS = (*BUDGET_FIELDS, "target_layers", "max_metric_drop")
 
 
 def compress(
@@ -205,8 +206,9 @@ def compress(
 
     if training_args is None:
         training_args = TrainingArguments("outputs/tlc", report_to=[], use_cpu=not torch.cuda.is_available())
-    if config.max_metric_delta is not None and eval_dataset is None:
-        raise ValueError("max_metric_delta needs an eval_dataset to evaluate the metric on")
+    if (config.max_metric_delta is not None or config.max_metric_ratio is not None) and eval_dataset is None:
+        # without evaluation data the loop measures the calibration loss: a metric budget would silently bound that
+        raise ValueError("a metric budget (max_metric_delta / max_metric_ratio) needs an eval_dataset to evaluate on")
     # Refuses gated / unknown sites first; names from here on are relative to the unwrapped copy `current`.
     remaining = [record_name(model, s.name) for s in activation_sites(model, config.sites)]
     folder = Path(progress_dir or resume_from or Path(training_args.output_dir) / PROGRESS_SUBDIR)
@@ -246,11 +248,7 @@ def compress(
         strategy.proposed.details["finetune_losses"] = [h["loss"] for h in tuner.state.log_history if "loss" in h]
         return trial
 
-    budget = (
-        Budget(num_units=config.num_units, max_metric_delta=config.max_metric_delta, higher_is_better=higher)
-        if config.num_units is not None or config.max_metric_delta is not None
-        else None
-    )
+    budget = config.budget(higher_is_better=higher) if config.has_budget() else None
     strategy = TLCStrategy(config, remaining, trainer, batches)
     compressed, report = run_search(
         current,

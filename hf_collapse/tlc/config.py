@@ -5,23 +5,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..budget import BudgetArguments
 from ..deprecation import renamed
 
 
 @dataclass
-class TLCConfig:
-    """Settings of :func:`hf_collapse.tlc.compress`.
+class TLCConfig(BudgetArguments):
+    """Settings of :func:`hf_collapse.tlc.compress`: the budget (:class:`~hf_collapse.budget.BudgetArguments`, checked
+    by :class:`~hf_collapse.budget.Budget`) and how to calibrate, fine-tune and stop.
 
     Attributes:
+        num_units: stop after collapsing this many sites (activation layers).
+        max_metric_delta: stop before a step that would make the evaluation metric worse by more than this (an
+            accuracy drop; a loss rise); that step is undone, so the returned model always honours the budget.
+        max_metric_ratio: the same as a factor (>= 1) of the metric.
+        flops_fraction: stop once the forward FLOPs are at most this fraction of the original's.
         sites: ``"auto"`` (every non-gated activation site the adapter knows) or a list of site names: the
             activation module paths in the model passed to ``compress``, e.g.
             ``"bert.encoder.layer.3.intermediate.intermediate_act_fn"`` for a ``BertForSequenceClassification``
             (the backbone-relative spelling of earlier versions, ``"encoder.layer.3..."``, is accepted too).
         calibration_batches: training batches used to measure statistics and rank candidates (several, not
             one: the reference code scores layers on a single batch).
-        num_units: stop after collapsing this many sites (activation layers).
-        max_metric_delta: stop before a step that would make the evaluation metric worse by more than this (an
-            accuracy drop; a loss rise); that step is undone, so the returned model always honours the budget.
         finetune_steps: optimizer steps of fine-tuning after each collapse (0: none; ``None``: the
             ``TrainingArguments`` as given, e.g. its epochs).
         fuse: fuse the linear maps that linearization makes adjacent (fc2∘fc1, Conv–BN, 1x1 conv pairs),
@@ -38,8 +42,6 @@ class TLCConfig:
 
     sites: str | Sequence[str] = "auto"
     calibration_batches: int = 8
-    num_units: int | None = None
-    max_metric_delta: float | None = None
     finetune_steps: int | None = 0
     fuse: bool = True
     candidates_per_step: int = 1
@@ -55,12 +57,9 @@ class TLCConfig:
                     raise ValueError(f"TLCConfig: {new} and its old name {old} are given different values")
                 setattr(self, new, value)
                 setattr(self, old, None)
+        super().__post_init__()
         if self.calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
-        if self.num_units is not None and self.num_units < 1:
-            raise ValueError(f"num_units must be >= 1, got {self.num_units}")
-        if self.max_metric_delta is not None and self.max_metric_delta < 0:
-            raise ValueError(f"max_metric_delta must be >= 0, got {self.max_metric_delta}")
         if self.finetune_steps is not None and self.finetune_steps < 0:
             raise ValueError(f"finetune_steps must be >= 0 or None, got {self.finetune_steps}")
         if self.candidates_per_step < 1:

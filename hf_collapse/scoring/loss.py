@@ -1,181 +1,27 @@
-"""Block scorers: how much each block changes its input. Low score = the block is close to the identity and
-is removed first.
-
-Each scorer is one function ``(x, y, token_mask, generator) -> float`` on one batch, where ``x`` and ``y`` are
-the block's input and output as recorded (padding zeroed) and ``token_mask`` marks the real tokens of sequence
-features. A new scorer is one function registered in :data:`SCORERS`.
-
-* ``"msw"``: Max-Sliced Wasserstein distance between the per-sample input and output features (LaCoOT);
-* ``"block_influence"``: ShortGPT's 1 - cos(input, output), averaged over tokens / positions;
-* ``"angular"``: Gromov et al.'s angular distance arccos(cos) / pi, averaged over tokens / positions;
-* ``"random"``: a seeded random score (the baseline every method must beat).
+"""SLEB's criterion as a scorer (``"loss"``): the calibration loss of the model with each unit removed, measured with
+one forward pass per unit and batch from the unit's input on (the blocks before it replay one full pass), checked
+against the true removal; :func:`loss_scores_and_reference` gives the model's own loss beside, for a loss increase.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures.base import Block
-from .block_io import BlockIO, feature_mask, select_blocks
-from .distributed import is_main_process, sum_across_ranks
-from .metrics import device_of, to_device
-from .ot import max_sliced_wasserstein
-from .surgery import find_blocks, remove_blocks, reverted
+from ..architectures.base import Block
+from ..distributed import is_main_process, sum_across_ranks
+from ..surgery import find_blocks, remove_blocks, reverted
+from .base import SCORERS, Scorer, model_inputs
 
-__all__ = ["SCORERS", "loss_scores", "loss_scores_and_reference", "model_inputs", "score_blocks"]
+__all__ = ["LossScorer", "loss_scores", "loss_scores_and_reference"]
 
 logger = logging.getLogger(__name__)
-
-Scorer = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Generator], float]
-
-
-def _per_position(x: torch.Tensor) -> torch.Tensor:
-    """Rows of feature vectors: tokens for ``(B, T, H)``, spatial positions for ``(B, C, H, W)``."""
-    if x.dim() == 4:
-        x = x.permute(0, 2, 3, 1)
-    return x.reshape(-1, x.shape[-1]) if x.dim() >= 2 else x.reshape(1, -1)
-
-
-def _cosine(x: torch.Tensor, y: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    cos = torch.nn.functional.cosine_similarity(_per_position(x.float()), _per_position(y.float()), dim=-1, eps=1e-8)
-    if token_mask is not None:
-        cos = cos[token_mask.reshape(-1)]
-    return cos
-
-
-def msw_scorer(x, y, token_mask, generator, **kwargs) -> float:
-    return float(max_sliced_wasserstein(x.flatten(1), y.flatten(1), generator=generator, **kwargs))
-
-
-def block_influence_scorer(x, y, token_mask, generator) -> float:
-    return float((1 - _cosine(x, y, token_mask)).mean())
-
-
-def angular_scorer(x, y, token_mask, generator) -> float:
-    return float((torch.arccos(_cosine(x, y, token_mask).clamp(-1, 1)) / math.pi).mean())
-
-
-SCORERS: dict[str, Scorer] = {
-    "msw": msw_scorer,
-    "block_influence": block_influence_scorer,
-    "angular": angular_scorer,
-}
-DATA_FREE = ("random",)
-
-
-def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``batch`` that ``model.forward`` accepts (a denoising batch carries its target as
-    ``labels``, which a diffusers model does not take), moved to the model's device.
-
-    A ``forward`` that takes ``**kwargs`` (as transformers models do) accepts every entry: nothing is dropped.
-
-    Example::
-
-        >>> from hf_collapse.scoring import model_inputs
-        >>> sorted(batch)
-        ['encoder_hidden_states', 'labels', 'sample', 'timestep']
-        >>> sorted(model_inputs(unet, batch))                   # a diffusers UNet2DConditionModel
-        ['encoder_hidden_states', 'sample', 'timestep']
-    """
-    parameters = inspect.signature(model.forward).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    return to_device({k: v for k, v in batch.items() if takes_any or k in parameters}, device_of(model))
-
-
-@torch.no_grad()
-def score_blocks(
-    model: nn.Module,
-    dataloader: Iterable[Mapping[str, torch.Tensor]] | None = None,
-    method: str = "msw",
-    blocks: str | Sequence[str] = "auto",
-    max_batches: int | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    granularity: str = "block",
-    **method_kwargs,
-) -> dict[str, float]:
-    """Score each block on evaluation data; lower means closer to the identity (removed first).
-
-    Args:
-        model: a model of a supported family.
-        dataloader: batches of model inputs (dicts of tensors); not needed for ``method="random"``.
-        method: one of ``"msw"``, ``"block_influence"``, ``"angular"``, ``"loss"`` (SLEB: the calibration loss of
-            the model without that unit; the batches must carry labels), ``"random"``.
-        blocks: ``"auto"`` (every removable block) or a list of block names.
-        max_batches: stop after this many batches.
-        seed: seeds the MSW directions (and the random baseline): the scores are deterministic.
-        progress: show a progress bar (on the main process only under DDP).
-        granularity: the units to score: ``"block"`` (whole blocks), or for decoders ``"attention"`` / ``"mlp"``
-            sub-layers, whose input is the residual stream entering the branch and whose output is that stream
-            plus the branch's output (pass the same ``granularity`` to :func:`hf_collapse.collapse`).
-        method_kwargs: passed to the scorer (for ``"msw"``: ``slicing``, ``n_projections``, ``ascent_steps``).
-
-    Returns:
-        ``{block name: score}``, averaged over batches weighted by batch size.
-
-    Example::
-
-        >>> scores = hf_collapse.score_blocks(model, eval_loader, method="block_influence")
-        >>> collapsed, report = hf_collapse.collapse(model, scores, num_units=2)
-    """
-    if method not in SCORERS and method not in DATA_FREE and method != "loss":
-        raise ValueError(f"unknown scoring method {method!r}; available: {', '.join([*SCORERS, 'loss', *DATA_FREE])}")
-    chosen = select_blocks(model, blocks, granularity)
-    if method == "loss":
-        if dataloader is None:
-            raise ValueError(
-                "method 'loss' measures the calibration loss without each unit: pass a dataloader of "
-                "batches with labels"
-            )
-        return loss_scores(model, dataloader, chosen, max_batches=max_batches, progress=progress)
-    if method == "random":
-        generator = torch.Generator().manual_seed(seed)
-        values = torch.rand(len(chosen), generator=generator)
-        return {b.name: float(v) for b, v in zip(chosen, values)}
-    if dataloader is None:
-        raise ValueError(f"method {method!r} measures blocks on data: pass a dataloader of model inputs")
-
-    scorer = SCORERS[method]
-    if method_kwargs:
-        base = scorer
-        scorer = lambda x, y, m, g: base(x, y, m, g, **method_kwargs)  # noqa: E731
-    generators = {b.name: torch.Generator().manual_seed(seed + i) for i, b in enumerate(chosen)}
-    totals = {b.name: 0.0 for b in chosen}
-    weight = 0
-    was_training = model.training
-    model.eval()
-    io = BlockIO(model, chosen, detach=True)
-    try:
-        bar = tqdm(dataloader, desc=f"scoring blocks ({method})", disable=not (progress and is_main_process()))
-        for step, batch in enumerate(bar):
-            if max_batches is not None and step >= max_batches:
-                break
-            batch = model_inputs(model, batch)
-            with io.capturing(attention_mask=feature_mask(model, batch)):
-                model(**batch)
-            size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
-            for block in chosen:
-                x, y = io.raw(block.name)
-                totals[block.name] += size * scorer(x, y, io.token_mask(block.name), generators[block.name])
-            weight += size
-    finally:
-        io.remove()
-        model.train(was_training)
-    # Under DDP each rank scored its own shard: sum over ranks so that every rank removes the same blocks.
-    reduced = sum_across_ranks(torch.tensor([weight, *totals.values()], dtype=torch.float64))
-    weight, sums = float(reduced[0]), reduced[1:].tolist()
-    if weight == 0:
-        raise ValueError("the dataloader yielded no batches")
-    return {name: total / weight for name, total in zip(totals, sums)}
 
 
 class _Replay(nn.Module):
@@ -403,3 +249,23 @@ def _removal_losses(
         raise ValueError("the dataloader yielded no batches")
     losses = {name: float(total / reduced[0]) for name, total in zip(totals, reduced[2:].tolist())}
     return losses, float(reduced[1] / reduced[0]) if reference else None
+
+
+class LossScorer(Scorer):
+    """``"loss"``: :func:`loss_scores` as a one-shot scorer (the batches must carry labels)."""
+
+    name = "loss"
+    description = "SLEB, one shot: the calibration loss without each unit"
+    needs_labels = True
+
+    def forward_passes(self, num_units: int, num_batches: int) -> int:
+        # a full pass and one replay per unit and batch, and the check of the shortcut on the first batch: the first
+        # and the last unit replayed once more (their true removals are the losses kept). Where the shortcut does not
+        # hold (a model whose skipped blocks record what the loss needs), each unit is removed in place instead.
+        return (num_units + 1) * num_batches + min(num_units, 2)
+
+    def score(self, model, dataloader, units, *, max_batches=None, seed=0, progress=True, **options):
+        return loss_scores(model, dataloader, units, max_batches=max_batches, progress=progress)
+
+
+SCORERS.register(LossScorer())

@@ -245,7 +245,7 @@ def test_tlc_command_end_to_end_on_the_embedded_task(tmp_path, capsys):
         ),
         (["lacoot", "--max_metric_delta", "-1"], "--max_metric_delta must be >= 0 (how much worse the metric may"),
         (["lacoot", "--num_units", "0"], "--num_units must be an integer >= 1, got 0"),
-        (["lacoot", "--heal", "magic"], "--heal 'magic': expected one of distill, linear, lora"),
+        (["lacoot", "--heal", "magic"], "--heal 'magic': expected one of distill, lora, linear"),
         (["lacoot", "--heal", "distill", "--heal_epochs", "0"], "--heal_epochs must be > 0, got 0.0"),
         (
             ["lacoot", "--max_metric_delta", "lots"],

@@ -311,7 +311,7 @@ def test_linear_refusals(llama_pair, bert_pair):
 
 def test_bad_input_is_refused(llama_pair, bert_pair, tmp_path):
     teacher, student = llama_pair
-    with pytest.raises(ValueError, match="unknown healing method 'prune'.*distill, linear, lora"):
+    with pytest.raises(ValueError, match="unknown healing method 'prune'.*distill, lora, linear"):
         heal(student, teacher, lm_dataset(), method="prune")
     with pytest.raises(ValueError, match="'bert' model.*student is a 'decoder' model"):
         heal(student, bert_pair[0], lm_dataset(), method="distill", args=training_args(tmp_path))

@@ -224,7 +224,7 @@ def test_healing_mixes_general_text_by_default_and_the_domain_alone_is_a_choice(
         ),
         ([], "no budget: pass --num_units, --flops_fraction, --max_metric_delta, --max_metric_ratio"),
         (["--flops_fraction", "1.5"], "--flops_fraction must be between 0 and 1 (the share of the original's FLOPs"),
-        (["--num_units", "1", "--heal", "magic"], "--heal 'magic': expected one of distill, linear, lora"),
+        (["--num_units", "1", "--heal", "magic"], "--heal 'magic': expected one of distill, lora, linear"),
         (["--num_units", "1", "--method", "magic"], "--method 'magic': expected one of"),
         (
             ["--num_units", "1", "--method", "sleb", "--granularity", "mlp"],

@@ -44,6 +44,9 @@ __all__ = [
     "removed_spans",
 ]
 
+for _builtin in (Distill(), LoRA(), LinearReplacement()):
+    HEALING.register(_builtin)
+
 #: The methods :func:`heal` accepts (the registry: ``in``, iteration and ``len`` work on its names).
 HEAL_METHODS = HEALING
 

@@ -11,7 +11,7 @@ from transformers import Trainer
 
 from ..architectures.base import is_causal_lm, unwrap_model
 from ..metrics import device_of, to_device
-from .base import HEALING, HealingMethod
+from .base import HealingMethod
 
 __all__ = ["Distill", "DistillationTrainer", "distill", "distillation_loss", "is_causal_lm", "logit_mask"]
 
@@ -185,6 +185,3 @@ class Distill(HealingMethod):
 
     def run(self, student, teacher, train_dataset, args, **options):
         return distill(student, teacher, train_dataset, args, **options)
-
-
-HEALING.register(Distill())

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..architectures.base import first_tensor, unwrap_model
 from ..metrics import device_of, to_device
-from .base import HEALING, HealingMethod
+from .base import HealingMethod
 from .common import RemovedSpan, removed_spans
 from .common import calibration_batches as collect_batches
 
@@ -400,6 +400,3 @@ class LinearReplacement(HealingMethod):
 
     def run(self, student, teacher, train_dataset, args, **options):
         return linear(student, teacher, train_dataset, args, **options)
-
-
-HEALING.register(LinearReplacement())

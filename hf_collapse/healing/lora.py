@@ -11,7 +11,7 @@ from transformers import Trainer
 
 from ..architectures.base import unwrap_model
 from ..surgery import find_blocks
-from .base import HEALING, HealingMethod
+from .base import HealingMethod
 
 __all__ = ["LoRA", "kept_block_linears", "lora"]
 
@@ -103,6 +103,3 @@ class LoRA(HealingMethod):
 
     def run(self, student, teacher, train_dataset, args, **options):
         return lora(student, train_dataset, args, teacher=teacher, **options)
-
-
-HEALING.register(LoRA())

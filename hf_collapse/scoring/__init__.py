@@ -17,12 +17,18 @@ from .base import SCORERS, Scorer, model_inputs
 from .baseline import RandomScorer
 from .blocks import score_blocks
 from .loss import LossScorer, loss_scores, loss_scores_and_reference
-from .statistics import BatchStatistic, register_statistic
+from .statistics import AngularDistance, BatchStatistic, BlockInfluence, MaxSlicedWasserstein, register_statistic
+
+for _builtin in (MaxSlicedWasserstein(), BlockInfluence(), AngularDistance(), LossScorer(), RandomScorer()):
+    SCORERS.register(_builtin)
 
 __all__ = [
     "SCORERS",
+    "AngularDistance",
     "BatchStatistic",
+    "BlockInfluence",
     "LossScorer",
+    "MaxSlicedWasserstein",
     "RandomScorer",
     "Scorer",
     "loss_scores",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SCORERS, Scorer
+from .base import Scorer
 
 __all__ = ["RandomScorer"]
 
@@ -17,6 +17,3 @@ class RandomScorer(Scorer):
     def score(self, model, dataloader, units, *, max_batches=None, seed=0, progress=True, **options):
         values = torch.rand(len(units), generator=torch.Generator().manual_seed(seed))
         return {unit.name: float(value) for unit, value in zip(units, values)}
-
-
-SCORERS.register(RandomScorer())

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..architectures.base import Block
 from ..distributed import is_main_process, sum_across_ranks
 from ..surgery import find_blocks, remove_blocks, reverted
-from .base import SCORERS, Scorer, model_inputs
+from .base import Scorer, model_inputs
 
 __all__ = ["LossScorer", "loss_scores", "loss_scores_and_reference"]
 
@@ -266,6 +266,3 @@ class LossScorer(Scorer):
 
     def score(self, model, dataloader, units, *, max_batches=None, seed=0, progress=True, **options):
         return loss_scores(model, dataloader, units, max_batches=max_batches, progress=progress)
-
-
-SCORERS.register(LossScorer())

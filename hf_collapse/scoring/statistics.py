@@ -144,7 +144,3 @@ def register_statistic(name: str, function: Statistic, description: str = "", *,
         >>> _ = SCORERS.unregister("output_norm")
     """
     return SCORERS.register(_FunctionStatistic(name, function, description), replace=replace)
-
-
-for _scorer in (MaxSlicedWasserstein(), BlockInfluence(), AngularDistance()):
-    SCORERS.register(_scorer)

@@ -15,6 +15,9 @@ from .iterative import BlockPruner, IterativeLossStrategy, Sleb
 from .one_shot import OneShotSearch, RemovalStrategy
 from .span import Span, SpanStrategy
 
+for _builtin in (Sleb(), BlockPruner(), Span()):
+    SEARCHES.register(_builtin)
+
 __all__ = [
     "SEARCHES",
     "BlockPruner",

@@ -14,7 +14,7 @@ from ..engine import Candidate, SearchStrategy
 from ..engine.progress import batches_digest
 from ..scoring import loss_scores_and_reference
 from ..surgery import find_blocks, remove_blocks
-from .base import SEARCHES, Search
+from .base import Search
 
 __all__ = ["BlockPruner", "IterativeLossStrategy", "Sleb"]
 
@@ -141,7 +141,3 @@ class BlockPruner(Search):
         self, model, batches, budget, *, granularity="block", inputs, resume_from=None, progress=True, **options
     ):
         return IterativeLossStrategy(model, list(batches), "sublayer", bool(options.get("per_flop"))), {}
-
-
-SEARCHES.register(Sleb())
-SEARCHES.register(BlockPruner())

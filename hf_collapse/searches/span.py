@@ -16,7 +16,7 @@ from ..engine import Budget, Candidate, SearchStrategy
 from ..engine.progress import batches_digest
 from ..scoring import model_inputs
 from ..surgery import find_blocks, remove_blocks
-from .base import SEARCHES, Search
+from .base import Search
 
 __all__ = ["Span", "SpanStrategy"]
 
@@ -122,6 +122,3 @@ class Span(Search):
         strategy = SpanStrategy(model, list(batches), budget.num_units)
         strategy.measure(model)
         return strategy, {}
-
-
-SEARCHES.register(Span())

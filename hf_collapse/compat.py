@@ -240,8 +240,15 @@ def resize_parameter_(parameter: Any, numel: int) -> None:
     """Give ``parameter`` ``numel`` zeros, in place: the Parameter object stays the same, so an optimizer (or a
     module) holding it sees the new size. Its gradient is dropped when the size changes.
 
-    Assumes: assigning ``parameter.data`` a tensor of another shape is allowed, and an optimizer with no state for
-    the parameter initialises that state from its current shape at the next step.
+    Autograd forgets the old shape too: a graph built before the resize (a user's ``{k: v.clone() ...}`` snapshot, a
+    forward before calibration) made autograd record the parameter's shape in its gradient accumulator, and the
+    next backward would check the new gradients against that shape ("invalid gradient ... expected shape compatible
+    with [0]"). The accumulator is dropped, so the next graph records the new shape; graphs built before keep theirs.
+
+    Assumes: assigning ``parameter.data`` a tensor of another shape is allowed; autograd drops a leaf's gradient
+    accumulator when ``.data`` is given a tensor of another dtype (``VariableHooks::set_data``), and nothing else
+    does (the accumulator is internal); an optimizer with no state for the parameter initialises that state from
+    its current shape at the next step.
     """
     import torch
 
@@ -249,7 +256,10 @@ def resize_parameter_(parameter: Any, numel: int) -> None:
         if parameter.numel() == numel:
             parameter.zero_()
             return
-        parameter.data = torch.zeros(numel, dtype=parameter.dtype, device=parameter.device)
+        dtype = parameter.dtype
+        other = torch.float64 if dtype != torch.float64 else torch.float32
+        parameter.data = torch.zeros(0, dtype=other, device=parameter.device)  # drops the gradient accumulator
+        parameter.data = torch.zeros(numel, dtype=dtype, device=parameter.device)
         parameter.grad = None
 
 

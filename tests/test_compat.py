@@ -169,6 +169,15 @@ def test_a_resized_parameter_is_seen_by_the_optimizer_that_holds_it():
     assert torch.count_nonzero(parameter) == 0
 
 
+def test_resized_parameter_takes_gradients_of_its_new_shape_while_an_older_graph_lives():
+    parameter = nn.Parameter(torch.zeros(0))
+    older = parameter.clone()  # keeps autograd's record of the shape [0] alive
+    compat.resize_parameter_(parameter, 3)
+    (parameter * torch.arange(3.0)).sum().backward()
+    torch.testing.assert_close(parameter.grad, torch.arange(3.0))
+    assert parameter.dtype == torch.float32 and older.shape == (0,)
+
+
 # =============================================================================================================
 # accelerate
 # =============================================================================================================

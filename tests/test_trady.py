@@ -254,7 +254,7 @@ def test_strategies_static_full_random_and_det_rgn():
     full = trady_bert(selection="full_random", budget_ratio=0.3)
     tuner = find_trady_model(full)
     assert full.peft_config["default"].selected_layers is None
-    assert [c.name for c in tuner.trady_state.adapters["default"].pool] == list(tuner.trady_layers())
+    assert [c.name for c in tuner.sampler().pool] == list(tuner.trady_layers())
 
     det = trady_bert(selection="det_rgn")
     tuner = find_trady_model(det)
@@ -304,13 +304,7 @@ def test_saved_bytes_fall_with_the_budget_as_the_cost_model_predicts():
         report = memory_report(model, batch)
         # x_sel (float32, batch x positions x k) + the index of each layer (int64)
         expected = sum(
-            4
-            * 4
-            * tuner.trady_state.adapters["default"]
-            .costs[[c.name for c in tuner.trady_state.adapters["default"].costs].index(name)]
-            .positions
-            * len(ch)
-            + 8 * len(ch)
+            4 * 4 * {c.name: c for c in tuner.sampler().costs}[name].positions * len(ch) + 8 * len(ch)
             for name, ch in tuner.current_selection().items()
         )
         assert report.saved_bytes_weight_derivative == expected
@@ -925,14 +919,14 @@ def test_step_memory_leaves_a_trady_run_where_it_was():
     tuner = find_trady_model(model)
     before = (
         copy.deepcopy(tuner.current_selection()),
-        tuner.trady_state.adapters["default"].steps,
+        tuner.sampler().steps,
         tuner.trady_flat["default"].detach().clone(),
         effective_weights(model),
     )
     report = memory.step_memory(model, bert_batch(), warmup_steps=2)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # the flat parameter and the head
     assert report.method == "trady" and report.gradient_bytes == 4 * trainable
-    assert tuner.current_selection() == before[0] and tuner.trady_state.adapters["default"].steps == before[1]
+    assert tuner.current_selection() == before[0] and tuner.sampler().steps == before[1]
     assert torch.equal(tuner.trady_flat["default"], before[2]) and tuner.trady_flat["default"].grad is None
     for name, weight in effective_weights(model).items():
         assert torch.equal(weight, before[3][name])

@@ -225,6 +225,79 @@ def test_trainer_with_gradient_checkpointing_trains_as_without(tmp_path, name, c
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def _tiny_trainer_args(output_dir, args_class=TrainingArguments, **extra):
+    return args_class(
+        str(output_dir),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        optim="sgd",
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("touch", ["snapshot", "norm_backward"])
+def test_autograd_seeing_the_parameters_before_calibration_changes_nothing(tmp_path, touch):
+    """Issue 28: the trainable slices are sized at calibration, after ``get_peft_model``. A user who snapshots the
+    trainable parameters first (``v.clone()``), or runs a backward through them before the callback calibrates, made
+    autograd record the empty shape; the first training backward then failed ("SliceBackward0 returned an invalid
+    gradient ... expected shape compatible with [0]"). The run must go on and end where an untouched run ends."""
+    finals = []
+    for touched in (False, True):
+        model = get_peft_model(llama(0).train(), TraDyConfig(task_type="CAUSAL_LM", budget_ratio=0.2))
+        if touched and touch == "snapshot":
+            snapshot = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+            assert list(snapshot) == ["base_model.trady_flat.default"]
+        elif touched:  # e.g. a weight-norm term computed before training: a backward through the empty slices
+            sum((v**2).sum() for v in model.parameters() if v.requires_grad).backward()
+        trainer = Trainer(
+            model=model,
+            args=_tiny_trainer_args(tmp_path / str(touched)),
+            train_dataset=_lm_dataset(),
+            callbacks=[TraDyCallback()],
+        )
+        trainer.train()
+        finals.append(flat_of(model).detach().clone())
+    assert finals[0].abs().sum() > 0
+    torch.testing.assert_close(finals[1], finals[0])
+
+
+def test_trl_sft_trainer_trains_a_trady_peft_config_even_after_a_snapshot(tmp_path):
+    """TRL's ``SFTTrainer(peft_config=TraDyConfig(...))`` wraps the model itself; the callback calibrates it. A
+    snapshot of the trainable parameters taken from the trainer's model before training does not break it."""
+    trl = pytest.importorskip("trl", reason="trl is a dev dependency")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(99)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="w0", pad_token="w0", bos_token="w1", eos_token="w2"
+    )
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 99, (10,), generator=g)) for _ in range(12)]
+    trainer = trl.SFTTrainer(
+        model=llama(0),
+        args=_tiny_trainer_args(tmp_path, trl.SFTConfig, max_length=16),
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        peft_config=TraDyConfig(task_type="CAUSAL_LM", budget_ratio=0.2),
+        callbacks=[TraDyCallback()],
+    )
+    snapshot = {k: v.clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    assert list(snapshot) == ["base_model.trady_flat.default"]
+    result = trainer.train()
+    tuner = find_trady_model(trainer.model)
+    assert tuner.is_calibrated() and tuner.current_selection()
+    assert flat_of(trainer.model).abs().sum() > 0
+    assert result.training_loss == result.training_loss  # not NaN
+
+
 # ----------------------------------------------------------------------------------------------- peak memory of a step
 
 

@@ -1,16 +1,16 @@
-"""Calibration, as functions over a tuner: TraDy's a priori step (the cost model's measurements and the
-reweighted-gradient-norm ranking).
+"""Calibration: TraDy's a priori step (the cost model's measurements and the reweighted-gradient-norm ranking).
 
 ``calibrate(model, batches)`` runs a few batches once, before training: it measures every target layer's activation
-positions per sample and, unless the layers are given, the RGN of every input channel; it keeps the top layers and
-allocates the trainable slices (see :mod:`hf_collapse.trady.sampling`).
+positions per sample and, unless the layers are given, the RGN of every input channel, and keeps the top layers. The
+functions here see the base model, the adapter's layers and its config, never the tuner; the tuner then hands the
+result to its :class:`~hf_collapse.trady.sampling.ChannelSampler`, which sizes the trainable slices.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,34 +20,29 @@ from ..distributed import sum_across_ranks
 from ..metrics import to_device
 from .config import TraDyConfig
 from .layer import TraDyLayer
-from .sampling import setup
 from .selection import candidate_layers, select_layers_by_rgn
 from .sharding import check_not_sharded
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import TraDyModel
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate_tuner", "refresh_rgn"]
+__all__ = ["calibrate_layers", "refresh_rgn"]
 
 
-def calibrate_tuner(
-    tuner: TraDyModel,
+def calibrate_layers(
+    model: nn.Module,
+    layers: Mapping[str, TraDyLayer],
+    config: TraDyConfig,
+    adapter_name: str,
     batches: Iterable[Any],
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     num_batches: int | None = None,
-    adapter_name: str | None = None,
-) -> dict[str, Any]:
-    """The a priori step: measure every target layer's activation positions (the cost model) and, when the
-    strategy needs it, the reweighted gradient norm of every channel; keep the top layers; allocate the flat
-    parameter and draw the first channels. Stores ``layer_positions``, ``layer_rgn`` and ``selected_layers`` in
-    the config. See :func:`calibrate`.
+) -> int:
+    """The a priori step on ``model`` (the base model carrying ``layers``): measure every target layer's activation
+    positions (the cost model) and, when the strategy needs it, the reweighted gradient norm of every channel; keep
+    the top layers. Stores ``layer_positions``, ``layer_rgn`` and ``selected_layers`` in ``config`` and each layer's
+    channel RGN in the layer. Returns the number of batches used. See :func:`hf_collapse.trady.calibrate`.
     """
-    adapter_name = adapter_name or tuner.active_adapter_name()
-    check_not_sharded(tuner.model, action="calibrate")
-    config: TraDyConfig = tuner.peft_config[adapter_name]
-    layers = tuner.trady_layers(adapter_name)
+    check_not_sharded(model, action="calibrate")
     if config.selected_layers is not None:
         unknown = sorted(set(config.selected_layers) - set(layers))
         if unknown:
@@ -57,7 +52,7 @@ def calibrate_tuner(
             )
     need_rgn = config.selection == "det_rgn" or (config.selection != "full_random" and config.selected_layers is None)
     used, order, positions, missing, channel_rgn = _measure(
-        tuner, adapter_name, batches, need_rgn, loss_fn, int(num_batches or config.calibration_batches)
+        model, layers, batches, need_rgn, loss_fn, int(num_batches or config.calibration_batches)
     )
     config.layer_positions = {n: round(float(positions[n]), 4) for n in order}
     if need_rgn:
@@ -67,40 +62,31 @@ def calibrate_tuner(
         if config.selected_layers is None:
             allowed = [n for n in candidate_layers(order, config.max_depth) if n not in missing]
             config.selected_layers = select_layers_by_rgn(config.layer_rgn, config.coverage, allowed)
-    setup(tuner, adapter_name)
-    state = tuner.trady_state.adapters[adapter_name]
-    return {
-        "batches": used,
-        "selected_layers": list(config.selected_layers or []),
-        "pool_layers": [c.name for c in state.pool],
-        "budget_elements": state.budget,
-        "capacity": state.capacity,
-    }
+    return used
 
 
 def refresh_rgn(
-    tuner: TraDyModel,
+    model: nn.Module,
+    layers: Mapping[str, TraDyLayer],
+    config: TraDyConfig,
+    adapter_name: str,
     batches: Iterable[Any],
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     num_batches: int | None = None,
-    adapter_name: str | None = None,
 ) -> None:
     """Recompute the channel RGN on ``batches`` (full weight gradients of the target layers: outside the
     budget), keeping the cost model, the selected layers and the flat parameter. ``det_rgn`` uses it per epoch."""
-    adapter_name = adapter_name or tuner.active_adapter_name()
-    config: TraDyConfig = tuner.peft_config[adapter_name]
-    layers = tuner.trady_layers(adapter_name)
     positions = config.layer_positions or {}
     _, _, _, _, channel_rgn = _measure(
-        tuner, adapter_name, batches, True, loss_fn, int(num_batches or config.calibration_batches), positions
+        model, layers, batches, True, loss_fn, int(num_batches or config.calibration_batches), positions
     )
     for name, rgn in channel_rgn.items():
         layers[name].trady_rgn[adapter_name] = rgn
 
 
 def _measure(
-    tuner: TraDyModel,
-    adapter_name: str,
+    model: nn.Module,
+    layers: Mapping[str, TraDyLayer],
     batches: Iterable[Any],
     need_rgn: bool,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None,
@@ -109,7 +95,6 @@ def _measure(
 ):
     """Run calibration batches: positions per sample of every layer (forward order) and, if ``need_rgn``, the
     per-channel RGN (summed over DDP ranks). Returns ``(batches used, order, positions, missing, channel_rgn)``."""
-    layers = tuner.trady_layers(adapter_name)
     order: list[str] = []
     position_sum = {name: 0.0 for name in layers}
     position_count = {name: 0 for name in layers}
@@ -131,12 +116,12 @@ def _measure(
         handles.append(layer.register_forward_pre_hook(recorder(name, layer), with_kwargs=True))
         layer.calibrating = True
     weights = [layer.get_base_layer().weight for layer in layers.values()]
-    requires = {id(p): (p, p.requires_grad) for p in tuner.model.parameters()}
-    was_training = tuner.model.training
+    requires = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    was_training = model.training
     norm_sum = {name: torch.zeros(layer.in_channels, dtype=torch.float64) for name, layer in layers.items()}
     used = 0
     try:
-        tuner.model.eval()  # no dropout: the ranking should not depend on the masks drawn
+        model.eval()  # no dropout: the ranking should not depend on the masks drawn
         if need_rgn:
             for p, _ in requires.values():
                 p.requires_grad_(False)
@@ -148,7 +133,7 @@ def _measure(
                 break
             batch = to_device(batch, device)
             with torch.set_grad_enabled(need_rgn):
-                outputs = tuner.model(**batch) if isinstance(batch, Mapping) else tuner.model(batch)
+                outputs = model(**batch) if isinstance(batch, Mapping) else model(batch)
                 if need_rgn:
                     loss = loss_fn(outputs, batch) if loss_fn is not None else getattr(outputs, "loss", None)
                     if loss is None:
@@ -168,7 +153,7 @@ def _measure(
             layer.calibrating = False
         for p, flag in requires.values():
             p.requires_grad_(flag)
-        tuner.model.train(was_training)
+        model.train(was_training)
     if used == 0:
         raise ValueError("calibrate received no batch")
 

@@ -14,18 +14,21 @@ Life cycle::
     trainer.train()                                                    # run state (and calibrates, if not done)
     model.save_pretrained("adapter")   # merged slices + current delta + selection: reload is exact
 
-The tuner is one class with one state object (:class:`~hf_collapse.trady.state.TraDyState`, ``tuner.trady_state``);
-what it does is functions over the two: :mod:`~hf_collapse.trady.injection` (which layers are wrapped),
-:mod:`~hf_collapse.trady.calibration` (the a priori measurements and ranking), :mod:`~hf_collapse.trady.sampling`
-(budget, flat parameter, draws, re-sampling, run state) and :mod:`~hf_collapse.trady.state_dict` (the adapter
-checkpoint). A Trainer drives it through :class:`~hf_collapse.trady.TraDyCallback`, which transformers' callbacks give
-the model and the optimizer: the tuner never looks for the Trainer.
+The tuner is one class with one state object (:class:`~hf_collapse.trady.state.TraDyState`, ``tuner.trady_state``) that
+holds, once the adapter is calibrated, its :class:`~hf_collapse.trady.sampling.ChannelSampler` (``tuner.sampler()``:
+budget, capacity, draws, re-sampling, run state), as peft's AdaLoRA tuner owns its ``RankAllocator``. The tuner's own
+methods (``resample``, ``current_selection``, ``budget_summary``, ...) are the public names of the sampler's. Around it:
+:mod:`~hf_collapse.trady.injection` (which layers are wrapped), :mod:`~hf_collapse.trady.calibration` (the a priori
+measurements and ranking, over the base model and the layers) and :mod:`~hf_collapse.trady.state_dict` (the adapter
+checkpoint). None of them imports the tuner. A Trainer drives it through :class:`~hf_collapse.trady.TraDyCallback`,
+which transformers' callbacks give the model and the optimizer: the tuner never looks for the Trainer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -34,10 +37,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .. import compat
-from . import calibration, sampling
+from . import calibration
 from .config import TraDyConfig
 from .injection import check_targets, default_target_modules
 from .layer import TraDyLayer
+from .sampling import NOT_CALIBRATED_MESSAGE, ChannelSampler
 from .sharding import check_not_sharded
 from .state import FlatStore, TraDyState
 from .state_dict import add_layer_entries, load_layer_entries
@@ -128,8 +132,8 @@ class TraDyModel(BaseTuner):
                 torch.zeros(0, dtype=first.dtype, device=first.device), requires_grad=not config.inference_mode
             )
         if config.is_calibrated:
-            sampling.setup(self, adapter_name)
-        sampling.register_step_hook(self)
+            self._start_sampler(adapter_name)
+        self._register_step_hook()
 
     # ------------------------------------------------------------------------------------------ peft's state dict hooks
 
@@ -178,7 +182,7 @@ class TraDyModel(BaseTuner):
                     check_not_sharded(self.model, action="train")
                     self.trady_state.sharding_checked = True
                 if not self.is_calibrated(adapter_name):
-                    raise RuntimeError(sampling.NOT_CALIBRATED_MESSAGE)
+                    raise RuntimeError(NOT_CALIBRATED_MESSAGE)
         return super().forward(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------- calibration, draws
@@ -190,10 +194,21 @@ class TraDyModel(BaseTuner):
         num_batches: int | None = None,
         adapter_name: str | None = None,
     ) -> dict[str, Any]:
-        """The a priori step (:func:`hf_collapse.trady.calibrate`)."""
-        return calibration.calibrate_tuner(
-            self, batches, loss_fn=loss_fn, num_batches=num_batches, adapter_name=adapter_name
+        """The a priori step (:func:`hf_collapse.trady.calibrate`): measure and rank, then start the sampler (size the
+        flat parameter, draw the first channels)."""
+        adapter_name = adapter_name or self.active_adapter_name()
+        config = self.peft_config[adapter_name]
+        used = calibration.calibrate_layers(
+            self.model, self.trady_layers(adapter_name), config, adapter_name, batches, loss_fn, num_batches
         )
+        sampler = self._start_sampler(adapter_name)
+        return {
+            "batches": used,
+            "selected_layers": list(config.selected_layers or []),
+            "pool_layers": [c.name for c in sampler.pool],
+            "budget_elements": sampler.budget,
+            "capacity": sampler.capacity,
+        }
 
     def refresh_rgn(
         self,
@@ -204,61 +219,122 @@ class TraDyModel(BaseTuner):
     ) -> None:
         """Recompute the channel RGN on ``batches`` (full weight gradients of the target layers: outside the
         budget), keeping the cost model, the selected layers and the flat parameter. ``det_rgn`` uses it per epoch."""
-        calibration.refresh_rgn(self, batches, loss_fn=loss_fn, num_batches=num_batches, adapter_name=adapter_name)
+        adapter_name = adapter_name or self.active_adapter_name()
+        calibration.refresh_rgn(
+            self.model,
+            self.trady_layers(adapter_name),
+            self.peft_config[adapter_name],
+            adapter_name,
+            batches,
+            loss_fn,
+            num_batches,
+        )
+
+    def _start_sampler(self, adapter_name: str, loaded: bool = False) -> ChannelSampler:
+        """Build the adapter's sampler from its calibrated config; size the flat parameter and draw the first channels,
+        or (``loaded``) keep the flat parameter and the selection a checkpoint gave. Steps counted and the draw history
+        carry over from an earlier sampler of the same adapter."""
+        if adapter_name not in self.trady_flat:
+            first = next(iter(self.trady_layers(adapter_name).values())).get_base_layer().weight
+            self.trady_flat[adapter_name] = nn.Parameter(torch.zeros(0, dtype=first.dtype, device=first.device))
+        sampler = ChannelSampler(
+            self.peft_config[adapter_name],
+            self.trady_layers(adapter_name),
+            self.trady_flat[adapter_name],
+            adapter_name,
+            self.model,
+        )
+        previous = self.trady_state.samplers.get(adapter_name)
+        if previous is not None:
+            sampler.steps, sampler.history = previous.steps, previous.history
+        self.trady_state.samplers[adapter_name] = sampler
+        if loaded:
+            sampler.adopt()
+        else:
+            sampler.start()
+        return sampler
+
+    def sampler(self, adapter_name: str | None = None) -> ChannelSampler:
+        """The adapter's :class:`~hf_collapse.trady.sampling.ChannelSampler` (cost model, pool, budget, capacity,
+        draws).
+
+        Raises:
+            RuntimeError: before calibration (there is nothing to sample from yet).
+        """
+        adapter_name = adapter_name or self.active_adapter_name()
+        if adapter_name not in self.trady_state.samplers:
+            raise RuntimeError(NOT_CALIBRATED_MESSAGE)
+        return self.trady_state.samplers[adapter_name]
 
     def resample(self, index: int, optimizer: Any = None, adapter_name: str | None = None) -> bool:
         """Draw the channels of epoch (or re-sampling step) ``index``: the current update is merged into the base
         weights, the flat parameter zeroed and its optimizer state reset. Returns whether the selection changed."""
-        return sampling.resample(self, index, optimizer, adapter_name)
+        sampler = self.sampler(adapter_name)
+        self.trady_state.driven = True  # something drives the re-sampling: no warning
+        return sampler.resample(index, optimizer)
 
     def is_calibrated(self, adapter_name: str | None = None) -> bool:
         """Whether the flat parameter is allocated and channels are drawn."""
-        return sampling.is_calibrated(self, adapter_name)
+        return (adapter_name or self.active_adapter_name()) in self.trady_state.samplers
 
     def draw_index(self, adapter_name: str | None = None) -> int | None:
         """The epoch (or re-sampling step) whose channels are selected now; ``None`` before the first draw."""
-        return sampling.draw_index(self, adapter_name)
+        sampler = self.trady_state.samplers.get(adapter_name or self.active_adapter_name())
+        return None if sampler is None else sampler.index
 
     def current_selection(self, adapter_name: str | None = None) -> dict[str, list[int]]:
         """``{layer name: selected input channels}`` for the layers with at least one channel selected."""
-        return sampling.current_selection(self, adapter_name)
+        return self.sampler(adapter_name).current_selection()
 
     def selection_history(self, adapter_name: str | None = None) -> list[tuple[int, dict[str, int]]]:
         """``[(index, {layer: channels selected})]`` for every draw so far (the first is the calibration's)."""
-        return sampling.selection_history(self, adapter_name)
+        return list(self.sampler(adapter_name).history)
 
     def budget_summary(self, adapter_name: str | None = None) -> dict[str, Any]:
         """The cost model's numbers for the current selection (elements, per sample; ``*_bytes``: the same in bytes
         of the target weights' dtype)."""
-        return sampling.budget_summary(self, adapter_name)
+        return self.sampler(adapter_name).budget_summary()
 
     def export_run_state(self, adapter_name: str | None = None) -> dict[str, Any] | None:
         """What shapes the rest of a run and is neither in the adapter checkpoint nor derivable from the step (the
         calibration, the draw index, the optimizer steps counted); ``None`` before calibration."""
-        return sampling.export_run_state(self, adapter_name)
+        sampler = self.trady_state.samplers.get(adapter_name or self.active_adapter_name())
+        return None if sampler is None else sampler.export_run_state()
 
     def restore_run_state(self, saved: dict[str, Any], adapter_name: str | None = None) -> None:
-        """Continue a run from :meth:`export_run_state`'s record, after its adapter checkpoint was loaded."""
-        sampling.restore_run_state(self, saved, adapter_name)
+        """Continue a run from :meth:`export_run_state`'s record, after its adapter checkpoint was loaded (flat
+        parameter, selection and merged channels): the calibration is taken from the record, not measured again."""
+        adapter_name = adapter_name or self.active_adapter_name()
+        ChannelSampler.restore_calibration(self.peft_config[adapter_name], saved)
+        sampler = self._start_sampler(adapter_name, loaded=True)
+        sampler.restore_counters(saved)
+        logger.info("TraDy: resumed at draw %s after %d optimizer steps", sampler.index, sampler.steps)
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[None]:
         """Steps run inside (:func:`hf_collapse.profiling.step_memory`) do not move the run along: the optimizer-step
         counter (and the re-sampling it may trigger) is put back as it was, and no warning is given."""
-        saved = []
-        for name, state in self.trady_state.adapters.items():
-            config = self.peft_config[name]
-            saved.append(
-                (state, state.steps, state.last_version, state.warned_no_callback, config, config.resample_every_steps)
-            )
-            state.warned_no_callback = True
-            config.resample_every_steps = None
-        try:
+        with contextlib.ExitStack() as stack:
+            for sampler in self.trady_state.samplers.values():
+                stack.enter_context(sampler.paused())
             yield
-        finally:
-            for state, steps, version, warned, config, every in saved:
-                state.steps, state.last_version, state.warned_no_callback = steps, version, warned
-                config.resample_every_steps = every
+
+    def _register_step_hook(self) -> None:
+        """Count the optimizer steps that update a flat parameter (``resample_every_steps`` re-samples from there): one
+        hook on every torch optimizer's step, removed when the tuner is garbage-collected."""
+        if self.trady_state.step_hook is not None:
+            return
+        reference = weakref.ref(self)
+
+        def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+            live = reference()
+            if live is not None:
+                for sampler in list(live.trady_state.samplers.values()):
+                    sampler.after_optimizer_step(optimizer, driven=live.trady_state.driven)
+
+        handle = compat.register_optimizer_step_post_hook(hook)
+        self.trady_state.step_hook = handle
+        weakref.finalize(self, handle.remove)
 
     # ------------------------------------------------------------------------------------------- layers
 
@@ -333,7 +409,7 @@ class TraDyModel(BaseTuner):
         super().delete_adapter(adapter_name)
         if adapter_name in self.trady_flat:
             del self.trady_flat[adapter_name]
-        self.trady_state.adapters.pop(adapter_name, None)
+        self.trady_state.samplers.pop(adapter_name, None)
 
 
 def find_trady_model(model: nn.Module) -> TraDyModel:

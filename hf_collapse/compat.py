@@ -322,6 +322,35 @@ def parser_option_strings(parser: Any) -> list[str]:
 # =============================================================================================================
 
 
+def set_activation_checkpointing(model: Any, on: bool) -> None:
+    """Turn a transformers model's activation (gradient) checkpointing on, non-reentrant, or off, without making the
+    input embeddings' output require gradients.
+
+    Enabling checkpointing on a text model also hooks the input embeddings so that their output requires gradients
+    (what reentrant checkpointing and LoRA under the Trainer need), and disabling it leaves that hook in place. With
+    non-reentrant checkpointing nothing needs it, and it would carry the backward pass down to the embeddings through
+    every layer, which a method that trains only the last layers (TraDy's depth) must not pay for: it is removed.
+
+    Assumes: ``activation_checkpointing_enable(activation_checkpointing_kwargs=...)`` /
+    ``activation_checkpointing_disable()`` (transformers >= 5; before, the ``gradient_checkpointing_*`` names) and
+    ``disable_input_require_grads()`` removing the hook, a no-op without one.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    if on:
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # pragma: no cover - transformers < 5
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif disable is not None:
+        disable()
+    else:  # pragma: no cover - transformers < 5
+        model.gradient_checkpointing_disable()
+    drop = getattr(model, "disable_input_require_grads", None)
+    if drop is not None:
+        drop()
+
+
 def no_split_modules(model: Any) -> list[str]:
     """The module classes ``model`` declares must stay whole on one device (for accelerate's device maps).
 

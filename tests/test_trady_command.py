@@ -118,10 +118,41 @@ def test_trady_command_takes_a_budget_in_bytes_without_the_full_comparison(tiny_
     assert (tmp_path / "adapter" / "adapter_config.json").exists() and not (tmp_path / "merged").exists()
 
 
+def test_trady_command_keeps_the_whole_step_under_a_peak_budget_and_says_what_it_bought(tiny_llm, tmp_path):
+    """``--peak_bytes`` bounds the measured peak of the training step on the job's own batch shape (4 x 32 here):
+    measured against full fine-tuning's peak on that shape, measured here with the same function."""
+    from hf_collapse.profiling import step_memory
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    ids = torch.randint(3, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    full = step_memory(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}).peak_bytes
+    limit = int(0.93 * full)  # this Llama is tiny but its 49k-word logits are not: every plan holds them
+    argv = ["trady", "--model", str(tiny_llm), "--peak_bytes", str(limit), "--output_dir", str(tmp_path), *FAST]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "memory_report.json").read_text())
+    plan = report["peak_plan"]
+    assert plan["peak_bytes"] == limit and report["peak_met"] is True
+    assert report["step_memory"]["trady"]["peak_bytes"] <= limit < report["step_memory"]["full"]["peak_bytes"]
+    assert report["budget"].startswith(f"a peak of {limit} bytes per training step")
+    markdown = (tmp_path / "memory_report.md").read_text()
+    assert "## Peak budget" in markdown and f"| {limit / 2**20:,.1f} MiB |" in markdown
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peak_bytes"] == limit and saved["peak_plan"]["budget_elements"] == plan["budget_elements"]
+
+
+def test_trady_command_refuses_a_peak_budget_below_the_smallest_step(tiny_llm, tmp_path, capsys):
+    argv = ["trady", "--model", str(tiny_llm), "--peak_bytes", "1000", "--output_dir", str(tmp_path), *FAST]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "peak_bytes=1,000" in err and "cannot be met" in err and "Raise peak_bytes to at least" in err
+    assert not (tmp_path / "adapter").exists()
+
+
 @pytest.mark.parametrize(
     "argv,expected",
     [
-        ([], "no budget: pass --budget_ratio (a fraction of every channel's cost, e.g. 0.05) or --budget_bytes"),
+        ([], "no budget: pass --budget_ratio (a fraction of every channel's cost, e.g. 0.05), --budget_bytes, or"),
+        (["--peak_bytes", "0"], "--peak_bytes must be >= 1, got 0"),
         (["--budget_ratio", "0.1", "--budget_bytes", "1000"], "two budgets: pass --budget_ratio or --budget_bytes"),
         (["--budget_ratio", "1.5"], "--budget_ratio must be in (0, 1], got 1.5"),
         (["--budget_bytes", "0"], "--budget_bytes must be >= 1, got 0"),

@@ -1,6 +1,8 @@
 """TraDy on decoder LMs: Llama-style nn.Linear projections and GPT-2's transposed Conv1D, causal-LM batches with -100
 labels, gradient checkpointing (same loss and gradients), a Trainer run, and the peak memory of a training step."""
 
+import re
+
 import pytest
 import torch
 from datasets import Dataset
@@ -330,3 +332,90 @@ def test_peak_step_memory_orders_full_lora_trady_and_frozen():
         assert parts == report.peak_bytes
     table = trady.to_markdown(references={"full": full, "lora": lora, "trady": trady})
     assert "| peak of a training step |" in table and "| trady | full | lora |" in table
+
+
+# ----------------------------------------------------------------------------------------------- a budget on the peak
+
+
+def _peak_llama(seed=0):
+    return llama(seed, hidden=64, layers=4).train()
+
+
+def _peak_batch(seed=0):
+    return lm_batch(seed, batch=4, seq=32, padded=0)
+
+
+def _smallest_feasible_peak(full_peak):
+    from hf_collapse.trady.planning import PeakBudgetError
+
+    model = get_peft_model(_peak_llama(), TraDyConfig(task_type="CAUSAL_LM", peak_bytes=int(0.1 * full_peak)))
+    with pytest.raises(PeakBudgetError, match=r"cannot be met: the smallest training step") as refused:
+        calibrate(model, [_peak_batch(s) for s in range(2)])
+    assert not find_trady_model(model).is_calibrated()
+    return int(re.search(r"Raise peak_bytes to at least ([\d,]+)", str(refused.value)).group(1).replace(",", ""))
+
+
+def test_a_peak_budget_holds_the_measured_step_from_the_smallest_feasible_to_full_fine_tuning():
+    """Issue 28: ``peak_bytes`` bounds the whole step (forward, backward, AdamW step), measured on the batch's shape,
+    for every draw of the run, at budgets from the smallest one TraDy says it can reach up to full fine-tuning's."""
+    full = step_memory(_peak_llama(), _peak_batch(), method="full").peak_bytes
+    smallest = _smallest_feasible_peak(full)
+    assert smallest < full
+    bought = []
+    for limit in (smallest, (smallest + full) // 2, full):
+        model = get_peft_model(_peak_llama(), TraDyConfig(task_type="CAUSAL_LM", peak_bytes=limit))
+        summary = calibrate(model, [_peak_batch(s) for s in range(2)])
+        tuner = find_trady_model(model)
+        plan = summary["peak_plan"]
+        assert plan["peak_bytes"] == limit and plan["measured_peak_bytes"] <= limit
+        peaks = [step_memory(model, _peak_batch()).peak_bytes]
+        for epoch in (1, 2):
+            tuner.resample(epoch)
+            peaks.append(step_memory(model, _peak_batch()).peak_bytes)
+        assert max(peaks) <= limit, (limit, peaks)
+        assert tuner.model.is_gradient_checkpointing == plan["gradient_checkpointing"]
+        bought.append(tuner.budget_summary()["used_weight_elements"])
+    assert bought[0] <= bought[1] <= bought[2] and bought[0] < bought[2]  # a larger peak buys more channels
+
+
+def test_a_peak_plan_reloads_and_trains_under_the_trainer(tmp_path):
+    """The plan travels in adapter_config.json: a reloaded adapter has the same capacity and turns the plan's
+    checkpointing on; the callback plans by itself when a Trainer starts, and the run trains within the plan."""
+    from peft import PeftModel
+
+    full = step_memory(_peak_llama(), _peak_batch(), method="full").peak_bytes
+    limit = int(0.8 * full)
+    model = get_peft_model(_peak_llama(), TraDyConfig(task_type="CAUSAL_LM", peak_bytes=limit))
+    args = _tiny_trainer_args(tmp_path / "run")  # batch 4 x 32, the shape the callback plans on
+    trainer = Trainer(model=model, args=args, train_dataset=_lm_dataset(seq=32), callbacks=[TraDyCallback()])
+    trainer.train()
+    tuner = find_trady_model(model)
+    plan = tuner.peft_config["default"].peak_plan
+    assert plan is not None and plan["peak_bytes"] == limit and flat_of(model).abs().sum() > 0
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(_peak_llama(), tmp_path / "adapter", is_trainable=True)
+    again = find_trady_model(reloaded)
+    assert again.peft_config["default"].peak_plan == plan
+    assert flat_of(reloaded).numel() == flat_of(model).numel()
+    assert again.model.is_gradient_checkpointing == plan["gradient_checkpointing"]
+    torch.testing.assert_close(flat_of(reloaded), flat_of(model))
+
+
+def test_the_peak_search_prefers_more_channels_then_depth_then_no_checkpointing():
+    from hf_collapse.trady.planning import PeakBudgetError, plan_for_peak
+
+    def peak(budget, depth, checkpointing):  # bytes: 100 resident, channels, 10 per layer backpropagated through
+        return int(100 + budget * (0.25 if checkpointing else 1.0) + (depth or 8) * (2 if checkpointing else 10))
+
+    roomy = plan_for_peak(10_000, peak, min_elements=1, cap_elements=500, depths=[None, 4, 2, 1])
+    assert (roomy.budget_elements, roomy.max_depth, roomy.gradient_checkpointing) == (500, None, False)
+    assert len(roomy.trials) == 2  # everything asked for fits without checkpointing: nothing else is tried
+    tight = plan_for_peak(300, peak, min_elements=1, cap_elements=500, depths=[None, 4, 2, 1])
+    assert tight.gradient_checkpointing and tight.max_depth is None and tight.budget_elements == 500
+    shallow = plan_for_peak(160, peak, min_elements=1, cap_elements=500, depths=[None, 4, 2, 1], checkpointing=[False])
+    assert shallow.max_depth == 4 and shallow.measured_peak_bytes <= 0.97 * 160
+    with pytest.raises(
+        PeakBudgetError,
+        match=r"peak_bytes=105 .*measures 102 bytes .*last target layer, gradient checkpointing on.* at least 106,",
+    ):
+        plan_for_peak(105, peak, min_elements=1, cap_elements=500, depths=[None, 4, 2, 1])

@@ -70,6 +70,14 @@ class TraDyJobArguments(LMJobArguments):
             "help": "Budget in bytes: weight-gradient plus activation bytes per sample of the selected channels."
         },
     )
+    peak_bytes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Budget on the measured peak of one whole training step (bytes, on this batch shape): TraDy "
+            "chooses the channels, the depth and gradient checkpointing to stay under it, and refuses when it cannot "
+            "(a --budget_ratio / --budget_bytes given too is the most channel budget it may take)."
+        },
+    )
     selection: str = field(
         default="trady", metadata={"help": "Channel selection: trady, static_topk_random, full_random or det_rgn."}
     )
@@ -109,15 +117,17 @@ class TraDyJobArguments(LMJobArguments):
             raise ValueError(f"--task {self.task!r}: expected one of {', '.join(TASKS)}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"--selection {self.selection!r}: expected one of {', '.join(SELECTIONS)}")
-        if self.budget_ratio is None and self.budget_bytes is None:
+        if self.budget_ratio is None and self.budget_bytes is None and self.peak_bytes is None:
             raise ValueError(
-                "no budget: pass --budget_ratio (a fraction of every channel's cost, e.g. 0.05) or --budget_bytes"
+                "no budget: pass --budget_ratio (a fraction of every channel's cost, e.g. 0.05), --budget_bytes, or "
+                "--peak_bytes (the whole training step's peak)"
             )
         if self.budget_ratio is not None and self.budget_bytes is not None:
             raise ValueError("two budgets: pass --budget_ratio or --budget_bytes, not both")
         if self.budget_ratio is not None and not 0 < self.budget_ratio <= 1:
             raise ValueError(f"--budget_ratio must be in (0, 1], got {self.budget_ratio:g}")
         at_least("budget_bytes", self.budget_bytes, 1)
+        at_least("peak_bytes", self.peak_bytes, 1)
         at_least("max_depth", self.max_depth, 1)
         for name in ("calibration_batches", "max_length", "eval_windows"):
             at_least(name, getattr(self, name), 1)
@@ -198,6 +208,7 @@ def memory_markdown(summary: dict[str, Any]) -> str:
         f"{summary['budget_summary']['used_bytes']:,.0f} used). Trainable elements: "
         f"{summary['trainable_elements']:,} of {summary['total_elements']:,}.",
         "",
+        *_plan_lines(summary.get("peak_plan"), steps.get("trady")),
         f"Test {metric}: {summary['metric_before']:.4f} before, {summary['metric_after']:.4f} after "
         f"{summary['train_steps']} steps (test data: only reported; no decision was made on it).",
         "",
@@ -216,6 +227,32 @@ def memory_markdown(summary: dict[str, Any]) -> str:
         "peak beyond parameters, gradients and optimizer state."
     )
     return "\n".join(lines) + "\n"
+
+
+def _plan_lines(plan: dict[str, Any] | None, measured: Any) -> list[str]:
+    """The peak budget, what it bought and the peak measured after calibration, side by side."""
+    if not plan:
+        return []
+    from ..trady.planning import PeakPlan
+
+    peak = PeakPlan.from_dict(plan)
+    depth = "any" if peak.max_depth is None else f"the last {peak.max_depth} target layers"
+    share = peak.budget_elements / peak.cap_elements
+    lines = [
+        "## Peak budget",
+        "",
+        "| peak budget | channel budget (elements) | depth | gradient checkpointing | peak measured when planned |"
+        + (" peak measured before training |" if measured is not None else ""),
+        "|---:|---:|---|---|---:|" + ("---:|" if measured is not None else ""),
+        f"| {peak.peak_bytes / 2**20:,.1f} MiB | {peak.budget_elements:,.0f} ({share:.3g} of {peak.cap_elements:,.0f}) "
+        f"| {depth} | {'on' if peak.gradient_checkpointing else 'off'} | "
+        f"{peak.measured_peak_bytes / 2**20:,.1f} MiB |"
+        + (f" {measured.peak_bytes / 2**20:,.1f} MiB |" if measured is not None else ""),
+        "",
+        f"{len(peak.trials)} plans were measured to choose it (AdamW, the training batch's shape).",
+        "",
+    ]
+    return lines
 
 
 def _card_training(summary: dict[str, Any], args) -> str:
@@ -277,6 +314,7 @@ def run_trady_job(job: TraDyJobArguments, args) -> tuple[Any, dict[str, Any]]:
         task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS",
         budget_ratio=job.budget_ratio,
         budget_bytes=job.budget_bytes,
+        peak_bytes=job.peak_bytes,
         selection=job.selection,
         target_modules=job.targets(),
         max_depth=job.max_depth,
@@ -295,6 +333,9 @@ def run_trady_job(job: TraDyJobArguments, args) -> tuple[Any, dict[str, Any]]:
     with phase("peak memory of a TraDy step"):
         summary["step_memory"]["trady"] = step_memory(peft_model, batch, method="trady").to_dict()
     budget = tuner.budget_summary()
+    if config.peak_plan:
+        summary["peak_plan"] = config.peak_plan
+        summary["peak_met"] = summary["step_memory"]["trady"]["peak_bytes"] <= config.peak_plan["peak_bytes"]
     trainer = Trainer(
         model=peft_model, args=args, train_dataset=train, data_collator=collator, callbacks=[TraDyCallback()]
     )

@@ -64,6 +64,11 @@ class TraDyConfig(PeftConfig):
         budget_ratio: the budget as a fraction of the cost of updating every channel of every target layer
             (default 0.05 when neither ``budget_elements`` nor ``budget_bytes`` is given). Give at most one of
             ``budget_elements``, ``budget_bytes`` and ``budget_ratio``.
+        peak_bytes: a budget on the **whole training step**: the measured peak of one step (forward, backward, AdamW
+            step: :func:`~hf_collapse.trady.step_memory`) on the calibration batch's shape stays under it. Calibration
+            then chooses the channel budget, the depth and gradient checkpointing (:mod:`~hf_collapse.trady.planning`;
+            a channel budget given too is the most it may take) and records the plan in ``peak_plan``; it refuses,
+            saying the smallest peak it can reach, when no plan fits.
         selection: one of ``"trady"``, ``"static_topk_random"``, ``"full_random"``, ``"det_rgn"``.
         coverage: fraction of the cumulative RGN that the kept layers must cover (0.97 in the paper).
         max_depth: only the last ``max_depth`` target layers (in forward order) may be selected. Backpropagation
@@ -77,6 +82,8 @@ class TraDyConfig(PeftConfig):
         layer_rgn: every target layer's RGN, in forward order (filled by ``calibrate``).
         layer_positions: activation positions per sample of every target layer (tokens, or ``H·W``), in forward
             order (filled by ``calibrate``; the cost model needs it).
+        peak_plan: what ``peak_bytes`` bought (filled by ``calibrate``: channel budget, depth, checkpointing, the
+            measured peak and every plan tried; :class:`~hf_collapse.trady.planning.PeakPlan`).
         modules_to_save: modules trained in full and saved with the adapter (the task head). With
             ``task_type="SEQ_CLS"`` peft adds ``classifier``/``score`` itself.
         memory_budget: the name of ``budget_elements`` in earlier versions (deprecated: a ``FutureWarning``; adapter
@@ -118,6 +125,13 @@ class TraDyConfig(PeftConfig):
             f"(default {DEFAULT_BUDGET_RATIO})."
         },
     )
+    peak_bytes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Budget on the measured peak of one whole training step, in bytes: calibration chooses the channel "
+            "budget, the depth and gradient checkpointing to stay under it."
+        },
+    )
     selection: Literal["trady", "static_topk_random", "full_random", "det_rgn"] = field(
         default="trady", metadata={"help": f"Channel selection strategy, one of {SELECTIONS}."}
     )
@@ -140,6 +154,9 @@ class TraDyConfig(PeftConfig):
     )
     layer_positions: dict[str, float] | None = field(
         default=None, metadata={"help": "Activation positions per sample of every target layer (filled by calibrate)."}
+    )
+    peak_plan: dict | None = field(
+        default=None, metadata={"help": "What peak_bytes bought and the peak measured (filled by calibrate)."}
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (the task head)."}
@@ -176,6 +193,8 @@ class TraDyConfig(PeftConfig):
                 f"give one budget: budget_elements (elements), budget_bytes (bytes) or budget_ratio "
                 f"(fraction), not {' and '.join(given)}"
             )
+        if self.peak_bytes is not None and (isinstance(self.peak_bytes, bool) or int(self.peak_bytes) <= 0):
+            raise ValueError(f"peak_bytes must be a positive number of bytes, got {self.peak_bytes!r}")
         if self.budget_bytes is not None and (isinstance(self.budget_bytes, bool) or int(self.budget_bytes) <= 0):
             raise ValueError(f"budget_bytes must be a positive number of bytes, got {self.budget_bytes!r}")
         if self.budget_elements is not None and (
@@ -199,12 +218,22 @@ class TraDyConfig(PeftConfig):
     def budget_description(self) -> str:
         """The budget as written by the user, e.g. ``"0.05 of the cost of every channel"``, ``"120000 elements"`` or
         ``"480000 bytes"``."""
+        if self.peak_plan:
+            return (
+                f"a peak of {int(self.peak_plan['peak_bytes'])} bytes per training step (channel budget "
+                f"{self.peak_plan['budget_elements']:.0f} elements)"
+            )
         if self.budget_elements is not None:
             return f"{int(self.budget_elements)} elements"
         if self.budget_bytes is not None:
             return f"{int(self.budget_bytes)} bytes"
         ratio = DEFAULT_BUDGET_RATIO if self.budget_ratio is None else float(self.budget_ratio)
         return f"{ratio:.4g} of the cost of every channel"
+
+    @property
+    def has_channel_budget(self) -> bool:
+        """Whether a channel budget was given (``budget_elements``, ``budget_bytes`` or ``budget_ratio``)."""
+        return any(v is not None for v in (self.budget_elements, self.budget_bytes, self.budget_ratio))
 
     @property
     def is_calibrated(self) -> bool:

@@ -27,6 +27,7 @@ which transformers' callbacks give the model and the optimizer: the tuner never 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -37,11 +38,15 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .. import compat
+from ..metrics import to_device
+from ..profiling import step_memory
 from . import calibration
 from .config import TraDyConfig
 from .injection import check_targets, default_target_modules
 from .layer import TraDyLayer
+from .planning import PeakPlan, depth_choices, plan_for_peak
 from .sampling import NOT_CALIBRATED_MESSAGE, ChannelSampler
+from .selection import LayerCost, budget_elements, candidate_layers, select_layers_by_rgn
 from .sharding import check_not_sharded
 from .state import FlatStore, TraDyState
 from .state_dict import add_layer_entries, load_layer_entries
@@ -194,21 +199,116 @@ class TraDyModel(BaseTuner):
         num_batches: int | None = None,
         adapter_name: str | None = None,
     ) -> dict[str, Any]:
-        """The a priori step (:func:`hf_collapse.trady.calibrate`): measure and rank, then start the sampler (size the
-        flat parameter, draw the first channels)."""
+        """The a priori step (:func:`hf_collapse.trady.calibrate`): measure and rank, plan for ``peak_bytes`` when the
+        config has one, then start the sampler (size the flat parameter, draw the first channels)."""
         adapter_name = adapter_name or self.active_adapter_name()
         config = self.peft_config[adapter_name]
+        batches = list(itertools.islice(iter(batches), int(num_batches or config.calibration_batches)))
         used = calibration.calibrate_layers(
             self.model, self.trady_layers(adapter_name), config, adapter_name, batches, loss_fn, num_batches
         )
+        config.peak_plan = None
+        if config.peak_bytes is not None:
+            self._plan_peak(adapter_name, batches[0], loss_fn)
         sampler = self._start_sampler(adapter_name)
-        return {
+        summary = {
             "batches": used,
             "selected_layers": list(config.selected_layers or []),
             "pool_layers": [c.name for c in sampler.pool],
             "budget_elements": sampler.budget,
             "capacity": sampler.capacity,
         }
+        if config.peak_plan:
+            summary["peak_plan"] = config.peak_plan
+        return summary
+
+    def _plan_peak(self, adapter_name: str, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> None:
+        """Choose the channel budget, the depth and gradient checkpointing so that one training step's measured peak
+        on ``batch`` stays under ``config.peak_bytes`` (:mod:`~hf_collapse.trady.planning`); the plan goes into
+        ``config.peak_plan``.
+
+        Raises:
+            hf_collapse.trady.planning.PeakBudgetError: when no plan fits (the config is left without a plan).
+        """
+        config = self.peft_config[adapter_name]
+        layers = self.trady_layers(adapter_name)
+        order = [n for n in (config.layer_positions or {}) if n in layers]
+        costs = [
+            LayerCost(n, layers[n].in_channels, layers[n].weight_per_channel, float(config.layer_positions[n]))
+            for n in order
+        ]
+        flat = self.trady_flat[adapter_name]
+        cap = (
+            budget_elements(
+                costs,
+                config.budget_elements,
+                config.budget_ratio,
+                budget_bytes=config.budget_bytes,
+                bytes_per_element=flat.element_size(),
+            )
+            if config.has_channel_budget
+            else sum(c.full_cost for c in costs)
+        )
+        ranked = None if config.selected_layers is None else list(config.selected_layers)
+        base = self.model
+        was_checkpointing = bool(getattr(base, "is_gradient_checkpointing", False))
+        can_checkpoint = bool(getattr(base, "supports_gradient_checkpointing", False))
+        settings = (True,) if was_checkpointing else ((False, True) if can_checkpoint else (False,))
+        device = flat.device
+        batch = to_device(batch, device)
+
+        def selected_within(depth: int | None) -> list[str] | None:
+            if ranked is None or depth is None:
+                return ranked
+            allowed = candidate_layers(order, depth)
+            kept = [n for n in ranked if n in set(allowed)]
+            if kept or not config.layer_rgn:
+                return kept
+            return select_layers_by_rgn(config.layer_rgn, config.coverage, allowed)  # the ranking within the depth
+
+        def measure(budget: float, depth: int | None, checkpointing: bool) -> int:
+            config.peak_plan = {"budget_elements": budget, "max_depth": depth, "gradient_checkpointing": checkpointing}
+            config.selected_layers = selected_within(depth)
+            self._set_checkpointing(checkpointing)
+            self.trady_state.samplers.pop(adapter_name, None)
+            try:
+                self._start_sampler(adapter_name)
+            except ValueError:  # e.g. no ranked layer within this depth: this plan cannot be built
+                return 2**62
+            with torch.no_grad():
+                flat.zero_()
+            return step_memory(self, batch, loss_fn=loss_fn).peak_bytes
+
+        try:
+            plan: PeakPlan = plan_for_peak(
+                int(config.peak_bytes),
+                measure,
+                min_elements=max(c.channel_cost for c in costs),
+                cap_elements=cap,
+                depths=depth_choices(min(len(order), config.max_depth or len(order))),
+                depth_cost=lambda depth: sum(
+                    c.full_cost for c in costs if c.name in set(candidate_layers(order, depth or config.max_depth))
+                ),
+                checkpointing=settings,
+            )
+        except ValueError:
+            config.peak_plan, config.selected_layers = None, ranked
+            self.trady_state.samplers.pop(adapter_name, None)
+            self._set_checkpointing(was_checkpointing)
+            raise
+        self.trady_state.samplers.pop(adapter_name, None)
+        config.peak_plan = plan.to_dict()
+        config.selected_layers = selected_within(plan.max_depth)
+        self._set_checkpointing(plan.gradient_checkpointing)
+        logger.info("TraDy: %s", plan.describe())
+
+    def _set_checkpointing(self, on: bool) -> None:
+        """Turn the base model's gradient checkpointing on (non-reentrant: TraDy's slices need no input gradients, so
+        the backward still stops at the lowest selected layer) or off, when the model supports it and it is not so
+        already."""
+        base = self.model
+        if getattr(base, "supports_gradient_checkpointing", False) and bool(base.is_gradient_checkpointing) != on:
+            compat.set_activation_checkpointing(base, on)
 
     def refresh_rgn(
         self,
@@ -244,6 +344,9 @@ class TraDyModel(BaseTuner):
             adapter_name,
             self.model,
         )
+        plan = self.peft_config[adapter_name].peak_plan
+        if plan and plan.get("gradient_checkpointing"):
+            self._set_checkpointing(True)  # the plan's measured peak needs it (a reloaded or resumed adapter too)
         previous = self.trady_state.samplers.get(adapter_name)
         if previous is not None:
             sampler.steps, sampler.history = previous.steps, previous.history

@@ -125,14 +125,19 @@ class ChannelSampler:
             LayerCost(n, layer.in_channels, layer.weight_per_channel, float(positions[n]))
             for n, layer in self.layers.items()
         ]
-        self.budget = budget_elements(
-            self.costs,
-            config.budget_elements,
-            config.budget_ratio,
-            DEFAULT_BUDGET_RATIO,
-            budget_bytes=getattr(config, "budget_bytes", None),
-            bytes_per_element=flat.element_size(),
-        )
+        plan = config.peak_plan or {}
+        if plan:  # a peak budget's plan (hf_collapse.trady.planning): its channel budget and depth
+            self.budget = float(plan["budget_elements"])
+        else:
+            self.budget = budget_elements(
+                self.costs,
+                config.budget_elements,
+                config.budget_ratio,
+                DEFAULT_BUDGET_RATIO,
+                budget_bytes=getattr(config, "budget_bytes", None),
+                bytes_per_element=flat.element_size(),
+            )
+        self.max_depth = plan["max_depth"] if plan.get("max_depth") is not None else config.max_depth
         self.pool = self._pool()
         cheapest = min(self.pool, key=lambda c: c.channel_cost)
         if self.budget < cheapest.channel_cost:
@@ -151,7 +156,7 @@ class ChannelSampler:
 
     def _pool(self) -> list[LayerCost]:
         config = self.config
-        candidates = candidate_layers(list(self.layers), config.max_depth)
+        candidates = candidate_layers(list(self.layers), self.max_depth)
         if config.selection == "full_random":
             names = candidates
         else:
@@ -166,8 +171,8 @@ class ChannelSampler:
             names = [n for n in candidates if n in set(config.selected_layers)]
             if not names:
                 raise ValueError(
-                    f"no selected layer lies within max_depth={config.max_depth} (the last "
-                    f"{config.max_depth} target layers); selected: {config.selected_layers[:5]}"
+                    f"no selected layer lies within max_depth={self.max_depth} (the last "
+                    f"{self.max_depth} target layers); selected: {config.selected_layers[:5]}"
                 )
         by_name = {c.name: c for c in self.costs}
         return [by_name[n] for n in names]

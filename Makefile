@@ -70,6 +70,8 @@ benchmark: $(INSTALLED_STAMP)
 	$(BIN)/python benchmarks/bench_tlc.py | tee benchmarks/results/bench_tlc.txt
 	$(BIN)/python benchmarks/bench_trady.py | tee benchmarks/results/bench_trady.txt
 	$(BIN)/python benchmarks/bench_trady_llm.py  # writes its results/ files itself
+	$(BIN)/python benchmarks/bench_trady_peak.py  # writes its results/ files itself
+	$(BIN)/python benchmarks/bench_onnx.py  # writes its results/ files itself
 	$(BIN)/python benchmarks/bench_llm_depth.py --fresh | tee benchmarks/results/bench_llm_depth.txt
 
 clean:

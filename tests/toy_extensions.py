@@ -1,5 +1,5 @@
 """One toy of each extension point, each a small class in this one file, registered by :func:`registered_toys`: what a
-contributor adds to hf_collapse to bring a new scorer, search or healing method."""
+contributor adds to hf_collapse to bring a new scorer, search, healing method or export format."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 from hf_collapse.engine import Candidate, SearchStrategy
+from hf_collapse.export import EXPORTS, ExportFormat
 from hf_collapse.healing import HEALING, HealingMethod
 from hf_collapse.scoring import SCORERS, BatchStatistic
 from hf_collapse.searches import SEARCHES, Search
@@ -81,15 +82,44 @@ class ScaleOutputs(HealingMethod):
         return student
 
 
+class TorchScriptExport(ExportFormat):
+    """An export format: a traced TorchScript module, run by ``torch.jit.load`` (PyTorch's own runtime)."""
+
+    name = "toy_torchscript"
+    description = "a traced TorchScript module"
+    runtime = "TorchScript"
+    families = ("encoder",)
+
+    def write(self, model, output, inputs):
+        traced = torch.jit.trace(model, example_kwarg_inputs=dict(inputs), strict=False)
+        traced.save(str(output / "model.pt"))
+        return [output / "model.pt"]
+
+    def runner(self, output, threads=1):
+        module = torch.jit.load(str(output / "model.pt"))
+
+        def run(inputs):
+            outputs = module(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+            values = outputs.values() if isinstance(outputs, dict) else outputs
+            return [v.detach().numpy() for v in values]
+
+        return run
+
+    def how_to_run(self, output, input_names):
+        return f'`torch.jit.load("model.pt")(**{{{", ".join(repr(n) for n in input_names)}: ...}})`'
+
+
 @contextlib.contextmanager
 def registered_toys():
-    """The three toys registered for the block, unregistered after."""
+    """The toys registered for the block, unregistered after."""
     SCORERS.register(OutputNorm())
     SEARCHES.register(LastBlocksFirst())
     HEALING.register(ScaleOutputs())
+    EXPORTS.register(TorchScriptExport())
     try:
         yield
     finally:
         SCORERS.unregister(OutputNorm.name)
         SEARCHES.unregister(LastBlocksFirst.name)
         HEALING.unregister(ScaleOutputs.name)
+        EXPORTS.unregister(TorchScriptExport.name)

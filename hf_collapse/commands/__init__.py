@@ -5,6 +5,7 @@
 * :mod:`~hf_collapse.commands.tlc`: TLC end to end (fine-tune, collapse activation layers, save);
 * :mod:`~hf_collapse.commands.prune`: depth compression of a causal LM (score, remove, heal, measure, save, push);
 * :mod:`~hf_collapse.commands.trady`: memory-budgeted fine-tuning with TraDy and its memory report;
+* :mod:`~hf_collapse.commands.export`: a model written for a serving runtime, checked and timed there;
 * :mod:`~hf_collapse.commands.arguments` / :mod:`~hf_collapse.commands.output`: shared flags and printing.
 
 Mistakes get one line, ``hf-collapse: error: ...`` naming what was wrong and what is accepted, and exit code 2;
@@ -39,6 +40,7 @@ COMMANDS = {
     "measure perplexity and tokens/s, save (and push)",
     "trady": "memory-budgeted fine-tuning with TraDy: calibrate, train the sampled channels, measure the peak memory "
     "of a training step against full fine-tuning, save the adapter (and the merged model)",
+    "export": "write a model for a serving runtime (ONNX Runtime), check its outputs there and time it",
 }
 
 

@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
 
-    result = {"speed": speed(args.batch, args.seq_len, args.repeats)}
+    result = {"speed": speed(args.batch, args.max_length, args.repeats)}
     s = result["speed"]
     print(f"RoBERTa-base-sized encoder, batch {s['batch']} x {s['seq_len']} tokens, {s['hardware']}")
     print(

@@ -34,12 +34,12 @@ def main() -> None:
 
     folder = embedded_model_path("minilm")
     model, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    data = tokenize_text_dataset(load_dialog_topics(seed=0), tokenizer, max_length=args.seq_len)["test"]
+    data = tokenize_text_dataset(load_dialog_topics(seed=0), tokenizer, max_length=args.max_length)["test"]
     data = data.remove_columns("label")
     loader = DataLoader(data, batch_size=32, collate_fn=DataCollatorWithPadding(tokenizer))
     scores = hf_collapse.score_blocks(model, loader, method="block_influence", max_batches=4, progress=False)
     lines = [data[i]["input_ids"] for i in range(args.batch)]
-    inputs = tokenizer.pad({"input_ids": lines}, padding="max_length", max_length=args.seq_len, return_tensors="pt")
+    inputs = tokenizer.pad({"input_ids": lines}, padding="max_length", max_length=args.max_length, return_tensors="pt")
     inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     _, report = hf_collapse.collapse(
         model,
@@ -70,7 +70,7 @@ def main() -> None:
         "model": "all-MiniLM-L6-v2 (pretrained, embedded), scored by block influence on dialog_topics",
         "hardware": report.hardware,
         "batch": args.batch,
-        "seq_len": args.seq_len,
+        "seq_len": args.max_length,
         "rounds": args.rounds,
         "rows": rows,
         "target": "speed-up >= 0.9x the FLOPs ratio",
@@ -79,7 +79,7 @@ def main() -> None:
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 
     print(
-        f"all-MiniLM-L6-v2, 6 blocks, on {report.hardware}; batch {args.batch} x {args.seq_len} tokens; "
+        f"all-MiniLM-L6-v2, 6 blocks, on {report.hardware}; batch {args.batch} x {args.max_length} tokens; "
         f"each state timed side by side with the original, {args.rounds} interleaved rounds"
     )
     print(

@@ -20,11 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
+from minilm_dialog import scored_minilm
 
 import hf_collapse
-from hf_collapse.data import embedded_model_path, load_dialog_topics, tokenize_text_dataset
 from hf_collapse.export import EXPORTS, export
 from hf_collapse.metrics import forward_flops, hardware_description
 
@@ -39,16 +37,9 @@ def main() -> None:
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "bench_onnx"))
     args = parser.parse_args()
 
-    folder = embedded_model_path("minilm")
-    model, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    data = tokenize_text_dataset(load_dialog_topics(seed=0), tokenizer, max_length=args.max_length)["test"]
-    data = data.remove_columns("label")
-    loader = DataLoader(data, batch_size=32, collate_fn=DataCollatorWithPadding(tokenizer))
-    scores = hf_collapse.score_blocks(model, loader, method="block_influence", max_batches=4, progress=False)
+    model, scores, inputs = scored_minilm(args.batch, args.max_length)
     order = sorted(scores, key=scores.get)
-    lines = [data[i]["input_ids"] for i in range(args.batch)]
-    batch = tokenizer.pad({"input_ids": lines}, padding="max_length", max_length=args.max_length, return_tensors="pt")
-    feed = {k: v.numpy() for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    feed = {k: v.numpy() for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     inputs = {k: torch.from_numpy(v) for k, v in feed.items()}
     onnx = EXPORTS.get("onnx")
     with tempfile.TemporaryDirectory() as scratch:

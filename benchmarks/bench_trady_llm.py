@@ -113,6 +113,18 @@ def build(method: str, args, calibration_batches):
     return model, info
 
 
+def news_batches(args) -> tuple[list[dict], DataLoader]:
+    """``args.steps`` training batches of ``args.batch_size`` BBC News training windows of ``args.seq_len`` tokens, in
+    order (what every method trains on), and a loader of ``args.eval_windows`` test windows (what it is measured on)."""
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
+    news = load_bbc_news()
+    train = lm_windows(
+        news["train"]["text"], tokenizer, max_length=args.seq_len, max_windows=args.steps * args.batch_size
+    )
+    held_out = lm_windows(news["test"]["text"], tokenizer, max_length=args.seq_len, max_windows=args.eval_windows)
+    return list(DataLoader(train, batch_size=args.batch_size, shuffle=False)), DataLoader(held_out, batch_size=4)
+
+
 def held_out_loss(model, loader) -> float:
     return math.log(perplexity(model, loader))
 
@@ -123,14 +135,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
-    news = load_bbc_news()
-    train = lm_windows(
-        news["train"]["text"], tokenizer, max_length=args.seq_len, max_windows=args.steps * args.batch_size
-    )
-    held_out = lm_windows(news["test"]["text"], tokenizer, max_length=args.seq_len, max_windows=args.eval_windows)
-    batches = list(DataLoader(train, batch_size=args.batch_size, shuffle=False))
-    evaluation = DataLoader(held_out, batch_size=4)
+    batches, evaluation = news_batches(args)
     lrs = {"full": args.lr_full, "lora": args.lr_lora, "trady": args.lr_trady, "trady_top": args.lr_trady}
     results: dict[str, dict] = {}
     base_loss = None

@@ -15,12 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
+from minilm_dialog import scored_minilm
 
 import hf_collapse
-from hf_collapse.data import embedded_model_path, load_dialog_topics, tokenize_text_dataset
 
 
 def main() -> None:
@@ -32,15 +29,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "depth_speedup.json"))
     args = parser.parse_args()
 
-    folder = embedded_model_path("minilm")
-    model, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    data = tokenize_text_dataset(load_dialog_topics(seed=0), tokenizer, max_length=args.max_length)["test"]
-    data = data.remove_columns("label")
-    loader = DataLoader(data, batch_size=32, collate_fn=DataCollatorWithPadding(tokenizer))
-    scores = hf_collapse.score_blocks(model, loader, method="block_influence", max_batches=4, progress=False)
-    lines = [data[i]["input_ids"] for i in range(args.batch)]
-    inputs = tokenizer.pad({"input_ids": lines}, padding="max_length", max_length=args.max_length, return_tensors="pt")
-    inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    model, scores, inputs = scored_minilm(args.batch, args.max_length)
     _, report = hf_collapse.collapse(
         model,
         scores,

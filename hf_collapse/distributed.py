@@ -22,12 +22,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from copy import deepcopy
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "from_main_process",
     "full_state_dict",
     "is_distributed",
     "is_main_process",
@@ -99,6 +101,22 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     reduced = tensor.detach().to(device=device, dtype=torch.float64).clone()
     dist.all_reduce(reduced)
     return reduced.to(device=tensor.device, dtype=tensor.dtype)
+
+
+def from_main_process(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself when not distributed): a decision every rank must share.
+
+    Example::
+
+        >>> from hf_collapse.distributed import from_main_process
+        >>> from_main_process({"budget_elements": 1024.0})   # one process: the value itself
+        {'budget_elements': 1024.0}
+    """
+    if not is_distributed():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -21,6 +21,8 @@ def test_trady_draws_the_same_channels_on_every_rank(tmp_path):
     losses = ranks[0]["losses"]
     assert len(losses) == 40  # 32 examples / (2 ranks x 4) x 10 epochs
     assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:8]) / 8  # the channel updates do learn the task
+    # a peak budget planned on batches of different shapes: every rank holds rank 0's plan and its size
+    assert ranks[0]["peak_plan"] == ranks[1]["peak_plan"] and ranks[0]["peak_capacity"] == ranks[1]["peak_capacity"]
     for rank in ranks:  # no calibrate before the Trainer: refused on every rank, saying what to do
         assert rank["refusal"] and "under multi-process training (2 processes)" in rank["refusal"]
         assert (

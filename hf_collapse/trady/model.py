@@ -38,6 +38,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .. import compat
+from ..distributed import from_main_process
 from ..metrics import to_device
 from ..profiling import step_memory
 from . import calibration
@@ -297,7 +298,10 @@ class TraDyModel(BaseTuner):
             self._set_checkpointing(was_checkpointing)
             raise
         self.trady_state.samplers.pop(adapter_name, None)
-        config.peak_plan = plan.to_dict()
+        # Under DDP every rank must train the same plan (its size is the flat parameter's): rank 0's, whose batch
+        # shape may differ from the others' by padding.
+        config.peak_plan = from_main_process(plan.to_dict())
+        plan = PeakPlan.from_dict(config.peak_plan)
         config.selected_layers = selected_within(plan.max_depth)
         self._set_checkpointing(plan.gradient_checkpointing)
         logger.info("TraDy: %s", plan.describe())

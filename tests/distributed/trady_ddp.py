@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from toy_training import PadOnlyCollator, finish_distributed, tiny_bert, toy_dataset  # noqa: E402
 
-from hf_collapse.trady import TraDyCallback, TraDyConfig, calibrate, find_trady_model  # noqa: E402
+from hf_collapse.trady import TraDyCallback, TraDyConfig, calibrate, find_trady_model, step_memory  # noqa: E402
 
 
 class Recorder(TrainerCallback):
@@ -77,6 +77,18 @@ def main(out: str) -> None:
         refusal = None
     except RuntimeError as error:
         refusal = str(error)
+    # A peak budget: each rank measures plans on its own batch (rank 1's carries 8 more padding tokens, so its peaks
+    # differ), and both must train rank 0's plan, whose size is the flat parameter's.
+    batch = collator([data[i] for i in range(4)])
+    if rank == 1:
+        batch = {
+            k: torch.cat([v, torch.zeros(v.shape[0], 8, dtype=v.dtype)], dim=1) if v.dim() == 2 else v
+            for k, v in batch.items()
+        }
+    full = step_memory(tiny_bert(seed=0), batch, method="full").peak_bytes
+    planned = get_peft_model(tiny_bert(seed=0), TraDyConfig(task_type="SEQ_CLS", peak_bytes=int(0.9 * full)))
+    calibrate(planned, [batch])
+    plan = planned.peft_config["default"].peak_plan
     state = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.save(
         {
@@ -86,6 +98,8 @@ def main(out: str) -> None:
             "capacity": tuner.trady_flat["default"].numel(),
             "state": state,
             "refusal": refusal,
+            "peak_plan": {k: v for k, v in plan.items() if k != "trials"},
+            "peak_capacity": find_trady_model(planned).trady_flat["default"].numel(),
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         },
         os.path.join(out, f"rank{rank}.pt"),

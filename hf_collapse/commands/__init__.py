@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .arguments import UsageError
+from .arguments import CommandParser, UsageError
 
 # OpenMP threads that spin while they wait turn every other process on a shared machine into a 10-40x slowdown
 # of each forward pass (measured: MiniLM 45 ms alone, 900 ms beside one busy process), which ruins training time and
@@ -44,22 +44,17 @@ COMMANDS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: ``inspect`` with its flags, and the job commands by name."""
     from . import inspect
 
-    parser = _Parser(
+    parser = CommandParser(
         prog="hf-collapse",
         description="Make Hugging Face models shallower.",
         epilog="--debug anywhere shows the traceback of an error.",
         allow_abbrev=False,
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     inspect.add_parser(commands)
     for name, text in COMMANDS.items():
         commands.add_parser(name, add_help=False, help=f"{text} (see `{name} --help`)")

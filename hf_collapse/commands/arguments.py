@@ -19,6 +19,7 @@ from ..deprecation import VOCABULARY
 
 __all__ = [
     "DEPRECATED_FLAGS",
+    "CommandParser",
     "JobArguments",
     "LMJobArguments",
     "UsageError",
@@ -30,6 +31,13 @@ __all__ = [
 
 class UsageError(ValueError):
     """A mistake on the command line (exit code 2, one line)."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose mistakes are :class:`UsageError` (one line, exit code 2), naming the ``--help``."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def at_least(name: str, value: float | None, low: float) -> None:

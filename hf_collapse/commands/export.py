@@ -16,9 +16,9 @@ DESCRIPTION = "Write a model for a serving runtime, check its outputs there agai
 def build_parser() -> argparse.ArgumentParser:
     """The flags of ``hf-collapse export``."""
     from ..export import EXPORTS
-    from . import _Parser
+    from .arguments import CommandParser
 
-    parser = _Parser(prog="hf-collapse export", description=DESCRIPTION, allow_abbrev=False)
+    parser = CommandParser(prog="hf-collapse export", description=DESCRIPTION, allow_abbrev=False)
     parser.add_argument("model", help="a saved model folder (collapsed or not), a Hub repo id, or an embedded model")
     parser.add_argument(
         "--format",

@@ -35,7 +35,9 @@ RoBERTa, so at a 5% budget TraDy's total is about 0.6x full fine-tuning's, not 0
 the top of the network (``max_depth``) is what shrinks that part: backpropagation stops at the lowest selected layer.
 :func:`step_memory` measures the whole peak of a training step (parameters, gradients, optimizer state,
 activations), where TraDy's small gradients and optimizer state show. Both are :mod:`hf_collapse.profiling`'s, for
-any model; they are exported here too.
+any model; they are exported here too. ``TraDyConfig(peak_bytes=...)`` makes that peak the budget: calibration plans
+the channels, the depth and gradient checkpointing so that the measured step stays under it
+(:mod:`~hf_collapse.trady.planning`).
 
 Decoder LMs: the default targets are every ``nn.Linear`` projection (Llama-style q/k/v/o/gate/up/down) or GPT-2
 ``Conv1D`` except the LM head, trained on causal-LM batches (``-100`` labels are ignored as usual). Gradient
@@ -52,8 +54,11 @@ from .. import compat
 
 __all__ = [
     "ChannelSliceFunction",
+    "ChannelSampler",
     "LayerCost",
     "MemoryReport",
+    "PeakBudgetError",
+    "PeakPlan",
     "SELECTIONS",
     "ShardedTrainingError",
     "StepMemory",
@@ -97,6 +102,8 @@ from .callback import TraDyCallback  # noqa: E402
 from .config import SELECTIONS, TraDyConfig  # noqa: E402
 from .layer import ChannelSliceFunction, TraDyLayer  # noqa: E402
 from .model import TraDyModel, calibrate, find_trady_model  # noqa: E402
+from .planning import PeakBudgetError, PeakPlan  # noqa: E402
+from .sampling import ChannelSampler  # noqa: E402
 from .selection import LayerCost  # noqa: E402
 from .sharding import ShardedTrainingError  # noqa: E402
 

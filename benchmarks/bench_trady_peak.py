@@ -130,9 +130,7 @@ def main() -> None:
         if label == f"{args.train_at:g}x full":
             tuner.resample(0)  # back to the first draw, as a run starts
             train(model, batches, args.lr_trady)
-            trained["trady"] = dict(
-                peak_bytes=max(peaks), held_out_loss=held_out_loss(model, evaluation), **{k: row[k] for k in row}
-            )
+            trained["trady"] = dict(peak_bytes=max(peaks), held_out_loss=held_out_loss(model, evaluation), **row)
         del model, tuner
         gc.collect()
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import tiny_models
@@ -435,6 +436,18 @@ def test_unmatched_or_unsupported_targets_are_refused():
         get_peft_model(tiny_models.bert(), TraDyConfig(target_modules=["nope"]))
     with pytest.raises(TypeError, match="cannot target .*word_embeddings.*Embedding"):
         get_peft_model(tiny_models.bert(), TraDyConfig(target_modules=["word_embeddings"]))
+
+
+def test_a_calibration_that_misses_a_layer_is_refused_naming_it():
+    """A config whose ``layer_positions`` (the calibration's measurements) lack a TraDy layer cannot size the channel
+    slices: refused when the adapter is built, saying to calibrate."""
+    calibrated = find_trady_model(trady_bert()).peft_config["default"]
+    positions = dict(calibrated.layer_positions)
+    dropped = next(iter(positions))
+    del positions[dropped]
+    config = TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1, layer_positions=positions, selection="full_random")
+    with pytest.raises(ValueError, match=r"layer_positions lacks 1 TraDy layer\(s\) \(\['" + re.escape(dropped)):
+        get_peft_model(tiny_models.bert(), config)
 
 
 def test_raw_training_forward_on_an_uncalibrated_adapter_says_to_calibrate():

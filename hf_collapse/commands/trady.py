@@ -208,7 +208,7 @@ def memory_markdown(summary: dict[str, Any]) -> str:
         f"{summary['budget_summary']['used_bytes']:,.0f} used). Trainable elements: "
         f"{summary['trainable_elements']:,} of {summary['total_elements']:,}.",
         "",
-        *_plan_lines(summary.get("peak_plan"), steps.get("trady")),
+        *_plan_lines(summary.get("peak_plan"), steps["trady"]),
         f"Test {metric}: {summary['metric_before']:.4f} before, {summary['metric_after']:.4f} after "
         f"{summary['train_steps']} steps (test data: only reported; no decision was made on it).",
         "",
@@ -230,29 +230,26 @@ def memory_markdown(summary: dict[str, Any]) -> str:
 
 
 def _plan_lines(plan: dict[str, Any] | None, measured: Any) -> list[str]:
-    """The peak budget, what it bought and the peak measured after calibration, side by side."""
+    """The peak budget, what it bought and the peak measured after calibration (``measured``), side by side."""
     if not plan:
         return []
-    from ..trady.planning import PeakPlan
+    from ..trady.planning import PeakPlan, depth_text
 
     peak = PeakPlan.from_dict(plan)
-    depth = "any" if peak.max_depth is None else f"the last {peak.max_depth} target layers"
     share = peak.budget_elements / peak.cap_elements
-    lines = [
+    return [
         "## Peak budget",
         "",
-        "| peak budget | channel budget (elements) | depth | gradient checkpointing | peak measured when planned |"
-        + (" peak measured before training |" if measured is not None else ""),
-        "|---:|---:|---|---|---:|" + ("---:|" if measured is not None else ""),
+        "| peak budget | channel budget (elements) | depth | gradient checkpointing | peak measured when planned | "
+        "peak measured before training |",
+        "|---:|---:|---|---|---:|---:|",
         f"| {peak.peak_bytes / 2**20:,.1f} MiB | {peak.budget_elements:,.0f} ({share:.3g} of {peak.cap_elements:,.0f}) "
-        f"| {depth} | {'on' if peak.gradient_checkpointing else 'off'} | "
-        f"{peak.measured_peak_bytes / 2**20:,.1f} MiB |"
-        + (f" {measured.peak_bytes / 2**20:,.1f} MiB |" if measured is not None else ""),
+        f"| {depth_text(peak.max_depth)} | {'on' if peak.gradient_checkpointing else 'off'} | "
+        f"{peak.measured_peak_bytes / 2**20:,.1f} MiB | {measured.peak_bytes / 2**20:,.1f} MiB |",
         "",
         f"{len(peak.trials)} plans were measured to choose it (AdamW, the training batch's shape).",
         "",
     ]
-    return lines
 
 
 def _card_training(summary: dict[str, Any], args) -> str:

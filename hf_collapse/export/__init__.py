@@ -254,10 +254,11 @@ def export(
     if reference is not None:
         reference_model, _, _ = _load(reference)
         fmt.check(reference_model)
+        reference_inputs = example_inputs(reference_model, batch_size=batch_size, seq_len=seq_len)
+        reference_feed = _numpy(reference_inputs)
         with tempfile.TemporaryDirectory() as scratch:
-            fmt.write(reference_model, Path(scratch), example_inputs(reference_model, batch_size, seq_len))
+            fmt.write(reference_model, Path(scratch), reference_inputs)
             reference_runner = fmt.runner(Path(scratch), threads=threads)
-            reference_feed = _numpy(example_inputs(reference_model, batch_size=batch_size, seq_len=seq_len))
             report.reference_runtime_ms = _median_ms(lambda: reference_runner(reference_feed), repeats)
         report.speedup = report.reference_runtime_ms / runtime_ms
     if folder is not None:

@@ -46,8 +46,8 @@ from .config import TraDyConfig
 from .injection import check_targets, default_target_modules
 from .layer import TraDyLayer
 from .planning import PeakPlan, depth_choices, plan_for_peak
-from .sampling import NOT_CALIBRATED_MESSAGE, ChannelSampler
-from .selection import LayerCost, budget_elements, candidate_layers, select_layers_by_rgn
+from .sampling import NOT_CALIBRATED_MESSAGE, ChannelSampler, channel_budget, layer_costs
+from .selection import candidate_layers, select_layers_by_rgn
 from .sharding import check_not_sharded
 from .state import FlatStore, TraDyState
 from .state_dict import add_layer_entries, load_layer_entries
@@ -232,21 +232,11 @@ class TraDyModel(BaseTuner):
             hf_collapse.trady.planning.PeakBudgetError: when no plan fits (the config is left without a plan).
         """
         config = self.peft_config[adapter_name]
-        layers = self.trady_layers(adapter_name)
-        order = [n for n in (config.layer_positions or {}) if n in layers]
-        costs = [
-            LayerCost(n, layers[n].in_channels, layers[n].weight_per_channel, float(config.layer_positions[n]))
-            for n in order
-        ]
+        costs = layer_costs(config, self.trady_layers(adapter_name))
+        order = [c.name for c in costs]
         flat = self.trady_flat[adapter_name]
         cap = (
-            budget_elements(
-                costs,
-                config.budget_elements,
-                config.budget_ratio,
-                budget_bytes=config.budget_bytes,
-                bytes_per_element=flat.element_size(),
-            )
+            channel_budget(config, costs, flat.element_size())
             if config.has_channel_budget
             else sum(c.full_cost for c in costs)
         )
@@ -276,8 +266,6 @@ class TraDyModel(BaseTuner):
                 self._start_sampler(adapter_name)
             except ValueError:  # e.g. no ranked layer within this depth: this plan cannot be built
                 return 2**62
-            with torch.no_grad():
-                flat.zero_()
             return step_memory(self, batch, loss_fn=loss_fn).peak_bytes
 
         try:
@@ -337,10 +325,8 @@ class TraDyModel(BaseTuner):
     def _start_sampler(self, adapter_name: str, loaded: bool = False) -> ChannelSampler:
         """Build the adapter's sampler from its calibrated config; size the flat parameter and draw the first channels,
         or (``loaded``) keep the flat parameter and the selection a checkpoint gave. Steps counted and the draw history
-        carry over from an earlier sampler of the same adapter."""
-        if adapter_name not in self.trady_flat:
-            first = next(iter(self.trady_layers(adapter_name).values())).get_base_layer().weight
-            self.trady_flat[adapter_name] = nn.Parameter(torch.zeros(0, dtype=first.dtype, device=first.device))
+        carry over from an earlier sampler of the same adapter. The flat parameter exists from injection on
+        (:meth:`_post_injection_hook`)."""
         sampler = ChannelSampler(
             self.peft_config[adapter_name],
             self.trady_layers(adapter_name),

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["PeakBudgetError", "PeakPlan", "Trial", "depth_choices", "plan_for_peak"]
+__all__ = ["PeakBudgetError", "PeakPlan", "Trial", "depth_choices", "depth_text", "plan_for_peak"]
 
 #: The share of the limit a plan may fill: the draws of later epochs select other channels, whose step peaks differ a
 #: little from the measured draw's.
@@ -84,7 +84,7 @@ class PeakPlan:
             >>> PeakPlan(2**30, 5e5, None, True, 1000 * 2**20, 1e6).describe()[:61]
             'peak budget 1,024.0 MiB: a channel budget of 500,000 elements'
         """
-        depth = _depth_text(self.max_depth)
+        depth = depth_text(self.max_depth)
         share = self.budget_elements / self.cap_elements if self.cap_elements else 0.0
         return (
             f"peak budget {self.peak_bytes / 2**20:,.1f} MiB: a channel budget of {self.budget_elements:,.0f} elements "
@@ -94,7 +94,13 @@ class PeakPlan:
         )
 
 
-def _depth_text(depth: int | None) -> str:
+def depth_text(depth: int | None) -> str:
+    """A plan's depth in words.
+
+    Example:
+        >>> depth_text(None), depth_text(1), depth_text(4)
+        ('any depth', 'the last target layer', 'the last 4 target layers')
+    """
     if depth is None:
         return "any depth"
     return "the last target layer" if depth == 1 else f"the last {depth} target layers"
@@ -200,7 +206,7 @@ def plan_for_peak(
     if best is None:
         smallest = min(trials, key=lambda t: t.peak_bytes)
         least = math.ceil(smallest.peak_bytes / (1.0 - margin))
-        setting = f"one channel, {_depth_text(smallest.max_depth)}, gradient checkpointing " + (
+        setting = f"one channel, {depth_text(smallest.max_depth)}, gradient checkpointing " + (
             "on" if smallest.gradient_checkpointing else "off"
         )
         raise PeakBudgetError(

@@ -34,7 +34,14 @@ from .sharding import check_not_sharded
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NOT_CALIBRATED_MESSAGE", "ChannelSampler", "optimizer_holds", "reset_optimizer_state"]
+__all__ = [
+    "NOT_CALIBRATED_MESSAGE",
+    "ChannelSampler",
+    "channel_budget",
+    "layer_costs",
+    "optimizer_holds",
+    "reset_optimizer_state",
+]
 
 NOT_CALIBRATED_MESSAGE = (
     "TraDy is not calibrated: call hf_collapse.trady.calibrate(model, batches) before training (it measures the cost "
@@ -69,6 +76,39 @@ def optimizer_holds(optimizer: Any, parameter: torch.Tensor) -> bool:
         if any(p is parameter for p in group.get("params", [])):
             return True
     return False
+
+
+def layer_costs(config: TraDyConfig, layers: Mapping[str, TraDyLayer]) -> list[LayerCost]:
+    """The cost model of every TraDy layer, in forward order (``config.layer_positions``'s, from calibration).
+
+    Raises:
+        ValueError: when the calibration did not measure every layer.
+    """
+    positions = config.layer_positions or {}
+    missing = [n for n in layers if n not in positions]
+    if missing:
+        raise ValueError(
+            f"layer_positions lacks {len(missing)} TraDy layer(s) ({missing[:3]} ...): run "
+            "hf_collapse.trady.calibrate(model, batches)"
+        )
+    return [
+        LayerCost(n, layers[n].in_channels, layers[n].weight_per_channel, float(positions[n]))
+        for n in positions
+        if n in layers
+    ]
+
+
+def channel_budget(config: TraDyConfig, costs: list[LayerCost], bytes_per_element: int) -> float:
+    """The channel budget the config gives, in elements (``budget_elements``, ``budget_bytes`` or ``budget_ratio``,
+    the default ratio when none is given)."""
+    return budget_elements(
+        costs,
+        config.budget_elements,
+        config.budget_ratio,
+        DEFAULT_BUDGET_RATIO,
+        budget_bytes=config.budget_bytes,
+        bytes_per_element=bytes_per_element,
+    )
 
 
 class ChannelSampler:
@@ -113,30 +153,13 @@ class ChannelSampler:
         model: nn.Module,
     ) -> None:
         self.config, self.flat, self.adapter_name, self.model = config, flat, adapter_name, model
-        positions = config.layer_positions or {}
-        missing = [n for n in layers if n not in positions]
-        if missing:
-            raise ValueError(
-                f"layer_positions lacks {len(missing)} TraDy layer(s) ({missing[:3]} ...): run "
-                "hf_collapse.trady.calibrate(model, batches)"
-            )
-        self.layers = {n: layers[n] for n in positions if n in layers}  # forward order
-        self.costs = [
-            LayerCost(n, layer.in_channels, layer.weight_per_channel, float(positions[n]))
-            for n, layer in self.layers.items()
-        ]
+        self.costs = layer_costs(config, layers)
+        self.layers = {c.name: layers[c.name] for c in self.costs}  # forward order
         plan = config.peak_plan or {}
         if plan:  # a peak budget's plan (hf_collapse.trady.planning): its channel budget and depth
             self.budget = float(plan["budget_elements"])
         else:
-            self.budget = budget_elements(
-                self.costs,
-                config.budget_elements,
-                config.budget_ratio,
-                DEFAULT_BUDGET_RATIO,
-                budget_bytes=getattr(config, "budget_bytes", None),
-                bytes_per_element=flat.element_size(),
-            )
+            self.budget = channel_budget(config, self.costs, flat.element_size())
         self.max_depth = plan["max_depth"] if plan.get("max_depth") is not None else config.max_depth
         self.pool = self._pool()
         cheapest = min(self.pool, key=lambda c: c.channel_cost)

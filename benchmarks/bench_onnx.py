@@ -1,7 +1,10 @@
-"""Does a block removal speed the model up where it is served? The real MiniLM, collapsed, timed in ONNX Runtime.
+"""Does a collapse speed the model up where it is served? The real MiniLM, collapsed, timed in ONNX Runtime.
 
 The real all-MiniLM-L6-v2 (the embedded ``minilm``), scored with ShortGPT's block influence on real dialog lines and
-collapsed by 1, 2, 3 blocks (as ``depth_speedup.py``), each state exported with ``hf_collapse.export.export(...,
+collapsed by 1, 2, 3 blocks (as ``depth_speedup.py``: what LaCoOT's removal gives), and, as TLC collapses it, with the
+1, 2, 3 MLPs that keep the fewest ON neurons on those lines linearized and fused (each a rank-k pair of linear maps;
+training-free here: TLC's fine-tuning changes weights, not shapes), each state exported with
+``hf_collapse.export.export(...,
 format="onnx")`` (which checks the runtime's outputs against PyTorch's on two shapes) and timed in ONNX Runtime on one
 thread, side by side with the original's export in interleaved rounds, on a batch of real tokenized lines padded to
 ``--max_length``. Target: a speed-up in the runtime of at least 0.9x the FLOPs ratio.
@@ -27,12 +30,28 @@ from hf_collapse.export import EXPORTS, export
 from hf_collapse.metrics import forward_flops, hardware_description
 
 
+def tlc_states(model, inputs, count: int) -> dict:
+    """``{"TLC k fused": model}``: the ``k`` MLPs with the fewest ON neurons on ``inputs`` linearized and fused."""
+    from hf_collapse.tlc import activation_sites, activation_statistics, linearize
+
+    sites = activation_sites(model)
+    stats = activation_statistics(model, [inputs], sites)
+    chosen = sorted(stats, key=lambda name: stats[name].neurons_on)[:count]
+    states, current = {}, model
+    for k, name in enumerate(chosen, start=1):
+        site_stats = activation_statistics(current, [inputs], [s for s in activation_sites(current) if s.name == name])
+        current = linearize(current, site_stats[name], fuse=True)
+        states[f"TLC {k} fused"] = current
+    return states
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--tlc_sites", type=int, default=3, help="MLPs linearized and fused (TLC), cumulatively")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "bench_onnx"))
     args = parser.parse_args()
@@ -46,6 +65,7 @@ def main() -> None:
         states = {"original": model}
         for k in range(1, args.blocks + 1):
             states[f"{k} removed"] = hf_collapse.remove_blocks(model, order[:k])
+        states.update(tlc_states(model, inputs, args.tlc_sites))
         runners, checks, flops = {}, {}, {}
         for name, state in states.items():
             out = Path(scratch) / name.replace(" ", "_")
@@ -73,7 +93,7 @@ def main() -> None:
         rows.append(
             {
                 "state": name,
-                "removed": order[: int(name.split()[0])],
+                "removed": order[: int(name.split()[0])] if name.endswith("removed") else [],
                 "flops_ratio": round(flops_ratio, 3),
                 "ort_ms": round(statistics.median(times[name]) * 1e3, 2),
                 "original_ort_ms": round(base * 1e3, 2),
@@ -93,13 +113,14 @@ def main() -> None:
     lines_out = [
         header,
         "",
-        "| blocks removed | FLOPs ratio | ONNX Runtime ms | original ms | speed-up | spread (IQR) | speed-up / FLOPs "
+        "| collapse | FLOPs ratio | ONNX Runtime ms | original ms | speed-up | spread (IQR) | speed-up / FLOPs "
         "ratio | largest difference from PyTorch |",
         "|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         lines_out.append(
-            f"| {r['state'].split()[0]} ({', '.join(n.split('.')[-1] for n in r['removed'])}) | {r['flops_ratio']:.3f} "
+            f"| {r['state']} ({', '.join(n.split('.')[-1] for n in r['removed']) or 'fused MLPs'}) | "
+            f"{r['flops_ratio']:.3f} "
             f"| {r['ort_ms']:.2f} | {r['original_ort_ms']:.2f} | {r['speedup']:.3f} | {r['spread'][0]:.3f}-"
             f"{r['spread'][1]:.3f} | {r['speedup_over_flops_ratio']:.3f} | {r['max_abs_difference']:.2g} |"
         )

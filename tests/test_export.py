@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny_models import CASES_BY_NAME, bert, vit
+from tiny_models import CASES_BY_NAME, bert, save_tiny_llm_with_smollm2_tokenizer, vit
 from toy_extensions import TorchScriptExport, registered_toys
 
 import hf_collapse
@@ -104,7 +104,7 @@ def test_what_a_format_cannot_express_is_refused_before_any_work(tmp_path):
     decoder = CASES_BY_NAME["llama"].build()
     with pytest.raises(ValueError, match=r"is a causal LM: ONNX export here covers encoders and vision models"):
         export(decoder, tmp_path / "out")
-    with pytest.raises(ValueError, match=r"unknown export format 'tflite'; accepted: onnx"):
+    with pytest.raises(ValueError, match=r"unknown export format 'tflite'; accepted: onnx, gguf, decilm"):
         export(bert(), tmp_path / "out", format="tflite")
     assert not (tmp_path / "out").exists()
 
@@ -123,11 +123,15 @@ def test_the_export_command_writes_checks_and_times(tmp_path, capsys):
 def check_export_format(fmt, tmp_path) -> None:
     """The contract of an export format: for each family it declares, a tiny model of that family is written, run by
     the runtime within tolerance on two shapes, timed, and given a card saying how to run it."""
-    models = {"encoder": bert, "vision": vit, "decoder": CASES_BY_NAME["llama"].build}
+
+    def decoder():  # a saved folder with a tokenizer llama.cpp's converter knows, FFN widths DeciLM expresses
+        return save_tiny_llm_with_smollm2_tokenizer(tmp_path / "decoder", 2, hidden_size=64, intermediate_size=256)
+
+    models = {"encoder": lambda: bert().eval(), "vision": lambda: vit().eval(), "decoder": decoder}
     assert fmt.description and fmt.runtime and fmt.families
     for family in fmt.families:
         folder = tmp_path / f"{fmt.name}-{family}"
-        report = export(models[family]().eval(), folder, format=fmt.name, repeats=2)
+        report = export(models[family](), folder, format=fmt.name, repeats=2)
         assert report.max_abs_difference <= report.tolerance and report.runtime_ms > 0
         assert f"## Run it with {fmt.runtime}" in (folder / "README.md").read_text()
 

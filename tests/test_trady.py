@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from hf_collapse import profiling as memory
 from hf_collapse import trady
 from hf_collapse.trady import (
+    SELECTIONS,
     ChannelSliceFunction,
     LayerCost,
     TraDyCallback,
@@ -265,6 +266,69 @@ def test_strategies_static_full_random_and_det_rgn():
         # same-cost channels: a selected channel never has a lower RGN than an unselected one of its layer
         if others:
             assert rgn[channels].min() >= rgn[others].max() or len(channels) == len(rgn)
+
+
+def test_rgn_weighted_draws_important_channels_more_often_and_stays_in_budget():
+    """MeDyate-style sampling: without replacement, probability proportional to the calibrated channel RGN."""
+    from hf_collapse.trady.selection import LayerCost
+    from hf_collapse.trady.strategies import SELECTIONS
+
+    strategy = SELECTIONS.get("rgn_weighted")
+    costs = [LayerCost("a", 50, 4, 4.0), LayerCost("b", 50, 4, 4.0)]  # every channel costs 8 elements
+    rgn = {"a": torch.linspace(0.01, 1.0, 50), "b": torch.linspace(0.01, 1.0, 50).flip(0)}
+    counts = torch.zeros(100)
+    for index in range(300):
+        drawn = strategy.draw(costs, 80.0, 1000, seed=0, index=index, rgn=lambda: rgn)
+        assert sum(len(c) for c in drawn.values()) == 10  # 10 channels of 8 elements fill the budget of 80
+        for layer, channels in drawn.items():
+            counts[[(0 if layer == "a" else 50) + c for c in channels]] += 1
+    weights = torch.cat([rgn["a"], rgn["b"]])
+    top, bottom = weights.argsort()[-10:], weights.argsort()[:10]
+    assert counts[top].mean() > 5 * counts[bottom].mean() > 0  # favoured, and the others still get their turn
+    assert strategy.draw(costs, 80.0, 1000, 0, 7, lambda: rgn) == strategy.draw(costs, 80.0, 1000, 0, 7, lambda: rgn)
+
+    model = trady_bert(selection="rgn_weighted")
+    tuner = find_trady_model(model)
+    assert all(layer.trady_rgn.get("default") is not None for layer in tuner.trady_layers().values())
+    assert [c.name for c in tuner.sampler().pool] == [
+        n for n in tuner.trady_layers() if n in model.peft_config["default"].selected_layers
+    ]
+    first = tuner.current_selection()
+    assert tuner.resample(1) is True and tuner.current_selection() != first
+    summary = tuner.budget_summary()
+    assert 0 < summary["used_elements"] <= summary["budget_elements"]
+
+
+def check_selection(name: str) -> None:
+    """The contract of a TraDy selection: calibrated and drawn on a tiny BERT, each draw within the budget and the
+    capacity, the same draw for the same (seed, index) on another model (as on every DDP rank)."""
+    strategy = SELECTIONS.get(name)
+    assert strategy.description
+    one, two = find_trady_model(trady_bert(selection=name)), find_trady_model(trady_bert(selection=name))
+    for index in (1, 2):
+        one.resample(index)
+        two.resample(index)
+        summary = one.budget_summary()
+        assert 0 < summary["used_elements"] <= summary["budget_elements"] and summary["channels"] > 0
+        assert one.current_selection() == two.current_selection()
+
+
+@pytest.mark.parametrize("name", list(SELECTIONS))
+def test_every_registered_selection_honours_the_contract(name):
+    check_selection(name)
+
+
+def test_a_new_selection_is_one_class_and_one_registration():
+    from toy_extensions import FirstChannels, registered_toys
+
+    with registered_toys():
+        check_selection(FirstChannels.name)
+        model = trady_bert(selection=FirstChannels.name)
+        tuner = find_trady_model(model)
+        assert all(channels == list(range(len(channels))) for channels in tuner.current_selection().values())
+        assert model.peft_config["default"].selected_layers is None  # it asked for no layer ranking
+    with pytest.raises(ValueError, match=f"unknown selection '{FirstChannels.name}'"):
+        TraDyConfig(selection=FirstChannels.name)
 
 
 def test_resample_every_steps_runs_from_an_optimizer_hook():

@@ -592,9 +592,12 @@ def output_of(model, inputs) -> torch.Tensor:
     return out[0]
 
 
-def save_tiny_llm_with_smollm2_tokenizer(folder, num_hidden_layers: int):
+def save_tiny_llm_with_smollm2_tokenizer(
+    folder, num_hidden_layers: int, hidden_size: int = 32, intermediate_size: int = 64
+):
     """Save a tiny random-init Llama that carries SmolLM2's real tokenizer (and its vocabulary size) in ``folder``:
-    what the LLM commands need to run end to end in seconds on the embedded BBC News text."""
+    what the LLM commands need to run end to end in seconds on the embedded BBC News text, and what llama.cpp's
+    converter recognises (it knows a BPE tokenizer by hashing its output)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from hf_collapse.data import embedded_model_path
@@ -604,8 +607,8 @@ def save_tiny_llm_with_smollm2_tokenizer(folder, num_hidden_layers: int):
     model = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
             num_hidden_layers=num_hidden_layers,
             num_attention_heads=4,
             num_key_value_heads=2,

@@ -1,5 +1,5 @@
 """One toy of each extension point, each a small class in this one file, registered by :func:`registered_toys`: what a
-contributor adds to hf_collapse to bring a new scorer, search, healing method or export format."""
+contributor adds to hf_collapse to bring a new scorer, search, healing method, export format or TraDy selection."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hf_collapse.healing import HEALING, HealingMethod
 from hf_collapse.scoring import SCORERS, BatchStatistic
 from hf_collapse.searches import SEARCHES, Search
 from hf_collapse.surgery import find_blocks, remove_blocks
+from hf_collapse.trady import SELECTIONS, ChannelSelection
 
 
 class OutputNorm(BatchStatistic):
@@ -109,6 +110,24 @@ class TorchScriptExport(ExportFormat):
         return f'`torch.jit.load("model.pt")(**{{{", ".join(repr(n) for n in input_names)}: ...}})`'
 
 
+class FirstChannels(ChannelSelection):
+    """A TraDy selection: the first input channels of every target layer, in forward order, until the budget is full."""
+
+    name = "toy_first_channels"
+    description = "the first channels of every layer"
+    ranks_layers = False
+
+    def draw(self, pool, budget, capacity, seed, index, rgn):
+        chosen, left, room = {}, budget, capacity
+        for cost in pool:
+            take = int(min(cost.in_channels, left // cost.channel_cost, room // cost.weight_per_channel))
+            if take:
+                chosen[cost.name] = list(range(take))
+                left -= take * cost.channel_cost
+                room -= take * cost.weight_per_channel
+        return chosen
+
+
 @contextlib.contextmanager
 def registered_toys():
     """The toys registered for the block, unregistered after."""
@@ -116,6 +135,7 @@ def registered_toys():
     SEARCHES.register(LastBlocksFirst())
     HEALING.register(ScaleOutputs())
     EXPORTS.register(TorchScriptExport())
+    SELECTIONS.register(FirstChannels())
     try:
         yield
     finally:
@@ -123,3 +143,4 @@ def registered_toys():
         SEARCHES.unregister(LastBlocksFirst.name)
         HEALING.unregister(ScaleOutputs.name)
         EXPORTS.unregister(TorchScriptExport.name)
+        SELECTIONS.unregister(FirstChannels.name)

@@ -34,7 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_length", type=int, default=16, help="tokens of the example text inputs")
     parser.add_argument("--threads", type=int, default=1, help="threads of the runtime (and of PyTorch) when timing")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs (the median is reported)")
+    for option in _format_options():
+        takers = [f"{f.name}: {f.options[option]}" for f in EXPORTS.entries() if option in f.options]
+        parser.add_argument(f"--{option}", default=None, help="; ".join(takers))
     return parser
+
+
+def _format_options() -> list[str]:
+    """The options the registered formats take (each a flag; given only to the format that takes it)."""
+    from ..export import EXPORTS
+
+    return sorted({option for fmt in EXPORTS.entries() for option in fmt.options})
 
 
 def main(argv: Sequence[str]) -> int:
@@ -54,6 +64,7 @@ def main(argv: Sequence[str]) -> int:
         seq_len=args.max_length,
         threads=args.threads,
         repeats=args.repeats,
+        **{option: getattr(args, option) for option in _format_options() if getattr(args, option) is not None},
     )
     print(
         f"{report.format}: {args.output} ({report.runtime}); outputs within {report.max_abs_difference:.2g} of "
@@ -61,4 +72,6 @@ def main(argv: Sequence[str]) -> int:
         f"({report.threads} thread(s)), eager PyTorch {report.eager_ms:.2f} ms"
         + (f"; {report.speedup:.2f}x faster than the reference there" if report.speedup is not None else "")
     )
+    for note in report.notes:
+        print(note)
     return 0

@@ -79,7 +79,7 @@ class TraDyJobArguments(LMJobArguments):
         },
     )
     selection: str = field(
-        default="trady", metadata={"help": "Channel selection: trady, static_topk_random, full_random or det_rgn."}
+        default="trady", metadata={"help": "Channel selection: a registered strategy (hf_collapse.trady.SELECTIONS)."}
     )
     target_modules: str | None = field(
         default=None,
@@ -116,7 +116,7 @@ class TraDyJobArguments(LMJobArguments):
         if self.task not in TASKS:
             raise ValueError(f"--task {self.task!r}: expected one of {', '.join(TASKS)}")
         if self.selection not in SELECTIONS:
-            raise ValueError(f"--selection {self.selection!r}: expected one of {', '.join(SELECTIONS)}")
+            raise ValueError(f"--selection {self.selection!r}: expected one of {', '.join(SELECTIONS.names())}")
         if self.budget_ratio is None and self.budget_bytes is None and self.peak_bytes is None:
             raise ValueError(
                 "no budget: pass --budget_ratio (a fraction of every channel's cost, e.g. 0.05), --budget_bytes, or "

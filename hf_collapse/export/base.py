@@ -10,18 +10,34 @@ offer it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from torch import nn
 
 from ..registry import Registry
 
-__all__ = ["EXPORTS", "ExportFormat", "Runner"]
+__all__ = ["EXPORTS", "ExportFormat", "Runner", "Served"]
 
 #: Runs the exported model in its runtime: named numpy inputs in, the outputs (in the model's order) out.
 Runner = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
+
+
+@dataclass
+class Served:
+    """What is served once the written model passed its check (:meth:`ExportFormat.finish`).
+
+    Attributes:
+        runner: runs the file(s) to serve (timed by :func:`~hf_collapse.export.export`).
+        files: the files the export leaves in its folder.
+        notes: how what is served differs from what was checked (a quantized file: measured, not assumed).
+    """
+
+    runner: Runner
+    files: list[Path]
+    notes: list[str] = field(default_factory=list)
 
 
 class ExportFormat:
@@ -34,6 +50,9 @@ class ExportFormat:
         requirements: the pip packages the format needs (named when one is missing).
         families: the kinds of model it exports, among ``"encoder"``, ``"vision"`` and ``"decoder"`` (the contract
             test exports a tiny model of each).
+        needs_tokenizer: whether it writes the tokenizer into the export (then a saved folder with one is needed,
+            not a bare model).
+        options: the options it takes (``export(..., quantize="q4_k_m")``), with a few words each.
     """
 
     name: str = ""
@@ -41,6 +60,14 @@ class ExportFormat:
     runtime: str = ""
     requirements: tuple[str, ...] = ()
     families: tuple[str, ...] = ()
+    needs_tokenizer: bool = False
+    options: ClassVar[Mapping[str, str]] = {}
+
+    def with_options(self, **options: Any) -> ExportFormat:
+        """This format with ``options`` set (a format without options refuses any)."""
+        if options:
+            raise ValueError(f"the {self.name} export takes no option {sorted(options)}")
+        return self
 
     def check(self, model: nn.Module) -> None:
         """Refuse, before any work, a model this format cannot express (``ValueError`` saying why and what to do)."""
@@ -53,6 +80,13 @@ class ExportFormat:
     def runner(self, output: Path, threads: int = 1) -> Runner:
         """The exported model, run by the runtime itself on ``threads`` threads."""
         raise NotImplementedError
+
+    def finish(
+        self, output: Path, files: list[Path], feed: Mapping[str, np.ndarray], expected: list[np.ndarray], threads: int
+    ) -> Served:
+        """After the written model matched PyTorch's outputs ``expected`` on ``feed``: derive what is served (a
+        quantized file, say) and measure how it differs. By default what was checked is served."""
+        return Served(self.runner(output, threads=threads), files)
 
     def runtime_version(self) -> str:
         """The runtime's name and version, for reports."""

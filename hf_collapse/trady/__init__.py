@@ -53,6 +53,7 @@ from __future__ import annotations
 from .. import compat
 
 __all__ = [
+    "ChannelSelection",
     "ChannelSliceFunction",
     "ChannelSampler",
     "LayerCost",
@@ -106,5 +107,6 @@ from .planning import PeakBudgetError, PeakPlan  # noqa: E402
 from .sampling import ChannelSampler  # noqa: E402
 from .selection import LayerCost  # noqa: E402
 from .sharding import ShardedTrainingError  # noqa: E402
+from .strategies import ChannelSelection  # noqa: E402
 
 register_trady_with_peft()

@@ -22,6 +22,7 @@ from .config import TraDyConfig
 from .layer import TraDyLayer
 from .selection import candidate_layers, select_layers_by_rgn
 from .sharding import check_not_sharded
+from .strategies import SELECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def calibrate_layers(
                 f"selected_layers names layers that are not TraDy layers of this model: {unknown[:5]}"
                 f"; TraDy layers: {list(layers)[:5]} ..."
             )
-    need_rgn = config.selection == "det_rgn" or (config.selection != "full_random" and config.selected_layers is None)
+    strategy = SELECTIONS.get(config.selection)
+    need_rgn = strategy.needs_channel_rgn or (strategy.ranks_layers and config.selected_layers is None)
     used, order, positions, missing, channel_rgn = _measure(
         model, layers, batches, need_rgn, loss_fn, int(num_batches or config.calibration_batches)
     )

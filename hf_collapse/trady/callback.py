@@ -24,6 +24,7 @@ from .. import compat
 from .model import TraDyModel, find_trady_model
 from .sampling import optimizer_holds
 from .sharding import check_not_sharded
+from .strategies import SELECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class TraDyCallback(TrainerCallback, ExportableState):
             # of an epoch (its draw came back with the checkpoint; drawing again, det_rgn would rank channels by
             # gradients of partly trained weights, not those of the epoch's start as the uninterrupted run did).
             return
-        if config.selection == "det_rgn" and epoch > 0:
+        if SELECTIONS.get(config.selection).refreshes_rgn and epoch > 0:
             batches = self.rgn_batches if self.rgn_batches is not None else _first_batches(args, train_dataloader)
             if batches is not None:
                 with _outside_the_run(tuner):

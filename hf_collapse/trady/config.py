@@ -10,16 +10,13 @@ not computed again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from peft.config import PeftConfig
 
 from ..deprecation import renamed
+from .strategies import SELECTIONS
 
 __all__ = ["SELECTIONS", "TraDyConfig"]
-
-#: The channel-selection strategies: TraDy itself and the paper's baselines.
-SELECTIONS = ("trady", "static_topk_random", "full_random", "det_rgn")
 
 #: The budget used when none of ``budget_elements``, ``budget_bytes`` and ``budget_ratio`` is given.
 DEFAULT_BUDGET_RATIO = 0.05
@@ -44,6 +41,11 @@ class TraDyConfig(PeftConfig):
     * ``"det_rgn"``: the channels of highest RGN (deterministic); refreshed at every epoch by
       :class:`~hf_collapse.trady.TraDyCallback` when it is given calibration batches (the refresh computes full
       weight gradients: a baseline, outside the budget).
+    * ``"rgn_weighted"``: MeDyate-style: the RGN-ranked layers, channels re-drawn at every epoch with probability
+      proportional to their calibrated RGN.
+
+    The strategies are a registry (:data:`~hf_collapse.trady.SELECTIONS`): a new one is one class and one
+    registration.
 
     Learning rate: sparse channel updates move few weights. At a 5% budget they need about ten times the learning
     rate of full fine-tuning (measured on MiniLM / dialog topics with AdamW: 5e-5 gave 0.61 accuracy, 5e-4 gave
@@ -69,7 +71,8 @@ class TraDyConfig(PeftConfig):
             then chooses the channel budget, the depth and gradient checkpointing (:mod:`~hf_collapse.trady.planning`;
             a channel budget given too is the most it may take) and records the plan in ``peak_plan``; it refuses,
             saying the smallest peak it can reach, when no plan fits.
-        selection: one of ``"trady"``, ``"static_topk_random"``, ``"full_random"``, ``"det_rgn"``.
+        selection: a registered strategy: ``"trady"``, ``"static_topk_random"``, ``"full_random"``, ``"det_rgn"``,
+            ``"rgn_weighted"``.
         coverage: fraction of the cumulative RGN that the kept layers must cover (0.97 in the paper).
         max_depth: only the last ``max_depth`` target layers (in forward order) may be selected. Backpropagation
             stops at the lowest selected layer, so this bounds the *total* memory saved for backward, not only the
@@ -132,8 +135,8 @@ class TraDyConfig(PeftConfig):
             "budget, the depth and gradient checkpointing to stay under it."
         },
     )
-    selection: Literal["trady", "static_topk_random", "full_random", "det_rgn"] = field(
-        default="trady", metadata={"help": f"Channel selection strategy, one of {SELECTIONS}."}
+    selection: str = field(
+        default="trady", metadata={"help": f"Channel selection strategy, one of {', '.join(SELECTIONS)}."}
     )
     coverage: float = field(
         default=0.97, metadata={"help": "Fraction of the cumulative reweighted gradient norm the kept layers cover."}
@@ -183,8 +186,7 @@ class TraDyConfig(PeftConfig):
                     "TraDyConfig: budget_elements and its old name memory_budget are given different values"
                 )
             self.budget_elements, self.memory_budget = self.memory_budget, None
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"unknown selection {self.selection!r}; accepted: {', '.join(SELECTIONS)}")
+        SELECTIONS.get(self.selection)  # refuses an unknown strategy, naming the registered ones
         given = [
             name for name in ("budget_elements", "budget_bytes", "budget_ratio") if getattr(self, name) is not None
         ]

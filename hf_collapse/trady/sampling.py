@@ -25,12 +25,10 @@ from .selection import (
     LayerCost,
     budget_elements,
     candidate_layers,
-    draw_random_channels,
-    draw_top_rgn_channels,
     flat_capacity,
-    selection_generator,
 )
 from .sharding import check_not_sharded
+from .strategies import SELECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +151,7 @@ class ChannelSampler:
         model: nn.Module,
     ) -> None:
         self.config, self.flat, self.adapter_name, self.model = config, flat, adapter_name, model
+        self.strategy = SELECTIONS.get(config.selection)
         self.costs = layer_costs(config, layers)
         self.layers = {c.name: layers[c.name] for c in self.costs}  # forward order
         plan = config.peak_plan or {}
@@ -180,7 +179,7 @@ class ChannelSampler:
     def _pool(self) -> list[LayerCost]:
         config = self.config
         candidates = candidate_layers(list(self.layers), self.max_depth)
-        if config.selection == "full_random":
+        if not self.strategy.ranks_layers:
             names = candidates
         else:
             if config.selected_layers is None:
@@ -210,7 +209,7 @@ class ChannelSampler:
         self.flat.requires_grad_(not self.config.inference_mode)
         for layer in self.layers.values():
             layer.set_selection(self.adapter_name, torch.zeros(0, dtype=torch.long), 0)
-        if self.config.selection == "det_rgn" and any(
+        if self.strategy.needs_channel_rgn and any(
             self.layers[c.name].trady_rgn.get(self.adapter_name) is None for c in self.pool
         ):
             return
@@ -236,13 +235,10 @@ class ChannelSampler:
     # ------------------------------------------------------------------------------------------- draws
 
     def _draw(self, index: int) -> dict[str, list[int]]:
-        if self.config.selection == "det_rgn":
-            rgn = {c.name: self.layers[c.name].trady_rgn.get(self.adapter_name) for c in self.pool}
-            return draw_top_rgn_channels(self.pool, rgn, self.budget, self.capacity)
-        draw_index = 0 if self.config.selection == "static_topk_random" else index
-        return draw_random_channels(
-            self.pool, self.budget, self.capacity, selection_generator(self.config.seed, draw_index)
-        )
+        def rgn() -> dict[str, torch.Tensor]:
+            return {c.name: self.layers[c.name].trady_rgn.get(self.adapter_name) for c in self.pool}
+
+        return self.strategy.draw(self.pool, self.budget, self.capacity, self.config.seed, index, rgn)
 
     def _assign(self, selection: Mapping[str, list[int]]) -> None:
         offset = 0

@@ -26,6 +26,7 @@ __all__ = [
     "candidate_layers",
     "draw_random_channels",
     "draw_top_rgn_channels",
+    "fill_in_order",
     "flat_capacity",
     "select_layers_by_rgn",
     "selection_generator",
@@ -177,7 +178,7 @@ def flat_capacity(costs: Sequence[LayerCost], budget: float) -> int:
     return int(min(capacity, math.ceil(bound), total_weight))
 
 
-def _fill(
+def fill_in_order(
     order: Sequence[tuple[int, int]], costs: Sequence[LayerCost], budget: float, capacity: int
 ) -> dict[str, list[int]]:
     """Take ``(layer, channel)`` pairs in ``order`` while they fit in the budget and the capacity."""
@@ -220,7 +221,7 @@ def draw_random_channels(
     permutation = torch.randperm(int(sizes.sum()), generator=generator)
     layer_of = torch.repeat_interleave(torch.arange(len(costs)), sizes)[permutation]
     channel_of = permutation - starts[layer_of]
-    return _fill(list(zip(layer_of.tolist(), channel_of.tolist())), costs, budget, capacity)
+    return fill_in_order(list(zip(layer_of.tolist(), channel_of.tolist())), costs, budget, capacity)
 
 
 def draw_top_rgn_channels(
@@ -248,4 +249,4 @@ def draw_top_rgn_channels(
         scores.append(rgn.detach().float().cpu())
         pairs.extend((layer, ch) for ch in range(c.in_channels))
     order = torch.argsort(torch.cat(scores), descending=True, stable=True).tolist()
-    return _fill([pairs[i] for i in order], costs, budget, capacity)
+    return fill_in_order([pairs[i] for i in order], costs, budget, capacity)

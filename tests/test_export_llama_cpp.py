@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 
+import llama_cpp  # noqa: F401  # installed by the dev setup (make install): a missing runtime fails, never skips
 import numpy as np
 import pytest
 import torch
@@ -22,8 +23,6 @@ from hf_collapse.commands import main
 from hf_collapse.export import export
 from hf_collapse.export.decilm import decilm_layout, write_decilm
 from hf_collapse.export.llama_cpp import convert, logits_runner
-
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by the dev setup (make install)")
 
 FRESH_LLAMA_CPP = """
 import json, sys

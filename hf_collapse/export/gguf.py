@@ -25,7 +25,15 @@ from ..architectures.base import is_causal_lm, unwrap_model
 from ..surgery.record import collapse_record
 from .base import ExportFormat, Runner, Served
 from .decilm import check_decilm, layout_notes, write_decilm
-from .llama_cpp import GGUF_TYPES, convert, llama_cpp_version, logits_runner, quantize, require_llama_cpp
+from .llama_cpp import (
+    GGUF_TYPES,
+    convert,
+    copy_tokenizer,
+    llama_cpp_version,
+    logits_runner,
+    quantize,
+    require_llama_cpp,
+)
 
 __all__ = ["GGUF"]
 
@@ -96,9 +104,7 @@ class GGUF(ExportFormat):
                 ]
             else:
                 unwrap_model(model).save_pretrained(folder)
-            for name in TOKENIZER_FILES:
-                if (output / name).is_file():
-                    (folder / name).write_bytes((output / name).read_bytes())
+            copy_tokenizer(output, folder, TOKENIZER_FILES)
             return [convert(folder, output / CHECKED, "f32")]
 
     def runner(self, output: Path, threads: int = 1) -> Runner:

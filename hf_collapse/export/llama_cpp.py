@@ -33,6 +33,7 @@ __all__ = [
     "LLAMA_CPP_PACKAGE",
     "convert",
     "converter_dir",
+    "copy_tokenizer",
     "llama_cpp_version",
     "logits_runner",
     "quantize",
@@ -212,6 +213,8 @@ def logits_runner(path: Path, threads: int = 1, f32_cache: bool = True, context:
 
 
 def copy_tokenizer(source: Path, target: Path, names: tuple[str, ...]) -> None:
+    """Copy the files ``names`` that exist in ``source`` into ``target``: the tokenizer the converter writes into the
+    GGUF."""
     for name in names:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)

@@ -70,18 +70,7 @@ test: quality $(INSTALLED_STAMP)
 		-c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(PYTEST_RUN_ARGS)
 
 benchmark: $(INSTALLED_STAMP)
-	$(BIN)/python benchmarks/depth_speedup.py | tee benchmarks/results/depth_speedup.txt
-	$(BIN)/python benchmarks/bench_msw.py | tee benchmarks/results/bench_msw.txt
-	$(BIN)/python benchmarks/bench_lacoot_overhead.py | tee benchmarks/results/bench_lacoot_overhead.txt
-	$(BIN)/python benchmarks/bench_lacoot_quality.py | tee benchmarks/results/bench_lacoot_quality.txt
-	$(BIN)/python benchmarks/bench_tlc.py | tee benchmarks/results/bench_tlc.txt
-	$(BIN)/python benchmarks/bench_trady.py | tee benchmarks/results/bench_trady.txt
-	$(BIN)/python benchmarks/bench_trady_llm.py  # writes its results/ files itself
-	$(BIN)/python benchmarks/bench_trady_peak.py  # writes its results/ files itself
-	$(BIN)/python benchmarks/bench_onnx.py  # writes its results/ files itself
-	$(BIN)/python benchmarks/bench_llama_cpp.py  # writes its results/ files itself
 	$(BIN)/python benchmarks/run.py benchmarks/experiments/*.json --jobs 2  # cached: runs only what is missing
-	$(BIN)/python benchmarks/bench_llm_depth.py --fresh | tee benchmarks/results/bench_llm_depth.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache build

@@ -304,21 +304,19 @@ def check_generation_llm(args, folder: Path) -> str:
 
 def check_peak_memory_llm(args, folder: Path) -> str:
     """Peak memory of one training step of SmolLM2 (batch 2 x 256 tokens) from ``torch.cuda.max_memory_allocated``
-    (``hf_collapse.trady.step_memory``): full fine-tuning, LoRA r=8 and TraDy at a 5% budget, built as
-    ``bench_trady_llm.py`` builds them (the same projections)."""
-    from types import SimpleNamespace
-
+    (``hf_collapse.trady.step_memory``): full fine-tuning, LoRA r=8 and TraDy at a 5% budget, built as the
+    ``trady_llm_memory`` benchmark kind builds them (the same projections)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_trady_llm import build
+    from kinds.trady_llm_memory import build
 
     from hf_collapse.trady import step_memory
 
     _, _, windows = _smollm2(args, windows=8, max_length=256)
     batches = [dict(windows[i : i + 2]) for i in range(0, 8, 2)]  # TraDy calibrates on these (CPU), then moves
-    settings = SimpleNamespace(lora_r=8, budget_ratio=0.05, max_depth=None)
     peaks = {}
     for method in ("full", "lora", "trady"):
-        model = build(method, settings, batches)[0].to(args.device)
+        settings = {"method": method, "lora_r": 8, "budget_ratio": 0.05, "seed": 0}
+        model = build(settings, batches)[0].to(args.device)
         peaks[method] = step_memory(model, {k: v.to(args.device) for k, v in batches[0].items()}).peak_bytes
         del model
         if args.device == "cuda":

@@ -4,12 +4,23 @@ An experiment file (``benchmarks/experiments/<name>.json``) names a *kind* (the 
 ``benchmarks/kinds/<kind>.py``), the settings every run shares (``base``) and one or more ``grids`` (each a mapping
 of setting -> list of values, expanded as a product). Every expanded run is the whole of its settings, kind
 included; its result is cached under ``benchmarks/results/cache/<experiment>/<hash of those settings>.json``, so a
-changed setting never reuses a stale result and an interrupted run continues where it stopped. After running, the
+changed setting never reuses a stale result and an interrupted run continues where it stopped; a run another
+experiment already cached with the very same settings is copied, not run again. After running, the
 kind's report turns the cached results into ``benchmarks/results/<experiment>.md`` (and plots), and every docs page
 holding the markers ``<!-- benchmark: <experiment> -->`` ... ``<!-- end benchmark -->`` gets that table regenerated.
 
     python benchmarks/run.py benchmarks/experiments/trady_regimes.json [--jobs 2] [--report_only] [--fresh]
     python benchmarks/run.py benchmarks/experiments/*.json --smoke   # every experiment on a tiny configuration
+
+A page may show one part of an experiment's results (``<!-- benchmark: <experiment>:<part> -->``, the kind's
+``docs_table(experiment, results, part)``), and ``<!-- benchmark: summary -->`` holds one row per experiment file
+that declares a ``summary`` (what it measures, its target) with the kind's ``headline`` of its cached results: the
+table of docs/benchmarks.md; ``<!-- benchmark: headlines -->`` the same headlines for the files with a ``readme``
+line: the README's table. A cached result may carry a ``provenance`` (where it was measured when not by this
+runner, e.g. imported from the script an experiment replaced); the report says so, and ``--fresh`` measures it again.
+
+A kind that times things declares ``TIMED = True``: its runs never share the machine with each other
+(``--jobs`` does not apply to them).
 
 ``--smoke`` runs each kind's smallest configuration of every grid point kind (one per distinct kind setting
 combination, a few seconds each) in a scratch cache and writes nothing under ``benchmarks/results``: what the tests
@@ -25,6 +36,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -82,14 +94,30 @@ def _run_one(settings: dict, cache: str, threads: int) -> tuple[str, float]:
     return run_key(settings), time.perf_counter() - start
 
 
+def reuse_across_experiments(runs: list[dict], cache: Path) -> None:
+    """Copy into ``cache`` the results another experiment's cache holds for the very same settings (the key is the
+    hash of all of them): a baseline shared by two experiments is measured once."""
+    for settings in runs:
+        name = f"{run_key(settings)}.json"
+        if not (cache / name).is_file():
+            for other in sorted(cache.parent.glob(f"*/{name}")):
+                if json.loads(other.read_text())["settings"] == settings:
+                    shutil.copyfile(other, cache / name)
+                    break
+
+
 def run_experiment(experiment: dict, cache: Path, jobs: int, fresh: bool, smoke: bool) -> list[tuple[dict, dict]]:
     module = kind_module(experiment["kind"])
     runs = expand(experiment)
     if smoke:  # one run per distinct setting combination the kind cares about, at its smallest size
         runs = list({run_key(module.smoke(s)): module.smoke(s) for s in runs}.values())
     cache.mkdir(parents=True, exist_ok=True)
+    if not fresh:
+        reuse_across_experiments(runs, cache)
     todo = [s for s in runs if fresh or not (cache / f"{run_key(s)}.json").is_file()]
     print(f"{experiment['name']}: {len(runs)} runs, {len(runs) - len(todo)} cached, {len(todo)} to run", flush=True)
+    if getattr(module, "TIMED", False):  # a kind that times things runs alone, on every core
+        jobs = 1
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     if jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -108,22 +136,87 @@ def describe(settings: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in settings.items() if k not in ("kind", "kind_version"))
 
 
+MARKER = re.compile(r"(<!-- benchmark: ([\w-]+)(?::([\w-]+))? -->\n).*?(<!-- end benchmark -->)", flags=re.DOTALL)
+
+
 def docs_pages_out_of_date(experiment: dict, results: list[tuple[dict, dict]], write: bool) -> list[Path]:
-    """The docs pages whose table between ``experiment``'s markers is not the one ``results`` give (rewritten when
-    ``write``)."""
+    """The docs pages whose tables between ``experiment``'s markers are not the ones ``results`` give (rewritten
+    when ``write``)."""
     module = kind_module(experiment["kind"])
-    pattern = re.compile(
-        rf"(<!-- benchmark: {re.escape(experiment['name'])} -->\n).*?(<!-- end benchmark -->)", flags=re.DOTALL
-    )
+
+    def table(match: re.Match) -> str:
+        if match.group(2) != experiment["name"]:
+            return match.group(0)
+        part = match.group(3)
+        body = module.docs_table(experiment, results, part) if part else module.docs_table(experiment, results)
+        return match.group(1) + body + match.group(4)
+
+    return _rewrite_pages(table, write)
+
+
+def _rewrite_pages(table, write: bool) -> list[Path]:
     stale = []
     for page in sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]:
         content = page.read_text()
-        updated = pattern.sub(lambda m: m.group(1) + module.docs_table(experiment, results) + m.group(2), content)
+        updated = MARKER.sub(table, content)
         if updated != content:
             stale.append(page)
             if write:
                 page.write_text(updated)
     return stale
+
+
+def cached_results(experiment: dict) -> list[tuple[dict, dict]]:
+    """The cached ``(settings, result)`` of ``experiment``'s runs (those not run yet left out)."""
+    cache = RESULTS / "cache" / experiment["name"]
+    found = [(s, cache / f"{run_key(s)}.json") for s in expand(experiment)]
+    return [(s, json.loads(path.read_text())["result"]) for s, path in found if path.is_file()]
+
+
+def provenances(experiment: dict, cache: Path) -> dict[str, int]:
+    """How many of ``experiment``'s cached results each non-runner provenance accounts for."""
+    counts: dict[str, int] = {}
+    for settings in expand(experiment):
+        path = cache / f"{run_key(settings)}.json"
+        if path.is_file() and (origin := json.loads(path.read_text()).get("provenance")):
+            counts[origin] = counts.get(origin, 0) + 1
+    return counts
+
+
+def summary_table(table: str = "summary") -> str:
+    """A table of every experiment file's headline, from the cache: ``"summary"`` (docs/benchmarks.md: one row per
+    file with a ``summary``: what it measures, the result, the target) or ``"headlines"`` (the README: one row per
+    file with a ``readme`` line saying what was measured)."""
+    header = ["| experiment | measures | result | target |", "| --- | --- | --- | --- |"]
+    lines = header if table == "summary" else ["| what | measured |", "| --- | --- |"]
+    imported = False
+    for path in sorted((HERE / "experiments").glob("*.json")):
+        experiment = load_experiment(path)
+        if (table == "summary" and "summary" not in experiment) or (table != "summary" and "readme" not in experiment):
+            continue
+        results = cached_results(experiment)
+        headline = kind_module(experiment["kind"]).headline(experiment, results) if results else "not run yet"
+        if provenances(experiment, RESULTS / "cache" / experiment["name"]):
+            headline, imported = headline + " †", True
+        if table == "summary":
+            summary = experiment["summary"]
+            lines.append(f"| `{path.name}` | {summary['measures']} | {headline} | {summary['target']} |")
+        else:
+            lines.append(f"| {experiment['readme']} | {headline} |")
+    if imported:
+        lines.append(
+            "\n† measured (with the same settings) by the script the experiment replaced, before the runner existed; "
+            "the experiment's report (`benchmarks/results/<experiment>.md`) names the commit."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary_pages_out_of_date(write: bool) -> list[Path]:
+    tables = {name: summary_table(name) for name in ("summary", "headlines")}
+    return _rewrite_pages(
+        lambda m: m.group(1) + tables[m.group(2)] + m.group(4) if m.group(2) in tables else m.group(0),
+        write,
+    )
 
 
 def write_report(experiment: dict, results: list[tuple[dict, dict]], out: Path) -> str:
@@ -135,6 +228,11 @@ def write_report(experiment: dict, results: list[tuple[dict, dict]], out: Path) 
             f"\n{missing} of the experiment's {missing + len(results)} runs are not run yet: "
             f"`python benchmarks/run.py benchmarks/experiments/{experiment['name']}.json` runs them (the others are "
             "cached).\n"
+        )
+    imported = provenances(experiment, RESULTS / "cache" / experiment["name"]) if out == RESULTS else {}
+    for origin, count in imported.items():
+        text += (
+            f"\n{count} of these results were not measured by this runner: {origin}. `--fresh` measures them again.\n"
         )
     (out / f"{experiment['name']}.md").write_text(text)
     for page in docs_pages_out_of_date(experiment, results, write=True):
@@ -165,13 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cache = RESULTS / "cache" / experiment["name"]
         if args.report_only or args.check_docs:
-            runs = expand(experiment)
-            missing = [s for s in runs if not (cache / f"{run_key(s)}.json").is_file()]
-            if missing:
-                print(f"{experiment['name']}: {len(missing)} of {len(runs)} runs not cached; reporting the others")
-            results = [
-                (s, json.loads((cache / f"{run_key(s)}.json").read_text())["result"]) for s in runs if s not in missing
-            ]
+            results = cached_results(experiment)
+            if missing := len(expand(experiment)) - len(results):
+                print(f"{experiment['name']}: {missing} runs not cached; reporting the {len(results)} others")
         else:
             results = run_experiment(experiment, cache, args.jobs, args.fresh, smoke=False)
         if args.check_docs:
@@ -181,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             continue
         print(write_report(experiment, results, RESULTS))
+    if args.smoke:
+        return 0
+    stale = summary_pages_out_of_date(write=not args.check_docs)
+    if args.check_docs and stale:
+        print(f"summary: the table of {[str(p.relative_to(ROOT)) for p in stale]} is stale")
+        return 1
+    for page in stale:
+        print(f"  regenerated the summary table in {page.relative_to(ROOT)}")
     return 0
 
 

@@ -1,10 +1,10 @@
 """The DeciLM export run by vLLM itself (a GPU lane: vLLM's wheel needs CUDA; not run on this project's CPU machine).
 
-SmolLM2-135M with BlockPruner's sub-layers removed at the FLOPs of 4 blocks (the removal ``bench_llm_depth.json``
-recorded) is exported with ``hf_collapse.export.export(..., format="decilm")`` (checked there in llama.cpp), then
-loaded by ``vllm.LLM(..., trust_remote_code=True)`` (its ``nemotron_nas`` model) and compared with PyTorch on held-out
-BBC News text: the log-probability of every prompt token (``prompt_logprobs``) and 32 greedy tokens. Prints pass /
-fail; exits 1 on a failure.
+SmolLM2-135M with BlockPruner's sub-layers removed at the FLOPs of 4 blocks (the removal the ``llm_depth`` experiment
+found, as ``benchmarks/experiments/llama_cpp.json`` names it) is exported with ``hf_collapse.export.export(...,
+format="decilm")`` (checked there in llama.cpp), then loaded by ``vllm.LLM(..., trust_remote_code=True)`` (its
+``nemotron_nas`` model) and compared with PyTorch on held-out BBC News text: the log-probability of every prompt token
+(``prompt_logprobs``) and 32 greedy tokens. Prints pass / fail; exits 1 on a failure.
 
     pip install vllm && python benchmarks/vllm_decilm_check.py
 """
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_llm_depth import rebuild_removal
+from kinds.smollm2_depth import rebuild_removal
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_collapse.data import embedded_model_path, load_bbc_news
@@ -27,9 +27,8 @@ from hf_collapse.export import export
 def main() -> int:
     from vllm import LLM, SamplingParams
 
-    units = json.loads((Path(__file__).parent / "results" / "bench_llm_depth.json").read_text())["rows"][
-        "4 removed/blockpruner_per_flop (same FLOPs)"
-    ]["removed"]
+    removals = json.loads((Path(__file__).parent / "experiments" / "llama_cpp.json").read_text())["base"]["removals"]
+    units = removals["sub-layers (BlockPruner, 4 blocks' FLOPs)"]
     folder = embedded_model_path("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     smaller = rebuild_removal(AutoModelForCausalLM.from_pretrained(folder), units).eval()

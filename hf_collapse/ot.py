@@ -25,8 +25,8 @@ difference of norm about ``sqrt(2 d / n)`` times the spread), so ``mean(x) - mea
 few random directions; from it one or two ascent steps reach the local max (measured: 68.4565 at the start, 68.4574
 after one step, no change after 30). The default call costs about eight passes over the data, matrix-vector products
 and sorts of ``n`` values, no host synchronisation: ~40x POT's value in less than POT's time on the same float32
-torch tensors (POT's time is drawing and applying 50 directions). See ``benchmarks/bench_msw.py`` for the measured
-table. More steps help where random and mean-shift starts both miss (a variance-only difference in moderate
+torch tensors (POT's time is drawing and applying 50 directions). See ``benchmarks/experiments/msw.json`` for the
+measured table. More steps help where random and mean-shift starts both miss (a variance-only difference in moderate
 dimension: at ``n=d=256`` with one planted direction, 5 steps find it, 2 get three quarters of the way): the
 LaCoOT trainer takes its own ``msw_ascent_steps`` per training step, warm-started from the previous step's direction.
 

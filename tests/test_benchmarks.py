@@ -6,6 +6,7 @@ benchmark broken by a library change is seen here."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import types
@@ -39,9 +40,15 @@ def toy_kind(monkeypatch):
     kind.run = run
     kind.smoke = lambda settings: {**settings, "x": 0}
     kind.report = lambda experiment, results, out: f"{len(results)} runs\n"
-    kind.docs_table = lambda experiment, results: (
-        "| x | y |\n" + "".join(f"| {s['x']} | {r['y']} |\n" for s, r in sorted(results, key=lambda p: p[0]["x"]))
-    )
+
+    def docs_table(experiment, results, part=None):
+        rows = sorted(results, key=lambda p: p[0]["x"])
+        if part == "largest":
+            return f"largest y: {rows[-1][1]['y']}\n"
+        return "| x | y |\n" + "".join(f"| {s['x']} | {r['y']} |\n" for s, r in rows)
+
+    kind.docs_table = docs_table
+    kind.headline = lambda experiment, results: f"y up to {max(r['y'] for _, r in results)}"
     monkeypatch.setitem(sys.modules, "kinds.toy_double", kind)
     return kind
 
@@ -67,6 +74,9 @@ def test_the_cache_runs_each_configuration_once_and_the_docs_tables_come_from_it
     experiment["grids"].append({"x": [4]})
     results = runner.run_experiment(experiment, tmp_path / "cache", jobs=1, fresh=False, smoke=False)
     assert sorted(toy_kind.calls) == [1, 2, 3, 4]
+    sibling = {**experiment, "name": "sibling", "grids": [{"x": [2, 5]}]}  # x=2 was measured by "toy"
+    runner.run_experiment(sibling, tmp_path / "sibling", jobs=1, fresh=False, smoke=False)
+    assert sorted(toy_kind.calls) == [1, 2, 3, 4, 5]
     page = tmp_path / "docs" / "page.md"
     page.parent.mkdir()
     page.write_text("before\n<!-- benchmark: toy -->\nstale table\n<!-- end benchmark -->\nafter\n")
@@ -76,6 +86,57 @@ def test_the_cache_runs_each_configuration_once_and_the_docs_tables_come_from_it
     table = "| x | y |\n| 1 | 2 |\n| 2 | 4 |\n| 3 | 6 |\n| 4 | 8 |\n"
     assert page.read_text() == f"before\n<!-- benchmark: toy -->\n{table}<!-- end benchmark -->\nafter\n"
     assert (tmp_path / "toy.md").read_text() == "4 runs\n"
+
+
+def test_parts_of_an_experiment_the_summary_table_and_imported_results_are_regenerated_from_the_cache(
+    runner, toy_kind, tmp_path
+):
+    """One page may show one part of an experiment (``name:part``); the summary table of docs/benchmarks.md has one
+    row per experiment file with a ``summary``, from its cache; a result the runner did not measure (imported from
+    the script an experiment replaced) is marked in the summary and named in the report."""
+    runner.HERE, runner.ROOT, runner.RESULTS = tmp_path, tmp_path, tmp_path / "results"
+    experiment = {
+        "name": "toy",
+        "kind": "toy_double",
+        "summary": {"measures": "twice x", "target": "y = 2x"},
+        "grids": [{"x": [1, 2]}],
+    }
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "toy.json").write_text(json.dumps(experiment))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("no markers\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text(
+        "<!-- benchmark: toy:largest -->\nstale\n<!-- end benchmark -->\n"
+        "<!-- benchmark: summary -->\nstale\n<!-- end benchmark -->\n"
+    )
+    cache = runner.RESULTS / "cache" / "toy"
+    runner.run_experiment(experiment, cache, jobs=1, fresh=False, smoke=False)
+    assert toy_kind.calls == [1, 2]
+    imported = cache / f"{runner.run_key(runner.expand(experiment)[1])}.json"
+    record = json.loads(imported.read_text())
+    imported.write_text(json.dumps({**record, "provenance": "measured by an old script"}))
+
+    assert runner.main([str(tmp_path / "experiments" / "toy.json"), "--check_docs"]) == 1  # the page is stale
+    assert runner.main([str(tmp_path / "experiments" / "toy.json"), "--report_only"]) == 0
+    text = page.read_text()
+    assert "<!-- benchmark: toy:largest -->\nlargest y: 4\n<!-- end benchmark -->" in text
+    assert "| `toy.json` | twice x | y up to 4 † | y = 2x |" in text and "† measured (with the same settings)" in text
+    assert (
+        "1 of these results were not measured by this runner: measured by an old script"
+        in (runner.RESULTS / "toy.md").read_text()
+    )
+    assert runner.main([str(tmp_path / "experiments" / "toy.json"), "--check_docs"]) == 0
+    assert toy_kind.calls == [1, 2]  # reporting never runs anything
+
+
+def test_a_timed_kind_runs_alone_whatever_jobs_says(runner, toy_kind, tmp_path, monkeypatch):
+    toy_kind.TIMED = True
+    used = []
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", lambda **kwargs: used.append(kwargs))
+    experiment = {"name": "toy", "kind": "toy_double", "grids": [{"x": [1, 2, 3]}]}
+    runner.run_experiment(experiment, tmp_path / "cache", jobs=2, fresh=False, smoke=False)
+    assert used == [] and toy_kind.calls == [1, 2, 3]
 
 
 def test_the_docs_tables_of_every_experiment_are_what_its_cache_gives():
@@ -98,7 +159,7 @@ def test_every_experiment_smoke_runs_on_a_tiny_configuration(path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=900,
+        timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "smoke run of" in done.stdout

@@ -148,7 +148,7 @@ def test_default_ascent_finds_a_planted_direction_that_random_slicing_misses():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_default_ascent_is_ten_times_pots_default_in_high_dimension(seed):
-    # The like-for-like comparison of benchmarks/bench_msw.py (float32 torch tensors to both), at a smaller d.
+    # The like-for-like comparison of benchmarks/experiments/msw.json (float32 torch tensors to both), at a smaller d.
     x, y = pair(n=128, d=4096, seed=seed)
     pot_value = float(pot.sliced.max_sliced_wasserstein_distance(x, y, seed=seed))  # 50 random directions
     assert max_sliced_wasserstein(x, y, generator=gen(seed)).item() >= 10 * pot_value

@@ -1,7 +1,8 @@
-"""What the kinds share: the smoke-size rule of TraDy runs and the statistics of their reports."""
+"""What the kinds share: the smoke-size rule of TraDy runs, the batches of the text tasks and report statistics."""
 
 from __future__ import annotations
 
+import random
 import statistics
 
 
@@ -24,3 +25,17 @@ def mean(values) -> float:
 def std(values) -> float:
     values = list(values)
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def bucketed_batches(rows: list[dict], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """Indices of ``rows`` in length-bucketed batches (sorted chunks of 50 batches, shuffled): the same for every
+    method at an epoch of a seed."""
+    rng = random.Random(seed * 1000 + epoch)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    chunk, batches = batch_size * 50, []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: len(rows[i]["input_ids"]))
+        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
+    rng.shuffle(batches)
+    return batches

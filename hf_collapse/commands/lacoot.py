@@ -71,7 +71,7 @@ DEFAULT_TRAINING: dict[str, Any] = dict(
 #: λ = 0.1: on a pretrained transformer the per-block MSW of 64-token features is 5-10, so λ = 1 lets the
 #: penalty dominate the task loss (accuracy 0.46 against 0.63 with λ = 0.1 after 4 epochs, measured here). λ ramped
 #: up over the first half of training: the task is learnt before the blocks are bent towards identities, which keeps
-#: full-depth accuracy and wins at half depth once healed (benchmarks/bench_lacoot_quality.py).
+#: full-depth accuracy and wins at half depth once healed (benchmarks/experiments/lacoot_quality.json).
 DEFAULT_LACOOT_TRAINING: dict[str, Any] = {
     **DEFAULT_TRAINING,
     "output_dir": "outputs/lacoot",

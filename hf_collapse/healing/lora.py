@@ -95,7 +95,7 @@ class LoRA(HealingMethod):
     description = "peft LoRA on the kept blocks, merged back"
     #: LoRA heals with a larger step than full-parameter distillation: on SmolLM2 with 8 of 30 blocks removed, 7
     #: minutes of LoRA (r=16) at 5e-4 took perplexity from 101.8 to 42.5, distillation at 5e-5 to 51.5
-    #: (benchmarks/bench_llm_depth.py).
+    #: (an earlier run of the llm_depth benchmark, benchmarks/experiments/llm_depth.json).
     learning_rate = 5e-4
 
     def needs_teacher(self, options):

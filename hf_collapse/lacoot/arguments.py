@@ -43,7 +43,7 @@ class LaCoOTArguments(TrainingArguments):
     )
     # The default is the paper's constant λ, so that the Trainer adds the published objective unless asked otherwise;
     # `hf-collapse lacoot` ramps λ over half of training on classification, the recipe that won once healed in
-    # benchmarks/bench_lacoot_quality.py (not measured on causal LMs, where the job keeps λ constant).
+    # benchmarks/experiments/lacoot_quality.json (not measured on causal LMs, where the job keeps λ constant).
     msw_warmup_ratio: float = field(
         default=0.0,
         metadata={

@@ -268,6 +268,25 @@ def test_strategies_static_full_random_and_det_rgn():
             assert rgn[channels].min() >= rgn[others].max() or len(channels) == len(rgn)
 
 
+def test_static_rgn_weighted_keeps_the_first_importance_weighted_draw():
+    """The static counterpart of ``rgn_weighted``: the same draw as its first one, kept at every later index, so that
+    a sweep can tell the value of re-sampling from the value of drawing by importance."""
+    from hf_collapse.trady.selection import LayerCost
+    from hf_collapse.trady.strategies import SELECTIONS
+
+    dynamic, static = SELECTIONS.get("rgn_weighted"), SELECTIONS.get("static_rgn_weighted")
+    costs = [LayerCost("a", 50, 4, 4.0), LayerCost("b", 50, 4, 4.0)]
+    rgn = {"a": torch.linspace(0.01, 1.0, 50), "b": torch.linspace(0.01, 1.0, 50).flip(0)}
+    first = dynamic.draw(costs, 80.0, 1000, 0, 0, lambda: rgn)
+    assert all(static.draw(costs, 80.0, 1000, 0, i, lambda: rgn) == first for i in range(5))
+    assert any(dynamic.draw(costs, 80.0, 1000, 0, i, lambda: rgn) != first for i in range(1, 5))
+    assert static.needs_channel_rgn and static.ranks_layers
+
+    tuner = find_trady_model(trady_bert(selection="static_rgn_weighted"))
+    kept = tuner.current_selection()
+    assert tuner.resample(1) is False and tuner.current_selection() == kept
+
+
 def test_rgn_weighted_draws_important_channels_more_often_and_stays_in_budget():
     """MeDyate-style sampling: without replacement, probability proportional to the calibrated channel RGN."""
     from hf_collapse.trady.selection import LayerCost
@@ -648,15 +667,18 @@ def test_bf16_autocast_step_trains_the_slices():
     assert flat.grad.abs().sum() > 0
 
 
-def test_selected_layers_are_reused_across_tasks_without_a_new_ranking():
-    first = trady_bert(budget_ratio=0.05)
+@pytest.mark.parametrize("selection", ["trady", "rgn_weighted"])
+def test_selected_layers_are_reused_across_tasks_without_a_new_ranking(selection):
+    """Layers ranked once are reused on a new task: a uniform draw needs no gradients at all; an RGN-weighted one
+    measures its channels' RGN (and with it the layers'), but keeps the given layers."""
+    first = trady_bert(budget_ratio=0.05, selection=selection)
     kept = first.peft_config["default"].selected_layers
     torch.manual_seed(1)
-    second = get_peft_model(
-        tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05, selected_layers=list(kept))
-    )
+    config = TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.05, selected_layers=list(kept), selection=selection)
+    second = get_peft_model(tiny_models.bert(), config)
     summary = calibrate(second, [bert_batch(seed=9)])
-    assert second.peft_config["default"].layer_rgn is None  # no gradient ranking was computed
+    if selection == "trady":
+        assert second.peft_config["default"].layer_rgn is None  # no gradient ranking was computed
     assert summary["selected_layers"] == kept and set(find_trady_model(second).current_selection()) <= set(kept)
 
 

@@ -200,3 +200,17 @@ def test_trady_command_fine_tunes_a_classifier_on_a_labelled_dataset(tiny_llm, t
     assert 0 <= report["metric_after"] <= 1 and report["train_steps"] == 4
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in (config["modules_to_save"] or [])
+
+
+def test_the_command_selects_channels_as_the_config_does_by_default():
+    """``hf-collapse trady`` without ``--selection`` draws channels the way ``TraDyConfig()`` does: the one default
+    the measurements back (docs/trady.md, "Where re-sampling pays")."""
+    from dataclasses import fields
+
+    from hf_collapse.commands.trady import TraDyJobArguments
+    from hf_collapse.trady import TraDyConfig
+
+    def default(cls):
+        return next(f.default for f in fields(cls) if f.name == "selection")
+
+    assert default(TraDyJobArguments) == default(TraDyConfig) == "rgn_weighted"

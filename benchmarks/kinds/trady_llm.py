@@ -9,8 +9,6 @@ BBC News split.
 
 from __future__ import annotations
 
-import functools
-import math
 import random
 import statistics
 import time
@@ -19,59 +17,29 @@ from pathlib import Path
 import torch
 
 from .common import mean, smoke_size, std
+from .smollm2_news import PROJECTIONS, held_out_loss, news_windows, smollm2, stack
 
 VERSION = 1
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@functools.lru_cache(maxsize=2)
-def _windows(seq_len: int, train_windows: int, eval_windows: int):
-    from transformers import AutoTokenizer
-
-    from hf_collapse.data import embedded_model_path, lm_windows, load_bbc_news
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path("smollm2"))
-    news = load_bbc_news()
-
-    def cut(split, count):
-        windows = lm_windows(news[split]["text"], tokenizer, max_length=seq_len, max_windows=count)
-        return [{k: torch.as_tensor(v) for k, v in windows[i].items()} for i in range(len(windows))]
-
-    return cut("train", train_windows), cut("validation", eval_windows), cut("test", eval_windows)
-
-
-def _stack(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-@torch.no_grad()
 def _loss(model, rows) -> float:
-    from hf_collapse.metrics import perplexity
-
     model.eval()
-    value = math.log(perplexity(model, [_stack(rows[i : i + 4]) for i in range(0, len(rows), 4)]))
+    value = held_out_loss(model, rows)
     model.train()
     return value
 
 
 def run(s: dict) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    from hf_collapse.data import embedded_model_path
     from hf_collapse.trady import TraDyConfig, calibrate, find_trady_model
 
-    train, validation, test = _windows(s["seq_len"], s["steps"] * s["batch_size"], s["eval_windows"])
+    train, validation, test = news_windows(s["seq_len"], s["steps"] * s["batch_size"], s["eval_windows"])
     order = list(range(len(train)))
     random.Random(s["seed"]).shuffle(order)
-    batches = [
-        _stack([train[i] for i in order[j : j + s["batch_size"]]]) for j in range(0, len(order), s["batch_size"])
-    ]
+    batches = [stack([train[i] for i in order[j : j + s["batch_size"]]]) for j in range(0, len(order), s["batch_size"])]
     torch.manual_seed(s["seed"])
-    hf_logging.set_verbosity_error()
-    model = AutoModelForCausalLM.from_pretrained(embedded_model_path("smollm2"), dtype=torch.float32)
-    model.config.use_cache = False
+    model = smollm2()
     before = None
     if s["method"] == "lora":
         config = LoraConfig(
@@ -138,6 +106,15 @@ def docs_table(experiment: dict, results: list[tuple[dict, dict]]) -> str:
         shown = f"{100 * budget:g}%" if budget is not None else ""
         lines.append(f"| {method} | {shown} | {_cell(runs, 'validation')} | {_cell(runs, 'test')} |")
     return "\n".join(lines) + "\n"
+
+
+def headline(experiment: dict, results: list[tuple[dict, dict]]) -> str:
+    groups = _groups(results)
+    cells = [
+        f"{method}{f' {100 * budget:g}%' if budget is not None else ''} {mean(r['test_loss'] for r in runs):.3f}"
+        for (method, budget), runs in sorted(groups.items(), key=lambda kv: (kv[0][1] or 1, kv[0][0]))
+    ]
+    return "held-out loss (test, mean over seeds): " + ", ".join(cells)
 
 
 def report(experiment: dict, results: list[tuple[dict, dict]], out: Path) -> str:

@@ -2,8 +2,9 @@
 frequency, against full fine-tuning and LoRA (their step's peak memory beside them).
 
 Settings: ``task`` (``dialog_topics``: 19 topics of chat lines; ``bbc_news``: 5 topics of news articles),
-``method`` (``full``, ``lora`` or a TraDy selection: ``trady``, ``static_topk_random``, ``rgn_weighted``, ``det_rgn``,
-``full_random``), ``budget_ratio``, ``epochs``, ``resample_every_steps`` (``null``: per epoch), ``seed``,
+``method`` (``full``, ``lora`` or a TraDy selection: ``trady``, ``static_topk_random``, ``rgn_weighted``,
+``static_rgn_weighted``, ``det_rgn``, ``full_random``), ``budget_ratio``, ``epochs``, ``resample_every_steps``
+(``null``: per epoch), ``seed``,
 ``batch_size``, ``max_length``, ``max_train_samples``, learning rates ``lr_sparse`` / ``lr_full`` / ``lr_lora``,
 ``lora_r``.
 
@@ -15,17 +16,16 @@ head's initialisation, the batch order and TraDy's draws.
 from __future__ import annotations
 
 import functools
-import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from .common import mean, smoke_size, std
+from .common import bucketed_batches, mean, smoke_size, std
 
 VERSION = 1
-SPARSE = ("trady", "static_topk_random", "rgn_weighted", "det_rgn", "full_random")
+SPARSE = ("trady", "static_topk_random", "rgn_weighted", "static_rgn_weighted", "det_rgn", "full_random")
 
 
 @functools.lru_cache(maxsize=4)
@@ -55,19 +55,6 @@ def _batch(tokenizer, rows):
     batch = {k: torch.tensor(v) for k, v in padded.items()}
     batch["labels"] = torch.tensor([r["label"] for r in rows])
     return batch
-
-
-def _batches(rows, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
-    """Length-bucketed batches (sorted chunks of 50 batches, shuffled), the same for every method at an epoch."""
-    rng = random.Random(seed * 1000 + epoch)
-    order = list(range(len(rows)))
-    rng.shuffle(order)
-    chunk, batches = batch_size * 50, []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start : start + chunk], key=lambda i: len(rows[i]["input_ids"]))
-        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
-    rng.shuffle(batches)
-    return batches
 
 
 @torch.no_grad()
@@ -117,7 +104,7 @@ def run(s: dict) -> dict:
 
     rows, tokenizer, num_labels = load_task(s["task"], s["max_length"], s.get("max_train_samples"))
     train = rows["train"]
-    calibration = [_batch(tokenizer, [train[i] for i in b]) for b in _batches(train, s["batch_size"], 0, 0)[:4]]
+    calibration = [_batch(tokenizer, [train[i] for i in b]) for b in bucketed_batches(train, s["batch_size"], 0, 0)[:4]]
     model, lr = _model(s, num_labels, calibration)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -138,7 +125,7 @@ def run(s: dict) -> dict:
                 tuner.refresh_rgn(calibration)
             tuner.resample(epoch, optimizer)  # what TraDyCallback does at every epoch start
         losses = []
-        for indices in _batches(train, s["batch_size"], epoch, s["seed"]):
+        for indices in bucketed_batches(train, s["batch_size"], epoch, s["seed"]):
             batch = _batch(tokenizer, [train[i] for i in indices])
             if peak is None:  # the first step, measured: forward, backward and the AdamW step (its state allocated)
                 first: list[float] = []
@@ -217,47 +204,70 @@ def _budget_table(results, epochs: int) -> list[str]:
     return lines
 
 
+#: Each re-sampling selection and the static one that draws the same way once: their gap is what re-sampling buys.
+PAIRS = (
+    ("trady", "static_topk_random", "uniform draws"),
+    ("rgn_weighted", "static_rgn_weighted", "RGN-weighted draws"),
+)
+
+
 def _dynamic_vs_static(results) -> list[tuple[str, dict]]:
-    """Every regime (budget, epochs, resample) with both trady and static runs: the gap per task, on validation and
-    test (points, mean over seeds)."""
+    """Every regime (draws, budget, epochs, resample) with both the re-sampling and the static selection measured: the
+    gap per task, on validation and test (points, mean over seeds)."""
     groups = _groups(results)
-    regimes = sorted(
-        {(k[2], k[3], k[4]) for k in groups if k[1] == "trady"},
-        key=lambda r: (r[0], r[1], r[2] or 0),
-    )
     rows = []
-    for budget, epochs, resample in regimes:
-        gaps = {}
-        for task in sorted({k[0] for k in groups}):
-            dynamic = groups.get((task, "trady", budget, epochs, resample))
-            static = groups.get((task, "static_topk_random", budget, epochs, None))
-            if dynamic and static:
-                gaps[task] = {split: 100 * (_splitmean(dynamic, split) - _splitmean(static, split)) for split in SPLITS}
-        if gaps:
-            label = f"budget {100 * budget:g}%, {epochs} epochs, " + (
-                f"re-sampled every {resample} steps" if resample else "re-sampled per epoch"
-            )
-            rows.append((label, gaps))
+    for dynamic_name, static_name, draws in PAIRS:
+        regimes = sorted(
+            {(k[2], k[3], k[4]) for k in groups if k[1] == dynamic_name},
+            key=lambda r: (r[0], r[1], r[2] or 0),
+        )
+        for budget, epochs, resample in regimes:
+            gaps = {}
+            for task in sorted({k[0] for k in groups}):
+                dynamic = groups.get((task, dynamic_name, budget, epochs, resample))
+                static = groups.get((task, static_name, budget, epochs, None))
+                if dynamic and static:
+                    gaps[task] = {
+                        split: 100 * (_splitmean(dynamic, split) - _splitmean(static, split)) for split in SPLITS
+                    }
+            if gaps:
+                label = f"{draws}, budget {100 * budget:g}%, {epochs} epochs, " + (
+                    f"re-sampled every {resample} steps" if resample else "re-sampled per epoch"
+                )
+                rows.append((label, gaps))
     return rows
+
+
+def _regime_table(results) -> list[str]:
+    tasks = sorted({s["task"] for s, _ in results})
+    lines = ["| regime | " + " | ".join(tasks) + " |", "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
+    for label, gaps in _dynamic_vs_static(results):
+        cells = [f"{gaps[t]['validation']:+.1f} / {gaps[t]['test']:+.1f}" if t in gaps else "" for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _winning(results) -> list[str]:
+    """The regimes where re-sampling beats a static choice by at least 1 point on every task (validation)."""
+    tasks = {s["task"] for s, _ in results}
+    return [
+        label
+        for label, gaps in _dynamic_vs_static(results)
+        if len(gaps) == len(tasks) and all(g["validation"] >= 1.0 for g in gaps.values())
+    ]
 
 
 def report(experiment: dict, results: list[tuple[dict, dict]], out: Path) -> str:
     lines = [f"# {experiment['name']}", "", experiment.get("description", ""), ""]
-    epochs = sorted({s["epochs"] for s, _ in results})
-    for e in epochs:
+    for e in sorted({s["epochs"] for s, _ in results}):
         lines += _budget_table(results, e)
-    regimes = _dynamic_vs_static(results)
-    lines += ["Dynamic (trady) minus static random selection, points of accuracy (validation / test):", ""]
-    tasks = sorted({s["task"] for s, _ in results})
-    lines += ["| regime | " + " | ".join(tasks) + " |", "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
-    for label, gaps in regimes:
-        cells = [f"{gaps[t]['validation']:+.1f} / {gaps[t]['test']:+.1f}" if t in gaps else "" for t in tasks]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    winning = [
-        label
-        for label, gaps in regimes
-        if len(gaps) == len(tasks) and all(g["validation"] >= 1.0 for g in gaps.values())
+    lines += [
+        "Re-sampling minus the static selection that draws the same way once (trady - static_topk_random, "
+        "rgn_weighted - static_rgn_weighted), points of accuracy (validation / test):",
+        "",
     ]
+    lines += _regime_table(results)
+    winning = _winning(results)
     lines += [
         "",
         "Regimes where re-sampling beats a static choice by at least 1 point on every task (validation, mean over "
@@ -269,9 +279,27 @@ def report(experiment: dict, results: list[tuple[dict, dict]], out: Path) -> str
     return "\n".join(lines) + "\n"
 
 
-def docs_table(experiment: dict, results: list[tuple[dict, dict]]) -> str:
+def docs_table(experiment: dict, results: list[tuple[dict, dict]], part: str | None = None) -> str:
+    """The budget table at the shortest training length, or (``part="regimes"``) dynamic minus static per regime."""
+    if part == "regimes":
+        return "\n".join(_regime_table(results)) + "\n"
     epochs = min(s["epochs"] for s, _ in results)
     return "\n".join(_budget_table(results, epochs)) + "\n"
+
+
+def headline(experiment: dict, results: list[tuple[dict, dict]]) -> str:
+    tasks = sorted({s["task"] for s, _ in results})
+    complete = [(label, gaps) for label, gaps in _dynamic_vs_static(results) if len(gaps) == len(tasks)]
+    if not complete:
+        return "no regime with both selections measured yet"
+    label, gaps = max(complete, key=lambda lg: min(g["validation"] for g in lg[1].values()))
+    best = ", ".join(f"{t} {gaps[t]['validation']:+.1f}" for t in tasks)
+    winning = _winning(results)
+    verdict = f"re-sampling wins by >= 1 point on both in: {'; '.join(winning)}" if winning else "no regime wins"
+    return (
+        f"re-sampling minus the same draw kept, validation points, {len(complete)} regimes: best {label} ({best}); "
+        f"{verdict}"
+    )
 
 
 def _plot(results, path: Path) -> None:

@@ -79,7 +79,10 @@ class TraDyJobArguments(LMJobArguments):
         },
     )
     selection: str = field(
-        default="trady", metadata={"help": "Channel selection: a registered strategy (hf_collapse.trady.SELECTIONS)."}
+        default="rgn_weighted",
+        metadata={
+            "help": "Channel selection: a registered strategy (hf_collapse.trady.SELECTIONS); TraDyConfig's default."
+        },
     )
     target_modules: str | None = field(
         default=None,

@@ -108,9 +108,27 @@ class ImportanceWeighted(ChannelSelection):
         return fill_in_order([pairs[i] for i in order], pool, budget, capacity)
 
 
+class StaticImportanceWeighted(ImportanceWeighted):
+    """MeDyate's importance-weighted draw made once and kept: what separates the value of re-sampling from the value of
+    drawing by importance."""
+
+    name = "static_rgn_weighted"
+    description = "channels drawn once with probability proportional to their RGN, then kept"
+
+    def draw(self, pool, budget, capacity, seed, index, rgn):
+        return super().draw(pool, budget, capacity, seed, 0, rgn)
+
+
 #: TraDy's channel-selection strategies, by name.
 SELECTIONS: Registry[ChannelSelection] = Registry(
     "selection", how="add one with hf_collapse.trady.SELECTIONS.register(<a ChannelSelection>)"
 )
-for _strategy in (Dynamic(), StaticRandom(), FullRandom(), DeterministicRGN(), ImportanceWeighted()):
+for _strategy in (
+    Dynamic(),
+    StaticRandom(),
+    FullRandom(),
+    DeterministicRGN(),
+    ImportanceWeighted(),
+    StaticImportanceWeighted(),
+):
     SELECTIONS.register(_strategy)

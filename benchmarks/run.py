@@ -166,19 +166,24 @@ def _rewrite_pages(table, write: bool) -> list[Path]:
     return stale
 
 
-def cached_results(experiment: dict) -> list[tuple[dict, dict]]:
-    """The cached ``(settings, result)`` of ``experiment``'s runs (those not run yet left out)."""
+def cached_records(experiment: dict) -> list[tuple[dict, dict]]:
+    """The cached ``(settings, record)`` of ``experiment``'s runs (those not run yet left out); a record holds the
+    ``result`` and, for a result this runner did not measure, its ``provenance``."""
     cache = RESULTS / "cache" / experiment["name"]
     found = [(s, cache / f"{run_key(s)}.json") for s in expand(experiment)]
-    return [(s, json.loads(path.read_text())["result"]) for s, path in found if path.is_file()]
+    return [(s, json.loads(path.read_text())) for s, path in found if path.is_file()]
 
 
-def provenances(experiment: dict, cache: Path) -> dict[str, int]:
-    """How many of ``experiment``'s cached results each non-runner provenance accounts for."""
+def cached_results(experiment: dict) -> list[tuple[dict, dict]]:
+    """The cached ``(settings, result)`` of ``experiment``'s runs (those not run yet left out)."""
+    return [(s, record["result"]) for s, record in cached_records(experiment)]
+
+
+def provenances(records: list[tuple[dict, dict]]) -> dict[str, int]:
+    """How many of ``records`` each non-runner provenance accounts for."""
     counts: dict[str, int] = {}
-    for settings in expand(experiment):
-        path = cache / f"{run_key(settings)}.json"
-        if path.is_file() and (origin := json.loads(path.read_text()).get("provenance")):
+    for _, record in records:
+        if origin := record.get("provenance"):
             counts[origin] = counts.get(origin, 0) + 1
     return counts
 
@@ -194,9 +199,10 @@ def summary_table(table: str = "summary") -> str:
         experiment = load_experiment(path)
         if (table == "summary" and "summary" not in experiment) or (table != "summary" and "readme" not in experiment):
             continue
-        results = cached_results(experiment)
+        records = cached_records(experiment)
+        results = [(settings, record["result"]) for settings, record in records]
         headline = kind_module(experiment["kind"]).headline(experiment, results) if results else "not run yet"
-        if provenances(experiment, RESULTS / "cache" / experiment["name"]):
+        if provenances(records):
             headline, imported = headline + " †", True
         if table == "summary":
             summary = experiment["summary"]
@@ -229,7 +235,7 @@ def write_report(experiment: dict, results: list[tuple[dict, dict]], out: Path) 
             f"`python benchmarks/run.py benchmarks/experiments/{experiment['name']}.json` runs them (the others are "
             "cached).\n"
         )
-    imported = provenances(experiment, RESULTS / "cache" / experiment["name"]) if out == RESULTS else {}
+    imported = provenances(cached_records(experiment)) if out == RESULTS else {}
     for origin, count in imported.items():
         text += (
             f"\n{count} of these results were not measured by this runner: {origin}. `--fresh` measures them again.\n"

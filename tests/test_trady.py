@@ -268,6 +268,19 @@ def test_strategies_static_full_random_and_det_rgn():
             assert rgn[channels].min() >= rgn[others].max() or len(channels) == len(rgn)
 
 
+def test_static_top_rgn_keeps_det_rgns_first_choice():
+    """``static_top_rgn``: the top calibrated-RGN channels, the very choice ``det_rgn`` starts from, kept at every
+    later epoch, and it declares no RGN refresh (the callback re-measures only for strategies that ask: outside the
+    budget)."""
+    static = SELECTIONS.get("static_top_rgn")
+    assert static.needs_channel_rgn and not static.refreshes_rgn and SELECTIONS.get("det_rgn").refreshes_rgn
+    det = find_trady_model(trady_bert(selection="det_rgn")).current_selection()
+    tuner = find_trady_model(trady_bert(selection="static_top_rgn"))
+    assert tuner.current_selection() == det
+    for epoch in (1, 2):
+        assert tuner.resample(epoch) is False and tuner.current_selection() == det
+
+
 def test_static_rgn_weighted_keeps_the_first_importance_weighted_draw():
     """The static counterpart of ``rgn_weighted``: the same draw as its first one, kept at every later index, so that
     a sweep can tell the value of re-sampling from the value of drawing by importance."""

@@ -46,6 +46,8 @@ class TraDyConfig(PeftConfig):
       (``benchmarks/experiments/trady_regimes.json``, docs/trady.md "Where re-sampling pays"): at budgets of 0.5-1%
       it is 10-15 points of accuracy (MiniLM) and 2.5% of held-out loss (SmolLM2) ahead of uniform draws.
     * ``"static_rgn_weighted"``: the same importance-weighted draw, made once and kept.
+    * ``"static_top_rgn"``: the channels of highest calibrated RGN, chosen once and kept (``det_rgn`` without its
+      re-measurement, so within the budget).
 
     The strategies are a registry (:data:`~hf_collapse.trady.SELECTIONS`): a new one is one class and one
     registration.

@@ -85,6 +85,16 @@ class DeterministicRGN(ChannelSelection):
         return draw_top_rgn_channels(pool, rgn(), budget, capacity)
 
 
+class StaticTopRGN(DeterministicRGN):
+    """``det_rgn`` without its per-epoch re-measurement: the channels of highest calibrated RGN, chosen once and kept.
+    Within the budget (the RGN is the calibration's, measured before training like every RGN-based selection's), so
+    it tells how much of ``det_rgn``'s result comes from choosing the top channels rather than from re-measuring."""
+
+    name = "static_top_rgn"
+    description = "the channels of highest calibrated RGN, chosen once and kept (det_rgn without re-measurement)"
+    refreshes_rgn = False
+
+
 class ImportanceWeighted(ChannelSelection):
     """MeDyate-style sampling (arXiv 2510.20979): each draw takes channels without replacement with probability
     proportional to their calibrated RGN (importance per element of memory), so important channels come back often
@@ -128,6 +138,7 @@ for _strategy in (
     StaticRandom(),
     FullRandom(),
     DeterministicRGN(),
+    StaticTopRGN(),
     ImportanceWeighted(),
     StaticImportanceWeighted(),
 ):

@@ -390,7 +390,8 @@ def headline(experiment: dict, results: list[tuple[dict, dict]]) -> str:
             continue
         c = next(c for c in comparisons if c["recipe"] == best)
         on_validation = _decides(runs, [n for n in runs if n[0] == "plain"]) == "validation"
-        chosen = " (scorer chosen on validation)" if on_validation else ""
+        # Runs without a validation split (the dialog topics' cached ones) choose on test: said, not hidden.
+        chosen = " (scorer chosen on validation)" if on_validation else " (no validation split: scorer chosen on test)"
         parts.append(
             f"{TASK_NAMES[task][0]}{chosen}: {_short(best[0])} {c['healed']:.3f} vs {c['plain_healed']:.3f} healed, "
             f"lead {' / '.join(f'{x * 100:+.1f}' for x in c['lead'])} points, full depth {c['full_depth'] * 100:+.1f}"

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 VERSION = 1
+TIMED = True  # tokens per second in llama.cpp, the export command's time, a heal on a wall-clock budget
 PERPLEXITY_THREADS = 2
 CHECKED_WINDOWS = 4
 
@@ -185,6 +186,8 @@ def _command(work: Path, healed_folder: Path) -> dict:
         capture_output=True,
         text=True,
     )
+    if done.returncode:  # a failed export is not a fast one
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     argv = " ".join(["hf-collapse", "export", "HEALED_FOLDER", *command[3:]])
     return {"argv": argv, "seconds": round(time.perf_counter() - start, 1), "returncode": done.returncode}
 

@@ -263,9 +263,10 @@ class TraDyModel(BaseTuner):
             self._set_checkpointing(checkpointing)
             self.trady_state.samplers.pop(adapter_name, None)
             try:
-                self._start_sampler(adapter_name)
+                sampler = self._start_sampler(adapter_name)
             except ValueError:  # e.g. no ranked layer within this depth: this plan cannot be built
                 return 2**62
+            sampler.assign_deepest()  # the worst draw of the plan, not whichever came first
             return step_memory(self, batch, loss_fn=loss_fn).peak_bytes
 
         try:

@@ -10,6 +10,11 @@ forward, backward, optimizer step, on the user's batch) stays under the limit:
 * the depth (``max_depth``: only the last target layers may be selected, so backpropagation stops there);
 * gradient checkpointing (activations recomputed in backward instead of kept).
 
+Each candidate plan is measured on its heaviest draw (``ChannelSampler.assign_deepest``: channels one per layer from
+the lowest layer of the pool up), not on whichever draw comes first: with few channels in a pool spanning several
+blocks, a later draw that lands in the lowest layer makes the backward pass run
+through every block above it, and only the heaviest draw bounds them all.
+
 The search (:func:`plan_for_peak`) measures candidate plans through a callable, so it is independent of the model:
 for each checkpointing setting (off first, then on where the model supports it), the deepest pool whose smallest
 plan (one channel) fits, then the largest channel budget that fits there (a geometric bisection, up to a cap: the
@@ -28,7 +33,7 @@ from typing import Any
 __all__ = ["PeakBudgetError", "PeakPlan", "Trial", "depth_choices", "depth_text", "plan_for_peak"]
 
 #: The share of the limit a plan may fill: the draws of later epochs select other channels, whose step peaks differ a
-#: little from the measured draw's.
+#: little from the measured (heaviest) draw's.
 DEFAULT_MARGIN = 0.03
 
 

@@ -25,6 +25,7 @@ from .selection import (
     LayerCost,
     budget_elements,
     candidate_layers,
+    fill_in_order,
     flat_capacity,
 )
 from .sharding import check_not_sharded
@@ -239,6 +240,21 @@ class ChannelSampler:
             return {c.name: self.layers[c.name].trady_rgn.get(self.adapter_name) for c in self.pool}
 
         return self.strategy.draw(self.pool, self.budget, self.capacity, self.config.seed, index, rgn)
+
+    def assign_deepest(self) -> None:
+        """Select the heaviest draw the plan allows, to be measured: channels taken one per layer in turn, from the
+        lowest layer of the pool upward, until the budget is full. The backward pass runs down to the lowest selected
+        layer, and every layer with a channel adds its own temporaries; the channels' gradients and activations are
+        the budget's wherever they sit. So this draw reaches as deep as any and spreads as wide as any: the peak
+        planner measures it, so that a plan bounds every later draw and not only the first one."""
+        widest = max(c.in_channels for c in self.pool)
+        order = [
+            (layer, channel)
+            for channel in range(widest)
+            for layer, c in enumerate(self.pool)
+            if channel < c.in_channels
+        ]
+        self._assign(fill_in_order(order, self.pool, self.budget, self.capacity))
 
     def _assign(self, selection: Mapping[str, list[int]]) -> None:
         offset = 0

@@ -3,10 +3,13 @@ frequency, against full fine-tuning and LoRA (their step's peak memory beside th
 
 Settings: ``task`` (``dialog_topics``: 19 topics of chat lines; ``bbc_news``: 5 topics of news articles),
 ``method`` (``full``, ``lora`` or a TraDy selection: ``trady``, ``static_topk_random``, ``rgn_weighted``,
-``static_rgn_weighted``, ``det_rgn``, ``full_random``), ``budget_ratio``, ``epochs``, ``resample_every_steps``
-(``null``: per epoch), ``seed``,
-``batch_size``, ``max_length``, ``max_train_samples``, learning rates ``lr_sparse`` / ``lr_full`` / ``lr_lora``,
-``lora_r``.
+``static_rgn_weighted``, ``det_rgn``, ``static_top_rgn``, ``full_random``), ``budget_ratio``, ``epochs``,
+``resample_every_steps`` (``null``: per epoch), ``seed``, ``batch_size``, ``max_length``, ``max_train_samples``,
+learning rates ``lr_sparse`` / ``lr_full`` / ``lr_lora``,
+``lora_r``; ``gradient_checkpointing`` (full fine-tuning and LoRA); ``peak_budget`` (TraDy selections: instead of a
+channel budget, ``TraDyConfig(peak_bytes=...)`` at this share of plain full fine-tuning's measured step peak, or
+``"lora"``: the measured step peak of LoRA with gradient checkpointing; both measured on a full batch,
+``batch_size`` lines padded to ``max_length``, the shape the plan is made on and that bounds every batch of the run).
 
 The validation split (carved from the training lines for dialog topics, the corpus's own for BBC News) decides; the
 test split is reported. The layer ranking is calibrated on the same 4 batches for every seed; the seed changes the
@@ -25,7 +28,15 @@ import torch
 from .common import bucketed_batches, mean, smoke_size, std
 
 VERSION = 1
-SPARSE = ("trady", "static_topk_random", "rgn_weighted", "static_rgn_weighted", "det_rgn", "full_random")
+SPARSE = (
+    "trady",
+    "static_topk_random",
+    "rgn_weighted",
+    "static_rgn_weighted",
+    "det_rgn",
+    "static_top_rgn",
+    "full_random",
+)
 
 
 @functools.lru_cache(maxsize=4)
@@ -50,51 +61,92 @@ def load_task(task: str, max_length: int, max_train_samples: int | None):
     return rows, tokenizer, data["train"].features["label"].num_classes
 
 
-def _batch(tokenizer, rows):
-    padded = tokenizer.pad([{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows])
+def text_batch(tokenizer, rows, max_length: int | None = None):
+    """``rows`` padded to their longest line, or to ``max_length`` tokens when given."""
+    lines = [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows]
+    padding = {"padding": "max_length", "max_length": max_length} if max_length else {}
+    padded = tokenizer.pad(lines, **padding)
     batch = {k: torch.tensor(v) for k, v in padded.items()}
     batch["labels"] = torch.tensor([r["label"] for r in rows])
     return batch
 
 
 @torch.no_grad()
-def _accuracy(model, tokenizer, rows) -> float:
+def _evaluate(model, tokenizer, rows) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of ``model`` on ``rows``."""
     model.eval()
-    correct = 0
+    correct, loss = 0, 0.0
     for start in range(0, len(rows), 128):
-        batch = _batch(tokenizer, rows[start : start + 128])
-        correct += int((model(**batch).logits.argmax(-1) == batch["labels"]).sum())
+        batch = text_batch(tokenizer, rows[start : start + 128])
+        logits = model(**batch).logits
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
     model.train()
-    return correct / len(rows)
+    return correct / len(rows), loss / len(rows)
 
 
-def _model(s: dict, num_labels: int, calibration: list[dict]):
-    from peft import LoraConfig, get_peft_model
+def minilm_classifier(seed: int, num_labels: int):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     from hf_collapse.data import embedded_model_path
-    from hf_collapse.trady import TraDyConfig, calibrate
-    from hf_collapse.trady.model import default_target_modules
 
-    torch.manual_seed(s["seed"])
+    torch.manual_seed(seed)
     hf_logging.set_verbosity_error()
     model = AutoModelForSequenceClassification.from_pretrained(embedded_model_path("minilm"), num_labels=num_labels)
     hf_logging.set_verbosity_warning()
+    return model
+
+
+def _lora(model, s: dict):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_collapse import compat
+    from hf_collapse.trady.model import default_target_modules
+
+    targets = default_target_modules(model)
+    config = LoraConfig(task_type="SEQ_CLS", r=s["lora_r"], lora_alpha=2 * s["lora_r"], target_modules=targets)
+    model = get_peft_model(model, config)
+    if s.get("gradient_checkpointing"):
+        compat.set_activation_checkpointing(model.base_model.model, True)
+        model.base_model.model.enable_input_require_grads()  # LoRA sits in every block: the input must need grads
+    return model
+
+
+def _peak_limit(s: dict, num_labels: int, full_batch: dict) -> int:
+    """The step peak ``peak_budget`` names, in bytes, measured on ``full_batch``."""
+    from hf_collapse.trady import step_memory
+
+    if s["peak_budget"] == "lora":  # LoRA made as light as it gets: with gradient checkpointing
+        lora = _lora(minilm_classifier(s["seed"], num_labels).train(), {**s, "gradient_checkpointing": True})
+        return step_memory(lora, full_batch).peak_bytes
+    full = step_memory(minilm_classifier(s["seed"], num_labels).train(), full_batch, method="full").peak_bytes
+    return int(float(s["peak_budget"]) * full)
+
+
+def _model(s: dict, num_labels: int, calibration: list[dict]):
+    from peft import get_peft_model
+
+    from hf_collapse import compat
+    from hf_collapse.trady import TraDyConfig, calibrate
+
     if s["method"] == "full":
+        model = minilm_classifier(s["seed"], num_labels)
+        if s.get("gradient_checkpointing"):
+            compat.set_activation_checkpointing(model, True)
         return model, s["lr_full"]
     if s["method"] == "lora":
-        targets = default_target_modules(model)
-        config = LoraConfig(task_type="SEQ_CLS", r=s["lora_r"], lora_alpha=2 * s["lora_r"], target_modules=targets)
-        return get_peft_model(model, config), s["lr_lora"]
+        return _lora(minilm_classifier(s["seed"], num_labels), s), s["lr_lora"]
+    peak = _peak_limit(s, num_labels, calibration[0]) if s.get("peak_budget") is not None else None
     config = TraDyConfig(
         task_type="SEQ_CLS",
         budget_ratio=s["budget_ratio"],
+        peak_bytes=peak,
         selection=s["method"],
         seed=s["seed"],
         resample_every_steps=s.get("resample_every_steps"),
     )
-    model = get_peft_model(model, config)
+    model = get_peft_model(minilm_classifier(s["seed"], num_labels), config)
     calibrate(model, calibration)
     return model, s["lr_sparse"]
 
@@ -104,7 +156,14 @@ def run(s: dict) -> dict:
 
     rows, tokenizer, num_labels = load_task(s["task"], s["max_length"], s.get("max_train_samples"))
     train = rows["train"]
-    calibration = [_batch(tokenizer, [train[i] for i in b]) for b in bucketed_batches(train, s["batch_size"], 0, 0)[:4]]
+    # Under a peak budget (and for the methods it is compared with) the step peak is planned and measured on full
+    # batches: every batch of the run is at most that long.
+    full_shape = s.get("peak_budget") is not None or bool(s.get("gradient_checkpointing"))
+    padded_to = s["max_length"] if full_shape else None
+    calibration = [
+        text_batch(tokenizer, [train[i] for i in b], padded_to)
+        for b in bucketed_batches(train, s["batch_size"], 0, 0)[:4]
+    ]
     model, lr = _model(s, num_labels, calibration)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -126,16 +185,18 @@ def run(s: dict) -> dict:
             tuner.resample(epoch, optimizer)  # what TraDyCallback does at every epoch start
         losses = []
         for indices in bucketed_batches(train, s["batch_size"], epoch, s["seed"]):
-            batch = _batch(tokenizer, [train[i] for i in indices])
+            batch = text_batch(tokenizer, [train[i] for i in indices])
             if peak is None:  # the first step, measured: forward, backward and the AdamW step (its state allocated)
                 first: list[float] = []
                 peak = peak_memory_bytes(lambda b=batch, out=first: out.append(step(b)))
                 losses.append(first[0])
             else:
                 losses.append(step(batch))
+    (validation, _), (test, test_loss) = (_evaluate(model, tokenizer, rows[split]) for split in ("validation", "test"))
     result = {
-        "validation_accuracy": _accuracy(model, tokenizer, rows["validation"]),
-        "test_accuracy": _accuracy(model, tokenizer, rows["test"]),
+        "validation_accuracy": validation,
+        "test_accuracy": test,
+        "test_loss": test_loss,
         "final_train_loss": statistics.fmean(losses),
         "train_seconds": round(time.perf_counter() - start, 1),
         "first_step_peak_bytes": peak,
@@ -144,6 +205,13 @@ def run(s: dict) -> dict:
     if tuner is not None:
         result["draws"] = len(tuner.selection_history())
         result["channels"] = tuner.budget_summary()["channels"]
+        plan = tuner.peft_config["default"].peak_plan
+        if plan:
+            result["peak_plan"] = {k: v for k, v in plan.items() if k != "trials"}
+    if full_shape:  # the step peak on a full batch, after training
+        from hf_collapse.trady import step_memory
+
+        result["full_batch_peak_bytes"] = step_memory(model, calibration[0]).peak_bytes
     return result
 
 
@@ -174,6 +242,8 @@ def _splitmean(runs, split: str) -> float:
 
 def _cell(runs, split="test") -> str:
     values = [r[f"{split}_accuracy"] for r in runs]
+    if not values:
+        return ""
     return f"{100 * mean(values):.1f} ± {100 * std(values):.1f} ({len(values)})"
 
 
@@ -208,6 +278,7 @@ def _budget_table(results, epochs: int) -> list[str]:
 PAIRS = (
     ("trady", "static_topk_random", "uniform draws"),
     ("rgn_weighted", "static_rgn_weighted", "RGN-weighted draws"),
+    ("det_rgn", "static_top_rgn", "top-RGN channels (re-measured: outside the budget)"),
 )
 
 
@@ -263,7 +334,7 @@ def report(experiment: dict, results: list[tuple[dict, dict]], out: Path) -> str
         lines += _budget_table(results, e)
     lines += [
         "Re-sampling minus the static selection that draws the same way once (trady - static_topk_random, "
-        "rgn_weighted - static_rgn_weighted), points of accuracy (validation / test):",
+        "rgn_weighted - static_rgn_weighted, det_rgn - static_top_rgn), points of accuracy (validation / test):",
         "",
     ]
     lines += _regime_table(results)

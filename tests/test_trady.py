@@ -220,7 +220,7 @@ def test_only_selected_channels_of_selected_layers_change_after_a_step():
 
 
 def test_resampling_merges_the_update_and_changes_the_selection():
-    model = trady_bert()
+    model = trady_bert(selection="rgn_weighted")  # a selection that re-draws
     tuner = find_trady_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=1e-2)
@@ -364,7 +364,7 @@ def test_a_new_selection_is_one_class_and_one_registration():
 
 
 def test_resample_every_steps_runs_from_an_optimizer_hook():
-    model = trady_bert(resample_every_steps=2)
+    model = trady_bert(resample_every_steps=2, selection="rgn_weighted")  # a selection that re-draws
     tuner = find_trady_model(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     selections = [tuner.current_selection()]
@@ -451,7 +451,7 @@ def test_max_depth_stops_backpropagation_near_the_top():
 
 
 def test_save_reload_and_merge_and_unload_are_exact(tmp_path):
-    model = trady_bert(budget_ratio=0.1)
+    model = trady_bert(budget_ratio=0.1, selection="rgn_weighted")  # re-draws: merged updates to save
     tuner = find_trady_model(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for epoch in range(3):  # updates merged at two re-samplings, plus a live delta
@@ -880,7 +880,8 @@ def test_disable_adapter_and_unload_give_back_the_original_or_refuse():
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         expected = original(**inputs).logits
-    model = get_peft_model(copy.deepcopy(original).train(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
+    config = TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1, selection="rgn_weighted")  # re-draws
+    model = get_peft_model(copy.deepcopy(original).train(), config)
     calibrate(model, [bert_batch(seed=s) for s in range(2)])
     tuner = find_trady_model(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)

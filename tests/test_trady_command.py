@@ -50,6 +50,8 @@ def test_trady_command_trains_measures_and_saves_a_reloadable_adapter_and_merged
             str(tiny_llm),
             "--budget_ratio",
             "0.1",
+            "--selection",
+            "rgn_weighted",  # a selection that re-draws at the epoch boundary (checked below)
             "--merge",
             "true",
             "--output_dir",

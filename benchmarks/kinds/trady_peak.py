@@ -1,17 +1,20 @@
-"""Does a budget on the whole training step (``TraDyConfig(peak_bytes=...)``) hold on a real decoder LM, and what does
-it cost in quality?
+"""Does a budget on the whole training step (``TraDyConfig(peak_bytes=...)``) hold on a real model, and what does it
+cost in quality?
 
-The real SmolLM2-135M-Instruct (float32) on BBC News training windows, batch ``batch_size`` x ``seq_len`` tokens,
-AdamW. Reference: the measured peak of one plain full fine-tuning step (no checkpointing) on the first batch.
+``model``: ``smollm2`` (the default: the real SmolLM2-135M-Instruct in float32 on BBC News training windows, batch
+``batch_size`` x ``seq_len`` tokens) or ``minilm`` (the real MiniLM classifying BBC News articles, batches of
+``batch_size`` articles padded to ``seq_len`` tokens). AdamW. Reference: the measured peak of one plain full
+fine-tuning step (no checkpointing) on the first batch.
 
 ``method: trady``: ``peak_budget`` is a share of that reference, or ``"smallest"``: the smallest peak TraDy reaches,
 the value its refusal of ``refuse_at`` x the reference names. Calibration on the first ``calibration_batches``
 batches plans the channel budget, the depth and gradient checkpointing; the measured peak of a step is then checked
 for the first ``draws`` draws (each epoch re-samples the channels). With ``train``, TraDy then trains ``steps`` steps
 at learning rate ``lr`` from its first draw. ``method: lora``: LoRA of rank ``lora_r`` given the same batch with and
-without gradient checkpointing, trained as TraDy is. Both: held-out loss (token-weighted cross-entropy) on the first
-``eval_windows`` test windows (``blocks``: only SmolLM2's first decoder blocks, for smoke runs). Targets: every
-measured peak within its budget; at 0.4x, TraDy's held-out loss within 2% of LoRA's with checkpointing.
+without gradient checkpointing, trained as TraDy is. Both: held-out loss (token-weighted cross-entropy; MiniLM: mean
+cross-entropy on ``4 * eval_windows`` test articles) on the first ``eval_windows`` test windows (``blocks``: only the
+model's first blocks, for smoke runs). Targets: every measured peak within its budget; at 0.4x, TraDy's held-out loss
+within 2% of LoRA's with checkpointing.
 """
 
 from __future__ import annotations
@@ -30,9 +33,52 @@ MIB = 2**20
 LOSS_TARGET = 1.02
 
 
+def _minilm(s: dict):
+    return s.get("model", "smollm2") == "minilm"
+
+
 def _data(s: dict):
+    """``(training batches, held-out rows)``."""
+    if _minilm(s):
+        from .trady_text import load_task, text_batch
+
+        rows, tokenizer, _ = load_task("bbc_news", s["seq_len"], None)
+        train = [
+            text_batch(tokenizer, rows["train"][i : i + s["batch_size"]], s["seq_len"])
+            for i in range(0, s["steps"] * s["batch_size"], s["batch_size"])
+        ]
+        test = [text_batch(tokenizer, rows["test"][i : i + 4]) for i in range(0, 4 * s["eval_windows"], 4)]
+        return train, test
     train, _, test = news_windows(s["seq_len"], s["steps"] * s["batch_size"], s["eval_windows"])
     return batches(train, s["batch_size"]), test
+
+
+def _base(s: dict):
+    """The pretrained model in train mode (its first ``blocks`` blocks when given)."""
+    if not _minilm(s):
+        return smollm2(s.get("blocks"))
+    from .trady_text import load_task, minilm_classifier
+
+    model = minilm_classifier(0, load_task("bbc_news", s["seq_len"], None)[2])
+    if s.get("blocks"):
+        model.bert.encoder.layer = model.bert.encoder.layer[: s["blocks"]]
+        model.config.num_hidden_layers = s["blocks"]
+    return model.train()
+
+
+def _targets(s: dict) -> dict:
+    """The PEFT task type and target modules (MiniLM: TraDy's and LoRA's defaults)."""
+    return {"task_type": "SEQ_CLS"} if _minilm(s) else {"task_type": "CAUSAL_LM", "target_modules": PROJECTIONS}
+
+
+@torch.no_grad()
+def _held_out_loss(s: dict, model, test) -> float:
+    if not _minilm(s):
+        return held_out_loss(model, test)
+    model.eval()
+    total = sum(float(model(**batch).loss) * len(batch["labels"]) for batch in test)
+    model.train()
+    return total / sum(len(batch["labels"]) for batch in test)
 
 
 def _train(model, data: list[dict], lr: float) -> None:
@@ -43,26 +89,24 @@ def _train(model, data: list[dict], lr: float) -> None:
         optimizer.step()
 
 
-def _trady_under(limit: int, calibration: list[dict], blocks: int | None):
+def _trady_under(s: dict, limit: int, calibration: list[dict]):
     """TraDy planned for a step peak of ``limit`` bytes: ``(model, calibration summary, planning seconds)``."""
     from peft import get_peft_model
 
     from hf_collapse.trady import TraDyConfig, calibrate
 
-    model = get_peft_model(
-        smollm2(blocks), TraDyConfig(task_type="CAUSAL_LM", peak_bytes=limit, target_modules=PROJECTIONS)
-    )
+    model = get_peft_model(_base(s), TraDyConfig(peak_bytes=limit, **_targets(s)))
     start = time.perf_counter()
     summary = calibrate(model, calibration)
     return model, summary, time.perf_counter() - start
 
 
-def _smallest_feasible(limit: int, calibration: list[dict], blocks: int | None) -> tuple[int, str]:
+def _smallest_feasible(s: dict, limit: int, calibration: list[dict]) -> tuple[int, str]:
     """The peak TraDy's refusal of ``limit`` names as the least it can meet, and the refusal."""
     from hf_collapse.trady import PeakBudgetError
 
     try:
-        _trady_under(limit, calibration, blocks)
+        _trady_under(s, limit, calibration)
     except PeakBudgetError as refused:
         return int(re.search(r"at least ([\d,]+)", str(refused)).group(1).replace(",", "")), str(refused)
     raise RuntimeError(f"a peak budget of {limit:,} bytes was met: the smallest feasible one is lower")
@@ -72,14 +116,14 @@ def _run_trady(s: dict, data: list[dict], test: list[dict]) -> dict:
     from hf_collapse.trady import find_trady_model, step_memory
 
     calibration = data[: s["calibration_batches"]]
-    full = step_memory(smollm2(s.get("blocks")), data[0], method="full").peak_bytes
+    full = step_memory(_base(s), data[0], method="full").peak_bytes
     gc.collect()
     result = {"full_peak_bytes": full}
     if s["peak_budget"] == "smallest":
-        limit, result["refusal"] = _smallest_feasible(int(s["refuse_at"] * full), calibration, s.get("blocks"))
+        limit, result["refusal"] = _smallest_feasible(s, int(s["refuse_at"] * full), calibration)
     else:
         limit = int(s["peak_budget"] * full)
-    model, summary, seconds = _trady_under(limit, calibration, s.get("blocks"))
+    model, summary, seconds = _trady_under(s, limit, calibration)
     tuner, plan = find_trady_model(model), summary["peak_plan"]
     peaks = []
     for draw in range(s["draws"]):
@@ -103,7 +147,7 @@ def _run_trady(s: dict, data: list[dict], test: list[dict]) -> dict:
     if s["train"]:
         tuner.resample(0)  # back to the first draw, as a run starts
         _train(model, data, s["lr"])
-        result["held_out_loss"] = held_out_loss(model, test)
+        result["held_out_loss"] = _held_out_loss(s, model, test)
     return result
 
 
@@ -113,14 +157,19 @@ def _run_lora(s: dict, data: list[dict], test: list[dict]) -> dict:
     from hf_collapse import compat
     from hf_collapse.trady import step_memory
 
-    config = LoraConfig(r=s["lora_r"], lora_alpha=2 * s["lora_r"], lora_dropout=0.0, target_modules=PROJECTIONS)
-    lora = get_peft_model(smollm2(s.get("blocks")), config)
+    targets = _targets(s)
+    if "target_modules" not in targets:
+        from hf_collapse.trady.model import default_target_modules
+
+        targets["target_modules"] = default_target_modules(_base(s))
+    config = LoraConfig(r=s["lora_r"], lora_alpha=2 * s["lora_r"], lora_dropout=0.0, **targets)
+    lora = get_peft_model(_base(s), config)
     plain = step_memory(lora, data[0]).peak_bytes
     compat.set_activation_checkpointing(lora.base_model.model, True)
     lora.base_model.model.enable_input_require_grads()  # LoRA's layers sit in every block: the input must need grads
     result = {"plain_peak_bytes": plain, "peak_bytes": step_memory(lora, data[0]).peak_bytes}
     _train(lora, data, s["lr"])
-    result["held_out_loss"] = held_out_loss(lora, test)
+    result["held_out_loss"] = _held_out_loss(s, lora, test)
     return result
 
 
@@ -133,7 +182,7 @@ def run(s: dict) -> dict:
 
 
 def smoke(s: dict) -> dict:
-    """SmolLM2's first 2 blocks, one 32-token window per batch, two steps, two windows to evaluate, one draw; every
+    """The model's first 2 blocks, one 32-token window per batch, two steps, two windows to evaluate, one draw; every
     TraDy point becomes the smallest feasible budget, trained (the refusal, the planning, the draws and the training in
     one run)."""
     small = {**s, "blocks": 2, "seq_len": 32, "batch_size": 1, "steps": 2, "eval_windows": 2}
@@ -239,8 +288,9 @@ def report(experiment: dict, results: list[tuple[dict, dict]], out: Path) -> str
         refusal = next((r["refusal"] for _, r in runs if "refusal" in r), None)
         if refusal:
             lines += [f"The refusal that names the smallest feasible budget: {refusal}", ""]
-    lines += [f"After {s['steps']} steps, held-out loss on {s['eval_windows']} test windows:", ""]
-    lines.append(_quality_table(results))
+    if _trained(results) or _lora(results):
+        lines += [f"After {s['steps']} steps, held-out loss on {s['eval_windows']} test windows:", ""]
+        lines.append(_quality_table(results))
     ratio = _loss_ratio(results)
     if ratio is not None:
         verdict = "met" if ratio <= LOSS_TARGET else "NOT met"

@@ -79,15 +79,16 @@ def test_peft_calls_the_state_dict_hooks_on_save_and_load():
 
     from hf_collapse.trady import TraDyConfig, calibrate
 
+    config = dict(task_type="SEQ_CLS", budget_ratio=0.1, selection="rgn_weighted")  # a selection that re-draws
     torch.manual_seed(0)
-    model = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
+    model = get_peft_model(tiny_models.bert(), TraDyConfig(**config))
     calibrate(model, [bert_batch()])
     state = get_peft_model_state_dict(model)
     assert any(k.endswith(".trady_selected") for k in state)  # _get_adapter_state_dict ran
     torch.manual_seed(0)
-    other = get_peft_model(tiny_models.bert(), TraDyConfig(task_type="SEQ_CLS", budget_ratio=0.1))
+    other = get_peft_model(tiny_models.bert(), TraDyConfig(**config))
     calibrate(other, [bert_batch()])
-    other.base_model.resample(1)
+    other.base_model.resample(1)  # a re-drawing selection: epoch 1 draws other channels
     assert other.base_model.current_selection() != model.base_model.current_selection()
     set_peft_model_state_dict(other, state)  # _remap_adapter_state_dict_for_load ran
     assert other.base_model.current_selection() == model.base_model.current_selection()

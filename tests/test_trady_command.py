@@ -215,4 +215,4 @@ def test_the_command_selects_channels_as_the_config_does_by_default():
     def default(cls):
         return next(f.default for f in fields(cls) if f.name == "selection")
 
-    assert default(TraDyJobArguments) == default(TraDyConfig) == "rgn_weighted"
+    assert default(TraDyJobArguments) == default(TraDyConfig) == "static_top_rgn"

@@ -58,6 +58,7 @@ def build(s: dict, calibration_batches: list[dict]):
             target_modules=PROJECTIONS,
             seed=s["seed"],
             max_depth=s.get("max_depth"),
+            selection=s.get("selection", "trady"),  # what these runs were measured with (the default then)
         )
         model = get_peft_model(model, config)
         start = time.perf_counter()

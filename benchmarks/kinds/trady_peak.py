@@ -95,7 +95,8 @@ def _trady_under(s: dict, limit: int, calibration: list[dict]):
 
     from hf_collapse.trady import TraDyConfig, calibrate
 
-    model = get_peft_model(_base(s), TraDyConfig(peak_bytes=limit, **_targets(s)))
+    selection = s.get("selection", "rgn_weighted")  # what these runs were measured with (the default then)
+    model = get_peft_model(_base(s), TraDyConfig(peak_bytes=limit, selection=selection, **_targets(s)))
     start = time.perf_counter()
     summary = calibrate(model, calibration)
     return model, summary, time.perf_counter() - start

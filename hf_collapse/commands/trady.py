@@ -79,7 +79,7 @@ class TraDyJobArguments(LMJobArguments):
         },
     )
     selection: str = field(
-        default="rgn_weighted",
+        default="static_top_rgn",
         metadata={
             "help": "Channel selection: a registered strategy (hf_collapse.trady.SELECTIONS); TraDyConfig's default."
         },

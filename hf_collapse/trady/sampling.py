@@ -248,12 +248,12 @@ class ChannelSampler:
         the budget's wherever they sit. So this draw reaches as deep as any and spreads as wide as any: the peak
         planner measures it, so that a plan bounds every later draw and not only the first one."""
         widest = max(c.in_channels for c in self.pool)
-        order = [
+        order = (  # lazily: the fill stops once the budget is full, long before pool x widest pairs on a large model
             (layer, channel)
             for channel in range(widest)
             for layer, c in enumerate(self.pool)
             if channel < c.in_channels
-        ]
+        )
         self._assign(fill_in_order(order, self.pool, self.budget, self.capacity))
 
     def _assign(self, selection: Mapping[str, list[int]]) -> None:

@@ -179,7 +179,7 @@ def flat_capacity(costs: Sequence[LayerCost], budget: float) -> int:
 
 
 def fill_in_order(
-    order: Sequence[tuple[int, int]], costs: Sequence[LayerCost], budget: float, capacity: int
+    order: Iterable[tuple[int, int]], costs: Sequence[LayerCost], budget: float, capacity: int
 ) -> dict[str, list[int]]:
     """Take ``(layer, channel)`` pairs in ``order`` while they fit in the budget and the capacity."""
     chosen: dict[str, list[int]] = {c.name: [] for c in costs}
